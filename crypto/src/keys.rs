@@ -1,0 +1,382 @@
+//! Node identity keys and their text forms.
+
+use std::{fmt, str::FromStr, sync::LazyLock};
+
+use data_encoding::{Encoding, Specification};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use hkdf::Hkdf;
+use rand::rngs::OsRng;
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+/// Lowercase RFC 4648 base32 without padding: the one text form of keys and ids.
+static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
+    let mut spec = Specification::new();
+    spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
+    spec.encoding()
+        .expect("static base32 specification is valid")
+});
+
+/// Number of characters in the text form of a [`NodeId`].
+pub const NODE_ID_TEXT_LEN: usize = 52;
+
+/// Error parsing the text or byte form of a key or id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseKeyError {
+    #[error("expected {expected} characters of lowercase base32, got {got}")]
+    Length { expected: usize, got: usize },
+    #[error("not canonical lowercase base32 (a-z, 2-7, no padding)")]
+    Encoding,
+    #[error("not a valid ed25519 public key")]
+    InvalidKey,
+    #[error("expected {expected} bytes, got {got}")]
+    ByteLength { expected: usize, got: usize },
+}
+
+fn decode_fixed<const N: usize>(s: &str) -> Result<[u8; N], ParseKeyError> {
+    let expected = BASE32.encode_len(N);
+    if s.len() != expected {
+        return Err(ParseKeyError::Length {
+            expected,
+            got: s.len(),
+        });
+    }
+    let bytes = BASE32
+        .decode(s.as_bytes())
+        .map_err(|_| ParseKeyError::Encoding)?;
+    bytes.try_into().map_err(|_| ParseKeyError::Encoding)
+}
+
+/// An ed25519 public key. As a node's identity it is called [`NodeId`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey(VerifyingKey);
+
+/// The identity of a node: its ed25519 public key.
+pub type NodeId = PublicKey;
+
+impl PublicKey {
+    /// Parses 32 bytes, checking that they are a valid ed25519 point.
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, ParseKeyError> {
+        let key = VerifyingKey::from_bytes(bytes).map_err(|_| ParseKeyError::InvalidKey)?;
+        if key.is_weak() {
+            return Err(ParseKeyError::InvalidKey);
+        }
+        Ok(Self(key))
+    }
+
+    /// Parses a byte slice that must be exactly 32 bytes.
+    pub fn try_from_slice(bytes: &[u8]) -> Result<Self, ParseKeyError> {
+        let arr: &[u8; 32] = bytes.try_into().map_err(|_| ParseKeyError::ByteLength {
+            expected: 32,
+            got: bytes.len(),
+        })?;
+        Self::from_bytes(arr)
+    }
+
+    /// The 32 raw bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        self.0.as_bytes()
+    }
+
+    /// A short form for display to people (the first 10 characters of the text form).
+    /// Never use it to identify a node: only the full id does that.
+    pub fn fingerprint(&self) -> String {
+        let mut s = self.to_string();
+        s.truncate(10);
+        s
+    }
+
+    pub(crate) fn verifying_key(&self) -> &VerifyingKey {
+        &self.0
+    }
+}
+
+impl PartialOrd for PublicKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for PublicKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&BASE32.encode(self.as_bytes()))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({self})")
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = ParseKeyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::from_bytes(&decode_fixed::<32>(s)?)
+    }
+}
+
+impl Serialize for PublicKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            self.as_bytes().serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+            s.parse().map_err(de::Error::custom)
+        } else {
+            let bytes = <[u8; 32]>::deserialize(d)?;
+            Self::from_bytes(&bytes).map_err(de::Error::custom)
+        }
+    }
+}
+
+/// An ed25519 secret key: a node's long-lived identity. Zeroized on drop, hidden in Debug.
+#[derive(Clone)]
+pub struct SecretKey(SigningKey);
+
+impl SecretKey {
+    /// A fresh random key from the operating system's generator.
+    pub fn generate() -> Self {
+        Self(SigningKey::generate(&mut OsRng))
+    }
+
+    /// The key from its 32-byte seed.
+    pub fn from_bytes(seed: &[u8; 32]) -> Self {
+        Self(SigningKey::from_bytes(seed))
+    }
+
+    /// The 32-byte seed. Handle with care: it is the identity.
+    pub fn to_bytes(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.0.to_bytes())
+    }
+
+    /// The public half: this node's id.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key())
+    }
+
+    /// The x25519 secret used to open sealed mailbox envelopes, derived from the identity
+    /// seed with HKDF so it needs no storage of its own.
+    pub fn mailbox_secret(&self) -> MailboxSecretKey {
+        let seed = self.to_bytes();
+        let hk = Hkdf::<Sha256>::new(Some(b"p2p-node/v1/mailbox-key"), seed.as_ref());
+        let mut out = Zeroizing::new([0u8; 32]);
+        hk.expand(b"x25519", out.as_mut())
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        MailboxSecretKey(x25519_dalek::StaticSecret::from(*out))
+    }
+
+    pub(crate) fn signing_key(&self) -> &SigningKey {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretKey")
+            .field("public", &self.public())
+            .finish_non_exhaustive()
+    }
+}
+
+/// x25519 secret for opening mailbox envelopes. Zeroized on drop, hidden in Debug.
+#[derive(Clone)]
+pub struct MailboxSecretKey(pub(crate) x25519_dalek::StaticSecret);
+
+impl MailboxSecretKey {
+    pub fn public(&self) -> MailboxPublicKey {
+        MailboxPublicKey(x25519_dalek::PublicKey::from(&self.0).to_bytes())
+    }
+}
+
+impl fmt::Debug for MailboxSecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MailboxSecretKey")
+            .field("public", &self.public())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An x25519 public key to which mailbox envelopes are sealed. Published inside a signed
+/// discovery record, so it is bound to the node's identity.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MailboxPublicKey(pub [u8; 32]);
+
+impl MailboxPublicKey {
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Display for MailboxPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&BASE32.encode(&self.0))
+    }
+}
+
+impl fmt::Debug for MailboxPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MailboxPublicKey({self})")
+    }
+}
+
+impl FromStr for MailboxPublicKey {
+    type Err = ParseKeyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        decode_fixed::<32>(s).map(Self)
+    }
+}
+
+impl Serialize for MailboxPublicKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MailboxPublicKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+            s.parse().map_err(de::Error::custom)
+        } else {
+            <[u8; 32]>::deserialize(d).map(Self)
+        }
+    }
+}
+
+/// An ed25519 signature (64 bytes). Text form: lowercase base32 without padding.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Signature(pub [u8; 64]);
+
+impl Signature {
+    pub fn to_bytes(&self) -> [u8; 64] {
+        self.0
+    }
+}
+
+impl fmt::Display for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&BASE32.encode(&self.0))
+    }
+}
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({self})")
+    }
+}
+
+impl FromStr for Signature {
+    type Err = ParseKeyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        decode_fixed::<64>(s).map(Self)
+    }
+}
+
+impl Serialize for Signature {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            s.serialize_bytes(&self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Signature {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct BytesVisitor;
+        impl de::Visitor<'_> for BytesVisitor {
+            type Value = Signature;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("64 signature bytes")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Signature, E> {
+                v.try_into()
+                    .map(Signature)
+                    .map_err(|_| E::invalid_length(v.len(), &self))
+            }
+        }
+        if d.is_human_readable() {
+            let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+            s.parse().map_err(de::Error::custom)
+        } else {
+            d.deserialize_bytes(BytesVisitor)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_id_text_round_trip_and_strictness() {
+        let id = SecretKey::generate().public();
+        let text = id.to_string();
+        assert_eq!(text.len(), NODE_ID_TEXT_LEN);
+        assert_eq!(text.parse::<NodeId>().expect("parses"), id);
+        assert!(text.to_uppercase().parse::<NodeId>().is_err());
+        assert!(text[..51].parse::<NodeId>().is_err());
+        assert!(format!("{text}a").parse::<NodeId>().is_err());
+        assert!(format!("{}=", &text[..51]).parse::<NodeId>().is_err());
+        assert_eq!(id.fingerprint(), text[..10]);
+    }
+
+    #[test]
+    fn non_canonical_trailing_bits_rejected() {
+        let id = SecretKey::generate().public();
+        let mut text = id.to_string().into_bytes();
+        // 52 chars carry 260 bits for 256: the last char has 4 unused bits that must be 0.
+        let last = text[51];
+        let alphabet = b"abcdefghijklmnopqrstuvwxyz234567";
+        let idx = alphabet
+            .iter()
+            .position(|c| *c == last)
+            .expect("in alphabet");
+        assert_eq!(
+            idx & 0b1111,
+            0,
+            "canonical encoding leaves the unused bits zero"
+        );
+        text[51] = alphabet[idx | 1];
+        let s = String::from_utf8(text).expect("ascii");
+        assert_eq!(s.parse::<NodeId>(), Err(ParseKeyError::Encoding));
+    }
+
+    #[test]
+    fn secret_debug_hides_secret() {
+        let sk = SecretKey::from_bytes(&[7u8; 32]);
+        let dbg = format!("{sk:?}");
+        assert!(dbg.contains(&sk.public().to_string()));
+        assert!(!dbg.contains("[7, 7"));
+        assert!(!format!("{:?}", sk.mailbox_secret()).contains("[7, 7"));
+    }
+
+    #[test]
+    fn serde_forms() {
+        let id = SecretKey::generate().public();
+        let bytes = postcard::to_allocvec(&id).expect("encodes");
+        assert_eq!(bytes.len(), 32);
+        assert_eq!(postcard::from_bytes::<NodeId>(&bytes).expect("decodes"), id);
+    }
+}
