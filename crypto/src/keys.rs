@@ -49,8 +49,11 @@ fn decode_fixed<const N: usize>(s: &str) -> Result<[u8; N], ParseKeyError> {
 }
 
 /// An ed25519 public key. As a node's identity it is called [`NodeId`].
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PublicKey(VerifyingKey);
+///
+/// Holds the 32 compressed bytes, checked on construction to be a valid, non-weak point,
+/// so it is small, `Copy` and cheap to use as a map key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey([u8; 32]);
 
 /// The identity of a node: its ed25519 public key.
 pub type NodeId = PublicKey;
@@ -62,7 +65,7 @@ impl PublicKey {
         if key.is_weak() {
             return Err(ParseKeyError::InvalidKey);
         }
-        Ok(Self(key))
+        Ok(Self(*bytes))
     }
 
     /// Parses a byte slice that must be exactly 32 bytes.
@@ -76,7 +79,7 @@ impl PublicKey {
 
     /// The 32 raw bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
-        self.0.as_bytes()
+        &self.0
     }
 
     /// A short form for display to people (the first 10 characters of the text form).
@@ -87,20 +90,10 @@ impl PublicKey {
         s
     }
 
-    pub(crate) fn verifying_key(&self) -> &VerifyingKey {
-        &self.0
-    }
-}
-
-impl PartialOrd for PublicKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for PublicKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_bytes().cmp(other.as_bytes())
+    /// The dalek key. The bytes were validated on construction, so this only fails if
+    /// that invariant was broken; callers treat failure as "does not verify".
+    pub(crate) fn verifying_key(&self) -> Option<VerifyingKey> {
+        VerifyingKey::from_bytes(&self.0).ok()
     }
 }
 
@@ -167,7 +160,7 @@ impl SecretKey {
 
     /// The public half: this node's id.
     pub fn public(&self) -> PublicKey {
-        PublicKey(self.0.verifying_key())
+        PublicKey(self.0.verifying_key().to_bytes())
     }
 
     /// The x25519 secret used to open sealed mailbox envelopes, derived from the identity

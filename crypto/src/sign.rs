@@ -3,7 +3,7 @@
 //! Every signed message is `len(tag) || tag || bytes`, with one fixed tag per kind of
 //! record, so a signature made for one purpose can never be replayed as another.
 
-use ed25519_dalek::{Signer, Verifier};
+use ed25519_dalek::Signer;
 
 use crate::{PublicKey, SecretKey, Signature};
 
@@ -70,8 +70,8 @@ impl PublicKey {
     ) -> Result<(), SignatureError> {
         let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
         self.verifying_key()
-            .verify_strict(&domain.message(bytes), &sig)
-            .map_err(|_| SignatureError { signer: *self })
+            .and_then(|k| k.verify_strict(&domain.message(bytes), &sig).ok())
+            .ok_or(SignatureError { signer: *self })
     }
 
     /// Verifies a plain (not domain-separated) ed25519 signature, as TLS 1.3 uses.
@@ -79,7 +79,8 @@ impl PublicKey {
         let Ok(sig) = ed25519_dalek::Signature::from_slice(signature) else {
             return false;
         };
-        self.verifying_key().verify(message, &sig).is_ok()
+        self.verifying_key()
+            .is_some_and(|k| k.verify_strict(message, &sig).is_ok())
     }
 }
 
