@@ -28,6 +28,36 @@ impl Paths {
     pub fn key_file(&self) -> PathBuf {
         self.data_dir.join("identity.key")
     }
+
+    /// The name this node registered, remembered for later announces.
+    pub fn name_file(&self) -> PathBuf {
+        self.data_dir.join("name")
+    }
+
+    /// Default database of a discovery server run from this data directory.
+    pub fn discovery_db(&self) -> PathBuf {
+        self.data_dir.join("discovery.redb")
+    }
+
+    /// The registered name, if any.
+    pub fn registered_name(&self) -> Result<Option<String>> {
+        match std::fs::read_to_string(self.name_file()) {
+            Ok(s) => {
+                let name = s.trim();
+                Ok((!name.is_empty()).then(|| name.to_string()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", self.name_file().display())),
+        }
+    }
+
+    /// Remembers the registered name.
+    pub fn set_registered_name(&self, name: &str) -> Result<()> {
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("cannot create {}", self.data_dir.display()))?;
+        std::fs::write(self.name_file(), format!("{name}\n"))
+            .with_context(|| format!("cannot write {}", self.name_file().display()))
+    }
 }
 
 /// The passphrase from --passphrase-file or P2P_PASSPHRASE, if any.

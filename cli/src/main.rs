@@ -1,43 +1,73 @@
 //! `p2p-node`: the command-line program of p2p-node. Thin: it parses arguments, sets up
 //! logging and calls the libraries.
 
+mod chat;
+mod commands;
 mod identity;
+mod output;
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-/// A peer-to-peer chat node: QUIC between peers, identity = an ed25519 key.
+/// Address the embedded discovery server takes when no discovery option is given.
+pub const DEFAULT_EMBEDDED_DISCOVERY: &str = "0.0.0.0:7117";
+
+/// Peer-to-peer chat over QUIC, where who you are is an ed25519 key.
+///
+/// Run with no command for the interactive chat. With neither --discovery nor
+/// --embedded-discovery, the node serves discovery itself on 0.0.0.0:7117 (others on the
+/// LAN use `--discovery http://THIS-HOST:7117`); if that port is already taken on this
+/// machine, it uses the discovery server there, at http://127.0.0.1:7117.
 #[derive(Debug, Parser)]
-#[command(name = "p2p-node", version, about, long_about = None)]
+#[command(name = "p2p-node", version, about, long_about, max_term_width = 100)]
 struct Cli {
     #[command(flatten)]
     global: Global,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 /// Options shared by every command.
-#[derive(Debug, Args)]
-struct Global {
+#[derive(Debug, Args, Clone)]
+pub struct Global {
     /// Directory holding this node's identity key, history and outbox.
     /// Default: the platform's per-user data directory (e.g. ~/.local/share/p2p-node).
     #[arg(long, global = true, env = "P2P_DATA_DIR", value_name = "DIR")]
-    data_dir: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+
+    /// URL of the discovery server to use, e.g. http://192.168.1.20:7117.
+    #[arg(
+        long,
+        global = true,
+        env = "P2P_DISCOVERY",
+        value_name = "URL",
+        conflicts_with = "embedded_discovery"
+    )]
+    pub discovery: Option<String>,
+
+    /// Run the discovery server inside this node on ADDR (TCP) and use it; others on the
+    /// LAN point --discovery at it.
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub embedded_discovery: Option<SocketAddr>,
+
+    /// UDP address for QUIC connections with other nodes. Default: 0.0.0.0:0 (any port).
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
 
     /// File whose first line is the passphrase protecting the identity key.
     /// The passphrase may also be given in the environment as P2P_PASSPHRASE.
     #[arg(long, global = true, env = "P2P_PASSPHRASE_FILE", value_name = "FILE")]
-    passphrase_file: Option<PathBuf>,
+    pub passphrase_file: Option<PathBuf>,
 
-    /// More log output (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
+    /// More log output on stderr (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    verbose: u8,
+    pub verbose: u8,
 
     /// Only errors in the log output.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
-    quiet: bool,
+    pub quiet: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,31 +85,85 @@ enum Command {
     ///
     /// Creates the identity first if there is none.
     Id,
+    /// Claim NAME on the discovery server for this node's key.
+    ///
+    /// Names are first come, first served: once claimed, only this key can use it.
+    /// Claiming your own name again is harmless.
+    Register {
+        /// 1 to 32 characters: lowercase letters, digits, '-' and '_'.
+        name: String,
+    },
+    /// List the nodes online on the discovery server (name, NodeId, addresses).
+    Peers {
+        /// One JSON object per peer, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send TEXT to a peer, by name or NodeId.
+    ///
+    /// Prints `delivered` when the peer acknowledged it, or `queued` when the peer is
+    /// offline: the message then waits in this node's outbox and, sealed to the peer's
+    /// key, in its mailbox on the discovery server, and is delivered by whichever path
+    /// reaches the peer first.
+    Send {
+        /// The peer's name or NodeId.
+        to: String,
+        /// The message text (quote it).
+        text: String,
+    },
+    /// Run a headless node: log in, receive, and print one line per event until SIGINT or
+    /// SIGTERM, then log out.
+    Listen {
+        /// One JSON object per line (event, from, from_name, id, text, timestamps, ...).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the conversation with a peer, oldest first.
+    History {
+        /// The peer's name or NodeId.
+        peer: String,
+        /// How many of the most recent messages to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// One JSON object per message, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a standalone discovery server.
+    Discovery {
+        /// TCP address to serve HTTP on, e.g. 0.0.0.0:7117.
+        #[arg(long, value_name = "ADDR")]
+        listen: SocketAddr,
+        /// redb database for names and mailboxes (kept across restarts).
+        /// Default: discovery.redb in the data directory.
+        #[arg(long, value_name = "PATH")]
+        db: Option<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.global);
-    match run(cli) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("p2p-node: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // Do not wait for stuck blocking reads of stdin.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("p2p-node: error: {}", one_line(&e));
+            eprintln!("p2p-node: error: {}", output::one_line(&e));
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes on one line.
-fn one_line(e: &anyhow::Error) -> String {
-    let mut s = e.to_string();
-    for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !s.contains(&c) {
-            s.push_str(": ");
-            s.push_str(&c);
-        }
-    }
-    s
 }
 
 fn init_logging(g: &Global) {
@@ -101,17 +185,30 @@ fn init_logging(g: &Global) {
         .try_init();
 }
 
-fn run(cli: Cli) -> Result<()> {
-    let paths = identity::Paths::new(cli.global.data_dir.clone())?;
-    let passphrase = identity::passphrase(cli.global.passphrase_file.as_deref())?;
+async fn run(cli: Cli) -> Result<()> {
+    let g = cli.global;
+    let paths = identity::Paths::new(g.data_dir.clone())?;
     match cli.command {
-        Command::Init { force } => {
-            identity::init(&paths, passphrase.as_ref().map(|p| p.as_slice()), force)
+        Some(Command::Init { force }) => {
+            let pass = identity::passphrase(g.passphrase_file.as_deref())?;
+            identity::init(&paths, pass.as_ref().map(|p| p.as_slice()), force)
         }
-        Command::Id => {
-            let key = identity::load_or_create(&paths, passphrase.as_ref().map(|p| p.as_slice()))?;
+        Some(Command::Id) => {
+            let pass = identity::passphrase(g.passphrase_file.as_deref())?;
+            let key = identity::load_or_create(&paths, pass.as_ref().map(|p| p.as_slice()))?;
             println!("{}", key.public());
             Ok(())
         }
+        Some(Command::Register { name }) => commands::register(&g, &paths, &name).await,
+        Some(Command::Peers { json }) => commands::peers(&g, &paths, json).await,
+        Some(Command::Send { to, text }) => commands::send(&g, &paths, &to, &text).await,
+        Some(Command::Listen { json }) => commands::listen(&g, &paths, json).await,
+        Some(Command::History { peer, limit, json }) => {
+            commands::history(&g, &paths, &peer, limit, json).await
+        }
+        Some(Command::Discovery { listen, db }) => {
+            commands::discovery(&paths, listen, db.unwrap_or_else(|| paths.discovery_db())).await
+        }
+        None => chat::run(&g, &paths).await,
     }
 }

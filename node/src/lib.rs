@@ -3,9 +3,15 @@
 //! - [`endpoint`]: the QUIC endpoint whose connections carry the peer's authenticated NodeId.
 //! - [`wire`]: the frame codec spoken on those connections.
 //! - [`store`]: history, outbox and contacts in redb.
+//! - [`node`]: the messaging runtime ([`Node`]) that ties them together with discovery.
 
 pub mod endpoint;
+pub mod node;
 pub mod store;
 pub mod wire;
 
 pub use endpoint::{Connection, Endpoint, TransportSettings};
+pub use node::{
+    DiscoveryError, Node, NodeBuilder, NodeError, NodeEvent, PeerInfo, Resolved, SendOutcome,
+    SendStatus, Timings, Via,
+};

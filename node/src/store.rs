@@ -1,1 +1,964 @@
-//! stub
+//! Durable history, outbox and contacts in one redb file.
+//!
+//! # Layout
+//!
+//! All tables are declared in [`tables`]. Messages are keyed by
+//! `(peer, stored_at_ms, id)`: one conversation is a contiguous key range, and the last N
+//! messages of it are a reverse range scan. `stored_at_ms` is the *local* clock when the
+//! row was written (for incoming messages, when it arrived), never the sender's clock, so
+//! a peer cannot reorder or pin messages in our history by lying about time; the sender's
+//! timestamp is kept in the row as [`StoredMessage::sent_at_ms`].
+//!
+//! A message-id index (`id -> (peer, stored_at_ms)`) makes deduplication and status
+//! updates a point lookup. Deduplication is global by id: however a message arrives
+//! (direct, mailbox, resend after a lost ack) it is stored once.
+//!
+//! # Durability and transactions
+//!
+//! Every mutating call is one short write transaction committed with redb's default
+//! [`redb::Durability::Immediate`]: when it returns `Ok`, the change is on disk, so a
+//! message may be acknowledged right after [`Store::insert_incoming`] returns. For
+//! throughput, [`Store::insert_incoming_batch`] stores many messages with one commit
+//! (one fsync).
+//!
+//! All methods are synchronous and may block on disk I/O (and on another thread's write
+//! transaction); call them from `spawn_blocking` or a dedicated thread. No transaction
+//! outlives a call, so none is ever held across an `.await`.
+//!
+//! # Robustness
+//!
+//! Decoding a stored value never panics: a value that does not decode is
+//! [`StoreError::CorruptRecord`] naming the table. A file that is not a redb database is
+//! [`StoreError::Corrupt`], and one written by a newer schema is
+//! [`StoreError::NewerSchema`]; both name the path.
+
+pub mod tables;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use p2p_crypto::NodeId;
+use redb::{Database, ReadableTable, WriteTransaction};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::wire::{
+    AckStatus, Body, ChatMessage, Conversation, InvalidMessage, MessageId, RejectCode,
+};
+use tables::{
+    MessageKey, CONTACTS, MESSAGES, MESSAGE_IDS, META, MIN_SCHEMA_VERSION, OUTBOX, SCHEMA_VERSION,
+    SCHEMA_VERSION_KEY,
+};
+
+// ---------------------------------------------------------------------------------------
+// Public types
+// ---------------------------------------------------------------------------------------
+
+/// Whether a message was sent or received by this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Direction {
+    /// Received from the peer.
+    Incoming,
+    /// Sent by this node to the peer.
+    Outgoing,
+}
+
+/// Delivery state of a stored message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MessageStatus {
+    /// An incoming message, durably stored (and acknowledgeable).
+    Received,
+    /// An outgoing message not yet acknowledged; it is in the outbox.
+    Queued,
+    /// An outgoing message the recipient acknowledged as stored.
+    Delivered,
+    /// An outgoing message the recipient refused for good.
+    Rejected(RejectCode),
+}
+
+/// One message of the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// The message id (chosen by the sender).
+    pub id: MessageId,
+    /// The other end of the conversation: the sender of an incoming message (the
+    /// authenticated NodeId it arrived from), the recipient of an outgoing one.
+    pub peer: NodeId,
+    /// Sent or received.
+    pub direction: Direction,
+    /// The sender's clock when the message was written (untrusted for incoming messages).
+    pub sent_at_ms: u64,
+    /// The local clock when the row was written; orders the history.
+    pub stored_at_ms: u64,
+    /// The content.
+    pub body: Body,
+    /// Delivery state.
+    pub status: MessageStatus,
+}
+
+impl StoredMessage {
+    /// The pagination cursor of this message: pass it as `before` to
+    /// [`Store::history`] to get the messages older than this one.
+    pub fn cursor(&self) -> (u64, MessageId) {
+        (self.stored_at_ms, self.id)
+    }
+
+    /// The wire message this row was made from (for resending).
+    pub fn to_chat_message(&self) -> ChatMessage {
+        ChatMessage {
+            id: self.id,
+            conversation: Conversation::Direct,
+            sent_at_ms: self.sent_at_ms,
+            body: self.body.clone(),
+        }
+    }
+}
+
+/// An outgoing message not yet acknowledged by its recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// The recipient.
+    pub to: NodeId,
+    /// The message, exactly as it is (re)sent.
+    pub message: ChatMessage,
+    /// Direct delivery attempts so far.
+    pub attempts: u32,
+    /// Do not try direct delivery again before this local time (ms since the epoch).
+    pub next_attempt_ms: u64,
+    /// When the message was queued (local ms since the epoch).
+    pub created_ms: u64,
+    /// Whether a sealed copy was deposited in the recipient's mailbox.
+    pub mailbox_deposited: bool,
+}
+
+/// A known name and the NodeId pinned for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    /// The NodeId first seen for this name (or later accepted by the user).
+    pub node_id: NodeId,
+    /// When this name was first seen (local ms since the epoch).
+    pub first_seen_ms: u64,
+    /// The contact's x25519 mailbox key, once known.
+    pub mailbox_key: Option<[u8; 32]>,
+}
+
+/// What [`Store::insert_incoming`] / [`Store::insert_outgoing`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// Newly stored.
+    New,
+    /// The same message (same id, same peer, same direction) was already stored; nothing
+    /// changed. For an incoming message this still means "durably stored": acknowledge it.
+    Duplicate,
+    /// The id is already used by a different message (another peer or the other
+    /// direction). Nothing was stored.
+    Conflict,
+}
+
+impl Inserted {
+    /// The acknowledgement to send for an incoming message with this outcome.
+    pub fn ack_status(self) -> AckStatus {
+        match self {
+            Inserted::New => AckStatus::Stored,
+            Inserted::Duplicate => AckStatus::Duplicate,
+            Inserted::Conflict => AckStatus::Rejected(RejectCode::ID_CONFLICT),
+        }
+    }
+}
+
+/// What [`Store::mark_delivered`] / [`Store::mark_rejected`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkOutcome {
+    /// The status changed (and the message left the outbox).
+    Updated,
+    /// It already had that status; nothing changed.
+    Unchanged,
+    /// No outgoing message with this id was sent to this peer.
+    Unknown,
+}
+
+/// What [`Store::pin_contact`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinOutcome {
+    /// The name was unknown; it is now pinned to the given NodeId.
+    New,
+    /// The name is pinned to the same NodeId.
+    Same,
+    /// The name is pinned to another NodeId. Nothing was changed: the caller decides
+    /// (warn the user, and [`Store::set_contact`] if they accept the new key).
+    Changed {
+        /// The NodeId pinned so far.
+        old: NodeId,
+    },
+}
+
+/// One conversation and its latest message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationSummary {
+    /// The other end of the conversation.
+    pub peer: NodeId,
+    /// Its most recent message.
+    pub last: StoredMessage,
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file is not a redb database or is damaged.
+    #[error("database {} is corrupt or not a p2p-node database: {source}", path.display())]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What redb reported.
+        #[source]
+        source: redb::DatabaseError,
+    },
+    /// The database is already open (in this or another process).
+    #[error("database {} is already in use by another process", path.display())]
+    AlreadyOpen {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The database was written by a newer version of p2p-node.
+    #[error(
+        "database {} uses schema version {found}, newer than the {supported} this build \
+         supports; upgrade p2p-node",
+        path.display()
+    )]
+    NewerSchema {
+        /// The version found in the file.
+        found: u64,
+        /// The newest version this build supports.
+        supported: u64,
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The database has a schema version this build cannot migrate from.
+    #[error("database {} has unsupported schema version {found}", path.display())]
+    UnsupportedSchema {
+        /// The version found in the file.
+        found: u64,
+        /// The database file.
+        path: PathBuf,
+    },
+    /// Opening the database failed for another reason (I/O, permissions, ...).
+    #[error("opening database {}: {source}", path.display())]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// What redb reported.
+        #[source]
+        source: redb::DatabaseError,
+    },
+    /// A transaction, table access or commit failed.
+    #[error("database {}: {source}", path.display())]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// What redb reported.
+        #[source]
+        source: Box<redb::Error>,
+    },
+    /// A message breaks the limits of the wire protocol (e.g. over-long text); nothing
+    /// was stored.
+    #[error(transparent)]
+    InvalidMessage(#[from] InvalidMessage),
+    /// A record could not be serialized (not expected to happen).
+    #[error("serializing a record for table {table}: {source}")]
+    Encode {
+        /// The table it was meant for.
+        table: &'static str,
+        /// What postcard reported.
+        #[source]
+        source: postcard::Error,
+    },
+    /// A stored key or value does not decode.
+    #[error("database {}: corrupt record in table {table}: {reason}", path.display())]
+    CorruptRecord {
+        /// The database file.
+        path: PathBuf,
+        /// The table holding it.
+        table: &'static str,
+        /// What is wrong with it.
+        #[source]
+        reason: RecordError,
+    },
+}
+
+/// Why a stored record is corrupt.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The value is not valid postcard for its type.
+    #[error("undecodable value: {0}")]
+    Postcard(#[source] postcard::Error),
+    /// Bytes are left over after the value.
+    #[error("{0} trailing bytes after the value")]
+    TrailingBytes(usize),
+    /// A stored NodeId is not a valid ed25519 public key.
+    #[error("invalid NodeId")]
+    InvalidNodeId,
+    /// An index entry points at a row that does not exist.
+    #[error("dangling index entry for message {0}")]
+    DanglingIndex(MessageId),
+    /// The message id in a value does not match its key.
+    #[error("message id in value does not match its key")]
+    IdMismatch,
+}
+
+/// Attaches the database path to redb errors.
+trait Ctx<T> {
+    fn ctx(self, path: &Path) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<redb::Error>> Ctx<T> for Result<T, E> {
+    fn ctx(self, path: &Path) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::Db {
+            path: path.to_owned(),
+            source: Box::new(e.into()),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Stored records (postcard values)
+// ---------------------------------------------------------------------------------------
+
+/// Value of a [`tables::MESSAGES`] row; peer, time and id live in the key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MessageRecord {
+    direction: Direction,
+    sent_at_ms: u64,
+    body: Body,
+    status: MessageStatus,
+}
+
+/// Value of a [`tables::OUTBOX`] row; the recipient lives in the key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OutboxRecord {
+    message: ChatMessage,
+    attempts: u32,
+    next_attempt_ms: u64,
+    created_ms: u64,
+    mailbox_deposited: bool,
+}
+
+fn to_bytes<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(value).map_err(|source| StoreError::Encode { table, source })
+}
+
+fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(RecordError::Postcard)?;
+    if rest.is_empty() {
+        Ok(value)
+    } else {
+        Err(RecordError::TrailingBytes(rest.len()))
+    }
+}
+
+const KEY_MIN_ID: [u8; 16] = [0; 16];
+const KEY_MAX_ID: [u8; 16] = [0xff; 16];
+
+fn first_key(peer: [u8; 32]) -> MessageKey {
+    (peer, 0, KEY_MIN_ID)
+}
+
+fn last_key(peer: [u8; 32]) -> MessageKey {
+    (peer, u64::MAX, KEY_MAX_ID)
+}
+
+/// The next 32-byte string in lexicographic order, or `None` after `[0xff; 32]`.
+fn next_peer(mut peer: [u8; 32]) -> Option<[u8; 32]> {
+    for b in peer.iter_mut().rev() {
+        if *b == 0xff {
+            *b = 0;
+        } else {
+            *b += 1;
+            return Some(peer);
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------
+// Store
+// ---------------------------------------------------------------------------------------
+
+/// The node's database: history, outbox and contacts.
+///
+/// Cheap to share behind an `Arc`; every method takes `&self`. redb serializes write
+/// transactions, so concurrent writers wait for each other.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens the database at `path`, creating it (and its tables) if it does not exist.
+    ///
+    /// The parent directory must exist. Fails with [`StoreError::NewerSchema`] on a file
+    /// written by a newer version (without modifying it), [`StoreError::Corrupt`] on a file
+    /// that is not a valid database, and [`StoreError::AlreadyOpen`] if it is in use.
+    pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let path = path.as_ref().to_owned();
+        let db = Database::create(&path).map_err(|e| classify_open_error(&path, e))?;
+        let txn = db.begin_write().ctx(&path)?;
+        {
+            let mut meta = txn.open_table(META).ctx(&path)?;
+            let found = meta.get(SCHEMA_VERSION_KEY).ctx(&path)?.map(|g| g.value());
+            match found {
+                None => {
+                    meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION).ctx(&path)?;
+                }
+                Some(v) if v > SCHEMA_VERSION => {
+                    // Dropping `txn` aborts it: a newer database is never touched.
+                    return Err(StoreError::NewerSchema {
+                        found: v,
+                        supported: SCHEMA_VERSION,
+                        path,
+                    });
+                }
+                Some(v) if v < MIN_SCHEMA_VERSION => {
+                    return Err(StoreError::UnsupportedSchema { found: v, path });
+                }
+                // Migrations from MIN_SCHEMA_VERSION..SCHEMA_VERSION go here.
+                Some(_) => {}
+            }
+        }
+        // Create every table so read transactions can always open them.
+        txn.open_table(MESSAGES).ctx(&path)?;
+        txn.open_table(MESSAGE_IDS).ctx(&path)?;
+        txn.open_table(OUTBOX).ctx(&path)?;
+        txn.open_table(CONTACTS).ctx(&path)?;
+        txn.commit().ctx(&path)?;
+        Ok(Store { db, path })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn corrupt(&self, table: &'static str, reason: RecordError) -> StoreError {
+        StoreError::CorruptRecord {
+            path: self.path.clone(),
+            table,
+            reason,
+        }
+    }
+
+    fn node_id(&self, table: &'static str, bytes: &[u8; 32]) -> Result<NodeId, StoreError> {
+        NodeId::from_bytes(bytes).map_err(|_| self.corrupt(table, RecordError::InvalidNodeId))
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        table: &'static str,
+        bytes: &[u8],
+    ) -> Result<T, StoreError> {
+        from_bytes(bytes).map_err(|e| self.corrupt(table, e))
+    }
+
+    fn message_from_row(&self, key: MessageKey, value: &[u8]) -> Result<StoredMessage, StoreError> {
+        let (peer, stored_at_ms, id) = key;
+        let rec: MessageRecord = self.decode("messages", value)?;
+        Ok(StoredMessage {
+            id: MessageId(id),
+            peer: self.node_id("messages", &peer)?,
+            direction: rec.direction,
+            sent_at_ms: rec.sent_at_ms,
+            stored_at_ms,
+            body: rec.body,
+            status: rec.status,
+        })
+    }
+
+    fn outbox_from_row(
+        &self,
+        key: ([u8; 32], [u8; 16]),
+        value: &[u8],
+    ) -> Result<OutboxEntry, StoreError> {
+        let rec: OutboxRecord = self.decode("outbox", value)?;
+        if rec.message.id.0 != key.1 {
+            return Err(self.corrupt("outbox", RecordError::IdMismatch));
+        }
+        Ok(OutboxEntry {
+            to: self.node_id("outbox", &key.0)?,
+            message: rec.message,
+            attempts: rec.attempts,
+            next_attempt_ms: rec.next_attempt_ms,
+            created_ms: rec.created_ms,
+            mailbox_deposited: rec.mailbox_deposited,
+        })
+    }
+
+    /// Finds the row of message `id` inside a write transaction: its key and record.
+    fn find_in(
+        &self,
+        txn: &WriteTransaction,
+        id: &MessageId,
+    ) -> Result<Option<(MessageKey, MessageRecord)>, StoreError> {
+        let ids = txn.open_table(MESSAGE_IDS).ctx(&self.path)?;
+        let Some((peer, at)) = ids.get(id.0).ctx(&self.path)?.map(|g| g.value()) else {
+            return Ok(None);
+        };
+        let key = (peer, at, id.0);
+        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        let value = messages.get(key).ctx(&self.path)?;
+        let Some(value) = value else {
+            return Err(self.corrupt("message_ids", RecordError::DanglingIndex(*id)));
+        };
+        let rec = self.decode("messages", value.value())?;
+        Ok(Some((key, rec)))
+    }
+
+    /// Inserts one message row and its index entry unless the id is taken.
+    fn insert_message_in(
+        &self,
+        txn: &WriteTransaction,
+        peer: &NodeId,
+        msg: &ChatMessage,
+        direction: Direction,
+        status: MessageStatus,
+        now_ms: u64,
+    ) -> Result<Inserted, StoreError> {
+        msg.validate()?;
+        if let Some(((existing_peer, _, _), rec)) = self.find_in(txn, &msg.id)? {
+            let same = existing_peer == *peer.as_bytes() && rec.direction == direction;
+            return Ok(if same {
+                Inserted::Duplicate
+            } else {
+                Inserted::Conflict
+            });
+        }
+        let key = (*peer.as_bytes(), now_ms, msg.id.0);
+        let rec = MessageRecord {
+            direction,
+            sent_at_ms: msg.sent_at_ms,
+            body: msg.body.clone(),
+            status,
+        };
+        let mut messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        messages
+            .insert(key, to_bytes("messages", &rec)?.as_slice())
+            .ctx(&self.path)?;
+        let mut ids = txn.open_table(MESSAGE_IDS).ctx(&self.path)?;
+        ids.insert(msg.id.0, (key.0, key.1)).ctx(&self.path)?;
+        Ok(Inserted::New)
+    }
+
+    /// Durably stores a message received from `peer` (the authenticated sender), unless a
+    /// message with the same id is already stored.
+    ///
+    /// Returns after the commit reached the disk, so the caller may acknowledge with
+    /// [`Inserted::ack_status`]. `now_ms` (the local clock) orders it in the history.
+    pub fn insert_incoming(
+        &self,
+        peer: &NodeId,
+        msg: &ChatMessage,
+        now_ms: u64,
+    ) -> Result<Inserted, StoreError> {
+        let txn = self.db.begin_write().ctx(&self.path)?;
+        let res = self.insert_message_in(
+            &txn,
+            peer,
+            msg,
+            Direction::Incoming,
+            MessageStatus::Received,
+            now_ms,
+        )?;
+        if res == Inserted::New {
+            txn.commit().ctx(&self.path)?;
+        }
+        Ok(res)
+    }
+
+    /// Like [`Store::insert_incoming`] for many messages, in one transaction and one
+    /// commit (group commit). Results are in input order; a repeated id within the batch
+    /// is [`Inserted::Duplicate`] the second time.
+    pub fn insert_incoming_batch(
+        &self,
+        batch: &[(NodeId, ChatMessage)],
+        now_ms: u64,
+    ) -> Result<Vec<Inserted>, StoreError> {
+        let txn = self.db.begin_write().ctx(&self.path)?;
+        let mut out = Vec::with_capacity(batch.len());
+        for (peer, msg) in batch {
+            out.push(self.insert_message_in(
+                &txn,
+                peer,
+                msg,
+                Direction::Incoming,
+                MessageStatus::Received,
+                now_ms,
+            )?);
+        }
+        if out.contains(&Inserted::New) {
+            txn.commit().ctx(&self.path)?;
+        }
+        Ok(out)
+    }
+
+    /// Atomically stores an outgoing message to `to` in the history (status
+    /// [`MessageStatus::Queued`]) and in the outbox, due for delivery at `now_ms`.
+    ///
+    /// Call before the first send attempt: if the process dies at any point after this
+    /// returns, the outbox still has the message. Storing the same message again is
+    /// [`Inserted::Duplicate`] and changes nothing.
+    pub fn insert_outgoing(
+        &self,
+        to: &NodeId,
+        msg: &ChatMessage,
+        now_ms: u64,
+    ) -> Result<Inserted, StoreError> {
+        let txn = self.db.begin_write().ctx(&self.path)?;
+        let res = self.insert_message_in(
+            &txn,
+            to,
+            msg,
+            Direction::Outgoing,
+            MessageStatus::Queued,
+            now_ms,
+        )?;
+        if res == Inserted::New {
+            let rec = OutboxRecord {
+                message: msg.clone(),
+                attempts: 0,
+                next_attempt_ms: now_ms,
+                created_ms: now_ms,
+                mailbox_deposited: false,
+            };
+            {
+                let mut outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
+                outbox
+                    .insert(
+                        (*to.as_bytes(), msg.id.0),
+                        to_bytes("outbox", &rec)?.as_slice(),
+                    )
+                    .ctx(&self.path)?;
+            }
+            txn.commit().ctx(&self.path)?;
+        }
+        Ok(res)
+    }
+
+    /// Records that `peer` acknowledged outgoing message `id` as stored: removes it from
+    /// the outbox and sets its status to [`MessageStatus::Delivered`], atomically.
+    ///
+    /// Idempotent ([`MarkOutcome::Unchanged`] the second time). An acknowledgement from a
+    /// peer the message was not sent to is [`MarkOutcome::Unknown`] and changes nothing.
+    pub fn mark_delivered(&self, peer: &NodeId, id: &MessageId) -> Result<MarkOutcome, StoreError> {
+        self.finish_outgoing(peer, id, MessageStatus::Delivered)
+    }
+
+    /// Records that `peer` refused outgoing message `id` for good: removes it from the
+    /// outbox and sets its status to [`MessageStatus::Rejected`]. A message already
+    /// delivered stays delivered.
+    pub fn mark_rejected(
+        &self,
+        peer: &NodeId,
+        id: &MessageId,
+        code: RejectCode,
+    ) -> Result<MarkOutcome, StoreError> {
+        self.finish_outgoing(peer, id, MessageStatus::Rejected(code))
+    }
+
+    fn finish_outgoing(
+        &self,
+        peer: &NodeId,
+        id: &MessageId,
+        status: MessageStatus,
+    ) -> Result<MarkOutcome, StoreError> {
+        let txn = self.db.begin_write().ctx(&self.path)?;
+        let Some((key, mut rec)) = self.find_in(&txn, id)? else {
+            return Ok(MarkOutcome::Unknown);
+        };
+        if key.0 != *peer.as_bytes() || rec.direction != Direction::Outgoing {
+            return Ok(MarkOutcome::Unknown);
+        }
+        let removed = {
+            let mut outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
+            let removed = outbox.remove((key.0, id.0)).ctx(&self.path)?.is_some();
+            removed
+        };
+        let keep = rec.status == status
+            || (rec.status == MessageStatus::Delivered
+                && matches!(status, MessageStatus::Rejected(_)));
+        if keep && !removed {
+            return Ok(MarkOutcome::Unchanged);
+        }
+        let outcome = if keep {
+            MarkOutcome::Unchanged
+        } else {
+            rec.status = status;
+            let mut messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+            messages
+                .insert(key, to_bytes("messages", &rec)?.as_slice())
+                .ctx(&self.path)?;
+            MarkOutcome::Updated
+        };
+        txn.commit().ctx(&self.path)?;
+        Ok(outcome)
+    }
+
+    /// Updates the delivery bookkeeping of an outbox entry (attempts, next attempt,
+    /// mailbox deposit), identified by `entry.to` and `entry.message.id`.
+    ///
+    /// Returns `false`, writing nothing, if the entry is no longer in the outbox (it was
+    /// delivered meanwhile), so a late update can never resurrect it. The message itself
+    /// is not changed.
+    pub fn update_outbox(&self, entry: &OutboxEntry) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write().ctx(&self.path)?;
+        let key = (*entry.to.as_bytes(), entry.message.id.0);
+        {
+            let mut outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
+            let Some(old) = outbox.get(key).ctx(&self.path)?.map(|g| g.value().to_vec()) else {
+                return Ok(false);
+            };
+            let mut rec: OutboxRecord = self.decode("outbox", &old)?;
+            rec.attempts = entry.attempts;
+            rec.next_attempt_ms = entry.next_attempt_ms;
+            rec.mailbox_deposited = entry.mailbox_deposited;
+            outbox
+                .insert(key, to_bytes("outbox", &rec)?.as_slice())
+                .ctx(&self.path)?;
+        }
+        txn.commit().ctx(&self.path)?;
+        Ok(true)
+    }
+
+    /// Every outbox entry, ordered by recipient then id.
+    pub fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        let txn = self.db.begin_read().ctx(&self.path)?;
+        let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
+        let mut out = Vec::new();
+        for row in outbox.iter().ctx(&self.path)? {
+            let (k, v) = row.ctx(&self.path)?;
+            out.push(self.outbox_from_row(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The outbox entries waiting for `peer`, oldest first.
+    pub fn outbox_for(&self, peer: &NodeId) -> Result<Vec<OutboxEntry>, StoreError> {
+        let txn = self.db.begin_read().ctx(&self.path)?;
+        let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
+        let p = *peer.as_bytes();
+        let mut out = Vec::new();
+        for row in outbox
+            .range((p, KEY_MIN_ID)..=(p, KEY_MAX_ID))
+            .ctx(&self.path)?
+        {
+            let (k, v) = row.ctx(&self.path)?;
+            out.push(self.outbox_from_row(k.value(), v.value())?);
+        }
+        out.sort_by_key(|e| (e.created_ms, e.message.sent_at_ms));
+        Ok(out)
+    }
+
+    /// The message with this id, if stored.
+    pub fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
+        let txn = self.db.begin_read().ctx(&self.path)?;
+        let ids = txn.open_table(MESSAGE_IDS).ctx(&self.path)?;
+        let Some((peer, at)) = ids.get(id.0).ctx(&self.path)?.map(|g| g.value()) else {
+            return Ok(None);
+        };
+        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        let key = (peer, at, id.0);
+        match messages.get(key).ctx(&self.path)? {
+            Some(v) => Ok(Some(self.message_from_row(key, v.value())?)),
+            None => Err(self.corrupt("message_ids", RecordError::DanglingIndex(*id))),
+        }
+    }
+
+    /// The last `limit` messages of the conversation with `peer`, in chronological order.
+    ///
+    /// With `before = Some(cursor)` (see [`StoredMessage::cursor`]) only messages strictly
+    /// older than the cursor are considered: pass the cursor of the first message of one
+    /// page to get the page before it.
+    pub fn history(
+        &self,
+        peer: &NodeId,
+        limit: usize,
+        before: Option<(u64, MessageId)>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let txn = self.db.begin_read().ctx(&self.path)?;
+        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        let p = *peer.as_bytes();
+        let range = match before {
+            Some((at, id)) => messages.range(first_key(p)..(p, at, id.0)),
+            None => messages.range(first_key(p)..=last_key(p)),
+        }
+        .ctx(&self.path)?;
+        let mut out = Vec::new();
+        for row in range.rev().take(limit) {
+            let (k, v) = row.ctx(&self.path)?;
+            out.push(self.message_from_row(k.value(), v.value())?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Every conversation with its latest message, most recently active first.
+    ///
+    /// Walks the distinct peers of the message table by seeking, so it costs one lookup
+    /// per conversation, not one per message.
+    pub fn conversations(&self) -> Result<Vec<ConversationSummary>, StoreError> {
+        let txn = self.db.begin_read().ctx(&self.path)?;
+        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        let mut out = Vec::new();
+        let mut from = Some([0u8; 32]);
+        while let Some(start) = from {
+            let last = messages
+                .range(first_key(start)..)
+                .ctx(&self.path)?
+                .next()
+                .transpose()
+                .ctx(&self.path)?;
+            let Some((k, _)) = last else { break };
+            let peer = k.value().0;
+            let newest = messages
+                .range(first_key(peer)..=last_key(peer))
+                .ctx(&self.path)?
+                .next_back()
+                .transpose()
+                .ctx(&self.path)?;
+            if let Some((k, v)) = newest {
+                let last = self.message_from_row(k.value(), v.value())?;
+                out.push(ConversationSummary {
+                    peer: last.peer,
+                    last,
+                });
+            }
+            from = next_peer(peer);
+        }
+        out.sort_by(|a, b| {
+            b.last
+                .stored_at_ms
+                .cmp(&a.last.stored_at_ms)
+                .then(a.peer.cmp(&b.peer))
+        });
+        Ok(out)
+    }
+
+    /// The contact pinned for `name`, if any.
+    pub fn contact(&self, name: &str) -> Result<Option<Contact>, StoreError> {
+        let txn = self.db.begin_read().ctx(&self.path)?;
+        let contacts = txn.open_table(CONTACTS).ctx(&self.path)?;
+        let value = contacts.get(name).ctx(&self.path)?;
+        value
+            .map(|v| self.decode("contacts", v.value()))
+            .transpose()
+    }
+
+    /// Every contact, ordered by name.
+    pub fn contacts(&self) -> Result<Vec<(String, Contact)>, StoreError> {
+        let txn = self.db.begin_read().ctx(&self.path)?;
+        let contacts = txn.open_table(CONTACTS).ctx(&self.path)?;
+        let mut out = Vec::new();
+        for row in contacts.iter().ctx(&self.path)? {
+            let (k, v) = row.ctx(&self.path)?;
+            out.push((k.value().to_owned(), self.decode("contacts", v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Pins `node_id` for `name` if the name is new (trust on first use).
+    ///
+    /// A name already pinned to another NodeId is *not* overwritten: the result is
+    /// [`PinOutcome::Changed`] and the caller decides (warn; [`Store::set_contact`] to
+    /// accept).
+    pub fn pin_contact(
+        &self,
+        name: &str,
+        node_id: &NodeId,
+        now_ms: u64,
+    ) -> Result<PinOutcome, StoreError> {
+        let txn = self.db.begin_write().ctx(&self.path)?;
+        {
+            let mut contacts = txn.open_table(CONTACTS).ctx(&self.path)?;
+            let existing = contacts
+                .get(name)
+                .ctx(&self.path)?
+                .map(|v| self.decode::<Contact>("contacts", v.value()))
+                .transpose()?;
+            if let Some(c) = existing {
+                return Ok(if c.node_id == *node_id {
+                    PinOutcome::Same
+                } else {
+                    PinOutcome::Changed { old: c.node_id }
+                });
+            }
+            let c = Contact {
+                node_id: *node_id,
+                first_seen_ms: now_ms,
+                mailbox_key: None,
+            };
+            contacts
+                .insert(name, to_bytes("contacts", &c)?.as_slice())
+                .ctx(&self.path)?;
+        }
+        txn.commit().ctx(&self.path)?;
+        Ok(PinOutcome::New)
+    }
+
+    /// Stores `contact` for `name`, replacing whatever was pinned (e.g. after the user
+    /// accepted a changed key, or to record the mailbox key).
+    pub fn set_contact(&self, name: &str, contact: &Contact) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().ctx(&self.path)?;
+        {
+            let mut contacts = txn.open_table(CONTACTS).ctx(&self.path)?;
+            contacts
+                .insert(name, to_bytes("contacts", contact)?.as_slice())
+                .ctx(&self.path)?;
+        }
+        txn.commit().ctx(&self.path)?;
+        Ok(())
+    }
+
+    /// Forgets the contact `name`; returns whether it existed.
+    pub fn remove_contact(&self, name: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write().ctx(&self.path)?;
+        let existed = {
+            let mut contacts = txn.open_table(CONTACTS).ctx(&self.path)?;
+            let existed = contacts.remove(name).ctx(&self.path)?.is_some();
+            existed
+        };
+        if existed {
+            txn.commit().ctx(&self.path)?;
+        }
+        Ok(existed)
+    }
+}
+
+fn classify_open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    use redb::{DatabaseError, StorageError};
+    let path = path.to_owned();
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => StoreError::AlreadyOpen { path },
+        DatabaseError::Storage(StorageError::Corrupted(_)) => {
+            StoreError::Corrupt { path, source: e }
+        }
+        // redb reports a file without its magic number as InvalidData.
+        DatabaseError::Storage(StorageError::Io(ref io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            StoreError::Corrupt { path, source: e }
+        }
+        e => StoreError::Open { path, source: e },
+    }
+}
+
+#[cfg(test)]
+mod tests;

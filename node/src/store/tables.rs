@@ -27,8 +27,7 @@ pub type MessageKey = ([u8; 32], u64, [u8; 16]);
 
 /// History: [`MessageKey`] -> postcard `MessageRecord` (direction, sender's timestamp,
 /// body, status).
-pub const MESSAGES: TableDefinition<'static, MessageKey, &[u8]> =
-    TableDefinition::new("messages");
+pub const MESSAGES: TableDefinition<'static, MessageKey, &[u8]> = TableDefinition::new("messages");
 
 /// Message-id index: `id -> (peer, stored_at_ms)`, the rest of its [`MessageKey`]. Used to
 /// deduplicate by id and to find a message for a status update.

@@ -1,0 +1,231 @@
+//! The in-memory presence table: a plain state machine that takes `now` as an argument.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    ops::Bound,
+};
+
+use p2p_crypto::NodeId;
+
+use crate::record::{PresenceRecord, Signed, Withdrawal, MAX_TTL_SECS};
+
+/// A live presence record.
+#[derive(Debug, Clone)]
+pub(crate) struct Live {
+    pub signed: Signed<PresenceRecord>,
+    pub observed_ip: IpAddr,
+    pub expires_at_ms: u64,
+}
+
+/// Why a record was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Not newer than what the server has seen from this node, or already expired.
+    Stale,
+    /// The table is at capacity.
+    Full,
+}
+
+/// Live records by NodeId (ordered, for cursor pagination), plus the newest timestamp
+/// seen from nodes that withdrew or expired, so their old records cannot be replayed.
+#[derive(Debug, Default)]
+pub(crate) struct PresenceTable {
+    live: BTreeMap<NodeId, Live>,
+    /// NodeId -> (last timestamp, forget at).
+    tombstones: HashMap<NodeId, (u64, u64)>,
+    max_live: usize,
+    last_prune_ms: u64,
+}
+
+/// How long a tombstone is kept: any older record has expired by then.
+const TOMBSTONE_MS: u64 = (MAX_TTL_SECS as u64 + 120) * 1000;
+
+impl PresenceTable {
+    pub fn new(max_live: usize) -> Self {
+        Self {
+            max_live,
+            ..Self::default()
+        }
+    }
+
+    fn last_timestamp(&self, node: &NodeId) -> Option<u64> {
+        self.live
+            .get(node)
+            .map(|l| l.signed.record().timestamp_ms)
+            .or_else(|| self.tombstones.get(node).map(|t| t.0))
+    }
+
+    /// Takes a verified record if it is newer than anything seen from its node.
+    pub fn announce(
+        &mut self,
+        signed: Signed<PresenceRecord>,
+        observed_ip: IpAddr,
+        now: u64,
+    ) -> Result<u64, Refused> {
+        self.maybe_prune(now);
+        let rec = signed.record();
+        let node = rec.node_id;
+        let expires_at_ms = rec
+            .timestamp_ms
+            .min(now)
+            .saturating_add(u64::from(rec.ttl_secs) * 1000);
+        if expires_at_ms <= now
+            || self
+                .last_timestamp(&node)
+                .is_some_and(|last| rec.timestamp_ms <= last)
+        {
+            return Err(Refused::Stale);
+        }
+        if !self.live.contains_key(&node) && self.live.len() >= self.max_live {
+            self.prune(now);
+            if self.live.len() >= self.max_live {
+                return Err(Refused::Full);
+            }
+        }
+        self.tombstones.remove(&node);
+        self.live.insert(
+            node,
+            Live {
+                signed,
+                observed_ip,
+                expires_at_ms,
+            },
+        );
+        Ok(expires_at_ms)
+    }
+
+    /// Applies a verified withdrawal; `Ok(true)` if a live record was removed.
+    pub fn withdraw(&mut self, w: &Withdrawal, now: u64) -> Result<bool, Refused> {
+        self.maybe_prune(now);
+        if self
+            .last_timestamp(&w.node_id)
+            .is_some_and(|last| w.timestamp_ms <= last)
+        {
+            return Err(Refused::Stale);
+        }
+        if !self.tombstones.contains_key(&w.node_id) && self.tombstones.len() >= self.max_live {
+            self.prune(now);
+            if self.tombstones.len() >= self.max_live {
+                return Err(Refused::Full);
+            }
+        }
+        let removed = self.live.remove(&w.node_id).is_some();
+        self.tombstones.insert(
+            w.node_id,
+            (w.timestamp_ms, now.saturating_add(TOMBSTONE_MS)),
+        );
+        Ok(removed)
+    }
+
+    /// The live record of `node`, if any.
+    pub fn get(&self, node: &NodeId, now: u64) -> Option<&Live> {
+        self.live.get(node).filter(|l| l.expires_at_ms > now)
+    }
+
+    /// Up to `limit` live records after `cursor`, and the cursor of the next page.
+    pub fn page(
+        &self,
+        cursor: Option<NodeId>,
+        limit: usize,
+        now: u64,
+    ) -> (Vec<Live>, Option<NodeId>) {
+        let lower = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut it = self
+            .live
+            .range((lower, Bound::Unbounded))
+            .filter(|(_, l)| l.expires_at_ms > now);
+        let page: Vec<Live> = it.by_ref().take(limit).map(|(_, l)| l.clone()).collect();
+        let next = if it.next().is_some() {
+            page.last().map(|l| l.signed.record().node_id)
+        } else {
+            None
+        };
+        (page, next)
+    }
+
+    /// Number of live records.
+    pub fn live_count(&self, now: u64) -> usize {
+        self.live.values().filter(|l| l.expires_at_ms > now).count()
+    }
+
+    /// Prunes at most once a second.
+    fn maybe_prune(&mut self, now: u64) {
+        if now.saturating_sub(self.last_prune_ms) >= 1000 {
+            self.prune(now);
+        }
+    }
+
+    /// Drops expired records (keeping a tombstone) and forgotten tombstones.
+    pub fn prune(&mut self, now: u64) {
+        self.last_prune_ms = now;
+        let expired: Vec<(NodeId, u64)> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.expires_at_ms <= now)
+            .map(|(n, l)| (*n, l.signed.record().timestamp_ms))
+            .collect();
+        self.tombstones.retain(|_, (_, forget_at)| *forget_at > now);
+        for (node, ts) in expired {
+            self.live.remove(&node);
+            if self.tombstones.len() < self.max_live {
+                self.tombstones
+                    .insert(node, (ts, now.saturating_add(TOMBSTONE_MS)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2p_crypto::SecretKey;
+
+    fn rec(sk: &SecretKey, ts: u64, ttl: u32) -> Signed<PresenceRecord> {
+        Signed::sign(
+            sk,
+            PresenceRecord {
+                node_id: sk.public(),
+                name: None,
+                addrs: vec![],
+                mailbox_key: sk.mailbox_secret().public(),
+                timestamp_ms: ts,
+                ttl_secs: ttl,
+            },
+        )
+        .expect("sign")
+    }
+
+    #[test]
+    fn newer_wins_and_expiry() {
+        let sk = SecretKey::generate();
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let mut t = PresenceTable::new(10);
+        let now = 1_000_000;
+        t.announce(rec(&sk, now, 30), ip, now).expect("first");
+        assert_eq!(t.announce(rec(&sk, now, 30), ip, now), Err(Refused::Stale));
+        assert_eq!(
+            t.announce(rec(&sk, now - 1, 30), ip, now),
+            Err(Refused::Stale)
+        );
+        assert!(t.get(&sk.public(), now + 29_999).is_some());
+        assert!(t.get(&sk.public(), now + 30_000).is_none());
+        t.prune(now + 30_000);
+        assert_eq!(t.live_count(now + 30_000), 0);
+        // The expired record cannot be replayed.
+        assert_eq!(
+            t.announce(rec(&sk, now, 30), ip, now + 30_000),
+            Err(Refused::Stale)
+        );
+    }
+
+    #[test]
+    fn capacity() {
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let mut t = PresenceTable::new(1);
+        let a = SecretKey::generate();
+        let b = SecretKey::generate();
+        t.announce(rec(&a, 5000, 30), ip, 5000).expect("a");
+        assert_eq!(t.announce(rec(&b, 5000, 30), ip, 5000), Err(Refused::Full));
+    }
+}

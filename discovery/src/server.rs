@@ -1,0 +1,944 @@
+//! The axum discovery server: state, router, handlers and middleware.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::{self, Write as _},
+    future::Future,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use axum::{
+    body::Bytes,
+    extract::{
+        rejection::{BytesRejection, JsonRejection},
+        ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query,
+        Request, State,
+    },
+    http::{header, request::Parts, HeaderMap, Method, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use p2p_crypto::{Domain, NodeId, Signature};
+use rand::Rng;
+use serde::{de::DeserializeOwned, Deserialize};
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::{
+    api::{
+        request_signing_bytes, AnnounceResponse, ClaimEntry, ClaimResponse, DeleteRequest,
+        DeleteResponse, DepositRequest, DepositResponse, MailboxItemWire, MailboxResponse,
+        OnlineResponse, PeerEntry, PresenceEntry, WithdrawResponse, HEADER_SIGNATURE,
+        HEADER_TIMESTAMP,
+    },
+    clock::{Clock, SystemClock},
+    error::{AppError, ErrorCode},
+    presence::{Live, PresenceTable, Refused},
+    ratelimit::RateLimiter,
+    record::{
+        b64_decode, b64_encode, validate_name, NameClaim, PresenceRecord, Signed, SignedWire,
+        Withdrawal,
+    },
+    store::{ClaimOutcome, DepositOutcome, MemoryStore, RedbStore, Store, StoreError},
+};
+
+/// The routes the server serves, as (method, path template). The OpenAPI document is
+/// checked against this list by a test.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", paths::HEALTHZ),
+    ("GET", paths::METRICS),
+    ("POST", paths::NAMES),
+    ("GET", paths::NAME),
+    ("POST", paths::PRESENCE),
+    ("GET", paths::PRESENCE),
+    ("POST", paths::WITHDRAW),
+    ("GET", paths::PEER),
+    ("POST", paths::MAILBOX),
+    ("GET", paths::MAILBOX),
+    ("POST", paths::MAILBOX_DELETE),
+];
+
+/// Path templates (axum syntax, which is also OpenAPI's).
+pub mod paths {
+    pub const HEALTHZ: &str = "/healthz";
+    pub const METRICS: &str = "/metrics";
+    pub const NAMES: &str = "/v1/names";
+    pub const NAME: &str = "/v1/names/{name}";
+    pub const PRESENCE: &str = "/v1/presence";
+    pub const WITHDRAW: &str = "/v1/presence/withdraw";
+    pub const PEER: &str = "/v1/peers/{node_id}";
+    pub const MAILBOX: &str = "/v1/mailbox/{node_id}";
+    pub const MAILBOX_DELETE: &str = "/v1/mailbox/{node_id}/delete";
+}
+
+/// Limits and settings of a server. Every field has a documented default.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// redb file for names and mailboxes; `None` keeps them in memory. Default: `None`.
+    pub db_path: Option<PathBuf>,
+    /// Largest request body, in bytes. Default: 256 KiB.
+    pub max_body_bytes: usize,
+    /// Largest sealed envelope, in bytes (decoded). Default: 64 KiB.
+    pub max_envelope_bytes: usize,
+    /// Most envelopes waiting per recipient. Default: 1000.
+    pub max_mailbox_count: usize,
+    /// Most envelopes returned by one fetch. Default: 100.
+    pub mailbox_fetch_batch: usize,
+    /// Most ids in one delete request. Default: 1000.
+    pub max_delete_ids: usize,
+    /// Default page size of the online list. Default: 100.
+    pub default_page_size: usize,
+    /// Largest page size of the online list. Default: 500.
+    pub max_page_size: usize,
+    /// Most live presence records (and most tombstones). Default: 100 000.
+    pub max_presence: usize,
+    /// How far a record's timestamp may be ahead of the server's clock, and how far a
+    /// signed mailbox request's timestamp may be from it either way. Default: 60 s.
+    pub time_window: Duration,
+    /// Sustained write requests (POST) per second per client IP. Default: 5.
+    pub write_rate_per_sec: f64,
+    /// Burst of write requests per client IP. Default: 60.
+    pub write_burst: u32,
+    /// Most client IPs tracked by the rate limiter. Default: 100 000.
+    pub max_rate_clients: usize,
+    /// Most signed mailbox requests remembered for replay detection. Default: 100 000.
+    pub max_replay_entries: usize,
+    /// Most requests handled at once. Default: 1024.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            db_path: None,
+            max_body_bytes: 256 * 1024,
+            max_envelope_bytes: 64 * 1024,
+            max_mailbox_count: 1000,
+            mailbox_fetch_batch: 100,
+            max_delete_ids: 1000,
+            default_page_size: 100,
+            max_page_size: 500,
+            max_presence: 100_000,
+            time_window: Duration::from_secs(60),
+            write_rate_per_sec: 5.0,
+            write_burst: 60,
+            max_rate_clients: 100_000,
+            max_replay_entries: 100_000,
+            max_concurrent_requests: 1024,
+        }
+    }
+}
+
+/// Error starting or running a server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("cannot open the discovery store: {0}")]
+    Store(#[from] StoreError),
+    #[error("server I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shared state of a server. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    presence: Mutex<PresenceTable>,
+    limiter: Mutex<RateLimiter>,
+    replay: Mutex<ReplayCache>,
+    metrics: Metrics,
+}
+
+impl fmt::Debug for AppState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppState")
+            .field("config", &self.inner.config)
+            .field("store", &self.inner.store)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update under these locks is a single step, so a poisoned lock is consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl AppState {
+    /// Opens the store named by `config.db_path` (redb), or an in-memory one, with the
+    /// system clock.
+    pub fn open(config: ServerConfig) -> Result<Self, ServerError> {
+        let store: Arc<dyn Store> = match &config.db_path {
+            Some(path) => Arc::new(RedbStore::open(path)?),
+            None => Arc::new(MemoryStore::new()),
+        };
+        Ok(Self::new(config, store, Arc::new(SystemClock)))
+    }
+
+    /// State over a given store and clock (`config.db_path` is ignored).
+    pub fn new(config: ServerConfig, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
+        let inner = Inner {
+            presence: Mutex::new(PresenceTable::new(config.max_presence)),
+            limiter: Mutex::new(RateLimiter::new(
+                config.write_rate_per_sec,
+                config.write_burst,
+                config.max_rate_clients,
+            )),
+            replay: Mutex::new(ReplayCache::default()),
+            metrics: Metrics::default(),
+            config,
+            store,
+            clock,
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.inner.clock.now_ms()
+    }
+
+    fn window_ms(&self) -> u64 {
+        u64::try_from(self.inner.config.time_window.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Runs store work on the blocking pool, so no transaction lives across an await.
+    async fn store<T, F>(&self, f: F) -> Result<T, AppError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = Arc::clone(&self.inner.store);
+        let result = tokio::task::spawn_blocking(move || f(&*store))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        Ok(result?)
+    }
+
+    /// Refuses timestamps too far in the future.
+    fn check_not_future(&self, ts: u64) -> Result<(), AppError> {
+        let now = self.now();
+        if ts > now.saturating_add(self.window_ms()) {
+            return Err(AppError::new(
+                ErrorCode::TimestampOutOfWindow,
+                format!("timestamp {ts} is more than the allowed window ahead of {now}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Builds the router (for `oneshot` tests, or to nest in another app). Client IPs come
+/// from `ConnectInfo<SocketAddr>` when present (as [`serve`] provides); without it they
+/// read as `0.0.0.0`.
+pub fn router(state: AppState) -> Router {
+    let config = &state.inner.config;
+    Router::new()
+        .route(paths::HEALTHZ, get(healthz))
+        .route(paths::METRICS, get(metrics))
+        .route(paths::NAMES, post(claim_name))
+        .route(paths::NAME, get(lookup_name))
+        .route(paths::PRESENCE, post(announce).get(online))
+        .route(paths::WITHDRAW, post(withdraw))
+        .route(paths::PEER, get(lookup_peer))
+        .route(paths::MAILBOX, post(deposit).get(fetch_mailbox))
+        .route(paths::MAILBOX_DELETE, post(delete_mailbox))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), rate_limit))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(GlobalConcurrencyLimitLayer::new(
+            config.max_concurrent_requests,
+        ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves on `listener` until `shutdown` completes, then finishes in-flight requests.
+/// Runs on the caller's tokio runtime, so a node can embed it.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Extractors that turn axum's rejections into `AppError`.
+
+/// JSON body; rejections become `malformed_json` / `unsupported_media_type` /
+/// `body_too_large`.
+struct JsonBody<T>(T);
+
+fn body_rejection(status: StatusCode, text: String) -> AppError {
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => AppError::new(ErrorCode::BodyTooLarge, text),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => AppError::new(ErrorCode::UnsupportedMediaType, text),
+        _ => AppError::new(ErrorCode::MalformedJson, text),
+    }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(JsonBody(v)),
+            Err(rej) => {
+                let rej: JsonRejection = rej;
+                Err(body_rejection(rej.status(), rej.body_text()))
+            }
+        }
+    }
+}
+
+/// A single path parameter as a string.
+struct PathParam(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| PathParam(p))
+            .map_err(|e| AppError::new(ErrorCode::InvalidParameter, e.body_text()))
+    }
+}
+
+impl PathParam {
+    fn node_id(&self) -> Result<NodeId, AppError> {
+        self.0
+            .parse()
+            .map_err(|e| AppError::new(ErrorCode::InvalidNodeId, format!("invalid NodeId: {e}")))
+    }
+}
+
+/// Query string; rejections become `invalid_parameter`.
+struct QueryParams<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| QueryParams(q))
+            .map_err(|e| AppError::new(ErrorCode::InvalidParameter, e.body_text()))
+    }
+}
+
+fn client_ip(extensions: &axum::http::Extensions) -> IpAddr {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| {
+            c.0.ip().to_canonical()
+        })
+}
+
+// ---------------------------------------------------------------------------------------
+// Middleware.
+
+/// Token-bucket limit on write requests (POST) per client IP.
+async fn rate_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if req.method() == Method::POST {
+        let ip = client_ip(req.extensions());
+        let now = state.now();
+        if let Err(wait) = lock(&state.inner.limiter).check(ip, now) {
+            return AppError::new(ErrorCode::RateLimited, "too many write requests")
+                .with_retry_after(wait)
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Counts requests by route and status, and rejections by code.
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().as_str().to_owned();
+    let resp = next.run(req).await;
+    let code = resp.extensions().get::<ErrorCode>().copied();
+    state
+        .inner
+        .metrics
+        .record(method, route, resp.status().as_u16(), code);
+    resp
+}
+
+async fn unknown_route() -> AppError {
+    AppError::new(ErrorCode::UnknownRoute, "no such endpoint")
+}
+
+async fn method_not_allowed() -> AppError {
+    AppError::new(
+        ErrorCode::MethodNotAllowed,
+        "this endpoint does not take that method",
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Handlers.
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+fn claim_entry(c: &Signed<NameClaim>) -> ClaimEntry {
+    let wire = c.to_wire();
+    ClaimEntry {
+        record: wire.record,
+        signature: wire.signature,
+        decoded: Some(c.record().clone()),
+    }
+}
+
+fn presence_entry(live: &Live, now: u64) -> PresenceEntry {
+    let wire = live.signed.to_wire();
+    let rec = live.signed.record();
+    let needs_ip = rec.addrs.iter().any(|a| a.ip().is_unspecified());
+    PresenceEntry {
+        record: wire.record,
+        signature: wire.signature,
+        observed_ip: needs_ip.then_some(live.observed_ip),
+        expires_in_secs: live.expires_at_ms.saturating_sub(now) / 1000,
+        decoded: Some(rec.clone()),
+    }
+}
+
+/// `POST /v1/names`: claim a name (register).
+async fn claim_name(
+    State(state): State<AppState>,
+    JsonBody(wire): JsonBody<SignedWire>,
+) -> Result<Json<ClaimResponse>, AppError> {
+    let claim = Signed::<NameClaim>::from_wire(&wire)?;
+    state.check_not_future(claim.record().timestamp_ms)?;
+    let to_store = claim.clone();
+    let outcome = state.store(move |s| s.claim(&to_store)).await?;
+    let name = claim.record().name.clone();
+    match outcome {
+        ClaimOutcome::Stored | ClaimOutcome::Unchanged => Ok(Json(ClaimResponse {
+            changed: outcome == ClaimOutcome::Stored,
+            claim: claim_entry(&claim),
+        })),
+        ClaimOutcome::Taken => Err(AppError::new(
+            ErrorCode::NameTaken,
+            format!("name {name:?} belongs to another key"),
+        )),
+        ClaimOutcome::Stale => Err(AppError::new(
+            ErrorCode::StaleRecord,
+            "this key already has a claim at least as new",
+        )),
+    }
+}
+
+/// The entry for `node`, with `claim` if known; `None` if the server knows nothing.
+async fn peer_entry(
+    state: &AppState,
+    node: NodeId,
+    claim: Option<Signed<NameClaim>>,
+) -> Result<Option<PeerEntry>, AppError> {
+    let claim = match claim {
+        Some(c) => Some(c),
+        None => state.store(move |s| s.claim_by_node(&node)).await?,
+    };
+    let now = state.now();
+    let presence = lock(&state.inner.presence)
+        .get(&node, now)
+        .map(|l| presence_entry(l, now));
+    if claim.is_none() && presence.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(PeerEntry {
+        node_id: node,
+        claim: claim.as_ref().map(claim_entry),
+        presence,
+    }))
+}
+
+/// `GET /v1/names/{name}`.
+async fn lookup_name(
+    State(state): State<AppState>,
+    PathParam(name): PathParam,
+) -> Result<Json<PeerEntry>, AppError> {
+    validate_name(&name)?;
+    let lookup = name.clone();
+    let claim = state
+        .store(move |s| s.claim_by_name(&lookup))
+        .await?
+        .ok_or_else(|| AppError::new(ErrorCode::NotFound, format!("no claim on {name:?}")))?;
+    let node = claim.record().node_id;
+    peer_entry(&state, node, Some(claim))
+        .await?
+        .map(Json)
+        .ok_or_else(|| AppError::new(ErrorCode::NotFound, "unknown name"))
+}
+
+/// `GET /v1/peers/{node_id}`.
+async fn lookup_peer(
+    State(state): State<AppState>,
+    param: PathParam,
+) -> Result<Json<PeerEntry>, AppError> {
+    let node = param.node_id()?;
+    peer_entry(&state, node, None)
+        .await?
+        .map(Json)
+        .ok_or_else(|| AppError::new(ErrorCode::NotFound, format!("unknown node {node}")))
+}
+
+/// `POST /v1/presence`: announce (login) or renew.
+async fn announce(
+    State(state): State<AppState>,
+    ConnectInfoIp(ip): ConnectInfoIp,
+    JsonBody(wire): JsonBody<SignedWire>,
+) -> Result<Json<AnnounceResponse>, AppError> {
+    let signed = Signed::<PresenceRecord>::from_wire(&wire)?;
+    let rec = signed.record().clone();
+    state.check_not_future(rec.timestamp_ms)?;
+    if let Some(name) = rec.name.clone() {
+        let claim = state.store(move |s| s.claim_by_name(&name)).await?;
+        match claim {
+            Some(c) if c.record().node_id == rec.node_id => {}
+            Some(_) => {
+                return Err(AppError::new(
+                    ErrorCode::NameTaken,
+                    "the record names a name that belongs to another key",
+                ))
+            }
+            None => {
+                return Err(AppError::new(
+                    ErrorCode::NameNotClaimed,
+                    "claim the name before announcing it",
+                ))
+            }
+        }
+    }
+    let now = state.now();
+    let result = lock(&state.inner.presence).announce(signed, ip, now);
+    match result {
+        Ok(_) => {
+            let ttl = u64::from(rec.ttl_secs);
+            let reannounce_after_secs = rand::thread_rng().gen_range(ttl / 2..=ttl * 3 / 4);
+            Ok(Json(AnnounceResponse {
+                reannounce_after_secs: reannounce_after_secs.max(1),
+                observed_ip: ip,
+            }))
+        }
+        Err(Refused::Stale) => Err(AppError::new(
+            ErrorCode::StaleRecord,
+            "record is not newer than the last one from this node, or already expired",
+        )),
+        Err(Refused::Full) => Err(AppError::new(
+            ErrorCode::ServerFull,
+            "the server holds its maximum number of live records",
+        )),
+    }
+}
+
+/// The client IP as an extractor.
+struct ConnectInfoIp(IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ConnectInfoIp {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, AppError> {
+        Ok(ConnectInfoIp(client_ip(&parts.extensions)))
+    }
+}
+
+/// `POST /v1/presence/withdraw`: logout.
+async fn withdraw(
+    State(state): State<AppState>,
+    JsonBody(wire): JsonBody<SignedWire>,
+) -> Result<Json<WithdrawResponse>, AppError> {
+    let signed = Signed::<Withdrawal>::from_wire(&wire)?;
+    state.check_not_future(signed.record().timestamp_ms)?;
+    let now = state.now();
+    let result = lock(&state.inner.presence).withdraw(signed.record(), now);
+    match result {
+        Ok(withdrawn) => Ok(Json(WithdrawResponse { withdrawn })),
+        Err(Refused::Stale) => Err(AppError::new(
+            ErrorCode::StaleRecord,
+            "withdrawal is not newer than the last record from this node",
+        )),
+        Err(Refused::Full) => Err(AppError::new(
+            ErrorCode::ServerFull,
+            "the server holds its maximum number of records",
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnlineQuery {
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/presence?cursor=&limit=`: the online list.
+async fn online(
+    State(state): State<AppState>,
+    QueryParams(q): QueryParams<OnlineQuery>,
+) -> Result<Json<OnlineResponse>, AppError> {
+    let config = &state.inner.config;
+    let limit = q.limit.unwrap_or(config.default_page_size);
+    if limit == 0 || limit > config.max_page_size {
+        return Err(AppError::new(
+            ErrorCode::InvalidParameter,
+            format!("limit must be 1..={}", config.max_page_size),
+        ));
+    }
+    let cursor = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(c.parse::<NodeId>().map_err(|e| {
+            AppError::new(ErrorCode::InvalidParameter, format!("invalid cursor: {e}"))
+        })?),
+    };
+    let now = state.now();
+    let (page, next) = lock(&state.inner.presence).page(cursor, limit, now);
+    let nodes: Vec<NodeId> = page.iter().map(|l| l.signed.record().node_id).collect();
+    let claims = state
+        .store(move |s| {
+            nodes
+                .iter()
+                .map(|n| s.claim_by_node(n))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+    let peers = page
+        .iter()
+        .zip(claims)
+        .map(|(live, claim)| PeerEntry {
+            node_id: live.signed.record().node_id,
+            claim: claim.as_ref().map(claim_entry),
+            presence: Some(presence_entry(live, now)),
+        })
+        .collect();
+    Ok(Json(OnlineResponse {
+        peers,
+        next_cursor: next.map(|n| n.to_string()),
+    }))
+}
+
+/// `POST /v1/mailbox/{node_id}`: deposit a sealed envelope.
+async fn deposit(
+    State(state): State<AppState>,
+    param: PathParam,
+    JsonBody(req): JsonBody<DepositRequest>,
+) -> Result<(StatusCode, Json<DepositResponse>), AppError> {
+    let to = param.node_id()?;
+    let config = &state.inner.config;
+    if req.envelope.len() > config.max_envelope_bytes * 4 / 3 + 4 {
+        return Err(AppError::new(
+            ErrorCode::EnvelopeTooLarge,
+            format!(
+                "envelopes are limited to {} bytes",
+                config.max_envelope_bytes
+            ),
+        ));
+    }
+    let envelope = b64_decode(&req.envelope)
+        .map_err(|e| AppError::new(ErrorCode::InvalidEnvelope, format!("envelope: {e}")))?;
+    if envelope.is_empty() {
+        return Err(AppError::new(ErrorCode::InvalidEnvelope, "empty envelope"));
+    }
+    if envelope.len() > config.max_envelope_bytes {
+        return Err(AppError::new(
+            ErrorCode::EnvelopeTooLarge,
+            format!(
+                "envelopes are limited to {} bytes",
+                config.max_envelope_bytes
+            ),
+        ));
+    }
+    let online = lock(&state.inner.presence).get(&to, state.now()).is_some();
+    let max = config.max_mailbox_count;
+    let outcome = state
+        .store(move |s| {
+            if !online && s.claim_by_node(&to)?.is_none() {
+                return Ok(None);
+            }
+            s.deposit(&to, &envelope, max).map(Some)
+        })
+        .await?;
+    match outcome {
+        None => Err(AppError::new(
+            ErrorCode::NotFound,
+            format!("unknown recipient {to}"),
+        )),
+        Some(DepositOutcome::Stored(id)) => Ok((StatusCode::CREATED, Json(DepositResponse { id }))),
+        Some(DepositOutcome::Full) => Err(AppError::new(
+            ErrorCode::MailboxFull,
+            format!("the mailbox of {to} is full ({max} envelopes)"),
+        )),
+    }
+}
+
+/// Remembered signatures of mailbox requests, until their timestamps leave the window.
+#[derive(Debug, Default)]
+struct ReplayCache {
+    seen: HashMap<[u8; 64], u64>,
+}
+
+impl ReplayCache {
+    /// Records a signature; `Err(true)` if it was seen, `Err(false)` if the cache is full.
+    fn insert(
+        &mut self,
+        sig: &Signature,
+        forget_at: u64,
+        now: u64,
+        max: usize,
+    ) -> Result<(), bool> {
+        if self.seen.contains_key(&sig.0) {
+            return Err(true);
+        }
+        if self.seen.len() >= max {
+            self.seen.retain(|_, f| *f > now);
+            if self.seen.len() >= max {
+                return Err(false);
+            }
+        }
+        self.seen.insert(sig.0, forget_at);
+        Ok(())
+    }
+}
+
+/// Checks a signed mailbox request for `node`: headers present, timestamp within the
+/// window, signature by `node` over method, path and query, body hash and timestamp,
+/// not seen before.
+fn authenticate(
+    state: &AppState,
+    node: &NodeId,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), AppError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(ts), Some(sig)) = (header(HEADER_TIMESTAMP), header(HEADER_SIGNATURE)) else {
+        return Err(AppError::new(
+            ErrorCode::Unauthenticated,
+            format!("signed request required: {HEADER_TIMESTAMP} and {HEADER_SIGNATURE} headers"),
+        ));
+    };
+    let ts: u64 = ts.parse().map_err(|_| {
+        AppError::new(
+            ErrorCode::Unauthenticated,
+            "timestamp header is not an integer",
+        )
+    })?;
+    let sig: Signature = sig.parse().map_err(|_| {
+        AppError::new(
+            ErrorCode::BadSignature,
+            "signature header is not base32 of 64 bytes",
+        )
+    })?;
+    let now = state.now();
+    let window = state.window_ms();
+    if ts.abs_diff(now) > window {
+        return Err(AppError::new(
+            ErrorCode::TimestampOutOfWindow,
+            "request timestamp is too far from the server's clock",
+        ));
+    }
+    let signed = request_signing_bytes(method.as_str(), path_and_query, body, ts);
+    node.verify(Domain::Request, &signed, &sig).map_err(|_| {
+        AppError::new(
+            ErrorCode::BadSignature,
+            "request signature does not verify with the mailbox owner's key",
+        )
+    })?;
+    let forget_at = ts.saturating_add(window).saturating_add(1);
+    let max = state.inner.config.max_replay_entries;
+    match lock(&state.inner.replay).insert(&sig, forget_at, now, max) {
+        Ok(()) => Ok(()),
+        Err(true) => Err(AppError::new(
+            ErrorCode::ReplayedRequest,
+            "this signed request was already used",
+        )),
+        Err(false) => Err(AppError::new(
+            ErrorCode::RateLimited,
+            "too many signed requests in flight; retry shortly",
+        )
+        .with_retry_after(Duration::from_secs(1))),
+    }
+}
+
+fn path_and_query(uri: &axum::http::Uri) -> &str {
+    uri.path_and_query().map_or("/", |p| p.as_str())
+}
+
+/// `GET /v1/mailbox/{node_id}`: fetch envelopes (signed by the recipient).
+async fn fetch_mailbox(
+    State(state): State<AppState>,
+    param: PathParam,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Result<Json<MailboxResponse>, AppError> {
+    let node = param.node_id()?;
+    authenticate(&state, &node, &method, path_and_query(&uri), &headers, b"")?;
+    let batch = state.inner.config.mailbox_fetch_batch;
+    let (items, more) = state.store(move |s| s.fetch(&node, batch)).await?;
+    Ok(Json(MailboxResponse {
+        items: items
+            .into_iter()
+            .map(|(id, env)| MailboxItemWire {
+                id,
+                envelope: b64_encode(&env),
+            })
+            .collect(),
+        more,
+    }))
+}
+
+/// `POST /v1/mailbox/{node_id}/delete`: delete envelopes by id (signed by the recipient).
+async fn delete_mailbox(
+    State(state): State<AppState>,
+    param: PathParam,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<DeleteResponse>, AppError> {
+    let node = param.node_id()?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(AppError::new(
+            ErrorCode::UnsupportedMediaType,
+            "expected Content-Type: application/json",
+        ));
+    }
+    let body = body.map_err(|e| body_rejection(e.status(), e.body_text()))?;
+    authenticate(
+        &state,
+        &node,
+        &method,
+        path_and_query(&uri),
+        &headers,
+        &body,
+    )?;
+    let req: DeleteRequest = serde_json::from_slice(&body)
+        .map_err(|e| AppError::new(ErrorCode::MalformedJson, e.to_string()))?;
+    if req.ids.len() > state.inner.config.max_delete_ids {
+        return Err(AppError::new(
+            ErrorCode::InvalidParameter,
+            format!(
+                "at most {} ids per delete",
+                state.inner.config.max_delete_ids
+            ),
+        ));
+    }
+    let deleted = state.store(move |s| s.delete(&node, &req.ids)).await?;
+    Ok(Json(DeleteResponse { deleted }))
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics.
+
+#[derive(Debug, Default)]
+struct Metrics {
+    inner: Mutex<MetricsInner>,
+}
+
+#[derive(Debug, Default)]
+struct MetricsInner {
+    requests: BTreeMap<(String, String, u16), u64>,
+    rejections: BTreeMap<&'static str, u64>,
+}
+
+impl Metrics {
+    fn record(&self, method: String, route: String, status: u16, code: Option<ErrorCode>) {
+        let mut m = lock(&self.inner);
+        *m.requests.entry((method, route, status)).or_default() += 1;
+        if let Some(code) = code {
+            *m.rejections.entry(code.as_str()).or_default() += 1;
+        }
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> Result<Response, AppError> {
+    let stats = state.store(|s| s.stats()).await?;
+    let now = state.now();
+    let live = lock(&state.inner.presence).live_count(now);
+    let clients = lock(&state.inner.limiter).clients();
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "# HELP discovery_requests_total HTTP requests by method, route and status."
+    );
+    let _ = writeln!(out, "# TYPE discovery_requests_total counter");
+    {
+        let m = lock(&state.inner.metrics.inner);
+        for ((method, route, status), n) in &m.requests {
+            let _ = writeln!(
+                out,
+                "discovery_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP discovery_rejections_total Error responses by error code."
+        );
+        let _ = writeln!(out, "# TYPE discovery_rejections_total counter");
+        for (code, n) in &m.rejections {
+            let _ = writeln!(out, "discovery_rejections_total{{reason=\"{code}\"}} {n}");
+        }
+    }
+    for (name, help, value) in [
+        (
+            "discovery_live_records",
+            "Live presence records.",
+            live as u64,
+        ),
+        ("discovery_names", "Claimed names.", stats.names),
+        (
+            "discovery_mailbox_envelopes",
+            "Envelopes waiting in all mailboxes.",
+            stats.envelopes,
+        ),
+        (
+            "discovery_rate_limited_clients",
+            "Client IPs tracked by the rate limiter.",
+            clients as u64,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name} {value}");
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response())
+}

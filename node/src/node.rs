@@ -1,0 +1,1220 @@
+//! The messaging runtime: a [`Node`] ties the QUIC [`Endpoint`], the wire protocol, the
+//! redb [`Store`] and a discovery server together into a chat node.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), p2p_node::NodeError> {
+//! let secret = p2p_crypto::SecretKey::generate();
+//! let node = p2p_node::Node::builder(secret)
+//!     .data_dir("/tmp/alice".into())
+//!     .discovery_url("http://127.0.0.1:7117")
+//!     .bind()
+//!     .await?;
+//! let outcome = node.send("bob", "hello").await?;
+//! println!("{:?}", outcome.status);
+//! node.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Delivery
+//!
+//! [`Node::send`] first writes the message to the history *and* the outbox in one
+//! transaction, so from then on nothing is lost whatever happens to the process. It then
+//! tries direct delivery: on a cached connection to the peer, or by dialing the addresses
+//! discovery publishes for it (and the address it last connected to us from). The
+//! receiver writes the message durably, then answers with an [`Ack`](crate::wire::Ack); only a
+//! `Stored`/`Duplicate` ack marks the message delivered.
+//!
+//! When direct delivery fails the message stays in the outbox, and a copy sealed to the
+//! recipient's x25519 mailbox key is deposited in its mailbox on the discovery server.
+//! The outbox task retries direct delivery with exponential backoff, and at once when
+//! the peer appears in the online list or connects to us. The recipient drains its
+//! mailbox at start and periodically, stores what it finds (deduplicating by id), sends
+//! a sealed receipt (an `Ack` frame) back to the sender's mailbox, and only then deletes
+//! the envelopes. Whichever path arrives first wins; the other is a duplicate.
+//!
+//! # One stream per message
+//!
+//! Each message travels on a fresh bidirectional QUIC stream that carries exactly one
+//! `Message` frame one way and its `Ack` back, then ends. Reasons:
+//! - the ack is tied to its message by the stream itself, so there is no in-order
+//!   matching, no head-of-line blocking behind a slow message, and no per-connection
+//!   state machine to get wrong;
+//! - opening a QUIC stream costs no round trip (stream ids are allocated locally), and
+//!   quinn already bounds concurrent streams per connection
+//!   ([`TransportSettings::max_concurrent_bidi_streams`]), which bounds the receiver's
+//!   work per peer;
+//! - a broken frame closes the connection anyway, so a long-lived stream would buy no
+//!   isolation, only complexity;
+//! - measured (`BENCHMARKS.md`, `cargo bench -p p2p-tests --bench messaging`): a raw
+//!   QUIC echo with a stream per message matches one on long-lived streams in both
+//!   throughput and latency, so the simpler design costs nothing.
+//!
+//! The receiver nevertheless reads frames until the end of the stream, so a peer that
+//! sends several messages on one stream is served too (each is acknowledged in order).
+//!
+//! # Group commit
+//!
+//! Incoming messages (from every connection and from the mailbox) are written by one
+//! dedicated writer thread: it takes the first queued request, drains whatever else is
+//! queued (up to [`MAX_WRITE_BATCH`]), writes all of them with one
+//! [`Store::insert_incoming_batch`] transaction (one fsync), and answers each request.
+//! Every ack is still sent only after the write that contains its message committed.
+//!
+//! # Errors on the wire
+//!
+//! A frame that is oversized, truncated or does not decode closes the connection it came
+//! on with [`CLOSE_BAD_FRAME`]; an `Ack` where a `Message` is expected closes it with
+//! [`CLOSE_UNEXPECTED_FRAME`]. Nothing from such a frame is stored, and other
+//! connections are not affected.
+
+mod deliver;
+mod disco;
+mod inbound;
+mod mailbox;
+mod outbox;
+mod presence;
+mod writer;
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use p2p_crypto::{MailboxPublicKey, NodeId, SecretKey, NODE_ID_TEXT_LEN};
+use tokio::sync::{broadcast, watch, Notify, Semaphore};
+use tokio_util::{
+    sync::{CancellationToken, DropGuard},
+    task::TaskTracker,
+};
+
+use crate::{
+    endpoint::{BindError, Connection, Endpoint, TransportSettings},
+    store::{Contact, OutboxEntry, PinOutcome, Store, StoreError, StoredMessage},
+    wire::{ChatMessage, InvalidMessage, MessageId, RejectCode},
+};
+
+pub use disco::DiscoveryError;
+/// A node found on discovery, its records verified by the client.
+pub use p2p_discovery::PeerInfo;
+
+/// Application close code: this node is shutting down.
+pub const CLOSE_SHUTDOWN: quinn::VarInt = quinn::VarInt::from_u32(0x00);
+/// Application close code: the peer sent a frame that is oversized, truncated or does
+/// not decode. Nothing of it was stored.
+pub const CLOSE_BAD_FRAME: quinn::VarInt = quinn::VarInt::from_u32(0x20);
+/// Application close code: the peer sent a frame kind that is not valid at that point
+/// (e.g. an `Ack` opening a stream).
+pub const CLOSE_UNEXPECTED_FRAME: quinn::VarInt = quinn::VarInt::from_u32(0x21);
+/// Stream reset code: the peer did not send a complete frame within the read timeout.
+pub const STREAM_TIMEOUT: quinn::VarInt = quinn::VarInt::from_u32(0x30);
+/// Stream reset code: the message could not be stored right now (e.g. disk error); it
+/// was not acknowledged and the sender should retry later.
+pub const STREAM_NOT_STORED: quinn::VarInt = quinn::VarInt::from_u32(0x31);
+
+/// Most incoming messages written in one group commit.
+pub const MAX_WRITE_BATCH: usize = 256;
+
+/// Capacity of the event channel; a subscriber that falls further behind gets
+/// [`broadcast::error::RecvError::Lagged`].
+pub const EVENT_CAPACITY: usize = 1024;
+
+/// File name of the node database in the data directory.
+pub const DB_FILE: &str = "node.redb";
+/// File name of the embedded discovery server's database in the data directory.
+pub const DISCOVERY_DB_FILE: &str = "discovery.redb";
+/// File name of the lock that keeps a second process off the data directory.
+pub const LOCK_FILE: &str = "LOCK";
+
+// ---------------------------------------------------------------------------------------
+// Public types
+// ---------------------------------------------------------------------------------------
+
+/// Timers of the node. Tests shorten them; the defaults suit people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timings {
+    /// How often the online list is fetched from discovery (peer online/offline events,
+    /// and the trigger for outbox retries). Default 5 s.
+    pub presence_poll: Duration,
+    /// How often the mailbox is drained (it is also drained at start). Default 30 s.
+    pub mailbox_poll: Duration,
+    /// First delay before retrying direct delivery of a queued message (and before
+    /// dialing a peer again after a failed dial). Doubles per failure. Default 1 s.
+    pub retry_min: Duration,
+    /// Longest delay between retries. Default 5 min.
+    pub retry_max: Duration,
+    /// Longest wait for a QUIC handshake, and for one discovery request made on the
+    /// caller's behalf (e.g. a name lookup). Default 5 s.
+    pub dial_timeout: Duration,
+    /// Longest wait for the acknowledgement of a sent message. Default 10 s.
+    pub ack_timeout: Duration,
+    /// Longest wait for the next frame on an incoming stream before it is reset.
+    /// Default 10 s.
+    pub read_timeout: Duration,
+    /// Time-to-live requested for our presence record; it is renewed before it runs out,
+    /// when the server says so. Default 120 s.
+    pub announce_ttl: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            presence_poll: Duration::from_secs(5),
+            mailbox_poll: Duration::from_secs(30),
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            dial_timeout: Duration::from_secs(5),
+            ack_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(10),
+            announce_ttl: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Timings {
+    /// The retry delay after `failures` consecutive failures (at least 1).
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let shift = failures.saturating_sub(1).min(30);
+        self.retry_min
+            .saturating_mul(1u32 << shift)
+            .min(self.retry_max)
+            .max(self.retry_min.min(self.retry_max))
+    }
+}
+
+/// How a message reached us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Via {
+    /// On a QUIC connection from the sender.
+    Direct,
+    /// Sealed, from our mailbox on the discovery server.
+    Mailbox,
+}
+
+/// Something that happened in the node. Delivered on [`Node::subscribe`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum NodeEvent {
+    /// A new message was stored in the history (duplicates are not reported).
+    MessageReceived {
+        /// The authenticated sender.
+        from: NodeId,
+        /// The sender's name, if known (pinned contact or online list).
+        from_name: Option<String>,
+        /// The message as stored.
+        message: StoredMessage,
+        /// How it arrived.
+        via: Via,
+    },
+    /// The recipient acknowledged one of our messages as durably stored.
+    MessageDelivered {
+        /// The recipient.
+        to: NodeId,
+        /// The message.
+        id: MessageId,
+    },
+    /// A node appeared in the online list.
+    PeerOnline {
+        /// Its id.
+        node_id: NodeId,
+        /// Its name, if it has one.
+        name: Option<String>,
+    },
+    /// A node left the online list (logged out or expired).
+    PeerOffline {
+        /// Its id.
+        node_id: NodeId,
+        /// Its name, if it had one.
+        name: Option<String>,
+    },
+    /// Discovery says `name` belongs to `announced`, but we pinned `pinned` for it the
+    /// first time we saw it. The node keeps using `pinned`.
+    KeyChanged {
+        /// The name.
+        name: String,
+        /// The NodeId pinned for the name.
+        pinned: NodeId,
+        /// The NodeId discovery now returns for it.
+        announced: NodeId,
+    },
+}
+
+/// The result of [`Node::resolve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The peer's id.
+    pub node_id: NodeId,
+    /// Its name, if known.
+    pub name: Option<String>,
+}
+
+/// Whether a sent message already reached the recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SendStatus {
+    /// The recipient acknowledged it as durably stored.
+    Delivered,
+    /// It is in the outbox (and, where possible, sealed in the recipient's mailbox); it
+    /// will be delivered when either of us can reach the other.
+    Queued,
+}
+
+/// The result of [`Node::send`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendOutcome {
+    /// The id of the new message.
+    pub id: MessageId,
+    /// The recipient.
+    pub to: NodeId,
+    /// Delivered or queued.
+    pub status: SendStatus,
+}
+
+/// Errors of the node's operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// [`NodeBuilder::data_dir`] was not called.
+    #[error("no data directory given")]
+    NoDataDir,
+    /// Another process (or another node in this process) uses the data directory.
+    #[error("data directory {} is in use by another p2p-node process", dir.display())]
+    DataDirLocked {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The data directory or its lock file cannot be created or opened.
+    #[error("data directory {}: {source}", dir.display())]
+    DataDir {
+        /// The directory.
+        dir: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The database failed.
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+    /// The QUIC endpoint cannot be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The embedded discovery server cannot start.
+    #[error("cannot start the embedded discovery server on {addr}: {reason}")]
+    EmbeddedDiscovery {
+        /// The address it was to listen on.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        reason: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The operation needs a discovery server and none is configured.
+    #[error("no discovery server is configured")]
+    NoDiscovery,
+    /// The discovery server failed or refused the request.
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    /// The name is claimed by another node.
+    #[error("the name {name:?} is already taken by another node")]
+    NameTaken {
+        /// The name.
+        name: String,
+    },
+    /// `peer` is not a NodeId, not a pinned contact, and discovery does not know it.
+    #[error("unknown peer {peer:?}: not a NodeId, a known contact or a name on discovery")]
+    UnknownPeer {
+        /// What was asked for.
+        peer: String,
+    },
+    /// The message breaks the protocol's limits (e.g. too long).
+    #[error(transparent)]
+    InvalidMessage(#[from] InvalidMessage),
+    /// A frame could not be encoded (not expected for valid messages).
+    #[error(transparent)]
+    Encode(#[from] crate::wire::EncodeError),
+    /// The recipient refused the message for good.
+    #[error("{to} rejected message {id}: {code}")]
+    Rejected {
+        /// The recipient.
+        to: NodeId,
+        /// The message.
+        id: MessageId,
+        /// Why.
+        code: RejectCode,
+    },
+    /// The message cannot be sent to ourselves.
+    #[error("cannot send a message to this node itself")]
+    SelfMessage,
+    /// The node was shut down.
+    #[error("the node is shut down")]
+    Shutdown,
+    /// The writer thread cannot be started.
+    #[error("cannot start the writer thread: {0}")]
+    Thread(#[source] io::Error),
+    /// A background task failed unexpectedly.
+    #[error("internal task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl From<StoreError> for NodeError {
+    fn from(e: StoreError) -> Self {
+        NodeError::Store(Arc::new(e))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Builder
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum DiscoveryChoice {
+    None,
+    Url(String),
+    Embedded(SocketAddr),
+}
+
+/// Builder for [`Node`]; see [`Node::builder`].
+#[derive(Debug)]
+pub struct NodeBuilder {
+    secret: SecretKey,
+    data_dir: Option<PathBuf>,
+    discovery: DiscoveryChoice,
+    listen: SocketAddr,
+    name: Option<String>,
+    announce: bool,
+    timings: Timings,
+    transport: TransportSettings,
+    max_connections: usize,
+    drop_acks: bool,
+    events: broadcast::Sender<NodeEvent>,
+}
+
+impl NodeBuilder {
+    /// The node's directory (required): it holds `node.redb`, the `LOCK` file and, with
+    /// embedded discovery, `discovery.redb`. Created if missing.
+    pub fn data_dir(mut self, dir: PathBuf) -> Self {
+        self.data_dir = Some(dir);
+        self
+    }
+
+    /// Use the discovery server at this URL (e.g. `http://192.168.1.10:7117`).
+    pub fn discovery_url(mut self, url: impl Into<String>) -> Self {
+        self.discovery = DiscoveryChoice::Url(url.into());
+        self
+    }
+
+    /// Run the discovery server inside this node on this TCP address (its database is
+    /// `<data-dir>/discovery.redb`) and use it. When `addr` is an unspecified address
+    /// (`0.0.0.0`/`::`), the node talks to it over loopback.
+    pub fn embedded_discovery(mut self, addr: SocketAddr) -> Self {
+        self.discovery = DiscoveryChoice::Embedded(addr);
+        self
+    }
+
+    /// The UDP address for QUIC. Default `0.0.0.0:0`.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// The name to include in our announcements (it must be claimed, see
+    /// [`Node::register`]).
+    pub fn name(mut self, name: String) -> Self {
+        self.name = Some(name);
+        self
+    }
+
+    /// Whether to announce this node online (and withdraw at shutdown). Default `true`.
+    /// One-shot commands pass `false`: they still drain the mailbox and deliver.
+    pub fn announce(mut self, announce: bool) -> Self {
+        self.announce = announce;
+        self
+    }
+
+    /// Timers; see [`Timings`] for the defaults.
+    pub fn timings(mut self, timings: Timings) -> Self {
+        self.timings = timings;
+        self
+    }
+
+    /// QUIC transport settings; see [`TransportSettings`] for the defaults.
+    pub fn transport(mut self, transport: TransportSettings) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// Most QUIC connections (incoming and outgoing, including handshakes in progress)
+    /// at once; incoming attempts beyond it are refused. Default 256.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// Fault injection for tests: store incoming direct messages but never acknowledge
+    /// them (the stream is reset right after the durable write), as if the node died
+    /// between persisting and acknowledging.
+    #[doc(hidden)]
+    pub fn drop_acks_after_persist(mut self, drop: bool) -> Self {
+        self.drop_acks = drop;
+        self
+    }
+
+    /// A receiver of the node's events that sees everything from the very start
+    /// (including the mailbox drain at start), unlike [`Node::subscribe`] after `bind`.
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.events.subscribe()
+    }
+
+    /// Locks the data directory, opens the database, binds the QUIC endpoint, starts the
+    /// embedded discovery server if asked to, and starts the background tasks.
+    ///
+    /// A discovery server that cannot be reached is not an error here: the node logs a
+    /// warning and keeps trying in the background.
+    pub async fn bind(self) -> Result<Node, NodeError> {
+        let dir = self.data_dir.clone().ok_or(NodeError::NoDataDir)?;
+        let lock = lock_data_dir(&dir)?;
+        let db_path = dir.join(DB_FILE);
+        let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(db_path)).await??);
+        let endpoint = Endpoint::builder(self.secret.clone())
+            .bind_addr(self.listen)
+            .transport(self.transport.clone())
+            .bind()
+            .await?;
+
+        let (writer, writer_thread) = writer::spawn(store.clone()).map_err(NodeError::Thread)?;
+        let mut state = State::default();
+        let contacts = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.contacts()).await??
+        };
+        for (name, c) in contacts {
+            if let Some(k) = c.mailbox_key {
+                state.mailbox_keys.insert(c.node_id, MailboxPublicKey(k));
+            }
+            state.names.insert(c.node_id, name);
+        }
+        let server_cancel = CancellationToken::new();
+        // Stops the embedded server if anything below fails.
+        let server_guard = server_cancel.clone().drop_guard();
+        let (disco, embedded) = match &self.discovery {
+            DiscoveryChoice::None => (None, None),
+            DiscoveryChoice::Url(url) => (
+                Some(disco::Disco::new(url, self.timings.dial_timeout)?),
+                None,
+            ),
+            DiscoveryChoice::Embedded(addr) => {
+                let server =
+                    disco::start_embedded(*addr, dir.join(DISCOVERY_DB_FILE), &server_cancel)
+                        .await?;
+                let client = disco::Disco::new(&server.url, self.timings.dial_timeout)?;
+                (Some(client), Some(server))
+            }
+        };
+
+        let (drained_tx, _) = watch::channel(false);
+        let cancel = CancellationToken::new();
+        let inner = Arc::new(Inner {
+            node_id: self.secret.public(),
+            secret: self.secret,
+            endpoint,
+            store,
+            writer,
+            writer_thread: Mutex::new(Some(writer_thread)),
+            events: self.events,
+            timings: self.timings,
+            disco,
+            embedded_addr: embedded.as_ref().map(|e| e.addr),
+            embedded: Mutex::new(embedded.map(|e| e.task)),
+            server_cancel,
+            announce: self.announce,
+            announced: AtomicBool::new(false),
+            name: Mutex::new(self.name),
+            state: Mutex::new(state),
+            outbox_wake: Notify::new(),
+            conn_limit: Arc::new(Semaphore::new(self.max_connections)),
+            cancel: cancel.clone(),
+            tracker: TaskTracker::new(),
+            drain_lock: tokio::sync::Mutex::new(()),
+            drained: drained_tx,
+            drop_acks: self.drop_acks,
+            _lock: lock,
+        });
+
+        server_guard.disarm();
+        inner.tracker.spawn(inbound::accept_loop(inner.clone()));
+        inner.tracker.spawn(outbox::run(inner.clone()));
+        inner.tracker.spawn(mailbox::run(inner.clone()));
+        if inner.disco.is_some() {
+            if inner.announce {
+                inner.tracker.spawn(presence::announce_loop(inner.clone()));
+            }
+            inner.tracker.spawn(presence::poll_loop(inner.clone()));
+        } else {
+            tracing::info!("no discovery server configured: direct delivery only");
+        }
+        Ok(Node {
+            inner,
+            _guard: Arc::new(cancel.drop_guard()),
+        })
+    }
+}
+
+fn lock_data_dir(dir: &std::path::Path) -> Result<File, NodeError> {
+    let io_err = |source| NodeError::DataDir {
+        dir: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io_err)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(io_err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(NodeError::DataDirLocked {
+            dir: dir.to_owned(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(e)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Node
+// ---------------------------------------------------------------------------------------
+
+/// A running chat node. Cheap to clone; every clone is the same node.
+///
+/// Dropping the last clone stops the background tasks, but only [`Node::shutdown`]
+/// withdraws the presence and waits until everything is closed.
+#[derive(Debug, Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+    _guard: Arc<DropGuard>,
+}
+
+/// Per-peer dial backoff.
+#[derive(Debug, Clone, Copy)]
+struct DialBackoff {
+    failures: u32,
+    until: Instant,
+}
+
+/// Mutable in-memory state; held only for short, non-async sections.
+#[derive(Debug, Default)]
+struct State {
+    /// One reusable connection per peer (dialed or accepted).
+    conns: HashMap<NodeId, Connection>,
+    /// Per-peer dial locks (present while someone dials or waits for a dial).
+    dialing: HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>,
+    /// Peers not to dial before a time.
+    backoff: HashMap<NodeId, DialBackoff>,
+    /// The address each peer last connected to us from.
+    last_addr: HashMap<NodeId, SocketAddr>,
+    /// The online list as of the last poll.
+    online: HashMap<NodeId, PeerInfo>,
+    /// Names of pinned contacts.
+    names: HashMap<NodeId, String>,
+    /// Known mailbox keys.
+    mailbox_keys: HashMap<NodeId, MailboxPublicKey>,
+    /// Messages being delivered right now (by `send` or the outbox task).
+    in_flight: HashSet<MessageId>,
+    /// Peers whose outbox entries are due at once.
+    wake: HashSet<NodeId>,
+    /// (name, announced id) pairs already warned about.
+    key_warned: HashMap<(String, NodeId), ()>,
+}
+
+pub(crate) struct Inner {
+    secret: SecretKey,
+    node_id: NodeId,
+    endpoint: Endpoint,
+    store: Arc<Store>,
+    writer: writer::Writer,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    events: broadcast::Sender<NodeEvent>,
+    timings: Timings,
+    disco: Option<disco::Disco>,
+    embedded_addr: Option<SocketAddr>,
+    embedded: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    server_cancel: CancellationToken,
+    announce: bool,
+    announced: AtomicBool,
+    name: Mutex<Option<String>>,
+    state: Mutex<State>,
+    outbox_wake: Notify,
+    conn_limit: Arc<Semaphore>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    drain_lock: tokio::sync::Mutex<()>,
+    drained: watch::Sender<bool>,
+    drop_acks: bool,
+    _lock: File,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropped without `shutdown`: stop the embedded server too.
+        self.server_cancel.cancel();
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node_id", &self.node_id)
+            .field("endpoint", &self.endpoint.local_addr().ok())
+            .field("discovery", &self.disco.as_ref().map(|d| d.url()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Starts building the node with this identity.
+    pub fn builder(secret: SecretKey) -> NodeBuilder {
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        NodeBuilder {
+            secret,
+            data_dir: None,
+            discovery: DiscoveryChoice::None,
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            name: None,
+            announce: true,
+            timings: Timings::default(),
+            transport: TransportSettings::default(),
+            max_connections: 256,
+            drop_acks: false,
+            events,
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    /// The local UDP address of the QUIC endpoint.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.endpoint.local_addr()
+    }
+
+    /// The URL of the discovery server in use, if any.
+    pub fn discovery_url(&self) -> Option<String> {
+        self.inner.disco.as_ref().map(|d| d.url().to_owned())
+    }
+
+    /// The TCP address of the embedded discovery server, if this node runs one.
+    pub fn embedded_discovery_addr(&self) -> Option<SocketAddr> {
+        self.inner.embedded_addr
+    }
+
+    /// A receiver of the node's events from now on. The channel is bounded
+    /// ([`EVENT_CAPACITY`]); a receiver that falls behind loses the oldest events.
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Claims `name` for this node on discovery, pins it to ourselves, and announces it
+    /// (when this node announces).
+    pub async fn register(&self, name: &str) -> Result<(), NodeError> {
+        let inner = &self.inner;
+        let disco = inner.disco.as_ref().ok_or(NodeError::NoDiscovery)?;
+        disco.claim_name(&inner.secret, name).await.map_err(|e| {
+            if e.is_name_taken() {
+                NodeError::NameTaken {
+                    name: name.to_owned(),
+                }
+            } else {
+                NodeError::Discovery(e)
+            }
+        })?;
+        let contact = Contact {
+            node_id: inner.node_id,
+            first_seen_ms: now_ms(),
+            mailbox_key: Some(inner.secret.mailbox_secret().public().0),
+        };
+        let owned = name.to_owned();
+        inner
+            .blocking(move |s| s.set_contact(&owned, &contact))
+            .await?;
+        inner.state().names.insert(inner.node_id, name.to_owned());
+        *lock(&inner.name) = Some(name.to_owned());
+        if inner.announce {
+            presence::announce_once(inner).await?;
+        }
+        Ok(())
+    }
+
+    /// Resolves `peer`: a 52-character NodeId, or a name.
+    ///
+    /// A name is looked up in the pinned contacts first, then on discovery; the first
+    /// NodeId seen for a name is pinned. When discovery later returns another NodeId
+    /// for a pinned name, a [`NodeEvent::KeyChanged`] warning is sent and the pinned id
+    /// is kept.
+    pub async fn resolve(&self, peer: &str) -> Result<Resolved, NodeError> {
+        self.inner.resolve(peer).await
+    }
+
+    /// Sends a text message to `to` (a NodeId or a name; see [`Node::resolve`]).
+    ///
+    /// The message is first stored in the history and the outbox. Then it is delivered
+    /// directly if the peer can be reached ([`SendStatus::Delivered`] once it
+    /// acknowledged), or else kept in the outbox and deposited, sealed, in the peer's
+    /// mailbox ([`SendStatus::Queued`]).
+    ///
+    /// Sending to a NodeId while discovery is down still succeeds with
+    /// [`SendStatus::Queued`] when the peer cannot be reached: the message stays in the
+    /// outbox and is delivered (or deposited) by the background task later. Sending to a
+    /// name that cannot be resolved is an error ([`NodeError::UnknownPeer`] or
+    /// [`NodeError::Discovery`]) and stores nothing.
+    pub async fn send(&self, to: &str, text: &str) -> Result<SendOutcome, NodeError> {
+        let resolved = self.inner.resolve(to).await?;
+        let peer = resolved.node_id;
+        if peer == self.inner.node_id {
+            return Err(NodeError::SelfMessage);
+        }
+        let msg = ChatMessage::text(text, stamp_ms())?;
+        self.inner.send_message(peer, msg).await
+    }
+
+    /// The last `limit` messages with `peer` (a NodeId or a name), oldest first.
+    ///
+    /// Waits (at most [`Timings::dial_timeout`]) for the mailbox drain at start, so
+    /// messages that waited in the mailbox are included.
+    pub async fn history(&self, peer: &str, limit: usize) -> Result<Vec<StoredMessage>, NodeError> {
+        let id = self.inner.resolve(peer).await?.node_id;
+        self.inner.wait_initial_drain().await;
+        self.inner
+            .blocking(move |s| s.history(&id, limit, None))
+            .await
+    }
+
+    /// The messages not yet acknowledged by their recipients.
+    pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, NodeError> {
+        self.inner.blocking(|s| s.outbox()).await
+    }
+
+    /// The nodes online now, as listed by discovery (signatures verified).
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
+        let disco = self.inner.disco.as_ref().ok_or(NodeError::NoDiscovery)?;
+        let peers = disco.online().await?;
+        self.inner.learn_peers(&peers);
+        Ok(peers)
+    }
+
+    /// The name of `id` for display: its pinned contact name, else its name in the last
+    /// online list.
+    pub fn name_of(&self, id: &NodeId) -> Option<String> {
+        self.inner.name_of(id)
+    }
+
+    /// Fetches the mailbox now: stores the messages (deduplicating), applies receipts,
+    /// sends receipts back, then deletes what was handled. Returns the number of new
+    /// messages.
+    pub async fn drain_mailbox(&self) -> Result<usize, NodeError> {
+        mailbox::drain(&self.inner).await
+    }
+
+    /// Stops the node: stops the background tasks, closes every connection with
+    /// [`CLOSE_SHUTDOWN`], withdraws our presence if we announced it, stops the embedded
+    /// discovery server, and waits until all of it is done. Everything stored is
+    /// already durable.
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        let inner = self.inner.clone();
+        inner.cancel.cancel();
+        inner.tracker.close();
+        inner
+            .endpoint
+            .close(CLOSE_SHUTDOWN.into_inner() as u32, b"shutdown");
+        let grace = inner.timings.dial_timeout.max(Duration::from_secs(1));
+        if tokio::time::timeout(grace, inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop in time");
+        }
+        if inner.announced.swap(false, Ordering::SeqCst) {
+            if let Some(disco) = &inner.disco {
+                match tokio::time::timeout(grace, disco.withdraw(&inner.secret)).await {
+                    Ok(Ok(())) => tracing::info!("withdrew presence"),
+                    // Not fatal: the presence expires at its TTL.
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot withdraw presence"),
+                    Err(_) => tracing::warn!("withdrawing presence timed out"),
+                }
+            }
+        }
+        inner.server_cancel.cancel();
+        let server = lock(&inner.embedded).take();
+        if let Some(task) = server {
+            if tokio::time::timeout(grace, task).await.is_err() {
+                tracing::warn!("embedded discovery server did not stop in time");
+            }
+        }
+        let _ = tokio::time::timeout(grace, inner.endpoint.wait_idle()).await;
+        inner.writer.close();
+        let thread = lock(&inner.writer_thread).take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        drop(self);
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared internals
+// ---------------------------------------------------------------------------------------
+
+/// Most entries kept in each per-peer map that peers can grow (last address, dial
+/// backoff, warnings given); past it an arbitrary entry is forgotten.
+const MAX_PEER_STATE: usize = 4096;
+
+/// Inserts into a per-peer map, forgetting an arbitrary entry when it is full.
+fn bounded_insert<K: std::hash::Hash + Eq + Clone, V>(map: &mut HashMap<K, V>, k: K, v: V) {
+    if map.len() >= MAX_PEER_STATE && !map.contains_key(&k) {
+        if let Some(evict) = map.keys().next().cloned() {
+            map.remove(&evict);
+        }
+    }
+    map.insert(k, v);
+}
+
+/// Locks a std mutex, recovering from poisoning (the data is plain bookkeeping).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The local clock in ms since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A strictly increasing timestamp (ms since the Unix epoch) for ordering rows: the
+/// local clock, or one more than the previous stamp if the clock has not moved on (or
+/// went back). Two messages sent or stored one after the other keep their order.
+pub(crate) fn stamp_ms() -> u64 {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = now_ms();
+    let prev = LAST
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+            Some(now.max(last.saturating_add(1)))
+        })
+        .unwrap_or(now);
+    now.max(prev.saturating_add(1))
+}
+
+/// Turns an unspecified bind address into the loopback address of the same family.
+fn loopback_for(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn emit(&self, ev: NodeEvent) {
+        // No receivers is fine.
+        let _ = self.events.send(ev);
+    }
+
+    /// Runs a store operation on a blocking thread.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, NodeError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        Ok(tokio::task::spawn_blocking(move || f(&store)).await??)
+    }
+
+    fn name_of(&self, id: &NodeId) -> Option<String> {
+        let st = self.state();
+        st.names
+            .get(id)
+            .cloned()
+            .or_else(|| st.online.get(id).and_then(|p| p.name.clone()))
+    }
+
+    fn current_name(&self) -> Option<String> {
+        lock(&self.name).clone()
+    }
+
+    /// Records what an online list or lookup told us about peers (mailbox keys, names,
+    /// addresses for dialing).
+    fn learn_peers(&self, peers: &[PeerInfo]) {
+        let mut st = self.state();
+        for p in peers {
+            bounded_insert(&mut st.mailbox_keys, p.node_id, p.mailbox_key);
+        }
+    }
+
+    /// Marks `peer` for an immediate outbox retry and clears its dial backoff.
+    fn wake_outbox_for(&self, peer: NodeId) {
+        {
+            let mut st = self.state();
+            st.backoff.remove(&peer);
+            st.wake.insert(peer);
+        }
+        self.outbox_wake.notify_one();
+    }
+
+    async fn wait_initial_drain(&self) {
+        if self.disco.is_none() {
+            return;
+        }
+        let mut rx = self.drained.subscribe();
+        let _ = tokio::time::timeout(self.timings.dial_timeout, rx.wait_for(|d| *d)).await;
+    }
+
+    async fn resolve(&self, peer: &str) -> Result<Resolved, NodeError> {
+        if peer.len() == NODE_ID_TEXT_LEN {
+            if let Ok(id) = peer.parse::<NodeId>() {
+                return Ok(Resolved {
+                    node_id: id,
+                    name: self.name_of(&id),
+                });
+            }
+        }
+        let name = peer.to_owned();
+        if p2p_discovery::validate_name(&name).is_err() {
+            return Err(NodeError::UnknownPeer { peer: name });
+        }
+        let pinned = {
+            let name = name.clone();
+            self.blocking(move |s| s.contact(&name)).await?
+        };
+        let lookup = match &self.disco {
+            Some(d) => Some(
+                tokio::time::timeout(self.timings.dial_timeout, d.lookup_name(&name))
+                    .await
+                    .unwrap_or_else(|_| Err(DiscoveryError::timeout(d.url()))),
+            ),
+            None => None,
+        };
+        if let Some(contact) = pinned {
+            match lookup {
+                Some(Ok(Some(info))) => {
+                    if info.node_id != contact.node_id {
+                        self.key_changed(&name, contact.node_id, info.node_id);
+                    } else {
+                        self.remember_mailbox_key(&name, &contact, &info).await;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "cannot check pinned name on discovery")
+                }
+                _ => {}
+            }
+            return Ok(Resolved {
+                node_id: contact.node_id,
+                name: Some(name),
+            });
+        }
+        let info = match lookup {
+            None => return Err(NodeError::UnknownPeer { peer: name }),
+            Some(Err(e)) => return Err(NodeError::Discovery(e)),
+            Some(Ok(None)) => return Err(NodeError::UnknownPeer { peer: name }),
+            Some(Ok(Some(info))) => info,
+        };
+        let id = info.node_id;
+        let now = now_ms();
+        let outcome = {
+            let name = name.clone();
+            self.blocking(move |s| s.pin_contact(&name, &id, now))
+                .await?
+        };
+        match outcome {
+            PinOutcome::New | PinOutcome::Same => {
+                let contact = Contact {
+                    node_id: id,
+                    first_seen_ms: now,
+                    mailbox_key: None,
+                };
+                self.remember_mailbox_key(&name, &contact, &info).await;
+                self.state().names.insert(id, name.clone());
+                Ok(Resolved {
+                    node_id: id,
+                    name: Some(name),
+                })
+            }
+            PinOutcome::Changed { old } => {
+                // Pinned concurrently by someone else: keep the pin.
+                self.key_changed(&name, old, id);
+                Ok(Resolved {
+                    node_id: old,
+                    name: Some(name),
+                })
+            }
+        }
+    }
+
+    /// Stores the mailbox key from a verified record in the pinned contact.
+    async fn remember_mailbox_key(&self, name: &str, contact: &Contact, info: &PeerInfo) {
+        self.state()
+            .mailbox_keys
+            .insert(info.node_id, info.mailbox_key);
+        if contact.mailbox_key == Some(info.mailbox_key.0) {
+            return;
+        }
+        let mut updated = contact.clone();
+        updated.mailbox_key = Some(info.mailbox_key.0);
+        let name = name.to_owned();
+        if let Err(e) = self
+            .blocking(move |s| {
+                // Re-check under the write: only update a contact still pinned to this id.
+                match s.contact(&name)? {
+                    Some(c) if c.node_id == updated.node_id => {
+                        updated.first_seen_ms = c.first_seen_ms;
+                        s.set_contact(&name, &updated)
+                    }
+                    _ => Ok(()),
+                }
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "cannot store a contact's mailbox key");
+        }
+    }
+
+    /// Warns that discovery returns `announced` for a name pinned to `pinned`.
+    fn key_changed(&self, name: &str, pinned: NodeId, announced: NodeId) {
+        tracing::warn!(
+            name,
+            %pinned,
+            %announced,
+            "discovery returns another key for a pinned name; keeping the pinned key"
+        );
+        self.emit(NodeEvent::KeyChanged {
+            name: name.to_owned(),
+            pinned,
+            announced,
+        });
+    }
+
+    /// Stores `msg` for `peer` and tries to deliver it (see [`Node::send`]).
+    async fn send_message(
+        self: &Arc<Self>,
+        peer: NodeId,
+        msg: ChatMessage,
+    ) -> Result<SendOutcome, NodeError> {
+        if self.cancel.is_cancelled() {
+            return Err(NodeError::Shutdown);
+        }
+        let id = msg.id;
+        let now = stamp_ms();
+        {
+            let msg = msg.clone();
+            self.blocking(move |s| s.insert_outgoing(&peer, &msg, now))
+                .await?;
+        }
+        self.state().in_flight.insert(id);
+        let result = self.try_send_now(peer, &msg).await;
+        self.state().in_flight.remove(&id);
+        result
+    }
+
+    async fn try_send_now(
+        self: &Arc<Self>,
+        peer: NodeId,
+        msg: &ChatMessage,
+    ) -> Result<SendOutcome, NodeError> {
+        let id = msg.id;
+        let queued = SendOutcome {
+            id,
+            to: peer,
+            status: SendStatus::Queued,
+        };
+        match deliver::deliver(self, peer, msg).await {
+            Ok(status) => {
+                deliver::settle(self, peer, id, status).await?;
+                if status.is_delivered() {
+                    return Ok(SendOutcome {
+                        status: SendStatus::Delivered,
+                        ..queued
+                    });
+                }
+                let code = match status {
+                    crate::wire::AckStatus::Rejected(code) => code,
+                    _ => RejectCode::OTHER,
+                };
+                Err(NodeError::Rejected { to: peer, id, code })
+            }
+            Err(e) => {
+                tracing::info!(%peer, message = %id, error = %e, "direct delivery failed; queued");
+                let entry = OutboxEntry {
+                    to: peer,
+                    message: msg.clone(),
+                    attempts: 0,
+                    next_attempt_ms: now_ms(),
+                    created_ms: now_ms(),
+                    mailbox_deposited: false,
+                };
+                outbox::after_failure(self, entry).await;
+                self.outbox_wake.notify_one();
+                Ok(queued)
+            }
+        }
+    }
+}
+
+pub(crate) fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_bounds() {
+        let t = Timings {
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(1),
+            ..Timings::default()
+        };
+        assert_eq!(t.backoff(0), Duration::from_millis(100));
+        assert_eq!(t.backoff(1), Duration::from_millis(100));
+        assert_eq!(t.backoff(2), Duration::from_millis(200));
+        assert_eq!(t.backoff(4), Duration::from_millis(800));
+        assert_eq!(t.backoff(5), Duration::from_secs(1));
+        assert_eq!(t.backoff(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn stamps_strictly_increase() {
+        let mut last = 0;
+        for _ in 0..10_000 {
+            let s = stamp_ms();
+            assert!(s > last);
+            last = s;
+        }
+    }
+
+    #[test]
+    fn unspecified_addresses_map_to_loopback() {
+        let v4: SocketAddr = "0.0.0.0:7117".parse().expect("addr");
+        assert_eq!(loopback_for(v4), "127.0.0.1:7117".parse().expect("addr"));
+        let v6: SocketAddr = "[::]:7117".parse().expect("addr");
+        assert_eq!(loopback_for(v6), "[::1]:7117".parse().expect("addr"));
+        let lan: SocketAddr = "192.168.1.2:7117".parse().expect("addr");
+        assert_eq!(loopback_for(lan), lan);
+    }
+}

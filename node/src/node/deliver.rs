@@ -1,0 +1,239 @@
+//! Direct delivery: connection reuse, dialing with per-peer backoff, and one message per
+//! stream (see the module documentation of [`crate::node`] for why).
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use p2p_crypto::NodeId;
+
+use super::{bounded_insert, inbound, DialBackoff, Inner, NodeError, NodeEvent};
+use crate::{
+    endpoint::{ConnectError, Connection},
+    store::MarkOutcome,
+    wire::{read_frame, write_frame, AckStatus, ChatMessage, Frame, MessageId},
+};
+
+/// Why a message could not be delivered directly (it stays queued).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DeliverError {
+    #[error("no known address for the peer")]
+    NoAddress,
+    #[error("not dialing the peer again before {0:?} from now")]
+    Backoff(Duration),
+    #[error("too many connections")]
+    ConnectionLimit,
+    #[error("dial failed: {0}")]
+    Dial(#[source] ConnectError),
+    #[error("dial timed out")]
+    DialTimeout,
+    #[error("stream failed: {0}")]
+    Stream(String),
+    #[error("no acknowledgement in time")]
+    AckTimeout,
+    #[error("the peer answered with something other than the ack of this message")]
+    BadAck,
+    #[error("the node is shutting down")]
+    Shutdown,
+}
+
+/// Delivers `msg` to `peer` directly and returns its ack status. Reuses the cached
+/// connection, else dials; a connection that turns out dead is replaced once.
+pub(crate) async fn deliver(
+    inner: &Arc<Inner>,
+    peer: NodeId,
+    msg: &ChatMessage,
+) -> Result<AckStatus, DeliverError> {
+    if inner.cancel.is_cancelled() {
+        return Err(DeliverError::Shutdown);
+    }
+    let cached = inner.state().conns.get(&peer).cloned();
+    if let Some(conn) = cached {
+        if conn.quic().close_reason().is_none() {
+            match send_on(inner, &conn, msg).await {
+                Ok(status) => return Ok(status),
+                // The peer is there but did not acknowledge: a new connection would not
+                // help; the outbox retries later.
+                Err(e) if conn.quic().close_reason().is_none() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "cached connection is gone; dialing");
+                }
+            }
+        }
+        inner.forget_connection(&conn);
+    }
+    let conn = connect(inner, peer).await?;
+    send_on(inner, &conn, msg).await
+}
+
+/// Sends one message on a new stream of `conn` and waits for its ack.
+async fn send_on(
+    inner: &Arc<Inner>,
+    conn: &Connection,
+    msg: &ChatMessage,
+) -> Result<AckStatus, DeliverError> {
+    let exchange = async {
+        let (mut send, mut recv) = conn
+            .quic()
+            .open_bi()
+            .await
+            .map_err(|e| DeliverError::Stream(e.to_string()))?;
+        write_frame(&mut send, &Frame::Message(msg.clone()))
+            .await
+            .map_err(|e| DeliverError::Stream(e.to_string()))?;
+        send.finish()
+            .map_err(|e| DeliverError::Stream(e.to_string()))?;
+        let mut buf = Vec::new();
+        match read_frame(&mut recv, &mut buf).await {
+            Ok(Some(Frame::Ack(ack))) if ack.id == msg.id => Ok(ack.status),
+            Ok(Some(_)) => Err(DeliverError::BadAck),
+            Ok(None) => Err(DeliverError::Stream("stream ended without an ack".into())),
+            Err(e) => Err(DeliverError::Stream(e.to_string())),
+        }
+    };
+    tokio::select! {
+        _ = inner.cancel.cancelled() => Err(DeliverError::Shutdown),
+        r = tokio::time::timeout(inner.timings.ack_timeout, exchange) => {
+            r.unwrap_or(Err(DeliverError::AckTimeout))
+        }
+    }
+}
+
+/// The addresses to dial `peer` at: those it announced, then the one it last connected
+/// from. Asks discovery when we know none.
+async fn addresses(inner: &Arc<Inner>, peer: NodeId) -> Vec<SocketAddr> {
+    let (mut addrs, last) = {
+        let st = inner.state();
+        (
+            st.online
+                .get(&peer)
+                .map(|p| p.addrs.clone())
+                .unwrap_or_default(),
+            st.last_addr.get(&peer).copied(),
+        )
+    };
+    if addrs.is_empty() {
+        if let Some(d) = &inner.disco {
+            match tokio::time::timeout(inner.timings.dial_timeout, d.lookup_id(&peer)).await {
+                Ok(Ok(Some(info))) => {
+                    inner.learn_peers(std::slice::from_ref(&info));
+                    addrs = info.addrs;
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "lookup failed"),
+                Err(_) => tracing::debug!(%peer, "lookup timed out"),
+            }
+        }
+    }
+    if let Some(a) = last {
+        if !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
+    addrs
+}
+
+/// A live connection to `peer`: the one another sender just made, or a new one if the
+/// peer is not in dial backoff. A new connection is cached and its incoming streams
+/// are served.
+async fn connect(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverError> {
+    // One dial per peer at a time: concurrent senders wait and share its connection.
+    let dial_lock = inner.state().dialing.entry(peer).or_default().clone();
+    let result = {
+        let _one_dial = dial_lock.lock().await;
+        dial(inner, peer).await
+    };
+    let mut st = inner.state();
+    // Only the map and this function hold it: nobody else waits, forget it.
+    if Arc::strong_count(&dial_lock) <= 2 {
+        st.dialing.remove(&peer);
+    }
+    result
+}
+
+async fn dial(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverError> {
+    let cached = inner.state().conns.get(&peer).cloned();
+    if let Some(conn) = cached {
+        if conn.quic().close_reason().is_none() {
+            return Ok(conn);
+        }
+    }
+    if let Some(b) = inner.state().backoff.get(&peer) {
+        let now = Instant::now();
+        if b.until > now {
+            return Err(DeliverError::Backoff(b.until - now));
+        }
+    }
+    let addrs = addresses(inner, peer).await;
+    if addrs.is_empty() {
+        note_failure(inner, peer);
+        return Err(DeliverError::NoAddress);
+    }
+    let Ok(permit) = inner.conn_limit.clone().try_acquire_owned() else {
+        return Err(DeliverError::ConnectionLimit);
+    };
+    let mut last_err = DeliverError::NoAddress;
+    for addr in addrs {
+        let dial = tokio::select! {
+            _ = inner.cancel.cancelled() => return Err(DeliverError::Shutdown),
+            r = tokio::time::timeout(inner.timings.dial_timeout, inner.endpoint.connect(addr, peer)) => r,
+        };
+        match dial {
+            Ok(Ok(conn)) => {
+                tracing::debug!(%peer, %addr, "connected");
+                inner.register_connection(&conn, false);
+                let inner2 = inner.clone();
+                let conn2 = conn.clone();
+                inner
+                    .tracker
+                    .spawn(inbound::serve_connection(inner2, conn2, permit));
+                return Ok(conn);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, %addr, error = %e, "dial failed");
+                last_err = DeliverError::Dial(e);
+            }
+            Err(_) => {
+                tracing::debug!(%peer, %addr, "dial timed out");
+                last_err = DeliverError::DialTimeout;
+            }
+        }
+    }
+    note_failure(inner, peer);
+    Err(last_err)
+}
+
+fn note_failure(inner: &Inner, peer: NodeId) {
+    let mut st = inner.state();
+    let failures = st.backoff.get(&peer).map_or(0, |b| b.failures) + 1;
+    let until = Instant::now() + inner.timings.backoff(failures);
+    bounded_insert(&mut st.backoff, peer, DialBackoff { failures, until });
+}
+
+/// Records the recipient's answer: delivered or rejected, with the event.
+pub(crate) async fn settle(
+    inner: &Arc<Inner>,
+    peer: NodeId,
+    id: MessageId,
+    status: AckStatus,
+) -> Result<(), NodeError> {
+    match status {
+        AckStatus::Stored | AckStatus::Duplicate => {
+            let outcome = inner
+                .blocking(move |s| s.mark_delivered(&peer, &id))
+                .await?;
+            if outcome == MarkOutcome::Updated {
+                inner.emit(NodeEvent::MessageDelivered { to: peer, id });
+            }
+        }
+        AckStatus::Rejected(code) => {
+            tracing::warn!(%peer, message = %id, %code, "message rejected by the recipient");
+            inner
+                .blocking(move |s| s.mark_rejected(&peer, &id, code))
+                .await?;
+        }
+    }
+    Ok(())
+}

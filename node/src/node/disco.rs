@@ -1,0 +1,240 @@
+//! The node's view of discovery: a thin adapter over the verifying
+//! [`p2p_discovery`] client, and the embedded server.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use p2p_crypto::{NodeId, SecretKey};
+use p2p_discovery::{Client, ClientError, MailboxBatch};
+use tokio_util::sync::CancellationToken;
+
+use super::{loopback_for, NodeError, PeerInfo};
+
+/// A discovery request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiscoveryError {
+    /// The server did not answer in time.
+    #[error("discovery server {url} did not answer in time")]
+    Timeout {
+        /// The server.
+        url: String,
+    },
+    /// The client reported an error: unreachable, refused, or a record that does not
+    /// verify.
+    #[error("discovery server {url}: {source}")]
+    Client {
+        /// The server.
+        url: String,
+        /// What the client reported.
+        #[source]
+        source: ClientError,
+    },
+}
+
+impl DiscoveryError {
+    pub(crate) fn timeout(url: &str) -> Self {
+        DiscoveryError::Timeout {
+            url: url.to_owned(),
+        }
+    }
+
+    /// Whether the server refused a name claim because another key holds the name.
+    pub fn is_name_taken(&self) -> bool {
+        matches!(
+            self,
+            DiscoveryError::Client {
+                source: ClientError::NameTaken,
+                ..
+            }
+        )
+    }
+
+    /// Whether the server refused an announcement naming a name this key has not
+    /// claimed there.
+    pub fn is_name_not_claimed(&self) -> bool {
+        matches!(
+            self,
+            DiscoveryError::Client {
+                source: ClientError::NameNotClaimed,
+                ..
+            }
+        )
+    }
+
+    /// Whether the server could not be reached at all (as opposed to refusing).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            DiscoveryError::Timeout { .. }
+                | DiscoveryError::Client {
+                    source: ClientError::Unreachable(_) | ClientError::Timeout,
+                    ..
+                }
+        )
+    }
+}
+
+/// The discovery client the node uses: the verifying [`Client`], with errors that name
+/// the server.
+#[derive(Debug)]
+pub(crate) struct Disco {
+    client: Client,
+    url: String,
+}
+
+impl Disco {
+    pub(crate) fn new(url: &str, timeout: Duration) -> Result<Self, NodeError> {
+        let client = Client::with_timeout(url, timeout).map_err(|source| {
+            NodeError::Discovery(DiscoveryError::Client {
+                url: url.to_owned(),
+                source,
+            })
+        })?;
+        Ok(Self {
+            client,
+            url: url.to_owned(),
+        })
+    }
+
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn err(&self, source: ClientError) -> DiscoveryError {
+        DiscoveryError::Client {
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    /// The server's socket address, when the URL names one literally.
+    pub(crate) fn server_addr(&self) -> Option<SocketAddr> {
+        let rest = self.url.strip_prefix("http://")?;
+        let host = rest.split('/').next()?;
+        host.parse().ok()
+    }
+
+    pub(crate) async fn claim_name(
+        &self,
+        secret: &SecretKey,
+        name: &str,
+    ) -> Result<(), DiscoveryError> {
+        self.client
+            .claim_name(secret, name)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Announces; returns the server's hint of when to announce again.
+    pub(crate) async fn announce(
+        &self,
+        secret: &SecretKey,
+        name: Option<&str>,
+        addrs: &[SocketAddr],
+        ttl: Duration,
+    ) -> Result<Duration, DiscoveryError> {
+        self.client
+            .announce(secret, name, addrs, ttl)
+            .await
+            .map(|o| o.reannounce_after)
+            .map_err(|e| self.err(e))
+    }
+
+    pub(crate) async fn withdraw(&self, secret: &SecretKey) -> Result<(), DiscoveryError> {
+        self.client
+            .withdraw(secret)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub(crate) async fn online(&self) -> Result<Vec<PeerInfo>, DiscoveryError> {
+        self.client.online().await.map_err(|e| self.err(e))
+    }
+
+    pub(crate) async fn lookup_name(&self, name: &str) -> Result<Option<PeerInfo>, DiscoveryError> {
+        self.client.lookup_name(name).await.map_err(|e| self.err(e))
+    }
+
+    pub(crate) async fn lookup_id(&self, id: &NodeId) -> Result<Option<PeerInfo>, DiscoveryError> {
+        self.client.lookup_id(id).await.map_err(|e| self.err(e))
+    }
+
+    pub(crate) async fn deposit(
+        &self,
+        to: &NodeId,
+        envelope: Vec<u8>,
+    ) -> Result<(), DiscoveryError> {
+        self.client
+            .deposit(to, envelope)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub(crate) async fn fetch_mailbox(
+        &self,
+        secret: &SecretKey,
+    ) -> Result<MailboxBatch, DiscoveryError> {
+        self.client
+            .fetch_mailbox(secret)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    pub(crate) async fn delete_mailbox(
+        &self,
+        secret: &SecretKey,
+        ids: &[u64],
+    ) -> Result<(), DiscoveryError> {
+        self.client
+            .delete_mailbox(secret, ids)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+}
+
+/// A discovery server running inside the node.
+pub(crate) struct Embedded {
+    pub(crate) addr: SocketAddr,
+    pub(crate) url: String,
+    pub(crate) task: tokio::task::JoinHandle<()>,
+}
+
+/// Opens the embedded server's database, binds `addr` and serves until `cancel`.
+pub(crate) async fn start_embedded(
+    addr: SocketAddr,
+    db_path: PathBuf,
+    cancel: &CancellationToken,
+) -> Result<Embedded, NodeError> {
+    let fail = |reason: Box<dyn std::error::Error + Send + Sync>| NodeError::EmbeddedDiscovery {
+        addr,
+        reason,
+    };
+    let config = p2p_discovery::ServerConfig {
+        db_path: Some(db_path),
+        ..Default::default()
+    };
+    let state = tokio::task::spawn_blocking(move || p2p_discovery::AppState::open(config))
+        .await?
+        .map_err(|e| fail(Box::new(e)))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| fail(Box::new(e)))?;
+    let local = listener.local_addr().map_err(|e| fail(Box::new(e)))?;
+    let url = format!("http://{}", loopback_for(local));
+    let shutdown = cancel.clone().cancelled_owned();
+    let task = tokio::spawn(async move {
+        if let Err(e) = p2p_discovery::serve(listener, state, shutdown).await {
+            tracing::warn!(error = %e, "embedded discovery server failed");
+        }
+    });
+    tracing::info!(%local, "embedded discovery server listening");
+    Ok(Embedded {
+        addr: local,
+        url,
+        task,
+    })
+}

@@ -1,0 +1,208 @@
+//! Incoming connections and streams.
+//!
+//! The accept loop refuses connections past the limit, completes each handshake in a
+//! task of its own, and then serves the connection: a task per connection accepts
+//! streams, and a task per stream reads frames (quinn bounds the streams a peer may have
+//! open at once, so tasks per connection are bounded too).
+
+use std::sync::Arc;
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::{
+    bounded_insert, Inner, NodeEvent, Via, CLOSE_BAD_FRAME, CLOSE_UNEXPECTED_FRAME,
+    STREAM_NOT_STORED, STREAM_TIMEOUT,
+};
+use crate::{
+    endpoint::Connection,
+    store::{Direction, Inserted, MessageStatus, StoredMessage},
+    wire::{read_frame, write_frame, Ack, Frame, ReadFrameError},
+};
+
+/// Accepts connections until the node stops.
+pub(super) async fn accept_loop(inner: Arc<Inner>) {
+    loop {
+        let incoming = tokio::select! {
+            _ = inner.cancel.cancelled() => break,
+            i = inner.endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let Ok(permit) = inner.conn_limit.clone().try_acquire_owned() else {
+            tracing::warn!(from = %incoming.remote_addr(), "connection limit reached; refusing");
+            incoming.refuse();
+            continue;
+        };
+        let inner2 = inner.clone();
+        inner.tracker.spawn(async move {
+            let addr = incoming.remote_addr();
+            let accepted = tokio::select! {
+                _ = inner2.cancel.cancelled() => return,
+                r = tokio::time::timeout(inner2.timings.dial_timeout, incoming.accept()) => r,
+            };
+            let conn = match accepted {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    tracing::debug!(%addr, error = %e, "incoming handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%addr, "incoming handshake timed out");
+                    return;
+                }
+            };
+            let peer = conn.remote_node_id();
+            tracing::debug!(%peer, %addr, "accepted connection");
+            inner2.register_connection(&conn, true);
+            serve_connection(inner2, conn, permit).await;
+        });
+    }
+}
+
+impl Inner {
+    /// Remembers a fresh connection for reuse. For an incoming one, also remembers the
+    /// address the peer came from and retries its outbox at once.
+    pub(super) fn register_connection(&self, conn: &Connection, incoming: bool) {
+        let peer = conn.remote_node_id();
+        {
+            let mut st = self.state();
+            st.conns.insert(peer, conn.clone());
+            st.backoff.remove(&peer);
+            if incoming {
+                let addr = conn.remote_addr();
+                bounded_insert(&mut st.last_addr, peer, addr);
+            }
+        }
+        if incoming {
+            self.wake_outbox_for(peer);
+        }
+    }
+
+    /// Forgets `conn` if it is the cached connection of its peer.
+    pub(super) fn forget_connection(&self, conn: &Connection) {
+        let peer = conn.remote_node_id();
+        let mut st = self.state();
+        if st
+            .conns
+            .get(&peer)
+            .is_some_and(|c| c.quic().stable_id() == conn.quic().stable_id())
+        {
+            st.conns.remove(&peer);
+        }
+    }
+}
+
+/// Accepts streams on `conn` (dialed or accepted) until it closes, a task per stream.
+pub(super) async fn serve_connection(
+    inner: Arc<Inner>,
+    conn: Connection,
+    _permit: OwnedSemaphorePermit,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = inner.cancel.cancelled() => break,
+            s = conn.quic().accept_bi() => s,
+        };
+        let (send, recv) = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(peer = %conn.remote_node_id(), error = %e, "connection ended");
+                break;
+            }
+        };
+        let inner2 = inner.clone();
+        let conn2 = conn.clone();
+        inner
+            .tracker
+            .spawn(async move { serve_stream(inner2, conn2, send, recv).await });
+    }
+    inner.forget_connection(&conn);
+}
+
+/// Reads message frames from one stream and acknowledges each after storing it.
+async fn serve_stream(
+    inner: Arc<Inner>,
+    conn: Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    // The sender is whoever authenticated this connection; nothing in the frame says so.
+    let peer = conn.remote_node_id();
+    let mut buf = Vec::new();
+    loop {
+        let read = tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            r = tokio::time::timeout(inner.timings.read_timeout, read_frame(&mut recv, &mut buf)) => r,
+        };
+        let frame = match read {
+            Err(_) => {
+                tracing::debug!(%peer, "stream read timed out");
+                let _ = recv.stop(STREAM_TIMEOUT);
+                let _ = send.reset(STREAM_TIMEOUT);
+                return;
+            }
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Err(ReadFrameError::Io(e))) => {
+                tracing::debug!(%peer, error = %e, "stream failed");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, error = %e, "bad frame; closing the connection");
+                conn.quic().close(CLOSE_BAD_FRAME, b"bad frame");
+                inner.forget_connection(&conn);
+                return;
+            }
+        };
+        let msg = match frame {
+            Frame::Message(msg) => msg,
+            Frame::Ack(_) => {
+                tracing::warn!(%peer, "unexpected ack on an incoming stream; closing the connection");
+                conn.quic()
+                    .close(CLOSE_UNEXPECTED_FRAME, b"unexpected frame");
+                inner.forget_connection(&conn);
+                return;
+            }
+        };
+        let id = msg.id;
+        let (inserted, stored_at_ms) = match inner.writer.persist(peer, msg.clone()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%peer, message = %id, error = %e, "cannot store message; not acknowledging");
+                let _ = send.reset(STREAM_NOT_STORED);
+                return;
+            }
+        };
+        if inserted == Inserted::New {
+            inner.emit(NodeEvent::MessageReceived {
+                from: peer,
+                from_name: inner.name_of(&peer),
+                message: StoredMessage {
+                    id,
+                    peer,
+                    direction: Direction::Incoming,
+                    sent_at_ms: msg.sent_at_ms,
+                    stored_at_ms,
+                    body: msg.body,
+                    status: MessageStatus::Received,
+                },
+                via: Via::Direct,
+            });
+        }
+        if inner.drop_acks {
+            tracing::debug!(%peer, message = %id, "fault injection: dropping the ack");
+            let _ = send.reset(STREAM_NOT_STORED);
+            return;
+        }
+        let ack = Frame::Ack(Ack {
+            id,
+            status: inserted.ack_status(),
+        });
+        if let Err(e) = write_frame(&mut send, &ack).await {
+            tracing::debug!(%peer, message = %id, error = %e, "cannot send ack");
+            return;
+        }
+    }
+    let _ = send.finish();
+}

@@ -1,0 +1,159 @@
+//! The outbox task: retries direct delivery of queued messages.
+//!
+//! Each entry carries its own schedule (`attempts`, `next_attempt_ms`, in the database,
+//! so it survives restarts). A round takes the entries that are due, plus every entry
+//! of a peer that just appeared online or connected to us, and tries them peer by peer
+//! (a few peers at a time). A failed attempt doubles the entry's delay, from
+//! [`Timings::retry_min`](super::Timings::retry_min) up to
+//! [`Timings::retry_max`](super::Timings::retry_max), and deposits a sealed copy in the
+//! recipient's mailbox if none was deposited yet. Between rounds the task sleeps until
+//! the earliest due entry or until it is woken.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use p2p_crypto::NodeId;
+use tokio::task::JoinSet;
+
+use super::{deliver, duration_ms, mailbox, now_ms, Inner};
+use crate::store::OutboxEntry;
+
+/// Peers whose queues are worked on at once.
+const PARALLEL_PEERS: usize = 8;
+
+pub(super) async fn run(inner: Arc<Inner>) {
+    loop {
+        let next_due = match round(&inner).await {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox round failed");
+                Some(now_ms().saturating_add(duration_ms(inner.timings.retry_min)))
+            }
+        };
+        let wait = match next_due {
+            Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
+            None => inner.timings.retry_max,
+        }
+        .clamp(Duration::from_millis(10), inner.timings.retry_max);
+        tokio::select! {
+            _ = inner.cancel.cancelled() => break,
+            _ = inner.outbox_wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One pass over the outbox. Returns when the next entry is due, if any remain.
+async fn round(inner: &Arc<Inner>) -> Result<Option<u64>, super::NodeError> {
+    let entries = inner.blocking(|s| s.outbox()).await?;
+    if entries.is_empty() {
+        inner.state().wake.clear();
+        return Ok(None);
+    }
+    let now = now_ms();
+    let (woken, in_flight): (HashSet<NodeId>, HashSet<_>) = {
+        let mut st = inner.state();
+        (std::mem::take(&mut st.wake), st.in_flight.clone())
+    };
+    let mut due: BTreeMap<NodeId, Vec<OutboxEntry>> = BTreeMap::new();
+    let mut next_due: Option<u64> = None;
+    for e in entries {
+        if in_flight.contains(&e.message.id) {
+            continue;
+        }
+        if e.next_attempt_ms <= now || woken.contains(&e.to) {
+            due.entry(e.to).or_default().push(e);
+        } else {
+            next_due = Some(next_due.map_or(e.next_attempt_ms, |n| n.min(e.next_attempt_ms)));
+        }
+    }
+    let mut tasks = JoinSet::new();
+    for (peer, mut queue) in due {
+        // In the order they were sent (`created_ms` is a strictly increasing stamp).
+        queue.sort_by_key(|e| (e.created_ms, e.message.sent_at_ms));
+        while tasks.len() >= PARALLEL_PEERS {
+            collect(&mut tasks, &mut next_due).await;
+        }
+        tasks.spawn(work_peer(inner.clone(), peer, queue));
+    }
+    while !tasks.is_empty() {
+        collect(&mut tasks, &mut next_due).await;
+    }
+    Ok(next_due)
+}
+
+async fn collect(tasks: &mut JoinSet<Option<u64>>, next_due: &mut Option<u64>) {
+    if let Some(Ok(Some(at))) = tasks.join_next().await {
+        *next_due = Some(next_due.map_or(at, |n| n.min(at)));
+    }
+}
+
+/// Tries the queue of one peer in order; after a failure to reach the peer, the rest
+/// only gets rescheduled (and deposited). Returns the earliest next attempt.
+async fn work_peer(inner: Arc<Inner>, peer: NodeId, queue: Vec<OutboxEntry>) -> Option<u64> {
+    let mut next_due: Option<u64> = None;
+    let mut unreachable = false;
+    for entry in queue {
+        if inner.cancel.is_cancelled() {
+            break;
+        }
+        let id = entry.message.id;
+        if !inner.state().in_flight.insert(id) {
+            continue;
+        }
+        let outcome = if unreachable {
+            None
+        } else {
+            Some(deliver::deliver(&inner, peer, &entry.message).await)
+        };
+        match outcome {
+            Some(Ok(status)) => {
+                if let Err(e) = deliver::settle(&inner, peer, id, status).await {
+                    tracing::warn!(%peer, message = %id, error = %e, "cannot record delivery");
+                }
+            }
+            Some(Err(e)) => {
+                tracing::debug!(%peer, message = %id, error = %e, "retry failed");
+                unreachable = !matches!(
+                    e,
+                    deliver::DeliverError::AckTimeout | deliver::DeliverError::BadAck
+                );
+                let at = after_failure(&inner, entry).await;
+                next_due = Some(next_due.map_or(at, |n| n.min(at)));
+            }
+            None => {
+                let at = after_failure(&inner, entry).await;
+                next_due = Some(next_due.map_or(at, |n| n.min(at)));
+            }
+        }
+        inner.state().in_flight.remove(&id);
+    }
+    next_due
+}
+
+/// Reschedules an entry after a failed attempt and deposits it in the recipient's
+/// mailbox if that was not done yet. Returns the next attempt time.
+pub(super) async fn after_failure(inner: &Arc<Inner>, mut entry: OutboxEntry) -> u64 {
+    entry.attempts = entry.attempts.saturating_add(1);
+    entry.next_attempt_ms =
+        now_ms().saturating_add(duration_ms(inner.timings.backoff(entry.attempts)));
+    if !entry.mailbox_deposited && inner.disco.is_some() {
+        match mailbox::deposit_message(inner, &entry).await {
+            Ok(()) => entry.mailbox_deposited = true,
+            Err(e) => tracing::info!(
+                peer = %entry.to,
+                message = %entry.message.id,
+                error = %e,
+                "cannot deposit in the mailbox yet"
+            ),
+        }
+    }
+    let at = entry.next_attempt_ms;
+    if let Err(e) = inner.blocking(move |s| s.update_outbox(&entry)).await {
+        tracing::warn!(error = %e, "cannot update the outbox");
+    }
+    at
+}

@@ -1,0 +1,230 @@
+//! Login, renewal and the online list.
+//!
+//! - The announce task announces this node at start and again when the server's hint
+//!   says (before the TTL runs out); after a failure it retries with backoff.
+//! - The poll task fetches the online list every
+//!   [`Timings::presence_poll`](super::Timings::presence_poll), reports who came and
+//!   went, retries the outbox of peers that came online (or moved), and warns when a
+//!   pinned name is announced by another key.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use p2p_crypto::NodeId;
+
+use super::{bounded_insert, Inner, NodeError, NodeEvent, PeerInfo};
+
+/// Announces until the node stops.
+pub(super) async fn announce_loop(inner: Arc<Inner>) {
+    let mut failures = 0u32;
+    loop {
+        let wait = match announce_once(&inner).await {
+            Ok(after) => {
+                if failures > 0 {
+                    tracing::info!("announced on discovery");
+                }
+                failures = 0;
+                after
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                if failures == 1 {
+                    tracing::warn!(error = %e, "cannot announce on discovery; retrying in the background");
+                } else {
+                    tracing::debug!(error = %e, failures, "announce failed again");
+                }
+                inner.timings.backoff(failures)
+            }
+        };
+        tokio::select! {
+            _ = inner.cancel.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Announces once; returns when to announce again.
+pub(super) async fn announce_once(inner: &Inner) -> Result<Duration, NodeError> {
+    let disco = inner.disco.as_ref().ok_or(NodeError::NoDiscovery)?;
+    let addrs = announce_addrs(inner);
+    let ttl = inner.timings.announce_ttl;
+    let name = inner.current_name();
+    let after = match disco
+        .announce(&inner.secret, name.as_deref(), &addrs, ttl)
+        .await
+    {
+        Err(e) if e.is_name_not_claimed() => {
+            // This server does not know our name (another server, or a fresh one):
+            // claim it here, or announce without it if someone else holds it.
+            let name = name.unwrap_or_default();
+            let keep_name = match disco.claim_name(&inner.secret, &name).await {
+                Ok(()) => true,
+                Err(e) if e.is_name_taken() => {
+                    tracing::warn!(
+                        name,
+                        "our name is taken on this discovery server; announcing without it"
+                    );
+                    false
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let name = keep_name.then_some(name);
+            disco
+                .announce(&inner.secret, name.as_deref(), &addrs, ttl)
+                .await?
+        }
+        r => r?,
+    };
+    inner.announced.store(true, Ordering::SeqCst);
+    // Trust the server's hint, but never wait past half the TTL we asked for.
+    Ok(after.min(ttl / 2).max(Duration::from_millis(100)))
+}
+
+/// The addresses to announce for our QUIC endpoint.
+///
+/// A concrete bind address is announced as is. For an unspecified one (`0.0.0.0`), we
+/// announce the address of the interface that routes to the discovery server (when it
+/// is not loopback) and to the internet (no packet is sent: a connected UDP socket only
+/// asks the routing table), then the unspecified address itself, which the server
+/// replaces with the source address it sees.
+fn announce_addrs(inner: &Inner) -> Vec<SocketAddr> {
+    let Ok(local) = inner.endpoint.local_addr() else {
+        return Vec::new();
+    };
+    if !local.ip().is_unspecified() {
+        return vec![local];
+    }
+    let mut out = Vec::new();
+    let mut targets: Vec<SocketAddr> = Vec::new();
+    if let Some(d) = &inner.disco {
+        if let Some(a) = d.server_addr() {
+            targets.push(a);
+        }
+    }
+    targets.push(match local.ip() {
+        IpAddr::V4(_) => SocketAddr::from(([192, 0, 2, 1], 9)),
+        IpAddr::V6(_) => "[2001:db8::1]:9".parse().unwrap_or(local),
+    });
+    for t in targets {
+        if let Some(ip) = route_ip(local, t) {
+            let a = SocketAddr::new(ip, local.port());
+            if !ip.is_loopback() && !ip.is_unspecified() && !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    out.push(local);
+    out
+}
+
+/// The local IP the routing table picks to reach `target`.
+fn route_ip(local: SocketAddr, target: SocketAddr) -> Option<IpAddr> {
+    if local.is_ipv4() != target.is_ipv4() {
+        return None;
+    }
+    let bind = SocketAddr::new(local.ip(), 0);
+    let sock = UdpSocket::bind(bind).ok()?;
+    sock.connect(target).ok()?;
+    sock.local_addr().ok().map(|a| a.ip())
+}
+
+/// Polls the online list until the node stops.
+pub(super) async fn poll_loop(inner: Arc<Inner>) {
+    let Some(disco) = inner.disco.as_ref() else {
+        return;
+    };
+    let mut failing = false;
+    loop {
+        match disco.online().await {
+            Ok(peers) => {
+                if failing {
+                    tracing::info!("discovery is reachable again");
+                }
+                failing = false;
+                apply_online(&inner, peers);
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot fetch the online list");
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            _ = inner.cancel.cancelled() => break,
+            _ = tokio::time::sleep(inner.timings.presence_poll) => {}
+        }
+    }
+}
+
+/// Replaces the cached online list, reporting the differences.
+fn apply_online(inner: &Inner, peers: Vec<PeerInfo>) {
+    inner.learn_peers(&peers);
+    let new: HashMap<NodeId, PeerInfo> = peers
+        .into_iter()
+        .filter(|p| p.node_id != inner.node_id)
+        .map(|p| (p.node_id, p))
+        .collect();
+    let (came, went, moved, key_changes) = {
+        let mut st = inner.state();
+        let came: Vec<PeerInfo> = new
+            .values()
+            .filter(|p| !st.online.contains_key(&p.node_id))
+            .cloned()
+            .collect();
+        let moved: Vec<NodeId> = new
+            .values()
+            .filter(|p| {
+                st.online
+                    .get(&p.node_id)
+                    .is_some_and(|old| old.addrs != p.addrs)
+            })
+            .map(|p| p.node_id)
+            .collect();
+        let went: Vec<PeerInfo> = st
+            .online
+            .values()
+            .filter(|p| !new.contains_key(&p.node_id))
+            .cloned()
+            .collect();
+        let mut key_changes = Vec::new();
+        for p in &came {
+            let Some(name) = &p.name else { continue };
+            let pinned = st.names.iter().find(|(_, n)| *n == name).map(|(id, _)| *id);
+            if let Some(pinned) = pinned {
+                let key = (name.clone(), p.node_id);
+                if pinned != p.node_id && !st.key_warned.contains_key(&key) {
+                    bounded_insert(&mut st.key_warned, key, ());
+                    key_changes.push((name.clone(), pinned, p.node_id));
+                }
+            }
+        }
+        st.online = new;
+        (came, went, moved, key_changes)
+    };
+    for p in came {
+        tracing::debug!(peer = %p.node_id, "peer online");
+        inner.wake_outbox_for(p.node_id);
+        inner.emit(NodeEvent::PeerOnline {
+            node_id: p.node_id,
+            name: p.name,
+        });
+    }
+    for id in moved {
+        inner.wake_outbox_for(id);
+    }
+    for p in went {
+        tracing::debug!(peer = %p.node_id, "peer offline");
+        inner.emit(NodeEvent::PeerOffline {
+            node_id: p.node_id,
+            name: p.name,
+        });
+    }
+    for (name, pinned, announced) in key_changes {
+        inner.key_changed(&name, pinned, announced);
+    }
+}

@@ -1,0 +1,713 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use p2p_crypto::SecretKey;
+use tempfile::TempDir;
+
+fn setup() -> (TempDir, PathBuf, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    let store = Store::open(&path).unwrap();
+    (dir, path, store)
+}
+
+fn peer() -> NodeId {
+    SecretKey::generate().public()
+}
+
+fn msg(text: &str, sent_at_ms: u64) -> ChatMessage {
+    ChatMessage::text(text, sent_at_ms).unwrap()
+}
+
+fn texts(msgs: &[StoredMessage]) -> Vec<&str> {
+    msgs.iter().map(|m| m.body.as_text().unwrap()).collect()
+}
+
+#[test]
+fn incoming_is_stored_with_attribution() {
+    let (_d, _p, store) = setup();
+    let alice = peer();
+    let m = msg("hi", 1_000);
+    assert_eq!(
+        store.insert_incoming(&alice, &m, 5_000).unwrap(),
+        Inserted::New
+    );
+    let got = store.message(&m.id).unwrap().unwrap();
+    assert_eq!(
+        got,
+        StoredMessage {
+            id: m.id,
+            peer: alice,
+            direction: Direction::Incoming,
+            sent_at_ms: 1_000,
+            stored_at_ms: 5_000,
+            body: Body::Text("hi".into()),
+            status: MessageStatus::Received,
+        }
+    );
+    assert_eq!(got.to_chat_message(), m);
+    assert_eq!(store.history(&alice, 10, None).unwrap(), vec![got]);
+    assert!(store.message(&MessageId([1; 16])).unwrap().is_none());
+}
+
+#[test]
+fn incoming_dedup_by_id() {
+    let (_d, _p, store) = setup();
+    let alice = peer();
+    let mallory = peer();
+    let m = msg("once", 1);
+    assert_eq!(
+        store.insert_incoming(&alice, &m, 10).unwrap(),
+        Inserted::New
+    );
+    // A resend (e.g. after a lost ack, or via the mailbox) at a later time.
+    assert_eq!(
+        store.insert_incoming(&alice, &m, 20).unwrap(),
+        Inserted::Duplicate
+    );
+    assert_eq!(Inserted::Duplicate.ack_status(), AckStatus::Duplicate);
+    // Even with a different body: the id decides.
+    let mut altered = m.clone();
+    altered.body = Body::Text("changed".into());
+    assert_eq!(
+        store.insert_incoming(&alice, &altered, 30).unwrap(),
+        Inserted::Duplicate
+    );
+    // The same id from another peer is not theirs to claim.
+    assert_eq!(
+        store.insert_incoming(&mallory, &m, 40).unwrap(),
+        Inserted::Conflict
+    );
+    assert_eq!(
+        Inserted::Conflict.ack_status(),
+        AckStatus::Rejected(RejectCode::ID_CONFLICT)
+    );
+    let h = store.history(&alice, 10, None).unwrap();
+    assert_eq!(texts(&h), ["once"]);
+    assert_eq!(h[0].stored_at_ms, 10);
+    assert!(store.history(&mallory, 10, None).unwrap().is_empty());
+    assert!(store.conversations().unwrap().len() == 1);
+}
+
+#[test]
+fn echoed_outgoing_id_is_a_conflict() {
+    let (_d, _p, store) = setup();
+    let bob = peer();
+    let m = msg("mine", 1);
+    assert_eq!(store.insert_outgoing(&bob, &m, 1).unwrap(), Inserted::New);
+    // Bob sends our own id back to us as if it were his message.
+    assert_eq!(
+        store.insert_incoming(&bob, &m, 2).unwrap(),
+        Inserted::Conflict
+    );
+    let h = store.history(&bob, 10, None).unwrap();
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].direction, Direction::Outgoing);
+}
+
+#[test]
+fn batch_insert_dedups_within_and_across() {
+    let (_d, _p, store) = setup();
+    let alice = peer();
+    let bob = peer();
+    let old = msg("old", 1);
+    store.insert_incoming(&alice, &old, 1).unwrap();
+    let a = msg("a", 2);
+    let b = msg("b", 3);
+    let batch = vec![
+        (alice, a.clone()),
+        (bob, b.clone()),
+        (alice, old.clone()),
+        (alice, a.clone()),
+        (bob, a.clone()),
+    ];
+    let res = store.insert_incoming_batch(&batch, 100).unwrap();
+    assert_eq!(
+        res,
+        [
+            Inserted::New,
+            Inserted::New,
+            Inserted::Duplicate,
+            Inserted::Duplicate,
+            Inserted::Conflict
+        ]
+    );
+    assert_eq!(
+        texts(&store.history(&alice, 10, None).unwrap()),
+        ["old", "a"]
+    );
+    assert_eq!(texts(&store.history(&bob, 10, None).unwrap()), ["b"]);
+    // An all-duplicate batch (no commit needed) and an empty batch.
+    assert_eq!(
+        store.insert_incoming_batch(&batch[..1], 200).unwrap(),
+        [Inserted::Duplicate]
+    );
+    assert!(store.insert_incoming_batch(&[], 200).unwrap().is_empty());
+}
+
+#[test]
+fn history_last_n_in_order_with_pagination() {
+    let (_d, _p, store) = setup();
+    let alice = peer();
+    let bob = peer();
+    for i in 1..=10u64 {
+        store
+            .insert_incoming(&alice, &msg(&format!("a{i}"), 0), i * 10)
+            .unwrap();
+        // Interleave another conversation and outgoing messages.
+        store
+            .insert_outgoing(&bob, &msg(&format!("b{i}"), i), i * 10 + 1)
+            .unwrap();
+    }
+    store.insert_outgoing(&alice, &msg("a-out", 0), 55).unwrap();
+
+    let page = store.history(&alice, 3, None).unwrap();
+    assert_eq!(texts(&page), ["a8", "a9", "a10"]);
+    let page = store.history(&alice, 3, Some(page[0].cursor())).unwrap();
+    assert_eq!(texts(&page), ["a-out", "a6", "a7"]);
+    let page = store.history(&alice, 3, Some(page[0].cursor())).unwrap();
+    assert_eq!(texts(&page), ["a3", "a4", "a5"]);
+    let page = store.history(&alice, 3, Some(page[0].cursor())).unwrap();
+    assert_eq!(texts(&page), ["a1", "a2"]);
+    assert!(store
+        .history(&alice, 3, Some(page[0].cursor()))
+        .unwrap()
+        .is_empty());
+
+    assert_eq!(store.history(&alice, 100, None).unwrap().len(), 11);
+    assert!(store.history(&alice, 0, None).unwrap().is_empty());
+    assert!(store.history(&peer(), 10, None).unwrap().is_empty());
+    assert_eq!(texts(&store.history(&bob, 2, None).unwrap()), ["b9", "b10"]);
+}
+
+#[test]
+fn history_orders_by_local_time_not_sender_clock() {
+    let (_d, _p, store) = setup();
+    let alice = peer();
+    // A sender claiming a far-future timestamp does not pin its message to the end.
+    store
+        .insert_incoming(&alice, &msg("liar", u64::MAX), 10)
+        .unwrap();
+    store.insert_incoming(&alice, &msg("later", 0), 20).unwrap();
+    let h = store.history(&alice, 10, None).unwrap();
+    assert_eq!(texts(&h), ["liar", "later"]);
+    assert_eq!(h[0].sent_at_ms, u64::MAX);
+}
+
+#[test]
+fn pagination_over_equal_timestamps() {
+    let (_d, _p, store) = setup();
+    let alice = peer();
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let m = msg(&format!("m{i}"), 0);
+        ids.push(m.id);
+        store.insert_incoming(&alice, &m, 42).unwrap();
+    }
+    ids.sort();
+    let mut seen = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store.history(&alice, 2, before).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        before = Some(page[0].cursor());
+        seen.splice(0..0, page.iter().map(|m| m.id));
+    }
+    assert_eq!(seen, ids);
+}
+
+#[test]
+fn outgoing_writes_history_and_outbox_atomically() {
+    let (_d, _p, store) = setup();
+    let bob = peer();
+    let carol = peer();
+    let m = msg("to bob", 7);
+    assert_eq!(store.insert_outgoing(&bob, &m, 9).unwrap(), Inserted::New);
+    let row = store.message(&m.id).unwrap().unwrap();
+    assert_eq!(row.direction, Direction::Outgoing);
+    assert_eq!(row.status, MessageStatus::Queued);
+    assert_eq!(row.peer, bob);
+    let entry = OutboxEntry {
+        to: bob,
+        message: m.clone(),
+        attempts: 0,
+        next_attempt_ms: 9,
+        created_ms: 9,
+        mailbox_deposited: false,
+    };
+    assert_eq!(store.outbox().unwrap(), vec![entry.clone()]);
+    assert_eq!(store.outbox_for(&bob).unwrap(), vec![entry]);
+    assert!(store.outbox_for(&carol).unwrap().is_empty());
+
+    // Inserting again is idempotent and does not duplicate the outbox entry.
+    assert_eq!(
+        store.insert_outgoing(&bob, &m, 50).unwrap(),
+        Inserted::Duplicate
+    );
+    assert_eq!(store.outbox().unwrap().len(), 1);
+    // The same id to someone else is a conflict and stores nothing.
+    assert_eq!(
+        store.insert_outgoing(&carol, &m, 50).unwrap(),
+        Inserted::Conflict
+    );
+    assert!(store.outbox_for(&carol).unwrap().is_empty());
+    assert!(store.history(&carol, 10, None).unwrap().is_empty());
+}
+
+#[test]
+fn mark_delivered_is_idempotent_and_checks_the_peer() {
+    let (_d, _p, store) = setup();
+    let bob = peer();
+    let mallory = peer();
+    let m = msg("to bob", 1);
+    store.insert_outgoing(&bob, &m, 1).unwrap();
+    let other = msg("also to bob", 2);
+    store.insert_outgoing(&bob, &other, 2).unwrap();
+
+    // An ack from someone else changes nothing.
+    assert_eq!(
+        store.mark_delivered(&mallory, &m.id).unwrap(),
+        MarkOutcome::Unknown
+    );
+    assert_eq!(store.outbox_for(&bob).unwrap().len(), 2);
+    assert_eq!(
+        store.mark_delivered(&bob, &MessageId([0; 16])).unwrap(),
+        MarkOutcome::Unknown
+    );
+
+    assert_eq!(
+        store.mark_delivered(&bob, &m.id).unwrap(),
+        MarkOutcome::Updated
+    );
+    assert_eq!(
+        store.mark_delivered(&bob, &m.id).unwrap(),
+        MarkOutcome::Unchanged
+    );
+    let ids: Vec<_> = store
+        .outbox()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.message.id)
+        .collect();
+    assert_eq!(ids, [other.id]);
+    assert_eq!(
+        store.message(&m.id).unwrap().unwrap().status,
+        MessageStatus::Delivered
+    );
+    // A late rejection does not undo a delivery.
+    assert_eq!(
+        store
+            .mark_rejected(&bob, &m.id, RejectCode::TOO_LARGE)
+            .unwrap(),
+        MarkOutcome::Unchanged
+    );
+    assert_eq!(
+        store.message(&m.id).unwrap().unwrap().status,
+        MessageStatus::Delivered
+    );
+    // An update for a delivered entry does not resurrect it.
+    let stale = OutboxEntry {
+        to: bob,
+        message: m.clone(),
+        attempts: 3,
+        next_attempt_ms: 99,
+        created_ms: 1,
+        mailbox_deposited: true,
+    };
+    assert!(!store.update_outbox(&stale).unwrap());
+    assert_eq!(store.outbox().unwrap().len(), 1);
+}
+
+#[test]
+fn mark_delivered_ignores_incoming_messages() {
+    let (_d, _p, store) = setup();
+    let alice = peer();
+    let m = msg("from alice", 1);
+    store.insert_incoming(&alice, &m, 1).unwrap();
+    assert_eq!(
+        store.mark_delivered(&alice, &m.id).unwrap(),
+        MarkOutcome::Unknown
+    );
+    assert_eq!(
+        store.message(&m.id).unwrap().unwrap().status,
+        MessageStatus::Received
+    );
+}
+
+#[test]
+fn mark_rejected_leaves_the_outbox() {
+    let (_d, _p, store) = setup();
+    let bob = peer();
+    let m = msg("nope", 1);
+    store.insert_outgoing(&bob, &m, 1).unwrap();
+    assert_eq!(
+        store
+            .mark_rejected(&bob, &m.id, RejectCode::BLOCKED)
+            .unwrap(),
+        MarkOutcome::Updated
+    );
+    assert!(store.outbox().unwrap().is_empty());
+    assert_eq!(
+        store.message(&m.id).unwrap().unwrap().status,
+        MessageStatus::Rejected(RejectCode::BLOCKED)
+    );
+}
+
+#[test]
+fn update_outbox_bookkeeping() {
+    let (_d, _p, store) = setup();
+    let bob = peer();
+    let m = msg("retry me", 1);
+    store.insert_outgoing(&bob, &m, 1).unwrap();
+    let mut e = store.outbox_for(&bob).unwrap().remove(0);
+    e.attempts = 2;
+    e.next_attempt_ms = 4_000;
+    e.mailbox_deposited = true;
+    // Fields that are not bookkeeping are ignored.
+    e.created_ms = 12345;
+    assert!(store.update_outbox(&e).unwrap());
+    let got = store.outbox_for(&bob).unwrap().remove(0);
+    assert_eq!(got.attempts, 2);
+    assert_eq!(got.next_attempt_ms, 4_000);
+    assert!(got.mailbox_deposited);
+    assert_eq!(got.created_ms, 1);
+    assert_eq!(got.message, m);
+}
+
+#[test]
+fn reopen_keeps_history_outbox_and_contacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    let alice = peer();
+    let bob = peer();
+    let inc = msg("from alice", 1);
+    let out = msg("to bob", 2);
+    {
+        let store = Store::open(&path).unwrap();
+        store.insert_incoming(&alice, &inc, 10).unwrap();
+        store.insert_outgoing(&bob, &out, 20).unwrap();
+        store.pin_contact("alice", &alice, 5).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.path(), path);
+    assert_eq!(
+        texts(&store.history(&alice, 10, None).unwrap()),
+        ["from alice"]
+    );
+    assert_eq!(texts(&store.history(&bob, 10, None).unwrap()), ["to bob"]);
+    let ob = store.outbox().unwrap();
+    assert_eq!(ob.len(), 1);
+    assert_eq!(ob[0].message, out);
+    assert_eq!(ob[0].to, bob);
+    assert_eq!(store.contact("alice").unwrap().unwrap().node_id, alice);
+    // Dedup survives the restart too.
+    assert_eq!(
+        store.insert_incoming(&alice, &inc, 30).unwrap(),
+        Inserted::Duplicate
+    );
+}
+
+#[test]
+fn conversations_summarize_latest_first() {
+    let (_d, _p, store) = setup();
+    assert!(store.conversations().unwrap().is_empty());
+    let alice = peer();
+    let bob = peer();
+    let carol = peer();
+    store.insert_incoming(&alice, &msg("a1", 0), 10).unwrap();
+    store.insert_outgoing(&bob, &msg("b1", 0), 20).unwrap();
+    store.insert_incoming(&alice, &msg("a2", 0), 30).unwrap();
+    store.insert_incoming(&carol, &msg("c1", 0), 5).unwrap();
+    let conv = store.conversations().unwrap();
+    let summary: Vec<_> = conv
+        .iter()
+        .map(|c| (c.peer, c.last.body.as_text().unwrap()))
+        .collect();
+    assert_eq!(summary, [(alice, "a2"), (bob, "b1"), (carol, "c1")]);
+    assert!(conv.iter().all(|c| c.peer == c.last.peer));
+}
+
+#[test]
+fn next_peer_walks_lexicographically() {
+    assert_eq!(next_peer([0; 32]).unwrap()[31], 1);
+    let mut p = [0u8; 32];
+    p[31] = 0xff;
+    let n = next_peer(p).unwrap();
+    assert_eq!((n[30], n[31]), (1, 0));
+    assert_eq!(next_peer([0xff; 32]), None);
+}
+
+#[test]
+fn contact_pinning() {
+    let (_d, _p, store) = setup();
+    let alice = peer();
+    let impostor = peer();
+    assert!(store.contact("alice").unwrap().is_none());
+    assert_eq!(
+        store.pin_contact("alice", &alice, 100).unwrap(),
+        PinOutcome::New
+    );
+    assert_eq!(
+        store.pin_contact("alice", &alice, 200).unwrap(),
+        PinOutcome::Same
+    );
+    assert_eq!(
+        store.pin_contact("alice", &impostor, 300).unwrap(),
+        PinOutcome::Changed { old: alice }
+    );
+    // Not overwritten.
+    let c = store.contact("alice").unwrap().unwrap();
+    assert_eq!(
+        c,
+        Contact {
+            node_id: alice,
+            first_seen_ms: 100,
+            mailbox_key: None
+        }
+    );
+    // The caller accepts the new key explicitly.
+    let accepted = Contact {
+        node_id: impostor,
+        first_seen_ms: 300,
+        mailbox_key: Some([4; 32]),
+    };
+    store.set_contact("alice", &accepted).unwrap();
+    assert_eq!(store.contact("alice").unwrap(), Some(accepted.clone()));
+    assert_eq!(
+        store.pin_contact("alice", &impostor, 400).unwrap(),
+        PinOutcome::Same
+    );
+    store.pin_contact("bob", &alice, 500).unwrap();
+    let names: Vec<_> = store
+        .contacts()
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names, ["alice", "bob"]);
+    assert!(store.remove_contact("bob").unwrap());
+    assert!(!store.remove_contact("bob").unwrap());
+    assert_eq!(store.contacts().unwrap().len(), 1);
+}
+
+#[test]
+fn newer_schema_is_refused_untouched() {
+    let (_d, path, store) = setup();
+    drop(store);
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION + 1)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let err = Store::open(&path).unwrap_err();
+    match &err {
+        StoreError::NewerSchema {
+            found,
+            supported,
+            path: p,
+        } => {
+            assert_eq!(*found, SCHEMA_VERSION + 1);
+            assert_eq!(*supported, SCHEMA_VERSION);
+            assert_eq!(p, &path);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("newer"), "{text}");
+    // The file still says the newer version.
+    let db = Database::create(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let v = txn
+        .open_table(META)
+        .unwrap()
+        .get(SCHEMA_VERSION_KEY)
+        .unwrap()
+        .unwrap()
+        .value();
+    assert_eq!(v, SCHEMA_VERSION + 1);
+}
+
+#[test]
+fn schema_version_is_written() {
+    let (_d, path, store) = setup();
+    drop(store);
+    let db = Database::create(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let v = txn
+        .open_table(META)
+        .unwrap()
+        .get(SCHEMA_VERSION_KEY)
+        .unwrap()
+        .unwrap()
+        .value();
+    assert_eq!(v, SCHEMA_VERSION);
+}
+
+#[test]
+fn garbage_file_is_a_corrupt_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    std::fs::write(
+        &path,
+        b"this is not a database, just some text\n".repeat(200),
+    )
+    .unwrap();
+    let err = Store::open(&path).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt { path: p, .. } if *p == path),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&path.display().to_string()));
+}
+
+#[test]
+fn missing_directory_is_an_open_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing").join("node.redb");
+    let err = Store::open(&path).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Open { path: p, .. } if *p == path),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn second_open_is_refused() {
+    let (_d, path, _store) = setup();
+    let err = Store::open(&path).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::AlreadyOpen { path: p } if *p == path),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn corrupt_values_are_typed_errors() {
+    let (_d, path, store) = setup();
+    let alice = peer();
+    let m = msg("fine", 1);
+    store.insert_incoming(&alice, &m, 1).unwrap();
+    store.insert_outgoing(&alice, &msg("queued", 2), 2).unwrap();
+    drop(store);
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(MESSAGES).unwrap();
+            t.insert((*alice.as_bytes(), 1, m.id.0), &[0xffu8, 0xff, 0xff][..])
+                .unwrap();
+            let mut o = txn.open_table(OUTBOX).unwrap();
+            let keys: Vec<_> = o.iter().unwrap().map(|r| r.unwrap().0.value()).collect();
+            for k in keys {
+                o.insert(k, &[1u8, 2, 3][..]).unwrap();
+            }
+            let mut c = txn.open_table(CONTACTS).unwrap();
+            c.insert("alice", &[][..]).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let is_corrupt = |e: StoreError, table: &str| {
+        assert!(
+            matches!(&e, StoreError::CorruptRecord { table: t, .. } if *t == table),
+            "{e:?}"
+        );
+    };
+    is_corrupt(store.history(&alice, 10, None).unwrap_err(), "messages");
+    is_corrupt(store.message(&m.id).unwrap_err(), "messages");
+    is_corrupt(
+        store.insert_incoming(&alice, &m, 3).unwrap_err(),
+        "messages",
+    );
+    is_corrupt(store.outbox().unwrap_err(), "outbox");
+    is_corrupt(store.contact("alice").unwrap_err(), "contacts");
+    is_corrupt(
+        store.pin_contact("alice", &alice, 1).unwrap_err(),
+        "contacts",
+    );
+}
+
+#[test]
+fn invalid_node_id_in_key_is_a_typed_error() {
+    let (_d, path, store) = setup();
+    drop(store);
+    // Find 32 bytes that are not a valid ed25519 point.
+    let bad = (0u8..=255)
+        .map(|b| [b; 32])
+        .find(|k| NodeId::from_bytes(k).is_err())
+        .unwrap();
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let rec = MessageRecord {
+                direction: Direction::Incoming,
+                sent_at_ms: 0,
+                body: Body::Text("x".into()),
+                status: MessageStatus::Received,
+            };
+            let mut t = txn.open_table(MESSAGES).unwrap();
+            t.insert(
+                (bad, 1, [5; 16]),
+                to_bytes("messages", &rec).unwrap().as_slice(),
+            )
+            .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert!(matches!(
+        store.conversations().unwrap_err(),
+        StoreError::CorruptRecord {
+            reason: RecordError::InvalidNodeId,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn records_reject_trailing_bytes() {
+    let rec = Contact {
+        node_id: peer(),
+        first_seen_ms: 1,
+        mailbox_key: None,
+    };
+    let mut bytes = to_bytes("contacts", &rec).unwrap();
+    assert_eq!(from_bytes::<Contact>(&bytes).unwrap(), rec);
+    bytes.push(0);
+    assert!(matches!(
+        from_bytes::<Contact>(&bytes),
+        Err(RecordError::TrailingBytes(1))
+    ));
+}
+
+#[test]
+fn invalid_messages_are_not_stored() {
+    let (_d, _p, store) = setup();
+    let alice = peer();
+    let mut m = msg("x", 1);
+    m.body = Body::Text("x".repeat(crate::wire::MAX_TEXT_LEN + 1));
+    assert!(matches!(
+        store.insert_incoming(&alice, &m, 1),
+        Err(StoreError::InvalidMessage(_))
+    ));
+    assert!(matches!(
+        store.insert_outgoing(&alice, &m, 1),
+        Err(StoreError::InvalidMessage(_))
+    ));
+    assert!(store.message(&m.id).unwrap().is_none());
+    assert!(store.outbox().unwrap().is_empty());
+}
+
+#[test]
+fn store_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Store>();
+}

@@ -1,0 +1,894 @@
+//! The messaging runtime end to end: several nodes and a discovery server on loopback.
+//!
+//! Every wait is on an event (or a poll) with a deadline; no fixed ports.
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use chacha20poly1305::{aead::Aead, ChaCha20Poly1305, KeyInit};
+use hkdf::Hkdf;
+use p2p_crypto::{seal, Domain, MailboxPublicKey, NodeId, SecretKey};
+use p2p_discovery::{AppState, ServerConfig};
+use p2p_node::{
+    node::{CLOSE_BAD_FRAME, CLOSE_UNEXPECTED_FRAME},
+    store::{Direction, MessageStatus},
+    wire::{self, Ack, AckStatus, ChatMessage, Frame, MessageId},
+    Endpoint, Node, NodeBuilder, NodeError, NodeEvent, SendStatus, Timings, Via,
+};
+use sha2::Sha256;
+use tempfile::TempDir;
+use tokio::sync::{broadcast, oneshot};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A discovery server on 127.0.0.1:0, in this process.
+struct Discovery {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Discovery {
+    async fn start() -> Result<Discovery> {
+        init_tracing();
+        // Every test node shares 127.0.0.1: lift the per-IP write rate limit.
+        let state = AppState::open(ServerConfig {
+            write_rate_per_sec: 100_000.0,
+            write_burst: 100_000,
+            ..Default::default()
+        })?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = p2p_discovery::serve(listener, state, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Ok(Discovery {
+            url: format!("http://{addr}"),
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    fn client(&self) -> Result<p2p_discovery::Client> {
+        Ok(p2p_discovery::Client::new(&self.url)?)
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(DEADLINE, &mut self.task).await;
+    }
+}
+
+fn fast() -> Timings {
+    Timings {
+        presence_poll: Duration::from_millis(100),
+        mailbox_poll: Duration::from_millis(300),
+        retry_min: Duration::from_millis(50),
+        retry_max: Duration::from_millis(500),
+        // Only reached when something is wrong; generous so a loaded machine is not.
+        dial_timeout: Duration::from_secs(5),
+        ack_timeout: Duration::from_secs(10),
+        read_timeout: Duration::from_secs(10),
+        announce_ttl: Duration::from_secs(30),
+    }
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A user: an identity and a data directory that outlive node restarts.
+struct User {
+    sk: SecretKey,
+    dir: TempDir,
+}
+
+impl User {
+    fn new() -> Result<User> {
+        Ok(User {
+            sk: SecretKey::generate(),
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    fn id(&self) -> NodeId {
+        self.sk.public()
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("node")
+    }
+
+    fn builder(&self, url: &str) -> NodeBuilder {
+        Node::builder(self.sk.clone())
+            .data_dir(self.data_dir())
+            .discovery_url(url)
+            .listen(loopback())
+            .timings(fast())
+    }
+
+    async fn start(&self, url: &str) -> Result<Node> {
+        Ok(self.builder(url).bind().await?)
+    }
+}
+
+/// The next event matching `pred`, within [`DEADLINE`].
+async fn next_event(
+    rx: &mut broadcast::Receiver<NodeEvent>,
+    what: &str,
+    pred: impl Fn(&NodeEvent) -> bool,
+) -> Result<NodeEvent> {
+    let wait = async {
+        loop {
+            match rx.recv().await {
+                Ok(ev) if pred(&ev) => return Ok(ev),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => bail!("event channel closed"),
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, wait)
+        .await
+        .with_context(|| format!("no {what} within {DEADLINE:?}"))?
+}
+
+/// Events already queued on `rx`, without waiting.
+fn queued_events(rx: &mut broadcast::Receiver<NodeEvent>) -> Vec<NodeEvent> {
+    let mut out = Vec::new();
+    loop {
+        match rx.try_recv() {
+            Ok(ev) => out.push(ev),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(_) => return out,
+        }
+    }
+}
+
+/// Polls `check` until it returns true, within [`DEADLINE`].
+async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{what}: not within {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn is_received(ev: &NodeEvent) -> bool {
+    matches!(ev, NodeEvent::MessageReceived { .. })
+}
+
+fn is_delivered(id: MessageId) -> impl Fn(&NodeEvent) -> bool {
+    move |ev| matches!(ev, NodeEvent::MessageDelivered { id: got, .. } if *got == id)
+}
+
+/// A bare endpoint that writes whatever frames it likes.
+async fn raw_endpoint(sk: &SecretKey) -> Result<Endpoint> {
+    Ok(Endpoint::builder(sk.clone())
+        .bind_addr(loopback())
+        .bind()
+        .await?)
+}
+
+/// Sends one frame on a new stream and reads the answer.
+async fn raw_exchange(conn: &p2p_node::Connection, frame: &Frame) -> Result<Option<Frame>> {
+    let (mut send, mut recv) = conn.quic().open_bi().await?;
+    wire::write_frame(&mut send, frame).await?;
+    send.finish()?;
+    let mut buf = Vec::new();
+    Ok(tokio::time::timeout(DEADLINE, wire::read_frame(&mut recv, &mut buf)).await??)
+}
+
+fn text(m: &p2p_node::store::StoredMessage) -> &str {
+    m.body.as_text().unwrap_or("")
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn online_send_arrives_once_acknowledged_in_both_histories() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.start(&d.url).await?;
+    b.register("bob").await?;
+    let a = alice.start(&d.url).await?;
+    let mut a_ev = a.subscribe();
+    let mut b_ev = b.subscribe();
+    assert!(matches!(
+        a.register("bob").await,
+        Err(NodeError::NameTaken { name }) if name == "bob"
+    ));
+
+    let out = a.send("bob", "hello bob").await?;
+    assert_eq!(out.status, SendStatus::Delivered);
+    assert_eq!(out.to, bob.id());
+
+    let ev = next_event(&mut b_ev, "message at bob", is_received).await?;
+    let NodeEvent::MessageReceived {
+        from, message, via, ..
+    } = ev
+    else {
+        bail!("unexpected event");
+    };
+    assert_eq!(from, alice.id(), "attributed to the authenticated sender");
+    assert_eq!(via, Via::Direct);
+    assert_eq!(message.id, out.id);
+    assert_eq!(text(&message), "hello bob");
+    next_event(&mut a_ev, "delivered at alice", is_delivered(out.id)).await?;
+
+    let at_b = b.history(&alice.id().to_string(), 10).await?;
+    assert_eq!(at_b.len(), 1, "stored once: {at_b:?}");
+    assert_eq!(at_b[0].id, out.id);
+    assert_eq!(at_b[0].peer, alice.id());
+    assert_eq!(at_b[0].direction, Direction::Incoming);
+    assert_eq!(at_b[0].status, MessageStatus::Received);
+    let at_a = a.history("bob", 10).await?;
+    assert_eq!(at_a.len(), 1);
+    assert_eq!(at_a[0].direction, Direction::Outgoing);
+    assert_eq!(at_a[0].status, MessageStatus::Delivered);
+    assert!(a.outbox().await?.is_empty());
+    assert!(
+        !queued_events(&mut b_ev).iter().any(is_received),
+        "no second delivery"
+    );
+
+    // The answer comes back on the same connection, and names resolve both ways.
+    let back = b.send(&alice.id().to_string(), "hi alice").await?;
+    assert_eq!(back.status, SendStatus::Delivered);
+    assert_eq!(a.name_of(&bob.id()).as_deref(), Some("bob"));
+    let peers = a.peers().await?;
+    assert!(peers.iter().any(|p| p.node_id == bob.id()));
+
+    a.shutdown().await?;
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn offline_send_goes_through_the_mailbox_and_the_receipt_marks_it_delivered() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.start(&d.url).await?;
+    b.register("bob").await?;
+    b.shutdown().await?;
+
+    let a = alice.start(&d.url).await?;
+    a.register("alice").await?;
+    let out = a.send("bob", "while you were away").await?;
+    assert_eq!(out.status, SendStatus::Queued);
+    let entries = a.outbox().await?;
+    assert_eq!(entries.len(), 1);
+    assert!(entries[0].mailbox_deposited, "sealed copy deposited");
+    a.shutdown().await?;
+
+    // Bob starts while Alice is down: the message waits in his mailbox.
+    let builder = bob.builder(&d.url);
+    let mut b_ev = builder.subscribe();
+    let b = builder.bind().await?;
+    let ev = next_event(&mut b_ev, "mailbox message at bob", is_received).await?;
+    let NodeEvent::MessageReceived {
+        from, message, via, ..
+    } = ev
+    else {
+        bail!("unexpected event");
+    };
+    assert_eq!(from, alice.id());
+    assert_eq!(via, Via::Mailbox);
+    assert_eq!(message.id, out.id);
+    // Wait for the drain (and its receipt) to finish, then check it emptied the mailbox.
+    assert_eq!(b.drain_mailbox().await?, 0);
+    let left = d.client()?.fetch_mailbox(&bob.sk).await?;
+    assert!(left.items.is_empty(), "drained mailbox is deleted");
+    assert_eq!(b.history(&alice.id().to_string(), 10).await?.len(), 1);
+    b.shutdown().await?;
+
+    // Alice comes back: Bob's receipt in her mailbox marks the message delivered.
+    let builder = alice.builder(&d.url);
+    let mut a_ev = builder.subscribe();
+    let a = builder.bind().await?;
+    next_event(&mut a_ev, "receipt at alice", is_delivered(out.id)).await?;
+    let hist = a.history(&bob.id().to_string(), 10).await?;
+    assert_eq!(hist.len(), 1);
+    assert_eq!(hist[0].status, MessageStatus::Delivered);
+    assert!(a.outbox().await?.is_empty());
+    a.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn restart_keeps_history_and_outbox_and_the_outbox_delivers_when_the_peer_comes_up(
+) -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    // Bob has never been seen by discovery: no address, no mailbox key.
+    let a = alice.start(&d.url).await?;
+    let first = a.send(&bob.id().to_string(), "first").await?;
+    let second = a.send(&bob.id().to_string(), "second").await?;
+    assert_eq!(first.status, SendStatus::Queued);
+    assert_eq!(second.status, SendStatus::Queued);
+    a.shutdown().await?;
+
+    let a = alice.start(&d.url).await?;
+    let mut a_ev = a.subscribe();
+    let outbox = a.outbox().await?;
+    assert_eq!(outbox.len(), 2, "outbox survives a restart");
+    let hist = a.history(&bob.id().to_string(), 10).await?;
+    assert_eq!(
+        hist.iter().map(text).collect::<Vec<_>>(),
+        ["first", "second"],
+        "history survives a restart"
+    );
+    assert!(hist.iter().all(|m| m.status == MessageStatus::Queued));
+
+    // Bob comes up while Alice runs: her outbox delivers directly.
+    let builder = bob.builder(&d.url);
+    let mut b_ev = builder.subscribe();
+    let b = builder.bind().await?;
+    next_event(&mut a_ev, "first delivered", is_delivered(first.id)).await?;
+    eventually("both delivered", || async {
+        Ok(a.outbox().await?.is_empty())
+    })
+    .await?;
+    let ev = next_event(&mut b_ev, "message at bob", is_received).await?;
+    assert!(matches!(
+        ev,
+        NodeEvent::MessageReceived {
+            via: Via::Direct,
+            from,
+            ..
+        } if from == alice.id()
+    ));
+    let at_b = b.history(&alice.id().to_string(), 10).await?;
+    assert_eq!(
+        at_b.iter().map(text).collect::<Vec<_>>(),
+        ["first", "second"]
+    );
+    a.shutdown().await?;
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_same_message_id_is_stored_once_whatever_the_path() -> Result<()> {
+    let d = Discovery::start().await?;
+    let bob = User::new()?;
+    let b = bob.start(&d.url).await?;
+    b.register("bob").await?;
+    let mut b_ev = b.subscribe();
+    let b_addr = b.local_addr()?;
+
+    let mallory = SecretKey::generate();
+    let m = raw_endpoint(&mallory).await?;
+    let conn = m.connect(b_addr, bob.id()).await?;
+    let msg = ChatMessage::text("once", 1)?;
+    let frame = Frame::Message(msg.clone());
+    let ack = |status| Some(Frame::Ack(Ack { id: msg.id, status }));
+    assert_eq!(raw_exchange(&conn, &frame).await?, ack(AckStatus::Stored));
+    // A resend after a lost ack.
+    assert_eq!(
+        raw_exchange(&conn, &frame).await?,
+        ack(AckStatus::Duplicate)
+    );
+    // The same message through the mailbox.
+    let envelope = seal::seal(
+        &mallory,
+        &bob.id(),
+        &bob.sk.mailbox_secret().public(),
+        &wire::encode(&frame)?,
+    );
+    d.client()?.deposit(&bob.id(), envelope).await?;
+    assert_eq!(b.drain_mailbox().await?, 0, "nothing new from the mailbox");
+    // And on a fresh connection.
+    let conn2 = m.connect(b_addr, bob.id()).await?;
+    assert_eq!(
+        raw_exchange(&conn2, &frame).await?,
+        ack(AckStatus::Duplicate)
+    );
+
+    let hist = b.history(&mallory.public().to_string(), 10).await?;
+    assert_eq!(hist.len(), 1, "{hist:?}");
+    let received: Vec<_> = queued_events(&mut b_ev)
+        .into_iter()
+        .filter(is_received)
+        .collect();
+    assert_eq!(received.len(), 1, "one event for one message");
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+/// An envelope that claims to come from `claimed` but is signed by `signer`.
+fn forged_envelope(
+    claimed: &NodeId,
+    signer: &SecretKey,
+    to: &NodeId,
+    to_key: &MailboxPublicKey,
+    payload: &[u8],
+) -> Result<Vec<u8>> {
+    let eph_secret = x25519_dalek::EphemeralSecret::random_from_rng(rand::rngs::OsRng);
+    let eph = x25519_dalek::PublicKey::from(&eph_secret).to_bytes();
+    let shared = eph_secret.diffie_hellman(&x25519_dalek::PublicKey::from(to_key.0));
+    let mut signed = eph.to_vec();
+    signed.extend_from_slice(to.as_bytes());
+    signed.extend_from_slice(to_key.as_bytes());
+    signed.extend_from_slice(payload);
+    let sig = signer.sign(Domain::SealedEnvelope, &signed);
+    let mut plain = claimed.as_bytes().to_vec();
+    plain.extend_from_slice(&sig.0);
+    plain.extend_from_slice(payload);
+    let mut salt = [0u8; 64];
+    salt[..32].copy_from_slice(&eph);
+    salt[32..].copy_from_slice(to_key.as_bytes());
+    let mut key = [0u8; 32];
+    Hkdf::<Sha256>::new(Some(&salt), shared.as_bytes())
+        .expand(b"p2p-node/v1/seal", &mut key)
+        .map_err(|e| anyhow::anyhow!("hkdf: {e}"))?;
+    let ct = ChaCha20Poly1305::new(&key.into())
+        .encrypt(&[0u8; 12].into(), plain.as_slice())
+        .map_err(|e| anyhow::anyhow!("encrypt: {e}"))?;
+    let mut env = vec![1u8];
+    env.extend_from_slice(&eph);
+    env.extend_from_slice(&ct);
+    Ok(env)
+}
+
+#[tokio::test]
+async fn nobody_can_get_a_message_attributed_to_another_node() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.start(&d.url).await?;
+    b.register("bob").await?;
+    let mut b_ev = b.subscribe();
+    let bob_key = bob.sk.mailbox_secret().public();
+    let mallory = SecretKey::generate();
+
+    // 1. Over QUIC: there is no sender field; whatever Mallory writes is hers.
+    let m = raw_endpoint(&mallory).await?;
+    let conn = m.connect(b.local_addr()?, bob.id()).await?;
+    let msg = ChatMessage::text("this is alice, honest", 1)?;
+    raw_exchange(&conn, &Frame::Message(msg.clone())).await?;
+    let ev = next_event(&mut b_ev, "message at bob", is_received).await?;
+    assert!(matches!(ev, NodeEvent::MessageReceived { from, .. } if from == mallory.public()));
+
+    // 2. Through the mailbox: an envelope naming Alice as sender but signed by Mallory
+    //    does not open, and is deleted.
+    let forged = forged_envelope(
+        &alice.id(),
+        &mallory,
+        &bob.id(),
+        &bob_key,
+        &wire::encode(&Frame::Message(ChatMessage::text("forged", 2)?))?,
+    )?;
+    // Sanity: the forgery is well-formed but fails the signature check.
+    assert_eq!(
+        seal::open(&bob.sk, &forged),
+        Err(seal::SealError::BadSignature)
+    );
+    let client = d.client()?;
+    client.deposit(&bob.id(), forged).await?;
+    // Garbage and a sealed non-frame are dropped too.
+    client
+        .deposit(&bob.id(), b"not an envelope".to_vec())
+        .await?;
+    client
+        .deposit(
+            &bob.id(),
+            seal::seal(&mallory, &bob.id(), &bob_key, b"not a frame"),
+        )
+        .await?;
+
+    // 3. A receipt from Mallory for a message Bob sent to Alice changes nothing.
+    let to_alice = b.send(&alice.id().to_string(), "for alice").await?;
+    assert_eq!(to_alice.status, SendStatus::Queued);
+    let fake_receipt = Frame::Ack(Ack {
+        id: to_alice.id,
+        status: AckStatus::Stored,
+    });
+    client
+        .deposit(
+            &bob.id(),
+            seal::seal(&mallory, &bob.id(), &bob_key, &wire::encode(&fake_receipt)?),
+        )
+        .await?;
+
+    assert_eq!(b.drain_mailbox().await?, 0);
+    let left = client.fetch_mailbox(&bob.sk).await?;
+    assert!(left.items.is_empty(), "bad envelopes are deleted");
+    assert!(b
+        .history(&alice.id().to_string(), 10)
+        .await?
+        .iter()
+        .all(|m| m.direction == Direction::Outgoing));
+    let sent = b.history(&alice.id().to_string(), 10).await?;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].status,
+        MessageStatus::Queued,
+        "fake receipt ignored"
+    );
+    assert_eq!(b.outbox().await?.len(), 1);
+    let from_m = b.history(&mallory.public().to_string(), 10).await?;
+    assert_eq!(from_m.len(), 1);
+    assert_eq!(text(&from_m[0]), "this is alice, honest");
+
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+/// Writes `bytes` on a new stream of a fresh connection and returns the close code.
+async fn close_code_after(
+    m: &Endpoint,
+    b_addr: SocketAddr,
+    b_id: NodeId,
+    bytes: &[u8],
+) -> Result<u64> {
+    let conn = m.connect(b_addr, b_id).await?;
+    let (mut send, _recv) = conn.quic().open_bi().await?;
+    send.write_all(bytes).await?;
+    send.finish()?;
+    let err = tokio::time::timeout(DEADLINE, conn.quic().closed()).await?;
+    match err {
+        quinn::ConnectionError::ApplicationClosed(c) => Ok(c.error_code.into_inner()),
+        other => bail!("connection ended otherwise: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_frames_close_that_connection_and_other_peers_are_served() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.start(&d.url).await?;
+    let a = alice.start(&d.url).await?;
+    let b_addr = b.local_addr()?;
+    let mallory = SecretKey::generate();
+    let m = raw_endpoint(&mallory).await?;
+
+    // Alice holds an open connection to Bob throughout.
+    let out = a.send(&bob.id().to_string(), "before").await?;
+    assert_eq!(out.status, SendStatus::Delivered);
+
+    let valid = wire::encode(&Frame::Message(ChatMessage::text("x".repeat(100), 1)?))?;
+    let mut oversized = ((wire::MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec();
+    oversized.extend_from_slice(&[0u8; 64]);
+    let truncated = valid[..valid.len() - 10].to_vec();
+    let garbage = [0u8, 0, 0, 5, 0xff, 0xfe, 0xfd, 0xfc, 0xfb].to_vec();
+    for (what, bytes) in [
+        ("oversized", oversized),
+        ("truncated", truncated),
+        ("garbage", garbage),
+    ] {
+        let code = close_code_after(&m, b_addr, bob.id(), &bytes).await?;
+        assert_eq!(code, CLOSE_BAD_FRAME.into_inner(), "{what}");
+        let during = a.send(&bob.id().to_string(), what).await?;
+        assert_eq!(
+            during.status,
+            SendStatus::Delivered,
+            "{what}: others served"
+        );
+    }
+    // An ack where a message belongs is a protocol error too.
+    let stray = wire::encode(&Frame::Ack(Ack {
+        id: MessageId([1; 16]),
+        status: AckStatus::Stored,
+    }))?;
+    let code = close_code_after(&m, b_addr, bob.id(), &stray).await?;
+    assert_eq!(code, CLOSE_UNEXPECTED_FRAME.into_inner());
+
+    assert!(
+        b.history(&mallory.public().to_string(), 10)
+            .await?
+            .is_empty(),
+        "nothing stored"
+    );
+    assert_eq!(b.history(&alice.id().to_string(), 10).await?.len(), 4);
+    a.shutdown().await?;
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_receiver_killed_between_persist_and_ack_gets_a_resend_and_no_duplicate() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    // Bob stores but "dies" before acknowledging.
+    let b = bob
+        .builder(&d.url)
+        .drop_acks_after_persist(true)
+        .bind()
+        .await?;
+    b.register("bob").await?;
+    let a = alice.start(&d.url).await?;
+    let mut a_ev = a.subscribe();
+    let out = a.send("bob", "are you there?").await?;
+    assert_eq!(out.status, SendStatus::Queued, "no ack, so not delivered");
+    assert_eq!(
+        b.history(&alice.id().to_string(), 10).await?.len(),
+        1,
+        "persisted"
+    );
+    b.shutdown().await?;
+
+    // Bob restarts normally: the mailbox copy and Alice's resend are both duplicates.
+    let builder = bob.builder(&d.url);
+    let mut b_ev = builder.subscribe();
+    let b = builder.bind().await?;
+    next_event(&mut a_ev, "delivered at alice", is_delivered(out.id)).await?;
+    b.drain_mailbox().await?;
+    let at_b = b.history(&alice.id().to_string(), 10).await?;
+    assert_eq!(at_b.len(), 1, "no duplicate: {at_b:?}");
+    assert!(
+        !queued_events(&mut b_ev).iter().any(is_received),
+        "a duplicate is not reported as new"
+    );
+    let at_a = a.history("bob", 10).await?;
+    assert_eq!(at_a[0].status, MessageStatus::Delivered);
+    a.shutdown().await?;
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn many_concurrent_messages_are_all_stored_once() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.start(&d.url).await?;
+    let a = alice.start(&d.url).await?;
+    let to = bob.id().to_string();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let a = a.clone();
+        let to = to.clone();
+        tasks.spawn(async move { a.send(&to, &format!("m{i}")).await });
+    }
+    let mut delivered = 0;
+    while let Some(r) = tasks.join_next().await {
+        if r??.status == SendStatus::Delivered {
+            delivered += 1;
+        }
+    }
+    // On a loaded machine a few may miss the ack timeout and go through the outbox.
+    assert!(delivered > 0);
+    eventually("every message delivered", || async {
+        Ok(a.outbox().await?.is_empty())
+    })
+    .await?;
+    assert_eq!(b.history(&alice.id().to_string(), 1000).await?.len(), 100);
+    a.shutdown().await?;
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_process_per_data_dir() -> Result<()> {
+    let d = Discovery::start().await?;
+    let alice = User::new()?;
+    let a = alice.start(&d.url).await?;
+    let err = alice
+        .start(&d.url)
+        .await
+        .expect_err("second node on the same dir");
+    let Some(NodeError::DataDirLocked { dir }) = err.downcast_ref::<NodeError>() else {
+        bail!("unexpected error {err:?}");
+    };
+    assert_eq!(dir, &alice.data_dir());
+    assert!(err
+        .to_string()
+        .contains(&alice.data_dir().display().to_string()));
+    a.shutdown().await?;
+    // Released at shutdown.
+    let a = alice.start(&d.url).await?;
+    a.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_changed_key_for_a_pinned_name_is_a_warning_and_the_pin_holds() -> Result<()> {
+    let d1 = Discovery::start().await?;
+    let (alice, bob, carol) = (User::new()?, User::new()?, User::new()?);
+    let b = bob.start(&d1.url).await?;
+    b.register("bob").await?;
+    let a = alice.start(&d1.url).await?;
+    assert_eq!(
+        a.resolve("bob").await?.node_id,
+        bob.id(),
+        "first sight pins"
+    );
+    a.shutdown().await?;
+
+    // Another discovery server where Carol holds the name "bob".
+    let d2 = Discovery::start().await?;
+    let c = carol.start(&d2.url).await?;
+    c.register("bob").await?;
+    let a = alice.start(&d2.url).await?;
+    let mut a_ev = a.subscribe();
+    let r = a.resolve("bob").await?;
+    assert_eq!(r.node_id, bob.id(), "the pinned key is kept");
+    let ev = next_event(&mut a_ev, "key change warning", |e| {
+        matches!(e, NodeEvent::KeyChanged { .. })
+    })
+    .await?;
+    assert!(matches!(
+        ev,
+        NodeEvent::KeyChanged { name, pinned, announced }
+            if name == "bob" && pinned == bob.id() && announced == carol.id()
+    ));
+    let out = a.send("bob", "to the real bob").await?;
+    assert_eq!(out.to, bob.id());
+    assert!(c.history(&alice.id().to_string(), 10).await?.is_empty());
+
+    a.shutdown().await?;
+    b.shutdown().await?;
+    c.shutdown().await?;
+    d1.stop().await;
+    d2.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn discovery_down_does_not_stop_the_node_and_sends_to_ids_are_queued() -> Result<()> {
+    init_tracing();
+    // A port with nothing behind it.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?
+    };
+    let url = format!("http://{closed}");
+    let (alice, bob) = (User::new()?, User::new()?);
+    let a = alice.start(&url).await?;
+    let out = a.send(&bob.id().to_string(), "later").await?;
+    assert_eq!(out.status, SendStatus::Queued);
+    assert_eq!(a.outbox().await?.len(), 1);
+    let err = a
+        .send("bob", "to a name")
+        .await
+        .expect_err("name cannot resolve");
+    assert!(
+        matches!(err, NodeError::Discovery(_) | NodeError::UnknownPeer { .. }),
+        "{err:?}"
+    );
+    assert!(matches!(
+        a.send("Not A Name!", "x").await,
+        Err(NodeError::UnknownPeer { .. })
+    ));
+    assert!(a.peers().await.is_err());
+    a.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn embedded_discovery_serves_a_lan_of_nodes() -> Result<()> {
+    init_tracing();
+    let (eve, frank) = (User::new()?, User::new()?);
+    let e = Node::builder(eve.sk.clone())
+        .data_dir(eve.data_dir())
+        .embedded_discovery(loopback())
+        .listen(loopback())
+        .timings(fast())
+        .bind()
+        .await?;
+    let addr = e.embedded_discovery_addr().context("embedded address")?;
+    assert_ne!(addr.port(), 0);
+    let url = e.discovery_url().context("url")?;
+    assert!(eve.data_dir().join("discovery.redb").exists());
+    e.register("eve").await?;
+
+    let f = frank.start(&url).await?;
+    let mut e_ev = e.subscribe();
+    let out = f.send("eve", "hello over the LAN").await?;
+    assert_eq!(out.status, SendStatus::Delivered);
+    next_event(&mut e_ev, "message at eve", is_received).await?;
+    let peers = f.peers().await?;
+    assert!(peers.iter().any(|p| p.node_id == eve.id()));
+
+    f.shutdown().await?;
+    e.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_withdraws_and_others_see_it_go_offline() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.start(&d.url).await?;
+    let mut b_ev = b.subscribe();
+    let a = alice.start(&d.url).await?;
+    a.register("alice").await?;
+    next_event(
+        &mut b_ev,
+        "alice online",
+        |e| matches!(e, NodeEvent::PeerOnline { node_id, .. } if *node_id == alice.id()),
+    )
+    .await?;
+    a.shutdown().await?;
+    next_event(
+        &mut b_ev,
+        "alice offline",
+        |e| matches!(e, NodeEvent::PeerOffline { node_id, .. } if *node_id == alice.id()),
+    )
+    .await?;
+    assert!(!b.peers().await?.iter().any(|p| p.node_id == alice.id()));
+
+    // A one-shot node neither announces nor withdraws.
+    let a = alice.builder(&d.url).announce(false).bind().await?;
+    let _ = a.drain_mailbox().await?;
+    assert!(!b.peers().await?.iter().any(|p| p.node_id == alice.id()));
+    a.shutdown().await?;
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_are_refused() -> Result<()> {
+    let d = Discovery::start().await?;
+    let bob = User::new()?;
+    let b = bob.builder(&d.url).max_connections(1).bind().await?;
+    let b_addr = b.local_addr()?;
+    let first = raw_endpoint(&SecretKey::generate()).await?;
+    let conn = first.connect(b_addr, bob.id()).await?;
+    let msg = Frame::Message(ChatMessage::text("in", 1)?);
+    assert!(raw_exchange(&conn, &msg).await?.is_some());
+    let second = raw_endpoint(&SecretKey::generate()).await?;
+    assert!(
+        tokio::time::timeout(DEADLINE, second.connect(b_addr, bob.id()))
+            .await?
+            .is_err(),
+        "refused past the limit"
+    );
+    // The first connection still works.
+    let msg = Frame::Message(ChatMessage::text("still in", 2)?);
+    assert!(raw_exchange(&conn, &msg).await?.is_some());
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_name_given_at_start_is_claimed_on_a_server_that_does_not_know_it() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.start(&d.url).await?;
+    let mut b_ev = b.subscribe();
+    let a = alice.builder(&d.url).name("alice".into()).bind().await?;
+    let ev = next_event(
+        &mut b_ev,
+        "alice online",
+        |e| matches!(e, NodeEvent::PeerOnline { node_id, .. } if *node_id == alice.id()),
+    )
+    .await?;
+    assert!(matches!(ev, NodeEvent::PeerOnline { name: Some(n), .. } if n == "alice"));
+    assert_eq!(b.resolve("alice").await?.node_id, alice.id());
+    a.shutdown().await?;
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
