@@ -37,6 +37,7 @@ struct Room {
 pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
     let node = open_node(g, paths, true).await?;
     let mut events = node.subscribe();
+    crate::commands::warn_if_not_announced(&node).await;
     let me = paths.registered_name()?;
     println!(
         "logged in as {} ({}), discovery {}",

@@ -112,8 +112,10 @@ pub async fn peers(g: &Global, paths: &Paths, json: bool) -> Result<()> {
 /// `p2p-node send TO TEXT`.
 pub async fn send(g: &Global, paths: &Paths, to: &str, text: &str) -> Result<()> {
     let node = open_node(g, paths, false).await?;
+    let mut events = node.subscribe();
     let result = node.send(to, text).await;
     node.shutdown().await?;
+    print_key_warnings(&mut events);
     let outcome = result?;
     match outcome.status {
         SendStatus::Delivered => println!("delivered"),
@@ -131,9 +133,11 @@ pub async fn history(
     json: bool,
 ) -> Result<()> {
     let node = open_node(g, paths, false).await?;
+    let mut events = node.subscribe();
     let result = node.history(peer, limit).await;
     let name = node.resolve(peer).await.ok().and_then(|r| r.name);
     node.shutdown().await?;
+    print_key_warnings(&mut events);
     let messages = result?;
     let peer_label = sanitize(name.as_deref().unwrap_or(peer));
     for m in &messages {
@@ -163,6 +167,7 @@ pub async fn history(
 pub async fn listen(g: &Global, paths: &Paths, json: bool) -> Result<()> {
     let node = open_node(g, paths, true).await?;
     let mut events = node.subscribe();
+    warn_if_not_announced(&node).await;
     let quic = node.local_addr()?;
     if json {
         println!(
@@ -201,6 +206,30 @@ pub async fn listen(g: &Global, paths: &Paths, json: bool) -> Result<()> {
         println!("logged out");
     }
     Ok(())
+}
+
+/// How long `listen` and the chat wait for the first announcement before going on.
+pub const LOGIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits for the login (the first announcement); tells the user when it is late.
+pub async fn warn_if_not_announced(node: &Node) {
+    if !node.wait_announced(LOGIN_WAIT).await {
+        eprintln!(
+            "p2p-node: warning: not logged in on discovery {} yet; retrying in the background",
+            node.discovery_url().unwrap_or_else(|| "none".into())
+        );
+    }
+}
+
+/// Prints the "key changed" warnings a one-shot command ran into on stderr.
+fn print_key_warnings(events: &mut tokio::sync::broadcast::Receiver<NodeEvent>) {
+    while let Ok(ev) = events.try_recv() {
+        if matches!(ev, NodeEvent::KeyChanged { .. }) {
+            if let Some(line) = crate::chat::event_line(&ev) {
+                eprintln!("p2p-node: {line}");
+            }
+        }
+    }
 }
 
 fn print_event(ev: &NodeEvent, json: bool) {

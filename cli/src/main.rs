@@ -143,7 +143,13 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.global);
+    // Long-running commands log warnings; one-shot commands report their own outcome
+    // (and a one-line error), so background retries stay quiet unless -v is given.
+    let long_running = matches!(
+        cli.command,
+        None | Some(Command::Listen { .. }) | Some(Command::Discovery { .. })
+    );
+    init_logging(&cli.global, long_running);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -166,12 +172,13 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_logging(g: &Global) {
+fn init_logging(g: &Global, long_running: bool) {
     let default = if g.quiet {
         "error"
     } else {
         match g.verbose {
-            0 => "warn",
+            0 if long_running => "warn",
+            0 => "error",
             1 => "info",
             2 => "debug",
             _ => "trace",

@@ -81,10 +81,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex, MutexGuard,
-    },
+    sync::{atomic::Ordering, Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -532,7 +529,7 @@ impl NodeBuilder {
             embedded: Mutex::new(embedded.map(|e| e.task)),
             server_cancel,
             announce: self.announce,
-            announced: AtomicBool::new(false),
+            announced: watch::channel(false).0,
             name: Mutex::new(self.name),
             state: Mutex::new(state),
             outbox_wake: Notify::new(),
@@ -629,7 +626,14 @@ struct State {
     wake: HashSet<NodeId>,
     /// (name, announced id) pairs already warned about.
     key_warned: HashMap<(String, NodeId), ()>,
+    /// Names that senders we have no contact for claimed on discovery (verified claims),
+    /// with when we last asked, so each unknown sender is looked up at most once per
+    /// [`NAME_LOOKUP_INTERVAL`].
+    claimed_names: HashMap<NodeId, (Option<String>, Instant)>,
 }
+
+/// How often the name of a sender that is neither a contact nor online is looked up.
+const NAME_LOOKUP_INTERVAL: Duration = Duration::from_secs(60);
 
 pub(crate) struct Inner {
     secret: SecretKey,
@@ -645,7 +649,8 @@ pub(crate) struct Inner {
     embedded: Mutex<Option<tokio::task::JoinHandle<()>>>,
     server_cancel: CancellationToken,
     announce: bool,
-    announced: AtomicBool,
+    /// Whether our presence is announced on discovery (true after the first success).
+    announced: watch::Sender<bool>,
     name: Mutex<Option<String>>,
     state: Mutex<State>,
     outbox_wake: Notify,
@@ -712,6 +717,20 @@ impl Node {
     /// The TCP address of the embedded discovery server, if this node runs one.
     pub fn embedded_discovery_addr(&self) -> Option<SocketAddr> {
         self.inner.embedded_addr
+    }
+
+    /// Waits until this node is announced online on discovery ("logged in"), at most
+    /// `timeout`. Returns whether it is. Announcing starts at [`NodeBuilder::bind`] and is
+    /// retried in the background; a node built with `.announce(false)` never announces.
+    pub async fn wait_announced(&self, timeout: Duration) -> bool {
+        if !self.inner.announce || self.inner.disco.is_none() {
+            return false;
+        }
+        let mut rx = self.inner.announced.subscribe();
+        let announced = tokio::time::timeout(timeout, rx.wait_for(|a| *a))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        announced
     }
 
     /// A receiver of the node's events from now on. The channel is bounded
@@ -839,7 +858,7 @@ impl Node {
         {
             tracing::warn!("background tasks did not stop in time");
         }
-        if inner.announced.swap(false, Ordering::SeqCst) {
+        if inner.announced.send_replace(false) {
             if let Some(disco) = &inner.disco {
                 match tokio::time::timeout(grace, disco.withdraw(&inner.secret)).await {
                     Ok(Ok(())) => tracing::info!("withdrew presence"),
@@ -951,6 +970,36 @@ impl Inner {
             .get(id)
             .cloned()
             .or_else(|| st.online.get(id).and_then(|p| p.name.clone()))
+    }
+
+    /// The name of a message's sender for display: [`Inner::name_of`], else the name its
+    /// key claimed on discovery (looked up by NodeId, verified, bounded by
+    /// [`Timings::dial_timeout`] and cached). A claimed name that a contact of ours
+    /// already holds for another key is not shown.
+    async fn sender_name(&self, id: &NodeId) -> Option<String> {
+        if let Some(name) = self.name_of(id) {
+            return Some(name);
+        }
+        let disco = self.disco.as_ref()?;
+        if let Some((name, at)) = self.state().claimed_names.get(id) {
+            if at.elapsed() < NAME_LOOKUP_INTERVAL {
+                return name.clone();
+            }
+        }
+        let found = match tokio::time::timeout(self.timings.dial_timeout, disco.lookup_id(id)).await
+        {
+            Ok(Ok(Some(info))) => info.name,
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %id, error = %e, "cannot look up a sender's name");
+                None
+            }
+            Err(_) => None,
+        };
+        let mut st = self.state();
+        let found = found.filter(|n| !st.names.iter().any(|(k, v)| v == n && k != id));
+        bounded_insert(&mut st.claimed_names, *id, (found.clone(), Instant::now()));
+        found
     }
 
     fn current_name(&self) -> Option<String> {

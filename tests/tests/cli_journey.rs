@@ -323,13 +323,13 @@ fn error_paths_are_one_line_and_non_zero() {
     // A corrupt history database.
     let corrupt = User::new(&url);
     corrupt.id();
-    std::fs::write(corrupt.dir.path().join("history.redb"), b"not a database").expect("write");
+    std::fs::write(corrupt.dir.path().join("node.redb"), b"not a database").expect("write");
     let out = corrupt.run(&["history", "bob"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("history.redb"), "names the file: {err}");
+    assert!(err.contains("node.redb"), "names the file: {err}");
     assert_eq!(
-        std::fs::read(corrupt.dir.path().join("history.redb")).expect("read"),
+        std::fs::read(corrupt.dir.path().join("node.redb")).expect("read"),
         b"not a database",
         "nothing is overwritten"
     );

@@ -174,33 +174,40 @@ async fn serve_stream(
                 return;
             }
         };
-        if inserted == Inserted::New {
+        let received = (inserted == Inserted::New).then_some(StoredMessage {
+            id,
+            peer,
+            direction: Direction::Incoming,
+            sent_at_ms: msg.sent_at_ms,
+            stored_at_ms,
+            body: msg.body,
+            status: MessageStatus::Received,
+        });
+        let acked = if inner.drop_acks {
+            tracing::debug!(%peer, message = %id, "fault injection: dropping the ack");
+            let _ = send.reset(STREAM_NOT_STORED);
+            false
+        } else {
+            let ack = Frame::Ack(Ack {
+                id,
+                status: inserted.ack_status(),
+            });
+            let written = write_frame(&mut send, &ack).await;
+            if let Err(e) = &written {
+                tracing::debug!(%peer, message = %id, error = %e, "cannot send ack");
+            }
+            written.is_ok()
+        };
+        // Reported after the ack, so a name lookup never delays it.
+        if let Some(message) = received {
             inner.emit(NodeEvent::MessageReceived {
                 from: peer,
-                from_name: inner.name_of(&peer),
-                message: StoredMessage {
-                    id,
-                    peer,
-                    direction: Direction::Incoming,
-                    sent_at_ms: msg.sent_at_ms,
-                    stored_at_ms,
-                    body: msg.body,
-                    status: MessageStatus::Received,
-                },
+                from_name: inner.sender_name(&peer).await,
+                message,
                 via: Via::Direct,
             });
         }
-        if inner.drop_acks {
-            tracing::debug!(%peer, message = %id, "fault injection: dropping the ack");
-            let _ = send.reset(STREAM_NOT_STORED);
-            return;
-        }
-        let ack = Frame::Ack(Ack {
-            id,
-            status: inserted.ack_status(),
-        });
-        if let Err(e) = write_frame(&mut send, &ack).await {
-            tracing::debug!(%peer, message = %id, error = %e, "cannot send ack");
+        if !acked {
             return;
         }
     }

@@ -135,9 +135,10 @@ pub(super) async fn drain(inner: &Arc<Inner>) -> Result<usize, NodeError> {
                     ));
                     if inserted == Inserted::New {
                         total += 1;
+                        let from_name = inner.sender_name(&sender).await;
                         inner.emit(NodeEvent::MessageReceived {
                             from: sender,
-                            from_name: inner.name_of(&sender),
+                            from_name,
                             message: StoredMessage {
                                 id: msg.id,
                                 peer: sender,

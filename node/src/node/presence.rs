@@ -10,7 +10,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr, UdpSocket},
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
     time::Duration,
 };
 
@@ -79,7 +79,7 @@ pub(super) async fn announce_once(inner: &Inner) -> Result<Duration, NodeError> 
         }
         r => r?,
     };
-    inner.announced.store(true, Ordering::SeqCst);
+    inner.announced.send_replace(true);
     // Trust the server's hint, but never wait past half the TTL we asked for.
     Ok(after.min(ttl / 2).max(Duration::from_millis(100)))
 }
