@@ -387,6 +387,7 @@ pub struct NodeBuilder {
     timings: Timings,
     transport: TransportSettings,
     max_connections: usize,
+    in_memory: bool,
     drop_acks: bool,
     events: broadcast::Sender<NodeEvent>,
 }
@@ -452,6 +453,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Keeps history, outbox and contacts in memory instead of `<data-dir>/node.redb`:
+    /// nothing survives the process. Default `false`. For benchmarks that measure the
+    /// node without disk writes, and for tests; a chat node wants its history on disk.
+    pub fn in_memory_store(mut self, in_memory: bool) -> Self {
+        self.in_memory = in_memory;
+        self
+    }
+
     /// Fault injection for tests: store incoming direct messages but never acknowledge
     /// them (the stream is reset right after the durable write), as if the node died
     /// between persisting and acknowledging.
@@ -476,7 +485,17 @@ impl NodeBuilder {
         let dir = self.data_dir.clone().ok_or(NodeError::NoDataDir)?;
         let lock = lock_data_dir(&dir)?;
         let db_path = dir.join(DB_FILE);
-        let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(db_path)).await??);
+        let in_memory = self.in_memory;
+        let store = Arc::new(
+            tokio::task::spawn_blocking(move || {
+                if in_memory {
+                    Store::open_in_memory()
+                } else {
+                    Store::open(db_path)
+                }
+            })
+            .await??,
+        );
         let endpoint = Endpoint::builder(self.secret.clone())
             .bind_addr(self.listen)
             .transport(self.transport.clone())
@@ -694,6 +713,7 @@ impl Node {
             timings: Timings::default(),
             transport: TransportSettings::default(),
             max_connections: 256,
+            in_memory: false,
             drop_acks: false,
             events,
         }

@@ -410,6 +410,21 @@ impl Store {
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
         let path = path.as_ref().to_owned();
         let db = Database::create(&path).map_err(|e| classify_open_error(&path, e))?;
+        Self::init(db, path)
+    }
+
+    /// A store that lives in memory only: nothing survives the process. For benchmarks
+    /// that measure the node without disk writes, and for tests.
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        let path = PathBuf::from(":memory:");
+        let db = redb::Builder::new()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .ctx(&path)?;
+        Self::init(db, path)
+    }
+
+    /// Checks the schema version and creates the tables.
+    fn init(db: Database, path: PathBuf) -> Result<Store, StoreError> {
         let txn = db.begin_write().ctx(&path)?;
         {
             let mut meta = txn.open_table(META).ctx(&path)?;

@@ -711,3 +711,23 @@ fn store_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<Store>();
 }
+
+#[test]
+fn in_memory_store_works_like_the_file() {
+    let store = Store::open_in_memory().unwrap();
+    let alice = peer();
+    let m = msg("in memory", 1);
+    assert_eq!(
+        store.insert_outgoing(&alice, &m, 10).unwrap(),
+        Inserted::New
+    );
+    assert_eq!(store.outbox().unwrap().len(), 1);
+    assert_eq!(
+        store.mark_delivered(&alice, &m.id).unwrap(),
+        MarkOutcome::Updated
+    );
+    assert!(store.outbox().unwrap().is_empty());
+    let hist = store.history(&alice, 10, None).unwrap();
+    assert_eq!(texts(&hist), ["in memory"]);
+    assert_eq!(hist[0].status, MessageStatus::Delivered);
+}
