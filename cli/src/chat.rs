@@ -47,6 +47,7 @@ pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
         node.node_id().fingerprint(),
         node.discovery_url().unwrap_or_else(|| "none".into()),
     );
+    crate::commands::print_embedded_hint(&node);
     println!("type /help for commands");
     show_peers(&node).await;
 

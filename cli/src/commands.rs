@@ -185,6 +185,7 @@ pub async fn listen(g: &Global, paths: &Paths, json: bool) -> Result<()> {
             node.node_id(),
             node.discovery_url().unwrap_or_else(|| "none".into())
         );
+        print_embedded_hint(&node);
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch SIGTERM")?;
@@ -206,6 +207,16 @@ pub async fn listen(g: &Global, paths: &Paths, json: bool) -> Result<()> {
         println!("logged out");
     }
     Ok(())
+}
+
+/// Tells the user how others reach the discovery server this node runs, if any.
+pub fn print_embedded_hint(node: &Node) {
+    if let (Some(addr), Some(url)) = (
+        node.embedded_discovery_addr(),
+        node.embedded_discovery_lan_url(),
+    ) {
+        println!("serving discovery on {addr}; others on the LAN use: p2p-node --discovery {url}");
+    }
 }
 
 /// How long `listen` and the chat wait for the first announcement before going on.

@@ -739,6 +739,19 @@ impl Node {
         self.inner.embedded_addr
     }
 
+    /// The URL other machines use to reach the embedded discovery server, if this node
+    /// runs one: for a server bound to an unspecified address, the address of the
+    /// interface that routes outwards (asked of the routing table; no packet is sent).
+    pub fn embedded_discovery_lan_url(&self) -> Option<String> {
+        let addr = self.inner.embedded_addr?;
+        let ip = if addr.ip().is_unspecified() {
+            presence::outward_ip(addr).unwrap_or(addr.ip())
+        } else {
+            addr.ip()
+        };
+        Some(format!("http://{}", SocketAddr::new(ip, addr.port())))
+    }
+
     /// Waits until this node is announced online on discovery ("logged in"), at most
     /// `timeout`. Returns whether it is. Announcing starts at [`NodeBuilder::bind`] and is
     /// retried in the background; a node built with `.announce(false)` never announces.
@@ -992,10 +1005,12 @@ impl Inner {
             .or_else(|| st.online.get(id).and_then(|p| p.name.clone()))
     }
 
-    /// The name of a message's sender for display: [`Inner::name_of`], else the name its
-    /// key claimed on discovery (looked up by NodeId, verified, bounded by
-    /// [`Timings::dial_timeout`] and cached). A claimed name that a contact of ours
-    /// already holds for another key is not shown.
+    /// The name of a message's sender: [`Inner::name_of`], else the name its key claimed
+    /// on discovery (looked up by NodeId, verified by the client, bounded by
+    /// [`Timings::dial_timeout`], at most once per [`NAME_LOOKUP_INTERVAL`] per sender).
+    /// A name learned this way is pinned like one resolved by name (trust on first
+    /// use), so `history NAME` finds the conversation later; a name already pinned to
+    /// another key is not shown and raises a [`NodeEvent::KeyChanged`] warning.
     async fn sender_name(&self, id: &NodeId) -> Option<String> {
         if let Some(name) = self.name_of(id) {
             return Some(name);
@@ -1016,10 +1031,35 @@ impl Inner {
             }
             Err(_) => None,
         };
-        let mut st = self.state();
-        let found = found.filter(|n| !st.names.iter().any(|(k, v)| v == n && k != id));
-        bounded_insert(&mut st.claimed_names, *id, (found.clone(), Instant::now()));
-        found
+        let pinned = match found {
+            Some(name) => {
+                let (n, node) = (name.clone(), *id);
+                match self
+                    .blocking(move |s| s.pin_contact(&n, &node, now_ms()))
+                    .await
+                {
+                    Ok(PinOutcome::New | PinOutcome::Same) => {
+                        self.state().names.insert(*id, name.clone());
+                        Some(name)
+                    }
+                    Ok(PinOutcome::Changed { old }) => {
+                        self.key_changed(&name, old, *id);
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot pin a sender's name");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        bounded_insert(
+            &mut self.state().claimed_names,
+            *id,
+            (pinned.clone(), Instant::now()),
+        );
+        pinned
     }
 
     fn current_name(&self) -> Option<String> {

@@ -892,3 +892,33 @@ async fn a_name_given_at_start_is_claimed_on_a_server_that_does_not_know_it() ->
     d.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_senders_claimed_name_is_learned_and_pinned() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    // Alice claims her name but never announces: bob only learns it from her claim.
+    let a = alice.builder(&d.url).announce(false).bind().await?;
+    a.register("alice").await?;
+    let b = bob.start(&d.url).await?;
+    b.register("bob").await?;
+    let mut b_ev = b.subscribe();
+
+    assert_eq!(
+        a.send("bob", "who am i?").await?.status,
+        SendStatus::Delivered
+    );
+    let ev = next_event(&mut b_ev, "message at bob", is_received).await?;
+    let NodeEvent::MessageReceived { from_name, .. } = ev else {
+        bail!("unexpected event");
+    };
+    assert_eq!(from_name.as_deref(), Some("alice"));
+    // Pinned: the conversation is found by name, even with discovery gone.
+    a.shutdown().await?;
+    d.stop().await;
+    let hist = b.history("alice", 10).await?;
+    assert_eq!(hist.len(), 1);
+    assert_eq!(text(&hist[0]), "who am i?");
+    b.shutdown().await?;
+    Ok(())
+}

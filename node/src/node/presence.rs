@@ -105,20 +105,28 @@ fn announce_addrs(inner: &Inner) -> Vec<SocketAddr> {
             targets.push(a);
         }
     }
-    targets.push(match local.ip() {
-        IpAddr::V4(_) => SocketAddr::from(([192, 0, 2, 1], 9)),
-        IpAddr::V6(_) => "[2001:db8::1]:9".parse().unwrap_or(local),
-    });
-    for t in targets {
-        if let Some(ip) = route_ip(local, t) {
-            let a = SocketAddr::new(ip, local.port());
-            if !ip.is_loopback() && !ip.is_unspecified() && !out.contains(&a) {
-                out.push(a);
-            }
+    let routed = targets
+        .into_iter()
+        .filter_map(|t| route_ip(local, t))
+        .chain(outward_ip(local));
+    for ip in routed {
+        let a = SocketAddr::new(ip, local.port());
+        if !ip.is_loopback() && !ip.is_unspecified() && !out.contains(&a) {
+            out.push(a);
         }
     }
     out.push(local);
     out
+}
+
+/// The local IP of the interface that routes to the internet (of `local`'s family), if
+/// it is not loopback.
+pub(super) fn outward_ip(local: SocketAddr) -> Option<IpAddr> {
+    let target = match local.ip() {
+        IpAddr::V4(_) => SocketAddr::from(([192, 0, 2, 1], 9)),
+        IpAddr::V6(_) => SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1], 9)),
+    };
+    route_ip(local, target).filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
 }
 
 /// The local IP the routing table picks to reach `target`.
