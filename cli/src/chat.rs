@@ -1,10 +1,13 @@
 //! The interactive chat: the default command. Reads commands and messages line by line
 //! from stdin (a terminal or a pipe) and prints messages and notices as they arrive.
 
+use std::collections::HashSet;
+
 use anyhow::Result;
 use p2p_crypto::NodeId;
 use p2p_node::{
     store::{Direction, MessageStatus, StoredMessage},
+    wire::MessageId,
     Node, NodeEvent, SendStatus, Via,
 };
 use serde_json::json;
@@ -34,6 +37,15 @@ struct Room {
     label: String,
 }
 
+/// What the chat has already told the user, so events do not repeat it.
+#[derive(Default)]
+struct Shown {
+    /// Peers listed as online (a "is online" notice for them would repeat the list).
+    online: HashSet<NodeId>,
+    /// Messages whose send already printed "delivered".
+    delivered: HashSet<MessageId>,
+}
+
 pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
     let node = open_node(g, paths, true).await?;
     let mut events = node.subscribe();
@@ -49,7 +61,8 @@ pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
     );
     crate::commands::print_embedded_hint(&node);
     println!("type /help for commands");
-    show_peers(&node).await;
+    let mut shown = Shown::default();
+    show_peers(&node, &mut shown).await;
 
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut room: Option<Room> = None;
@@ -58,7 +71,7 @@ pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
         tokio::select! {
             line = lines.next_line() => match line {
                 Ok(Some(line)) => {
-                    if !handle_line(&node, paths, &mut room, line.trim()).await {
+                    if !handle_line(&node, paths, &mut room, &mut shown, line.trim()).await {
                         break;
                     }
                 }
@@ -69,7 +82,7 @@ pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
                 }
             },
             ev = events.recv() => match ev {
-                Ok(ev) => show_event(&node, room.as_ref(), &ev),
+                Ok(ev) => show_event(&node, room.as_ref(), &mut shown, &ev),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     println!("(missed {n} notices)");
                 }
@@ -85,7 +98,13 @@ pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
 }
 
 /// Handles one input line; false means quit.
-async fn handle_line(node: &Node, paths: &Paths, room: &mut Option<Room>, line: &str) -> bool {
+async fn handle_line(
+    node: &Node,
+    paths: &Paths,
+    room: &mut Option<Room>,
+    shown: &mut Shown,
+    line: &str,
+) -> bool {
     if line.is_empty() {
         return true;
     }
@@ -96,7 +115,7 @@ async fn handle_line(node: &Node, paths: &Paths, room: &mut Option<Room>, line: 
     match cmd {
         "/quit" | "/exit" => return false,
         "/help" => println!("{HELP}"),
-        "/peers" => show_peers(node).await,
+        "/peers" => show_peers(node, shown).await,
         "/leave" => match room.take() {
             Some(r) => println!("left the chat with {}", r.label),
             None => println!("no chat room is open"),
@@ -153,7 +172,10 @@ async fn handle_line(node: &Node, paths: &Paths, room: &mut Option<Room>, line: 
             Some(r) => match node.send(&r.node_id.to_string(), line).await {
                 Ok(outcome) => {
                     let status = match outcome.status {
-                        SendStatus::Delivered => "delivered",
+                        SendStatus::Delivered => {
+                            shown.delivered.insert(outcome.id);
+                            "delivered"
+                        }
                         SendStatus::Queued => "queued",
                     };
                     println!("[{}] me: {}  ({status})", clock(now_ms()), sanitize(line));
@@ -166,13 +188,14 @@ async fn handle_line(node: &Node, paths: &Paths, room: &mut Option<Room>, line: 
     true
 }
 
-async fn show_peers(node: &Node) {
+async fn show_peers(node: &Node, shown: &mut Shown) {
     match node.peers().await {
         Ok(peers) => {
             let others: Vec<_> = peers
                 .iter()
                 .filter(|p| p.node_id != node.node_id())
                 .collect();
+            shown.online = others.iter().map(|p| p.node_id).collect();
             if others.is_empty() {
                 println!("online: nobody else");
             } else {
@@ -190,8 +213,15 @@ async fn show_peers(node: &Node) {
     }
 }
 
-fn show_event(node: &Node, room: Option<&Room>, ev: &NodeEvent) {
+fn show_event(node: &Node, room: Option<&Room>, shown: &mut Shown, ev: &NodeEvent) {
     match ev {
+        NodeEvent::PeerOnline { node_id, .. } if !shown.online.insert(*node_id) => {}
+        NodeEvent::PeerOffline { node_id, .. } if !shown.online.remove(node_id) => {}
+        NodeEvent::MessageDelivered { id, .. } if shown.delivered.remove(id) => {}
+        NodeEvent::MessageDelivered { to, id } => {
+            let label = sanitize(&node.name_of(to).unwrap_or_else(|| to.fingerprint()));
+            println!("* your queued message {id} to {label} was delivered");
+        }
         NodeEvent::MessageReceived {
             from,
             from_name,

@@ -1237,6 +1237,10 @@ impl Inner {
         self.state().in_flight.insert(id);
         let result = self.try_send_now(peer, &msg).await;
         self.state().in_flight.remove(&id);
+        if matches!(&result, Ok(o) if o.status == SendStatus::Queued) {
+            // The outbox task takes it from here (it skipped it while it was in flight).
+            self.outbox_wake.notify_one();
+        }
         result
     }
 
@@ -1277,7 +1281,6 @@ impl Inner {
                     mailbox_deposited: false,
                 };
                 outbox::after_failure(self, entry).await;
-                self.outbox_wake.notify_one();
                 Ok(queued)
             }
         }

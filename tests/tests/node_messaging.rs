@@ -922,3 +922,49 @@ async fn a_senders_claimed_name_is_learned_and_pinned() -> Result<()> {
     b.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_peer_that_left_gets_the_message_when_it_returns_at_a_new_address() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    // A dial timeout far beyond the deadline: the send below only returns in time if
+    // it does not dial addresses discovery says are gone.
+    let slow_dials = Timings {
+        dial_timeout: Duration::from_secs(120),
+        ..fast()
+    };
+    let b = bob.start(&d.url).await?;
+    b.register("bob").await?;
+    // Bob connects to Alice, so she has his connection and the address it came from.
+    let a = alice.builder(&d.url).timings(slow_dials).bind().await?;
+    a.register("alice").await?;
+    let mut a_ev = a.subscribe();
+    assert_eq!(b.send("alice", "hi").await?.status, SendStatus::Delivered);
+    b.shutdown().await?;
+    eventually("bob is gone from alice's view", || async {
+        Ok(!a.peers().await?.iter().any(|p| p.node_id == bob.id()))
+    })
+    .await?;
+
+    let sent = tokio::time::timeout(DEADLINE, a.send("bob", "are you there?"))
+        .await
+        .context("a send to an offline peer must not wait for a dial timeout")??;
+    assert_eq!(sent.status, SendStatus::Queued);
+
+    // Bob returns on another port (his old connection and address are dead).
+    let builder = bob.builder(&d.url);
+    let mut b_ev = builder.subscribe();
+    let b = builder.bind().await?;
+    next_event(&mut a_ev, "delivered", is_delivered(sent.id)).await?;
+    let ev = next_event(&mut b_ev, "message at bob", is_received).await?;
+    assert!(matches!(ev, NodeEvent::MessageReceived { from, .. } if from == alice.id()));
+    let at_b = b.history("alice", 10).await?;
+    assert_eq!(
+        at_b.iter().map(text).collect::<Vec<_>>(),
+        ["hi", "are you there?"]
+    );
+    a.shutdown().await?;
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}

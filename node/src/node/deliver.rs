@@ -102,7 +102,10 @@ async fn send_on(
 }
 
 /// The addresses to dial `peer` at: those it announced, then the one it last connected
-/// from. Asks discovery when we know none.
+/// from. Asks discovery when the online list does not have the peer; when discovery
+/// answers that the peer is offline, the last address is not tried either (its process
+/// is gone, and a dial to a dead UDP port only ends at the dial timeout), so a send to
+/// an offline peer is queued at once.
 async fn addresses(inner: &Arc<Inner>, peer: NodeId) -> Vec<SocketAddr> {
     let (mut addrs, last) = {
         let st = inner.state();
@@ -114,20 +117,22 @@ async fn addresses(inner: &Arc<Inner>, peer: NodeId) -> Vec<SocketAddr> {
             st.last_addr.get(&peer).copied(),
         )
     };
+    let mut known_offline = false;
     if addrs.is_empty() {
         if let Some(d) = &inner.disco {
             match tokio::time::timeout(inner.timings.dial_timeout, d.lookup_id(&peer)).await {
                 Ok(Ok(Some(info))) => {
                     inner.learn_peers(std::slice::from_ref(&info));
+                    known_offline = !info.online;
                     addrs = info.addrs;
                 }
-                Ok(Ok(None)) => {}
+                Ok(Ok(None)) => known_offline = true,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "lookup failed"),
                 Err(_) => tracing::debug!(%peer, "lookup timed out"),
             }
         }
     }
-    if let Some(a) = last {
+    if let Some(a) = last.filter(|_| !known_offline) {
         if !addrs.contains(&a) {
             addrs.push(a);
         }
@@ -174,14 +179,22 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverErr
     let Ok(permit) = inner.conn_limit.clone().try_acquire_owned() else {
         return Err(DeliverError::ConnectionLimit);
     };
-    let mut last_err = DeliverError::NoAddress;
+    // Every address at once; the first handshake to complete wins (a peer is often
+    // reachable at only one of them, and a dead one costs the whole dial timeout).
+    let mut dials = tokio::task::JoinSet::new();
     for addr in addrs {
-        let dial = tokio::select! {
+        let endpoint = inner.endpoint.clone();
+        dials.spawn(async move { (addr, endpoint.connect(addr, peer).await) });
+    }
+    let deadline = tokio::time::Instant::now() + inner.timings.dial_timeout;
+    let mut last_err = DeliverError::DialTimeout;
+    loop {
+        let next = tokio::select! {
             _ = inner.cancel.cancelled() => return Err(DeliverError::Shutdown),
-            r = tokio::time::timeout(inner.timings.dial_timeout, inner.endpoint.connect(addr, peer)) => r,
+            r = tokio::time::timeout_at(deadline, dials.join_next()) => r,
         };
-        match dial {
-            Ok(Ok(conn)) => {
+        match next {
+            Ok(Some(Ok((addr, Ok(conn))))) => {
                 tracing::debug!(%peer, %addr, "connected");
                 inner.register_connection(&conn, false);
                 let inner2 = inner.clone();
@@ -189,15 +202,21 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverErr
                 inner
                     .tracker
                     .spawn(inbound::serve_connection(inner2, conn2, permit));
+                // Dropping the set aborts the other attempts.
                 return Ok(conn);
             }
-            Ok(Err(e)) => {
+            Ok(Some(Ok((addr, Err(e))))) => {
                 tracing::debug!(%peer, %addr, error = %e, "dial failed");
                 last_err = DeliverError::Dial(e);
             }
+            Ok(Some(Err(e))) => {
+                tracing::debug!(%peer, error = %e, "dial task failed");
+            }
+            Ok(None) => break,
             Err(_) => {
-                tracing::debug!(%peer, %addr, "dial timed out");
+                tracing::debug!(%peer, "dial timed out");
                 last_err = DeliverError::DialTimeout;
+                break;
             }
         }
     }

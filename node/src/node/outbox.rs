@@ -60,8 +60,15 @@ async fn round(inner: &Arc<Inner>) -> Result<Option<u64>, super::NodeError> {
     };
     let mut due: BTreeMap<NodeId, Vec<OutboxEntry>> = BTreeMap::new();
     let mut next_due: Option<u64> = None;
+    let mut busy_woken = HashSet::new();
     for e in entries {
         if in_flight.contains(&e.message.id) {
+            // Being sent right now. If its peer was just woken (came online, or
+            // connected to us), keep the wake-up for when that attempt is over: it may
+            // have failed against the peer's old address.
+            if woken.contains(&e.to) {
+                busy_woken.insert(e.to);
+            }
             continue;
         }
         if e.next_attempt_ms <= now || woken.contains(&e.to) {
@@ -69,6 +76,9 @@ async fn round(inner: &Arc<Inner>) -> Result<Option<u64>, super::NodeError> {
         } else {
             next_due = Some(next_due.map_or(e.next_attempt_ms, |n| n.min(e.next_attempt_ms)));
         }
+    }
+    if !busy_woken.is_empty() {
+        inner.state().wake.extend(busy_woken);
     }
     let mut tasks = JoinSet::new();
     for (peer, mut queue) in due {
