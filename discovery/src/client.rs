@@ -39,8 +39,10 @@ pub const MAX_PAGES: usize = 200;
 pub enum ClientError {
     #[error("invalid discovery URL {url:?}: {reason}")]
     InvalidUrl { url: String, reason: String },
-    #[error("discovery server unreachable: {0}")]
-    Unreachable(#[source] reqwest::Error),
+    /// The server cannot be connected to; holds the innermost reason (e.g.
+    /// "Connection refused (os error 111)").
+    #[error("cannot connect: {0}")]
+    Unreachable(String),
     #[error("discovery request timed out")]
     Timeout,
     #[error("HTTP error talking to the discovery server: {0}")]
@@ -75,7 +77,11 @@ fn map_reqwest(e: reqwest::Error) -> ClientError {
     if e.is_timeout() {
         ClientError::Timeout
     } else if e.is_connect() {
-        ClientError::Unreachable(e)
+        let mut root: &dyn std::error::Error = &e;
+        while let Some(next) = root.source() {
+            root = next;
+        }
+        ClientError::Unreachable(root.to_string())
     } else {
         ClientError::Transport(e)
     }
