@@ -160,11 +160,29 @@ pub fn resolve_addrs(announced: &[SocketAddr], observed_ip: Option<IpAddr>) -> V
     out
 }
 
+/// How far a presence record's clock may be off ours before the client refuses it as
+/// expired or from the future (the server allows the same).
+pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
 /// Verifies one entry from the server. `expect_node` / `expect_name` are what was asked.
+/// See [`verify_entry_at`]; this one uses the system clock.
 pub fn verify_entry(
     entry: &PeerEntry,
     expect_node: Option<&NodeId>,
     expect_name: Option<&str>,
+) -> Result<PeerInfo, RecordError> {
+    verify_entry_at(entry, expect_node, expect_name, clock::now_ms())
+}
+
+/// Verifies one entry from the server at time `now_ms`: every record's signature, that
+/// it is for the node (and name) asked about, and that its presence is live. A presence
+/// record that expired (a server replaying an old login) or is stamped in the future,
+/// by more than [`CLOCK_SKEW`], is dropped with a warning: the node counts as offline.
+pub fn verify_entry_at(
+    entry: &PeerEntry,
+    expect_node: Option<&NodeId>,
+    expect_name: Option<&str>,
+    now_ms: u64,
 ) -> Result<PeerInfo, RecordError> {
     let node = entry.node_id;
     if let Some(expected) = expect_node.filter(|e| **e != node) {
@@ -201,7 +219,20 @@ pub fn verify_entry(
                     got: signed.record().node_id,
                 });
             }
-            Some((signed.record().clone(), p.observed_ip))
+            let record = signed.record();
+            let skew = u64::try_from(CLOCK_SKEW.as_millis()).unwrap_or(u64::MAX);
+            let expires = record
+                .timestamp_ms
+                .saturating_add(u64::from(record.ttl_secs).saturating_mul(1000));
+            if expires.saturating_add(skew) < now_ms {
+                tracing::warn!(%node, timestamp_ms = record.timestamp_ms, "discovery returned an expired presence record; ignoring it");
+                None
+            } else if record.timestamp_ms > now_ms.saturating_add(skew) {
+                tracing::warn!(%node, timestamp_ms = record.timestamp_ms, "discovery returned a presence record from the future; ignoring it");
+                None
+            } else {
+                Some((record.clone(), p.observed_ip))
+            }
         }
         None => None,
     };
@@ -468,7 +499,8 @@ impl Client {
                     continue;
                 }
                 match verify_entry(entry, None, None) {
-                    Ok(info) => peers.push(info),
+                    Ok(info) if info.online => peers.push(info),
+                    Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(node = %entry.node_id, error = %e, "invalid record in online list; skipped");
                     }

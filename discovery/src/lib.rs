@@ -70,8 +70,9 @@ mod server;
 mod store;
 
 pub use client::{
-    resolve_addrs, verify_entry, AnnounceOutcome, Client, ClientError, MailboxBatch, MailboxItem,
-    PeerInfo, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, MAX_PAGES, MAX_RESPONSE_BYTES,
+    resolve_addrs, verify_entry, verify_entry_at, AnnounceOutcome, Client, ClientError,
+    MailboxBatch, MailboxItem, PeerInfo, CLOCK_SKEW, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT,
+    MAX_PAGES, MAX_RESPONSE_BYTES,
 };
 pub use clock::{now_ms, Clock, ManualClock, SystemClock};
 pub use error::{AppError, ErrorCode};

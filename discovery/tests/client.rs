@@ -284,6 +284,42 @@ async fn client_rejects_forged_records() {
         Err(ClientError::InvalidRecord(RecordError::TooLarge { .. }))
     ));
     server.stop().await;
+
+    // 5. A genuine but stale presence (an old login replayed) and one stamped in the
+    //    future: ignored, so alice counts as offline and is not in the online list.
+    for (what, stamp) in [
+        ("expired", now - 10 * 60 * 1000),
+        ("future", now + 10 * 60 * 1000),
+    ] {
+        let p = common::presence(&alice, Some("alice"), stamp, 60);
+        let w = p.to_wire();
+        let server = Running::start(Some(lying_server(PeerEntry {
+            node_id: alice.public(),
+            claim: Some(claim_entry(&common::claim(
+                &alice,
+                "alice",
+                now - 3_600_000,
+            ))),
+            presence: Some(PresenceEntry {
+                record: w.record,
+                signature: w.signature,
+                observed_ip: None,
+                expires_in_secs: 60,
+                decoded: None,
+            }),
+        })))
+        .await;
+        let client = Client::new(&server.url).expect("client");
+        let info = client
+            .lookup_name("alice")
+            .await
+            .expect("the claim still verifies")
+            .expect("found");
+        assert!(!info.online, "{what} presence ignored");
+        assert!(info.addrs.is_empty(), "{what}: no addresses to dial");
+        assert!(client.online().await.expect("online").is_empty(), "{what}");
+        server.stop().await;
+    }
 }
 
 #[tokio::test]

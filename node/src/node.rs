@@ -110,11 +110,24 @@ pub const CLOSE_BAD_FRAME: quinn::VarInt = quinn::VarInt::from_u32(0x20);
 /// Application close code: the peer sent a frame kind that is not valid at that point
 /// (e.g. an `Ack` opening a stream).
 pub const CLOSE_UNEXPECTED_FRAME: quinn::VarInt = quinn::VarInt::from_u32(0x21);
+/// Application close code: the peer already has [`MAX_CONNECTIONS_PER_PEER`]
+/// connections to this node.
+pub const CLOSE_TOO_MANY_CONNECTIONS: quinn::VarInt = quinn::VarInt::from_u32(0x22);
 /// Stream reset code: the peer did not send a complete frame within the read timeout.
 pub const STREAM_TIMEOUT: quinn::VarInt = quinn::VarInt::from_u32(0x30);
 /// Stream reset code: the message could not be stored right now (e.g. disk error); it
 /// was not acknowledged and the sender should retry later.
 pub const STREAM_NOT_STORED: quinn::VarInt = quinn::VarInt::from_u32(0x31);
+
+/// Most connections one peer (one NodeId) may have with this node at once; more are
+/// closed with [`CLOSE_TOO_MANY_CONNECTIONS`]. Two are normal (both sides dialed at
+/// once); the rest leaves room for reconnects.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
+
+/// Bytes of incoming frames one connection may hold in memory at once (read but not
+/// yet acknowledged), across all its streams: 16 frames of the maximum size. A stream
+/// whose frame does not fit waits (within its read timeout) until others are done.
+pub const CONNECTION_FRAME_BUDGET: usize = 16 * crate::wire::MAX_FRAME_LEN;
 
 /// Most incoming messages written in one group commit.
 pub const MAX_WRITE_BATCH: usize = 256;
@@ -649,6 +662,8 @@ struct State {
     /// with when we last asked, so each unknown sender is looked up at most once per
     /// [`NAME_LOOKUP_INTERVAL`].
     claimed_names: HashMap<NodeId, (Option<String>, Instant)>,
+    /// Live connections per peer (bounded by the connection limit).
+    peer_conns: HashMap<NodeId, usize>,
 }
 
 /// How often the name of a sender that is neither a contact nor online is looked up.

@@ -478,6 +478,19 @@ pub async fn read_frame<R>(r: &mut R, buf: &mut Vec<u8>) -> Result<Option<Frame>
 where
     R: AsyncRead + Unpin,
 {
+    match read_frame_header(r).await? {
+        None => Ok(None),
+        Some(len) => read_frame_body(r, len, buf).await.map(Some),
+    }
+}
+
+/// Reads and checks a frame's length prefix: the payload length (at most
+/// [`MAX_FRAME_LEN`]), or `None` when the stream ends cleanly before it. With
+/// [`read_frame_body`], lets a reader reserve memory for the payload before reading it.
+pub async fn read_frame_header<R>(r: &mut R) -> Result<Option<usize>, ReadFrameError>
+where
+    R: AsyncRead + Unpin,
+{
     let mut header = [0u8; HEADER_LEN];
     let got = read_full(r, &mut header).await?;
     if got == 0 {
@@ -489,14 +502,32 @@ where
             got,
         });
     }
-    let len = frame_len(header)?;
+    Ok(Some(frame_len(header)?))
+}
+
+/// Reads a payload of `len` bytes (from [`read_frame_header`]) into `buf` and decodes it.
+pub async fn read_frame_body<R>(
+    r: &mut R,
+    len: usize,
+    buf: &mut Vec<u8>,
+) -> Result<Frame, ReadFrameError>
+where
+    R: AsyncRead + Unpin,
+{
+    if len > MAX_FRAME_LEN {
+        return Err(DecodeError::FrameTooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        }
+        .into());
+    }
     buf.clear();
     buf.resize(len, 0);
     let got = read_full(r, buf).await?;
     if got < len {
         return Err(ReadFrameError::Truncated { expected: len, got });
     }
-    Ok(Some(decode(buf)?))
+    Ok(decode(buf)?)
 }
 
 /// Reads until `dst` is full or the stream ends; returns the number of bytes read.

@@ -196,6 +196,7 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverErr
         match next {
             Ok(Some(Ok((addr, Ok(conn))))) => {
                 tracing::debug!(%peer, %addr, "connected");
+                inner.take_peer_slot(peer, true);
                 inner.register_connection(&conn, false);
                 let inner2 = inner.clone();
                 let conn2 = conn.clone();

@@ -7,16 +7,18 @@
 
 use std::sync::Arc;
 
-use tokio::sync::OwnedSemaphorePermit;
+use p2p_crypto::NodeId;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{
-    bounded_insert, Inner, NodeEvent, Via, CLOSE_BAD_FRAME, CLOSE_UNEXPECTED_FRAME,
-    STREAM_NOT_STORED, STREAM_TIMEOUT,
+    bounded_insert, Inner, NodeEvent, Via, CLOSE_BAD_FRAME, CLOSE_TOO_MANY_CONNECTIONS,
+    CLOSE_UNEXPECTED_FRAME, CONNECTION_FRAME_BUDGET, MAX_CONNECTIONS_PER_PEER, STREAM_NOT_STORED,
+    STREAM_TIMEOUT,
 };
 use crate::{
     endpoint::Connection,
     store::{Direction, Inserted, MessageStatus, StoredMessage},
-    wire::{read_frame, write_frame, Ack, Frame, ReadFrameError},
+    wire::{read_frame_body, read_frame_header, write_frame, Ack, Frame, ReadFrameError},
 };
 
 /// Accepts connections until the node stops.
@@ -53,6 +55,12 @@ pub(super) async fn accept_loop(inner: Arc<Inner>) {
                 }
             };
             let peer = conn.remote_node_id();
+            if !inner2.take_peer_slot(peer, false) {
+                tracing::warn!(%peer, %addr, "too many connections from one peer; closing");
+                conn.quic()
+                    .close(CLOSE_TOO_MANY_CONNECTIONS, b"too many connections");
+                return;
+            }
             tracing::debug!(%peer, %addr, "accepted connection");
             inner2.register_connection(&conn, true);
             serve_connection(inner2, conn, permit).await;
@@ -79,6 +87,29 @@ impl Inner {
         }
     }
 
+    /// Counts a connection against its peer's limit ([`MAX_CONNECTIONS_PER_PEER`]).
+    /// An incoming connection past the limit is refused (`false`); one we dialed
+    /// ourselves (`force`) is always counted. [`serve_connection`] gives the slot back.
+    pub(super) fn take_peer_slot(&self, peer: NodeId, force: bool) -> bool {
+        let mut st = self.state();
+        let n = st.peer_conns.entry(peer).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_PEER && !force {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn release_peer_slot(&self, peer: NodeId) {
+        let mut st = self.state();
+        if let Some(n) = st.peer_conns.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.peer_conns.remove(&peer);
+            }
+        }
+    }
+
     /// Forgets `conn` if it is the cached connection of its peer.
     pub(super) fn forget_connection(&self, conn: &Connection) {
         let peer = conn.remote_node_id();
@@ -93,12 +124,15 @@ impl Inner {
     }
 }
 
-/// Accepts streams on `conn` (dialed or accepted) until it closes, a task per stream.
+/// Accepts streams on `conn` (dialed or accepted, its peer slot taken) until it
+/// closes, a task per stream. The streams share the connection's frame budget
+/// ([`CONNECTION_FRAME_BUDGET`]).
 pub(super) async fn serve_connection(
     inner: Arc<Inner>,
     conn: Connection,
     _permit: OwnedSemaphorePermit,
 ) {
+    let budget = Arc::new(Semaphore::new(CONNECTION_FRAME_BUDGET));
     loop {
         let stream = tokio::select! {
             _ = inner.cancel.cancelled() => break,
@@ -113,17 +147,40 @@ pub(super) async fn serve_connection(
         };
         let inner2 = inner.clone();
         let conn2 = conn.clone();
+        let budget = budget.clone();
         inner
             .tracker
-            .spawn(async move { serve_stream(inner2, conn2, send, recv).await });
+            .spawn(async move { serve_stream(inner2, conn2, budget, send, recv).await });
     }
     inner.forget_connection(&conn);
+    inner.release_peer_slot(conn.remote_node_id());
+}
+
+/// Reads the next frame of a stream, holding `len` bytes of the connection's frame
+/// budget from its header until the returned permit is dropped (after the ack).
+async fn read_budgeted<R: tokio::io::AsyncRead + Unpin>(
+    recv: &mut R,
+    budget: &Arc<Semaphore>,
+    buf: &mut Vec<u8>,
+) -> Result<Option<(Frame, OwnedSemaphorePermit)>, ReadFrameError> {
+    let Some(len) = read_frame_header(recv).await? else {
+        return Ok(None);
+    };
+    // `len` is at most MAX_FRAME_LEN, far below u32::MAX and the budget.
+    let permits = u32::try_from(len).unwrap_or(u32::MAX);
+    let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
+        // Never closed; treat it like a stream that ended.
+        return Ok(None);
+    };
+    let frame = read_frame_body(recv, len, buf).await?;
+    Ok(Some((frame, permit)))
 }
 
 /// Reads message frames from one stream and acknowledges each after storing it.
 async fn serve_stream(
     inner: Arc<Inner>,
     conn: Connection,
+    budget: Arc<Semaphore>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -133,7 +190,7 @@ async fn serve_stream(
     loop {
         let read = tokio::select! {
             _ = inner.cancel.cancelled() => return,
-            r = tokio::time::timeout(inner.timings.read_timeout, read_frame(&mut recv, &mut buf)) => r,
+            r = tokio::time::timeout(inner.timings.read_timeout, read_budgeted(&mut recv, &budget, &mut buf)) => r,
         };
         let frame = match read {
             Err(_) => {
@@ -143,7 +200,7 @@ async fn serve_stream(
                 return;
             }
             Ok(Ok(None)) => break,
-            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(Some(read))) => read,
             Ok(Err(ReadFrameError::Io(e))) => {
                 tracing::debug!(%peer, error = %e, "stream failed");
                 return;
@@ -155,6 +212,7 @@ async fn serve_stream(
                 return;
             }
         };
+        let (frame, _budget) = frame;
         let msg = match frame {
             Frame::Message(msg) => msg,
             Frame::Ack(_) => {
@@ -212,4 +270,44 @@ async fn serve_stream(
         }
     }
     let _ = send.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{self, ChatMessage};
+
+    #[tokio::test]
+    async fn frames_wait_for_the_connection_budget() {
+        let frame = Frame::Message(ChatMessage::text("x".repeat(100), 1).expect("valid"));
+        let bytes = wire::encode(&frame).expect("encodes");
+        let len = bytes.len() - wire::HEADER_LEN;
+        // Room for one frame, not two.
+        let budget = Arc::new(Semaphore::new(len + len / 2));
+        let mut buf = Vec::new();
+        let (got, held) = read_budgeted(&mut bytes.as_slice(), &budget, &mut buf)
+            .await
+            .expect("reads")
+            .expect("a frame");
+        assert_eq!(got, frame);
+        assert_eq!(budget.available_permits(), len / 2);
+        // A second frame must wait while the first is held...
+        let budget2 = budget.clone();
+        let second = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut input = bytes.as_slice();
+            read_budgeted(&mut input, &budget2, &mut buf)
+                .await
+                .map(|r| r.map(|(f, _)| f))
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!second.is_finished(), "waits for the budget");
+        // ... and goes on once the first one is acknowledged (its permit dropped).
+        drop(held);
+        let second = second.await.expect("joins").expect("reads");
+        assert_eq!(second, Some(frame));
+        assert_eq!(budget.available_permits(), len + len / 2);
+    }
 }

@@ -1,0 +1,437 @@
+//! Hostile peers and a lying discovery server against a node on loopback. In every
+//! test a well-behaved peer keeps sending while the attack goes on, and its messages
+//! must still arrive.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use axum::{routing::get, Json, Router};
+use p2p_crypto::SecretKey;
+use p2p_discovery::api::{ClaimEntry, PeerEntry};
+use p2p_node::{
+    node::{CLOSE_BAD_FRAME, CLOSE_TOO_MANY_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, STREAM_TIMEOUT},
+    wire::{self, AckStatus, Body, ChatMessage, Frame, MAX_TEXT_LEN},
+    Node, NodeError, SendStatus, Timings, TransportSettings,
+};
+use tokio::task::JoinSet;
+
+use common::*;
+
+/// Test timings with a short stream read timeout, so stalled streams are cut quickly.
+fn short_reads() -> Timings {
+    Timings {
+        read_timeout: Duration::from_millis(500),
+        ..fast()
+    }
+}
+
+/// Alice sends `n` messages to Bob one after the other; each must be delivered.
+async fn good_peer_sends(a: &Node, bob: &str, n: usize, tag: &str) -> Result<Duration> {
+    let mut slowest = Duration::ZERO;
+    for i in 0..n {
+        let t = tokio::time::Instant::now();
+        let out = tokio::time::timeout(DEADLINE, a.send(bob, &format!("{tag} {i}")))
+            .await
+            .with_context(|| format!("{tag} {i}: not delivered within {DEADLINE:?}"))??;
+        if out.status != SendStatus::Delivered {
+            bail!("{tag} {i}: {:?}", out.status);
+        }
+        slowest = slowest.max(t.elapsed());
+    }
+    Ok(slowest)
+}
+
+/// The reset or stop code a stalled stream ends with, as seen by the attacker. The
+/// stream's halves are dropped on return, as any QUIC stack does with a stream the peer
+/// reset, which gives the stream credit back.
+async fn stream_end_code(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    trickle: bool,
+) -> Result<u64> {
+    if trickle {
+        // A header announcing 256 bytes, which then come one at a time.
+        send.write_all(&[0, 0, 1, 0]).await?;
+    } else {
+        // Two bytes of a four-byte header: the frame never completes.
+        send.write_all(&[0, 0]).await?;
+    }
+    let mut buf = [0u8; 16];
+    for _ in 0..1_000 {
+        if trickle {
+            // One byte at a time, forever (bounded by the loop): a slow writer.
+            match send.write_all(&[0]).await {
+                Ok(()) => {}
+                Err(quinn::WriteError::Stopped(code)) => return Ok(code.into_inner()),
+                Err(e) => bail!("write failed otherwise: {e}"),
+            }
+            match tokio::time::timeout(Duration::from_millis(50), recv.read(&mut buf)).await {
+                Err(_) => continue,
+                Ok(Err(quinn::ReadError::Reset(code))) => return Ok(code.into_inner()),
+                Ok(other) => bail!("unexpected read result: {other:?}"),
+            }
+        } else {
+            return match tokio::time::timeout(DEADLINE, recv.read(&mut buf)).await? {
+                Err(quinn::ReadError::Reset(code)) => Ok(code.into_inner()),
+                other => bail!("unexpected read result: {other:?}"),
+            };
+        }
+    }
+    bail!("the node never cut the slow stream")
+}
+
+#[tokio::test]
+async fn stalled_and_trickling_streams_are_cut_and_a_good_peer_is_served() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.builder(&d.url).timings(short_reads()).bind().await?;
+    let a = alice.start(&d.url).await?;
+    let bob_id = bob.id().to_string();
+
+    let mallory = SecretKey::generate();
+    let m = raw_endpoint(&mallory).await?;
+    let conn = m.connect(b.local_addr()?, bob.id()).await?;
+    let mut attacks = JoinSet::new();
+    for i in 0..32 {
+        let (send, recv) = conn.quic().open_bi().await?;
+        attacks.spawn(stream_end_code(send, recv, i % 2 == 1));
+    }
+    let slowest = good_peer_sends(&a, &bob_id, 20, "during the attack").await?;
+    eprintln!("good peer: slowest of 20 sends during the attack took {slowest:?}");
+
+    let mut cut = 0;
+    while let Some(code) = attacks.join_next().await {
+        assert_eq!(
+            code??,
+            STREAM_TIMEOUT.into_inner(),
+            "reset by the read timeout"
+        );
+        cut += 1;
+    }
+    assert_eq!(cut, 32);
+    assert!(b
+        .history(&mallory.public().to_string(), 10)
+        .await?
+        .is_empty());
+    assert_eq!(b.history(&alice.id().to_string(), 100).await?.len(), 20);
+    a.shutdown().await?;
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_peer_at_the_stream_limit_waits_and_others_are_served() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.builder(&d.url).timings(short_reads()).bind().await?;
+    let a = alice.start(&d.url).await?;
+    let limit = TransportSettings::default().max_concurrent_bidi_streams;
+
+    let mallory = SecretKey::generate();
+    let m = raw_endpoint(&mallory).await?;
+    let conn = m.connect(b.local_addr()?, bob.id()).await?;
+    let mut stalled = JoinSet::new();
+    for _ in 0..limit {
+        let (send, recv) = conn.quic().open_bi().await?;
+        stalled.spawn(stream_end_code(send, recv, false));
+    }
+    // The node allows no more: opening one more stream cannot even start.
+    assert!(
+        tokio::time::timeout(Duration::ZERO, conn.quic().open_bi())
+            .await
+            .is_err(),
+        "stream {} opened past the limit of {limit}",
+        limit + 1
+    );
+    // Alice, on her own connection, is not affected.
+    good_peer_sends(
+        &a,
+        &bob.id().to_string(),
+        10,
+        "while mallory is at the limit",
+    )
+    .await?;
+
+    // Once the node has cut the stalled streams, Mallory may open new ones, and a
+    // well-formed message on one of them is stored and acknowledged.
+    let (mut send, mut recv) = tokio::time::timeout(DEADLINE, conn.quic().open_bi())
+        .await
+        .context("stream credit never came back")??;
+    let msg = ChatMessage::text("finally", 1)?;
+    wire::write_frame(&mut send, &Frame::Message(msg.clone())).await?;
+    send.finish()?;
+    let mut buf = Vec::new();
+    match tokio::time::timeout(DEADLINE, wire::read_frame(&mut recv, &mut buf)).await?? {
+        Some(Frame::Ack(ack)) => {
+            assert_eq!(ack.id, msg.id);
+            assert_eq!(ack.status, AckStatus::Stored);
+        }
+        other => bail!("expected an ack, got {other:?}"),
+    }
+    while let Some(code) = stalled.join_next().await {
+        assert_eq!(code??, STREAM_TIMEOUT.into_inner());
+    }
+    a.shutdown().await?;
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn frames_at_the_limit_are_accepted_and_over_it_refused() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.start(&d.url).await?;
+    let a = alice.start(&d.url).await?;
+    let bob_id = bob.id().to_string();
+
+    // The longest text is a normal message.
+    let longest = "é".repeat(MAX_TEXT_LEN / 2);
+    assert_eq!(longest.len(), MAX_TEXT_LEN);
+    assert_eq!(
+        a.send(&bob_id, &longest).await?.status,
+        SendStatus::Delivered
+    );
+    // One byte more is refused before anything is stored or sent.
+    let too_long = format!("{longest}x");
+    assert!(matches!(
+        a.send(&bob_id, &too_long).await,
+        Err(NodeError::InvalidMessage(_))
+    ));
+
+    // A peer that writes it anyway (bypassing the encoder's check) loses its connection.
+    let mallory = SecretKey::generate();
+    let m = raw_endpoint(&mallory).await?;
+    let mut msg = ChatMessage::text("x", 1)?;
+    msg.body = Body::Text(too_long);
+    let payload = postcard::to_stdvec(&Frame::Message(msg))?;
+    assert!(
+        payload.len() <= wire::MAX_FRAME_LEN,
+        "within the frame limit"
+    );
+    let mut bytes = u32::try_from(payload.len())?.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&payload);
+    let conn = m.connect(b.local_addr()?, bob.id()).await?;
+    let (mut send, _recv) = conn.quic().open_bi().await?;
+    send.write_all(&bytes).await?;
+    send.finish()?;
+    match tokio::time::timeout(DEADLINE, conn.quic().closed()).await? {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, CLOSE_BAD_FRAME)
+        }
+        other => bail!("connection ended otherwise: {other}"),
+    }
+    // A frame at exactly the size limit is read (and refused only for its content).
+    let mut at_limit = u32::try_from(wire::MAX_FRAME_LEN)?.to_be_bytes().to_vec();
+    at_limit.resize(4 + wire::MAX_FRAME_LEN, 0xff);
+    let conn = m.connect(b.local_addr()?, bob.id()).await?;
+    let (mut send, _recv) = conn.quic().open_bi().await?;
+    send.write_all(&at_limit).await?;
+    send.finish()?;
+    match tokio::time::timeout(DEADLINE, conn.quic().closed()).await? {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, CLOSE_BAD_FRAME)
+        }
+        other => bail!("connection ended otherwise: {other}"),
+    }
+
+    good_peer_sends(&a, &bob_id, 3, "after the bad frames").await?;
+    assert!(b
+        .history(&mallory.public().to_string(), 10)
+        .await?
+        .is_empty());
+    a.shutdown().await?;
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_flooding_peer_does_not_starve_a_good_one() -> Result<()> {
+    const FLOOD: usize = 2_000;
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.start(&d.url).await?;
+    let a = alice.start(&d.url).await?;
+
+    let mallory = SecretKey::generate();
+    let m = raw_endpoint(&mallory).await?;
+    let conn = Arc::new(m.connect(b.local_addr()?, bob.id()).await?);
+    // Mallory sends as fast as the node lets her: 64 streams in flight at all times.
+    let flood = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let mut tasks = JoinSet::new();
+            let mut acked = 0usize;
+            for i in 0..FLOOD {
+                if tasks.len() >= 64 {
+                    if let Some(r) = tasks.join_next().await {
+                        acked += usize::from(r??);
+                    }
+                }
+                let conn = conn.clone();
+                tasks.spawn(async move {
+                    let msg = ChatMessage::text(format!("flood {i}"), 1)?;
+                    let ack = raw_exchange(&conn, &Frame::Message(msg)).await?;
+                    anyhow::Ok(matches!(ack, Some(Frame::Ack(a)) if a.status == AckStatus::Stored))
+                });
+            }
+            while let Some(r) = tasks.join_next().await {
+                acked += usize::from(r??);
+            }
+            anyhow::Ok(acked)
+        })
+    };
+    let slowest = good_peer_sends(&a, &bob.id().to_string(), 20, "during the flood").await?;
+    eprintln!("good peer: slowest of 20 sends during a {FLOOD}-message flood: {slowest:?}");
+    let acked = tokio::time::timeout(DEADLINE * 3, flood).await???;
+    assert_eq!(
+        acked, FLOOD,
+        "every flood message is stored and acknowledged"
+    );
+    let stored = b.history(&mallory.public().to_string(), FLOOD + 10).await?;
+    assert_eq!(stored.len(), FLOOD, "each stored once");
+    assert_eq!(b.history(&alice.id().to_string(), 100).await?.len(), 20);
+    a.shutdown().await?;
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_peer_cannot_take_every_connection() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.start(&d.url).await?;
+    let a = alice.start(&d.url).await?;
+    let mallory = SecretKey::generate();
+    let m = raw_endpoint(&mallory).await?;
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_PEER {
+        let conn = m.connect(b.local_addr()?, bob.id()).await?;
+        // A message on each makes sure the node has admitted it.
+        let msg = ChatMessage::text("hello", 1)?;
+        match raw_exchange(&conn, &Frame::Message(msg)).await? {
+            Some(Frame::Ack(ack)) => assert_eq!(ack.status, AckStatus::Stored),
+            other => bail!("expected an ack, got {other:?}"),
+        }
+        held.push(conn);
+    }
+    let extra = m.connect(b.local_addr()?, bob.id()).await?;
+    match tokio::time::timeout(DEADLINE, extra.quic().closed()).await? {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, CLOSE_TOO_MANY_CONNECTIONS)
+        }
+        other => bail!("connection ended otherwise: {other}"),
+    }
+    good_peer_sends(&a, &bob.id().to_string(), 3, "with mallory at her limit").await?;
+    // A closed connection gives its slot back.
+    if let Some(c) = held.pop() {
+        c.quic().close(0u32.into(), b"bye");
+    }
+    eventually("a slot is free again", || async {
+        let conn = m.connect(b.local_addr()?, bob.id()).await?;
+        let msg = ChatMessage::text("again", 1)?;
+        Ok(matches!(
+            raw_exchange(&conn, &Frame::Message(msg)).await,
+            Ok(Some(Frame::Ack(_)))
+        ))
+    })
+    .await?;
+    a.shutdown().await?;
+    b.shutdown().await?;
+    d.stop().await;
+    Ok(())
+}
+
+/// A discovery server that answers every lookup with `entry`, and the online list with
+/// it too.
+async fn lying_discovery(
+    entry: serde_json::Value,
+) -> Result<(String, tokio::task::JoinHandle<()>)> {
+    let (e1, e2, e3) = (entry.clone(), entry.clone(), entry);
+    let app =
+        Router::new()
+            .route("/v1/names/{name}", get(move || async move { Json(e1) }))
+            .route("/v1/peers/{id}", get(move || async move { Json(e2) }))
+            .route(
+                "/v1/presence",
+                get(move || async move {
+                    Json(serde_json::json!({ "peers": [e3], "next_cursor": null }))
+                }),
+            );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, task))
+}
+
+fn claim_json(sk: &SecretKey, name: &str, node: &SecretKey) -> Result<serde_json::Value> {
+    let claim = p2p_discovery::Signed::sign(
+        sk,
+        p2p_discovery::NameClaim {
+            name: name.into(),
+            node_id: sk.public(),
+            mailbox_key: sk.mailbox_secret().public(),
+            timestamp_ms: p2p_discovery::now_ms(),
+        },
+    )?;
+    let w = claim.to_wire();
+    Ok(serde_json::to_value(PeerEntry {
+        node_id: node.public(),
+        claim: Some(ClaimEntry {
+            record: w.record,
+            signature: w.signature,
+            decoded: None,
+        }),
+        presence: None,
+    })?)
+}
+
+#[tokio::test]
+async fn a_lying_discovery_server_cannot_make_the_node_trust_its_records() -> Result<()> {
+    let bob = SecretKey::generate();
+    let mallory = SecretKey::generate();
+    let forged = claim_json(&mallory, "bob", &bob)?; // Mallory's claim passed off as bob's
+    let mut altered = claim_json(&bob, "bob", &bob)?; // bob's claim, with a bit flipped
+    let record = altered["claim"]["record"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut bytes = data_encoding::BASE64URL_NOPAD.decode(record.as_bytes())?;
+    if let Some(last) = bytes.last_mut() {
+        *last ^= 1;
+    }
+    altered["claim"]["record"] = data_encoding::BASE64URL_NOPAD.encode(&bytes).into();
+    let oversized = serde_json::json!({ "node_id": bob.public().to_string(), "claim": { "record": "A".repeat(512 * 1024), "signature": "a" } });
+    let malformed = serde_json::json!({ "node_id": 42, "claim": [] });
+
+    for (what, entry) in [
+        ("forged", forged),
+        ("altered", altered),
+        ("oversized", oversized),
+        ("malformed", malformed),
+    ] {
+        let (url, server) = lying_discovery(entry).await?;
+        let alice = User::new()?;
+        let a = alice.start(&url).await?;
+        let err = a.send("bob", "hi bob").await;
+        assert!(
+            matches!(err, Err(NodeError::Discovery(_))),
+            "{what}: the lookup must fail, got {err:?}"
+        );
+        assert!(a.outbox().await?.is_empty(), "{what}: nothing queued");
+        let listed = a.peers().await.map(|p| p.len()).unwrap_or(0);
+        assert_eq!(listed, 0, "{what}: nothing listed");
+        let by_id = a.history(&bob.public().to_string(), 10).await?;
+        assert!(by_id.is_empty(), "{what}: nothing stored");
+        a.shutdown().await?;
+        server.abort();
+    }
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! Helpers shared by the node integration tests: an in-process discovery server on
+//! loopback, users with data directories that outlive restarts, event waits with
+//! deadlines, and bare endpoints that write whatever frames they like.
+
+#![allow(dead_code)]
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use p2p_crypto::{NodeId, SecretKey};
+use p2p_discovery::{AppState, ServerConfig};
+use p2p_node::{
+    wire::{self, Frame, MessageId},
+    Endpoint, Node, NodeBuilder, NodeEvent, Timings,
+};
+use tempfile::TempDir;
+use tokio::sync::{broadcast, oneshot};
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A discovery server on 127.0.0.1:0, in this process.
+pub struct Discovery {
+    pub url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Discovery {
+    pub async fn start() -> Result<Discovery> {
+        init_tracing();
+        // Every test node shares 127.0.0.1: lift the per-IP write rate limit.
+        let state = AppState::open(ServerConfig {
+            write_rate_per_sec: 100_000.0,
+            write_burst: 100_000,
+            ..Default::default()
+        })?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = p2p_discovery::serve(listener, state, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Ok(Discovery {
+            url: format!("http://{addr}"),
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    pub fn client(&self) -> Result<p2p_discovery::Client> {
+        Ok(p2p_discovery::Client::new(&self.url)?)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(DEADLINE, &mut self.task).await;
+    }
+}
+
+pub fn fast() -> Timings {
+    Timings {
+        presence_poll: Duration::from_millis(100),
+        mailbox_poll: Duration::from_millis(300),
+        retry_min: Duration::from_millis(50),
+        retry_max: Duration::from_millis(500),
+        // Only reached when something is wrong; generous so a loaded machine is not.
+        dial_timeout: Duration::from_secs(5),
+        ack_timeout: Duration::from_secs(10),
+        read_timeout: Duration::from_secs(10),
+        announce_ttl: Duration::from_secs(30),
+    }
+}
+
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A user: an identity and a data directory that outlive node restarts.
+pub struct User {
+    pub sk: SecretKey,
+    pub dir: TempDir,
+}
+
+impl User {
+    pub fn new() -> Result<User> {
+        Ok(User {
+            sk: SecretKey::generate(),
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.sk.public()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("node")
+    }
+
+    pub fn builder(&self, url: &str) -> NodeBuilder {
+        Node::builder(self.sk.clone())
+            .data_dir(self.data_dir())
+            .discovery_url(url)
+            .listen(loopback())
+            .timings(fast())
+    }
+
+    pub async fn start(&self, url: &str) -> Result<Node> {
+        Ok(self.builder(url).bind().await?)
+    }
+}
+
+/// The next event matching `pred`, within [`DEADLINE`].
+pub async fn next_event(
+    rx: &mut broadcast::Receiver<NodeEvent>,
+    what: &str,
+    pred: impl Fn(&NodeEvent) -> bool,
+) -> Result<NodeEvent> {
+    let wait = async {
+        loop {
+            match rx.recv().await {
+                Ok(ev) if pred(&ev) => return Ok(ev),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => bail!("event channel closed"),
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, wait)
+        .await
+        .with_context(|| format!("no {what} within {DEADLINE:?}"))?
+}
+
+/// Events already queued on `rx`, without waiting.
+pub fn queued_events(rx: &mut broadcast::Receiver<NodeEvent>) -> Vec<NodeEvent> {
+    let mut out = Vec::new();
+    loop {
+        match rx.try_recv() {
+            Ok(ev) => out.push(ev),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(_) => return out,
+        }
+    }
+}
+
+/// Polls `check` until it returns true, within [`DEADLINE`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{what}: not within {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn is_received(ev: &NodeEvent) -> bool {
+    matches!(ev, NodeEvent::MessageReceived { .. })
+}
+
+pub fn is_delivered(id: MessageId) -> impl Fn(&NodeEvent) -> bool {
+    move |ev| matches!(ev, NodeEvent::MessageDelivered { id: got, .. } if *got == id)
+}
+
+/// A bare endpoint that writes whatever frames it likes.
+pub async fn raw_endpoint(sk: &SecretKey) -> Result<Endpoint> {
+    Ok(Endpoint::builder(sk.clone())
+        .bind_addr(loopback())
+        .bind()
+        .await?)
+}
+
+/// Sends one frame on a new stream and reads the answer.
+pub async fn raw_exchange(conn: &p2p_node::Connection, frame: &Frame) -> Result<Option<Frame>> {
+    let (mut send, mut recv) = conn.quic().open_bi().await?;
+    wire::write_frame(&mut send, frame).await?;
+    send.finish()?;
+    let mut buf = Vec::new();
+    Ok(tokio::time::timeout(DEADLINE, wire::read_frame(&mut recv, &mut buf)).await??)
+}
+
+pub fn text(m: &p2p_node::store::StoredMessage) -> &str {
+    m.body.as_text().unwrap_or("")
+}
