@@ -135,3 +135,34 @@ fn passphrase_right_one_loads_wrong_one_is_clear_error() {
     let err = keyfile::load(&path, Some(b"correct horse")).expect_err("corrupt");
     assert!(matches!(err, KeyFileError::Corrupt { .. }), "{err}");
 }
+
+/// Rewrites the checksum at the end of a key file after its content was changed.
+fn fix_checksum(bytes: &mut [u8]) {
+    use sha2::{Digest, Sha256};
+    let (content, sum) = bytes.split_at_mut(bytes.len() - 32);
+    sum.copy_from_slice(&Sha256::digest(content));
+}
+
+#[test]
+fn hostile_key_derivation_parameters_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("identity.key");
+    keyfile::store(&path, &SecretKey::generate(), Some(b"pass"), false).expect("store");
+    let good = fs::read(&path).expect("read");
+    // The parameters follow magic (8), kind (1) and public key (32): m, t, p as u32 LE.
+    for (what, offset, value) in [
+        ("memory", 41, u32::MAX),
+        ("passes", 45, 1_000),
+        ("lanes", 49, 1_000),
+    ] {
+        let mut bytes = good.clone();
+        bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+        fix_checksum(&mut bytes);
+        match keyfile::decode(&path, &bytes, Some(b"pass")) {
+            Err(KeyFileError::Corrupt { reason, .. }) => {
+                assert!(reason.contains("out of range"), "{what}: {reason}")
+            }
+            other => panic!("{what}: expected a corrupt-file error, got {other:?}"),
+        }
+    }
+}

@@ -345,3 +345,22 @@ async fn client_errors_are_typed() {
     assert!(matches!(client.online().await, Err(ClientError::Timeout)));
     drop(listener);
 }
+
+#[tokio::test]
+async fn oversized_responses_are_refused() {
+    let huge = vec![b' '; p2p_discovery::MAX_RESPONSE_BYTES + 1];
+    let app = Router::new().route(
+        "/v1/peers/{id}",
+        get(move || {
+            let body = huge.clone();
+            async move { ([("content-type", "application/json")], body) }
+        }),
+    );
+    let server = Running::start(Some(app)).await;
+    let client = Client::new(&server.url).expect("client");
+    assert!(matches!(
+        client.lookup_id(&SecretKey::generate().public()).await,
+        Err(ClientError::ResponseTooLarge { .. })
+    ));
+    server.stop().await;
+}
