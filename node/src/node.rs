@@ -130,7 +130,7 @@ pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
 pub const CONNECTION_FRAME_BUDGET: usize = 16 * crate::wire::MAX_FRAME_LEN;
 
 /// Most incoming messages written in one group commit.
-pub const MAX_WRITE_BATCH: usize = 256;
+pub const MAX_WRITE_BATCH: usize = 1024;
 
 /// Capacity of the event channel; a subscriber that falls further behind gets
 /// [`broadcast::error::RecvError::Lagged`].
@@ -664,6 +664,8 @@ struct State {
     claimed_names: HashMap<NodeId, (Option<String>, Instant)>,
     /// Live connections per peer (bounded by the connection limit).
     peer_conns: HashMap<NodeId, usize>,
+    /// When each pinned name was last checked against discovery.
+    names_checked: HashMap<String, Instant>,
 }
 
 /// How often the name of a sender that is neither a contact nor online is looked up.
@@ -1125,14 +1127,29 @@ impl Inner {
             let name = name.clone();
             self.blocking(move |s| s.contact(&name)).await?
         };
+        // A pinned name is checked against discovery (for a changed key) at most once
+        // per NAME_LOOKUP_INTERVAL, so sending many messages costs no lookups.
+        let recently_checked = pinned.is_some()
+            && self
+                .state()
+                .names_checked
+                .get(&name)
+                .is_some_and(|at| at.elapsed() < NAME_LOOKUP_INTERVAL);
         let lookup = match &self.disco {
-            Some(d) => Some(
+            Some(d) if !recently_checked => Some(
                 tokio::time::timeout(self.timings.dial_timeout, d.lookup_name(&name))
                     .await
                     .unwrap_or_else(|_| Err(DiscoveryError::timeout(d.url()))),
             ),
-            None => None,
+            _ => None,
         };
+        if matches!(lookup, Some(Ok(_))) {
+            bounded_insert(
+                &mut self.state().names_checked,
+                name.clone(),
+                Instant::now(),
+            );
+        }
         if let Some(contact) = pinned {
             match lookup {
                 Some(Ok(Some(info))) => {
@@ -1243,13 +1260,12 @@ impl Inner {
             return Err(NodeError::Shutdown);
         }
         let id = msg.id;
-        let now = stamp_ms();
-        {
-            let msg = msg.clone();
-            self.blocking(move |s| s.insert_outgoing(&peer, &msg, now))
-                .await?;
-        }
+        // In flight before it is in the outbox, so the outbox task leaves it to us.
         self.state().in_flight.insert(id);
+        if let Err(e) = self.writer.outgoing(peer, msg.clone()).await {
+            self.state().in_flight.remove(&id);
+            return Err(e);
+        }
         let result = self.try_send_now(peer, &msg).await;
         self.state().in_flight.remove(&id);
         if matches!(&result, Ok(o) if o.status == SendStatus::Queued) {

@@ -165,6 +165,82 @@ impl Inserted {
     }
 }
 
+/// One write of a batch; see [`Store::write_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    /// A message received from `peer`, the authenticated sender
+    /// ([`Store::insert_incoming`]).
+    Incoming {
+        /// The sender.
+        peer: NodeId,
+        /// The message.
+        msg: ChatMessage,
+        /// The local time that orders it in the history.
+        now_ms: u64,
+    },
+    /// A message to `to`, into the history and the outbox ([`Store::insert_outgoing`]).
+    Outgoing {
+        /// The recipient.
+        to: NodeId,
+        /// The message.
+        msg: ChatMessage,
+        /// The local time that orders it in the history.
+        now_ms: u64,
+    },
+    /// The recipient's final answer to an outgoing message ([`Store::mark_delivered`],
+    /// [`Store::mark_rejected`]).
+    Finish {
+        /// The peer that answered; only the message's recipient counts.
+        peer: NodeId,
+        /// The message.
+        id: MessageId,
+        /// [`MessageStatus::Delivered`] or [`MessageStatus::Rejected`].
+        status: MessageStatus,
+    },
+}
+
+/// The outcome of one [`WriteOp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Of an insert.
+    Inserted(Inserted),
+    /// Of a status mark.
+    Marked(MarkOutcome),
+}
+
+impl WriteOutcome {
+    /// Whether the write changed the database.
+    pub fn changed(self) -> bool {
+        matches!(
+            self,
+            WriteOutcome::Inserted(Inserted::New) | WriteOutcome::Marked(MarkOutcome::Updated)
+        )
+    }
+
+    fn inserted(self) -> Inserted {
+        match self {
+            WriteOutcome::Inserted(i) => i,
+            // An insert always yields `Inserted`.
+            WriteOutcome::Marked(_) => Inserted::Conflict,
+        }
+    }
+
+    fn marked(self) -> MarkOutcome {
+        match self {
+            WriteOutcome::Marked(m) => m,
+            // A mark always yields `Marked`.
+            WriteOutcome::Inserted(_) => MarkOutcome::Unknown,
+        }
+    }
+}
+
+/// The tables a message write touches, opened once per transaction.
+struct MessageTables<'t> {
+    messages: redb::Table<'t, MessageKey, &'static [u8]>,
+    ids: redb::Table<'t, [u8; 16], ([u8; 32], u64)>,
+    outbox: redb::Table<'t, ([u8; 32], [u8; 16]), &'static [u8]>,
+}
+
 /// What [`Store::mark_delivered`] / [`Store::mark_rejected`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MarkOutcome {
@@ -286,6 +362,9 @@ pub enum StoreError {
         #[source]
         reason: RecordError,
     },
+    /// A bug: the store broke one of its own invariants.
+    #[error("internal store error: {0}")]
+    Internal(&'static str),
 }
 
 /// Why a stored record is corrupt.
@@ -515,19 +594,29 @@ impl Store {
         })
     }
 
-    /// Finds the row of message `id` inside a write transaction: its key and record.
+    /// Opens the tables message writes touch, once per transaction.
+    fn message_tables<'t>(
+        &self,
+        txn: &'t WriteTransaction,
+    ) -> Result<MessageTables<'t>, StoreError> {
+        Ok(MessageTables {
+            messages: txn.open_table(MESSAGES).ctx(&self.path)?,
+            ids: txn.open_table(MESSAGE_IDS).ctx(&self.path)?,
+            outbox: txn.open_table(OUTBOX).ctx(&self.path)?,
+        })
+    }
+
+    /// Finds the row of message `id`: its key and record.
     fn find_in(
         &self,
-        txn: &WriteTransaction,
+        t: &MessageTables<'_>,
         id: &MessageId,
     ) -> Result<Option<(MessageKey, MessageRecord)>, StoreError> {
-        let ids = txn.open_table(MESSAGE_IDS).ctx(&self.path)?;
-        let Some((peer, at)) = ids.get(id.0).ctx(&self.path)?.map(|g| g.value()) else {
+        let Some((peer, at)) = t.ids.get(id.0).ctx(&self.path)?.map(|g| g.value()) else {
             return Ok(None);
         };
         let key = (peer, at, id.0);
-        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
-        let value = messages.get(key).ctx(&self.path)?;
+        let value = t.messages.get(key).ctx(&self.path)?;
         let Some(value) = value else {
             return Err(self.corrupt("message_ids", RecordError::DanglingIndex(*id)));
         };
@@ -535,18 +624,19 @@ impl Store {
         Ok(Some((key, rec)))
     }
 
-    /// Inserts one message row and its index entry unless the id is taken.
+    /// Inserts one message row and its index entry unless the id is taken. With
+    /// `outbox`, also queues it for delivery. Every check and encoding happens before the
+    /// first write, so an error other than a database error leaves nothing behind.
     fn insert_message_in(
         &self,
-        txn: &WriteTransaction,
+        t: &mut MessageTables<'_>,
         peer: &NodeId,
         msg: &ChatMessage,
         direction: Direction,
-        status: MessageStatus,
         now_ms: u64,
     ) -> Result<Inserted, StoreError> {
         msg.validate()?;
-        if let Some(((existing_peer, _, _), rec)) = self.find_in(txn, &msg.id)? {
+        if let Some(((existing_peer, _, _), rec)) = self.find_in(t, &msg.id)? {
             let same = existing_peer == *peer.as_bytes() && rec.direction == direction;
             return Ok(if same {
                 Inserted::Duplicate
@@ -555,19 +645,138 @@ impl Store {
             });
         }
         let key = (*peer.as_bytes(), now_ms, msg.id.0);
+        let status = match direction {
+            Direction::Incoming => MessageStatus::Received,
+            Direction::Outgoing => MessageStatus::Queued,
+        };
         let rec = MessageRecord {
             direction,
             sent_at_ms: msg.sent_at_ms,
             body: msg.body.clone(),
             status,
         };
-        let mut messages = txn.open_table(MESSAGES).ctx(&self.path)?;
-        messages
-            .insert(key, to_bytes("messages", &rec)?.as_slice())
-            .ctx(&self.path)?;
-        let mut ids = txn.open_table(MESSAGE_IDS).ctx(&self.path)?;
-        ids.insert(msg.id.0, (key.0, key.1)).ctx(&self.path)?;
+        let row = to_bytes("messages", &rec)?;
+        let queued = match direction {
+            Direction::Incoming => None,
+            Direction::Outgoing => Some(to_bytes(
+                "outbox",
+                &OutboxRecord {
+                    message: msg.clone(),
+                    attempts: 0,
+                    next_attempt_ms: now_ms,
+                    created_ms: now_ms,
+                    mailbox_deposited: false,
+                },
+            )?),
+        };
+        t.messages.insert(key, row.as_slice()).ctx(&self.path)?;
+        t.ids.insert(msg.id.0, (key.0, key.1)).ctx(&self.path)?;
+        if let Some(queued) = queued {
+            t.outbox
+                .insert((key.0, msg.id.0), queued.as_slice())
+                .ctx(&self.path)?;
+        }
         Ok(Inserted::New)
+    }
+
+    /// Sets the final status of outgoing message `id` to `peer` and takes it out of the
+    /// outbox (see [`Store::mark_delivered`]).
+    fn finish_in(
+        &self,
+        t: &mut MessageTables<'_>,
+        peer: &NodeId,
+        id: &MessageId,
+        status: MessageStatus,
+    ) -> Result<MarkOutcome, StoreError> {
+        let Some((key, mut rec)) = self.find_in(t, id)? else {
+            return Ok(MarkOutcome::Unknown);
+        };
+        if key.0 != *peer.as_bytes() || rec.direction != Direction::Outgoing {
+            return Ok(MarkOutcome::Unknown);
+        }
+        let keep = rec.status == status
+            || (rec.status == MessageStatus::Delivered
+                && matches!(status, MessageStatus::Rejected(_)));
+        let row = if keep {
+            None
+        } else {
+            rec.status = status;
+            Some(to_bytes("messages", &rec)?)
+        };
+        let removed = t.outbox.remove((key.0, id.0)).ctx(&self.path)?.is_some();
+        Ok(match row {
+            Some(row) => {
+                t.messages.insert(key, row.as_slice()).ctx(&self.path)?;
+                MarkOutcome::Updated
+            }
+            None => {
+                let _ = removed;
+                MarkOutcome::Unchanged
+            }
+        })
+    }
+
+    /// Applies many writes in one transaction and one commit (group commit), in order.
+    ///
+    /// Each write gets its own outcome: a message that breaks the protocol's limits or
+    /// a damaged row fails only its own write. A database error fails the whole batch
+    /// and writes nothing. When the batch holds an insert, the commit is durable (on disk
+    /// when this returns, so the messages may be acknowledged); a batch of status marks
+    /// only is committed without waiting for the disk: if it is lost in a crash, the
+    /// message is still in the outbox, is sent again, and the recipient acknowledges it
+    /// as a duplicate, which marks it again.
+    pub fn write_batch(
+        &self,
+        ops: &[WriteOp],
+    ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
+        let mut txn = self.db.begin_write().ctx(&self.path)?;
+        if ops.iter().all(|op| matches!(op, WriteOp::Finish { .. })) {
+            txn.set_durability(redb::Durability::None);
+        }
+        let mut out = Vec::with_capacity(ops.len());
+        let mut changed = false;
+        {
+            let mut t = self.message_tables(&txn)?;
+            for op in ops {
+                let res = match op {
+                    WriteOp::Incoming { peer, msg, now_ms } => self
+                        .insert_message_in(&mut t, peer, msg, Direction::Incoming, *now_ms)
+                        .map(WriteOutcome::Inserted),
+                    WriteOp::Outgoing { to, msg, now_ms } => self
+                        .insert_message_in(&mut t, to, msg, Direction::Outgoing, *now_ms)
+                        .map(WriteOutcome::Inserted),
+                    WriteOp::Finish { peer, id, status } => self
+                        .finish_in(&mut t, peer, id, *status)
+                        .map(WriteOutcome::Marked),
+                };
+                match res {
+                    Err(e @ StoreError::Db { .. }) => return Err(e),
+                    Ok(o) => {
+                        changed |= o.changed();
+                        out.push(Ok(o));
+                    }
+                    Err(e) => out.push(Err(e)),
+                }
+            }
+        }
+        if changed {
+            txn.commit().ctx(&self.path)?;
+        }
+        Ok(out)
+    }
+
+    /// Makes every earlier commit durable (status marks are committed without waiting
+    /// for the disk; see [`Store::write_batch`]).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().ctx(&self.path)?;
+        txn.commit().ctx(&self.path)
+    }
+
+    /// One write, in a transaction of its own.
+    fn write_one(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
+        self.write_batch(std::slice::from_ref(&op))?
+            .pop()
+            .unwrap_or(Err(StoreError::Internal("a batch of one gave no outcome")))
     }
 
     /// Durably stores a message received from `peer` (the authenticated sender), unless a
@@ -581,45 +790,12 @@ impl Store {
         msg: &ChatMessage,
         now_ms: u64,
     ) -> Result<Inserted, StoreError> {
-        let txn = self.db.begin_write().ctx(&self.path)?;
-        let res = self.insert_message_in(
-            &txn,
-            peer,
-            msg,
-            Direction::Incoming,
-            MessageStatus::Received,
+        self.write_one(WriteOp::Incoming {
+            peer: *peer,
+            msg: msg.clone(),
             now_ms,
-        )?;
-        if res == Inserted::New {
-            txn.commit().ctx(&self.path)?;
-        }
-        Ok(res)
-    }
-
-    /// Like [`Store::insert_incoming`] for many messages, in one transaction and one
-    /// commit (group commit). Results are in input order; a repeated id within the batch
-    /// is [`Inserted::Duplicate`] the second time.
-    pub fn insert_incoming_batch(
-        &self,
-        batch: &[(NodeId, ChatMessage)],
-        now_ms: u64,
-    ) -> Result<Vec<Inserted>, StoreError> {
-        let txn = self.db.begin_write().ctx(&self.path)?;
-        let mut out = Vec::with_capacity(batch.len());
-        for (peer, msg) in batch {
-            out.push(self.insert_message_in(
-                &txn,
-                peer,
-                msg,
-                Direction::Incoming,
-                MessageStatus::Received,
-                now_ms,
-            )?);
-        }
-        if out.contains(&Inserted::New) {
-            txn.commit().ctx(&self.path)?;
-        }
-        Ok(out)
+        })
+        .map(WriteOutcome::inserted)
     }
 
     /// Atomically stores an outgoing message to `to` in the history (status
@@ -634,35 +810,12 @@ impl Store {
         msg: &ChatMessage,
         now_ms: u64,
     ) -> Result<Inserted, StoreError> {
-        let txn = self.db.begin_write().ctx(&self.path)?;
-        let res = self.insert_message_in(
-            &txn,
-            to,
-            msg,
-            Direction::Outgoing,
-            MessageStatus::Queued,
+        self.write_one(WriteOp::Outgoing {
+            to: *to,
+            msg: msg.clone(),
             now_ms,
-        )?;
-        if res == Inserted::New {
-            let rec = OutboxRecord {
-                message: msg.clone(),
-                attempts: 0,
-                next_attempt_ms: now_ms,
-                created_ms: now_ms,
-                mailbox_deposited: false,
-            };
-            {
-                let mut outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
-                outbox
-                    .insert(
-                        (*to.as_bytes(), msg.id.0),
-                        to_bytes("outbox", &rec)?.as_slice(),
-                    )
-                    .ctx(&self.path)?;
-            }
-            txn.commit().ctx(&self.path)?;
-        }
-        Ok(res)
+        })
+        .map(WriteOutcome::inserted)
     }
 
     /// Records that `peer` acknowledged outgoing message `id` as stored: removes it from
@@ -670,8 +823,14 @@ impl Store {
     ///
     /// Idempotent ([`MarkOutcome::Unchanged`] the second time). An acknowledgement from a
     /// peer the message was not sent to is [`MarkOutcome::Unknown`] and changes nothing.
+    /// Not durable on its own (see [`Store::write_batch`]).
     pub fn mark_delivered(&self, peer: &NodeId, id: &MessageId) -> Result<MarkOutcome, StoreError> {
-        self.finish_outgoing(peer, id, MessageStatus::Delivered)
+        self.write_one(WriteOp::Finish {
+            peer: *peer,
+            id: *id,
+            status: MessageStatus::Delivered,
+        })
+        .map(WriteOutcome::marked)
     }
 
     /// Records that `peer` refused outgoing message `id` for good: removes it from the
@@ -683,45 +842,12 @@ impl Store {
         id: &MessageId,
         code: RejectCode,
     ) -> Result<MarkOutcome, StoreError> {
-        self.finish_outgoing(peer, id, MessageStatus::Rejected(code))
-    }
-
-    fn finish_outgoing(
-        &self,
-        peer: &NodeId,
-        id: &MessageId,
-        status: MessageStatus,
-    ) -> Result<MarkOutcome, StoreError> {
-        let txn = self.db.begin_write().ctx(&self.path)?;
-        let Some((key, mut rec)) = self.find_in(&txn, id)? else {
-            return Ok(MarkOutcome::Unknown);
-        };
-        if key.0 != *peer.as_bytes() || rec.direction != Direction::Outgoing {
-            return Ok(MarkOutcome::Unknown);
-        }
-        let removed = {
-            let mut outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
-            let removed = outbox.remove((key.0, id.0)).ctx(&self.path)?.is_some();
-            removed
-        };
-        let keep = rec.status == status
-            || (rec.status == MessageStatus::Delivered
-                && matches!(status, MessageStatus::Rejected(_)));
-        if keep && !removed {
-            return Ok(MarkOutcome::Unchanged);
-        }
-        let outcome = if keep {
-            MarkOutcome::Unchanged
-        } else {
-            rec.status = status;
-            let mut messages = txn.open_table(MESSAGES).ctx(&self.path)?;
-            messages
-                .insert(key, to_bytes("messages", &rec)?.as_slice())
-                .ctx(&self.path)?;
-            MarkOutcome::Updated
-        };
-        txn.commit().ctx(&self.path)?;
-        Ok(outcome)
+        self.write_one(WriteOp::Finish {
+            peer: *peer,
+            id: *id,
+            status: MessageStatus::Rejected(code),
+        })
+        .map(WriteOutcome::marked)
     }
 
     /// Updates the delivery bookkeeping of an outbox entry (attempts, next attempt,

@@ -12,7 +12,7 @@ use p2p_crypto::NodeId;
 use super::{bounded_insert, inbound, DialBackoff, Inner, NodeError, NodeEvent};
 use crate::{
     endpoint::{ConnectError, Connection},
-    store::MarkOutcome,
+    store::{MarkOutcome, MessageStatus},
     wire::{read_frame, write_frame, AckStatus, ChatMessage, Frame, MessageId},
 };
 
@@ -242,7 +242,8 @@ pub(crate) async fn settle(
     match status {
         AckStatus::Stored | AckStatus::Duplicate => {
             let outcome = inner
-                .blocking(move |s| s.mark_delivered(&peer, &id))
+                .writer
+                .finish(peer, id, MessageStatus::Delivered)
                 .await?;
             if outcome == MarkOutcome::Updated {
                 inner.emit(NodeEvent::MessageDelivered { to: peer, id });
@@ -251,7 +252,8 @@ pub(crate) async fn settle(
         AckStatus::Rejected(code) => {
             tracing::warn!(%peer, message = %id, %code, "message rejected by the recipient");
             inner
-                .blocking(move |s| s.mark_rejected(&peer, &id, code))
+                .writer
+                .finish(peer, id, MessageStatus::Rejected(code))
                 .await?;
         }
     }

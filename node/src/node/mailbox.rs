@@ -124,7 +124,8 @@ pub(super) async fn drain(inner: &Arc<Inner>) -> Result<usize, NodeError> {
         let mut receipts = Vec::with_capacity(pending.len());
         for (item_id, sender, msg, rx) in pending {
             match rx.await {
-                Ok(Ok((inserted, stored_at_ms))) => {
+                Ok(Ok((outcome, stored_at_ms))) => {
+                    let inserted = super::writer::inserted(outcome);
                     delete.push(item_id);
                     receipts.push((
                         sender,

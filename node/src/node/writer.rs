@@ -1,10 +1,12 @@
-//! The group-commit writer: one thread owns every write of incoming messages.
+//! The group-commit writer: one thread owns every write of messages, incoming and
+//! outgoing, and of their delivery marks.
 //!
 //! It takes the first queued request, drains whatever else is queued (up to
-//! [`MAX_WRITE_BATCH`]), writes all of them with one [`Store::insert_incoming_batch`]
-//! transaction (one fsync), and only then answers each request. A requester sends its
-//! acknowledgement after that answer, so every ack follows a durable write, and under
-//! load many messages share one fsync.
+//! [`MAX_WRITE_BATCH`]), applies all of them with one [`Store::write_batch`] transaction
+//! (one fsync), and only then answers each request. A receiver sends its acknowledgement
+//! after that answer, so every ack follows a durable write, and under load many messages
+//! share one fsync. Each write is stamped when the writer takes it, with a strictly
+//! increasing clock, so messages keep the order in which they were written.
 
 use std::sync::{Arc, Mutex};
 
@@ -13,19 +15,35 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{lock, stamp_ms, NodeError, MAX_WRITE_BATCH};
 use crate::{
-    store::{Inserted, Store, StoreError},
-    wire::ChatMessage,
+    store::{Inserted, MarkOutcome, MessageStatus, Store, StoreError, WriteOp, WriteOutcome},
+    wire::{ChatMessage, MessageId},
 };
 
 /// Requests that may wait for the writer; senders wait when it is full (backpressure).
-const QUEUE: usize = 1024;
+const QUEUE: usize = 4096;
 
-/// The outcome of one write: what happened, and the local time it was written at.
-pub(crate) type WriteResult = Result<(Inserted, u64), Arc<StoreError>>;
+/// The outcome of one write: what happened, and the local time it was stamped with.
+pub(crate) type WriteResult = Result<(WriteOutcome, u64), Arc<StoreError>>;
+
+/// A write before it is stamped.
+enum Op {
+    Incoming {
+        peer: NodeId,
+        msg: ChatMessage,
+    },
+    Outgoing {
+        to: NodeId,
+        msg: ChatMessage,
+    },
+    Finish {
+        peer: NodeId,
+        id: MessageId,
+        status: MessageStatus,
+    },
+}
 
 struct WriteReq {
-    peer: NodeId,
-    msg: ChatMessage,
+    op: Op,
     reply: oneshot::Sender<WriteResult>,
 }
 
@@ -58,22 +76,59 @@ impl Writer {
     ) -> Result<(Inserted, u64), NodeError> {
         let rx = self.submit(peer, msg).await?;
         match rx.await {
+            Ok(Ok((outcome, at))) => Ok((inserted(outcome), at)),
+            Ok(Err(e)) => Err(NodeError::Store(e)),
+            Err(_) => Err(NodeError::Shutdown),
+        }
+    }
+
+    /// Queues an incoming message and returns the receiver of its outcome, so a caller
+    /// with many messages can queue them all before waiting (they then share commits).
+    pub(crate) async fn submit(
+        &self,
+        peer: NodeId,
+        msg: ChatMessage,
+    ) -> Result<oneshot::Receiver<WriteResult>, NodeError> {
+        self.queue(Op::Incoming { peer, msg }).await
+    }
+
+    /// Durably stores an outgoing message in the history and the outbox. Returns the
+    /// outcome and the `stored_at_ms` used.
+    pub(crate) async fn outgoing(
+        &self,
+        to: NodeId,
+        msg: ChatMessage,
+    ) -> Result<(Inserted, u64), NodeError> {
+        let (outcome, at) = self.wait(Op::Outgoing { to, msg }).await?;
+        Ok((inserted(outcome), at))
+    }
+
+    /// Records the final answer of `peer` to outgoing message `id`.
+    pub(crate) async fn finish(
+        &self,
+        peer: NodeId,
+        id: MessageId,
+        status: MessageStatus,
+    ) -> Result<MarkOutcome, NodeError> {
+        let (outcome, _) = self.wait(Op::Finish { peer, id, status }).await?;
+        Ok(match outcome {
+            WriteOutcome::Marked(m) => m,
+            WriteOutcome::Inserted(_) => MarkOutcome::Unknown,
+        })
+    }
+
+    async fn wait(&self, op: Op) -> Result<(WriteOutcome, u64), NodeError> {
+        match self.queue(op).await?.await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(NodeError::Store(e)),
             Err(_) => Err(NodeError::Shutdown),
         }
     }
 
-    /// Queues a write and returns the receiver of its outcome, so a caller with many
-    /// messages can queue them all before waiting (they then share commits).
-    pub(crate) async fn submit(
-        &self,
-        peer: NodeId,
-        msg: ChatMessage,
-    ) -> Result<oneshot::Receiver<WriteResult>, NodeError> {
+    async fn queue(&self, op: Op) -> Result<oneshot::Receiver<WriteResult>, NodeError> {
         let tx = lock(&self.tx).clone().ok_or(NodeError::Shutdown)?;
         let (reply, rx) = oneshot::channel();
-        tx.send(WriteReq { peer, msg, reply })
+        tx.send(WriteReq { op, reply })
             .await
             .map_err(|_| NodeError::Shutdown)?;
         Ok(rx)
@@ -82,6 +137,13 @@ impl Writer {
     /// Stops accepting writes; the thread ends once the queued ones are done.
     pub(crate) fn close(&self) {
         lock(&self.tx).take();
+    }
+}
+
+pub(crate) fn inserted(outcome: WriteOutcome) -> Inserted {
+    match outcome {
+        WriteOutcome::Inserted(i) => i,
+        WriteOutcome::Marked(_) => Inserted::Conflict,
     }
 }
 
@@ -97,43 +159,56 @@ fn run(store: Arc<Store>, mut rx: mpsc::Receiver<WriteReq>) {
         }
         write_batch(&store, &mut batch);
     }
+    // Status marks may have been committed without waiting for the disk: make them
+    // durable before the node stops.
+    if let Err(e) = store.flush() {
+        tracing::warn!(error = %e, "cannot flush the database at shutdown");
+    }
 }
 
 fn write_batch(store: &Store, batch: &mut Vec<WriteReq>) {
-    let now = stamp_ms();
-    let items: Vec<(NodeId, ChatMessage)> = batch.iter().map(|r| (r.peer, r.msg.clone())).collect();
-    match store.insert_incoming_batch(&items, now) {
+    let ops: Vec<WriteOp> = batch
+        .iter()
+        .map(|r| match &r.op {
+            Op::Incoming { peer, msg } => WriteOp::Incoming {
+                peer: *peer,
+                msg: msg.clone(),
+                now_ms: stamp_ms(),
+            },
+            Op::Outgoing { to, msg } => WriteOp::Outgoing {
+                to: *to,
+                msg: msg.clone(),
+                now_ms: stamp_ms(),
+            },
+            Op::Finish { peer, id, status } => WriteOp::Finish {
+                peer: *peer,
+                id: *id,
+                status: *status,
+            },
+        })
+        .collect();
+    let stamp = |op: &WriteOp| match op {
+        WriteOp::Incoming { now_ms, .. } | WriteOp::Outgoing { now_ms, .. } => *now_ms,
+        WriteOp::Finish { .. } => 0,
+    };
+    match store.write_batch(&ops) {
         Ok(results) if results.len() == batch.len() => {
-            for (req, res) in batch.drain(..).zip(results) {
-                let _ = req.reply.send(Ok((res, now)));
-            }
-        }
-        Ok(_) | Err(_) if batch.len() > 1 => {
-            // One bad message must not fail the others: write them one by one.
-            tracing::warn!(
-                count = batch.len(),
-                "group commit failed; writing messages one by one"
-            );
-            for req in batch.drain(..) {
-                let res = store
-                    .insert_incoming(&req.peer, &req.msg, now)
-                    .map(|i| (i, now))
-                    .map_err(Arc::new);
-                let _ = req.reply.send(res);
+            for ((req, op), res) in batch.drain(..).zip(&ops).zip(results) {
+                let _ = req
+                    .reply
+                    .send(res.map(|o| (o, stamp(op))).map_err(Arc::new));
             }
         }
         Ok(_) => {
-            // A single message whose batch returned no result: not expected.
+            let e = Arc::new(StoreError::Internal(
+                "a batch gave the wrong number of outcomes",
+            ));
             for req in batch.drain(..) {
-                let res = store
-                    .insert_incoming(&req.peer, &req.msg, now)
-                    .map(|i| (i, now))
-                    .map_err(Arc::new);
-                let _ = req.reply.send(res);
+                let _ = req.reply.send(Err(e.clone()));
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, "cannot store an incoming message");
+            tracing::error!(error = %e, count = batch.len(), "cannot write to the database");
             let e = Arc::new(e);
             for req in batch.drain(..) {
                 let _ = req.reply.send(Err(e.clone()));

@@ -105,6 +105,18 @@ fn echoed_outgoing_id_is_a_conflict() {
     assert_eq!(h[0].direction, Direction::Outgoing);
 }
 
+fn incoming(peer: NodeId, msg: &ChatMessage, now_ms: u64) -> WriteOp {
+    WriteOp::Incoming {
+        peer,
+        msg: msg.clone(),
+        now_ms,
+    }
+}
+
+fn outcomes(res: Vec<Result<WriteOutcome, StoreError>>) -> Vec<WriteOutcome> {
+    res.into_iter().map(|r| r.unwrap()).collect()
+}
+
 #[test]
 fn batch_insert_dedups_within_and_across() {
     let (_d, _p, store) = setup();
@@ -115,21 +127,22 @@ fn batch_insert_dedups_within_and_across() {
     let a = msg("a", 2);
     let b = msg("b", 3);
     let batch = vec![
-        (alice, a.clone()),
-        (bob, b.clone()),
-        (alice, old.clone()),
-        (alice, a.clone()),
-        (bob, a.clone()),
+        incoming(alice, &a, 100),
+        incoming(bob, &b, 101),
+        incoming(alice, &old, 102),
+        incoming(alice, &a, 103),
+        incoming(bob, &a, 104),
     ];
-    let res = store.insert_incoming_batch(&batch, 100).unwrap();
+    let res = outcomes(store.write_batch(&batch).unwrap());
+    use WriteOutcome::Inserted as I;
     assert_eq!(
         res,
         [
-            Inserted::New,
-            Inserted::New,
-            Inserted::Duplicate,
-            Inserted::Duplicate,
-            Inserted::Conflict
+            I(Inserted::New),
+            I(Inserted::New),
+            I(Inserted::Duplicate),
+            I(Inserted::Duplicate),
+            I(Inserted::Conflict)
         ]
     );
     assert_eq!(
@@ -139,10 +152,75 @@ fn batch_insert_dedups_within_and_across() {
     assert_eq!(texts(&store.history(&bob, 10, None).unwrap()), ["b"]);
     // An all-duplicate batch (no commit needed) and an empty batch.
     assert_eq!(
-        store.insert_incoming_batch(&batch[..1], 200).unwrap(),
-        [Inserted::Duplicate]
+        outcomes(store.write_batch(&batch[..1]).unwrap()),
+        [I(Inserted::Duplicate)]
     );
-    assert!(store.insert_incoming_batch(&[], 200).unwrap().is_empty());
+    assert!(store.write_batch(&[]).unwrap().is_empty());
+}
+
+#[test]
+fn a_batch_mixes_inserts_and_marks_and_isolates_bad_writes() {
+    let (_d, path, store) = setup();
+    let alice = peer();
+    let bob = peer();
+    let sent = msg("to bob", 1);
+    let got = msg("from alice", 2);
+    let mut too_long = msg("x", 3);
+    too_long.body = Body::Text("x".repeat(crate::wire::MAX_TEXT_LEN + 1));
+    let res = store
+        .write_batch(&[
+            WriteOp::Outgoing {
+                to: bob,
+                msg: sent.clone(),
+                now_ms: 10,
+            },
+            incoming(alice, &too_long, 11),
+            incoming(alice, &got, 12),
+            WriteOp::Finish {
+                peer: bob,
+                id: sent.id,
+                status: MessageStatus::Delivered,
+            },
+            // Only the recipient's answer counts.
+            WriteOp::Finish {
+                peer: alice,
+                id: got.id,
+                status: MessageStatus::Delivered,
+            },
+        ])
+        .unwrap();
+    assert!(matches!(res[0], Ok(WriteOutcome::Inserted(Inserted::New))));
+    assert!(matches!(res[1], Err(StoreError::InvalidMessage(_))));
+    assert!(matches!(res[2], Ok(WriteOutcome::Inserted(Inserted::New))));
+    assert!(matches!(
+        res[3],
+        Ok(WriteOutcome::Marked(MarkOutcome::Updated))
+    ));
+    assert!(matches!(
+        res[4],
+        Ok(WriteOutcome::Marked(MarkOutcome::Unknown))
+    ));
+    assert!(store.outbox().unwrap().is_empty());
+    assert_eq!(
+        store.history(&bob, 10, None).unwrap()[0].status,
+        MessageStatus::Delivered
+    );
+    assert_eq!(
+        texts(&store.history(&alice, 10, None).unwrap()),
+        ["from alice"]
+    );
+
+    // A batch of marks only is committed without waiting for the disk; `flush` (done
+    // when the node stops) makes it durable, and it survives a reopen.
+    let later = msg("later", 4);
+    store.insert_outgoing(&bob, &later, 20).unwrap();
+    store.mark_delivered(&bob, &later.id).unwrap();
+    store.flush().unwrap();
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    let hist = store.history(&bob, 10, None).unwrap();
+    assert_eq!(hist.len(), 2);
+    assert!(hist.iter().all(|m| m.status == MessageStatus::Delivered));
 }
 
 #[test]
