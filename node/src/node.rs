@@ -857,10 +857,23 @@ impl Node {
     /// Waits (at most [`Timings::dial_timeout`]) for the mailbox drain at start, so
     /// messages that waited in the mailbox are included.
     pub async fn history(&self, peer: &str, limit: usize) -> Result<Vec<StoredMessage>, NodeError> {
+        self.history_before(peer, limit, None).await
+    }
+
+    /// A page of the conversation with `peer`: the last `limit` messages older than
+    /// `before` (the [`StoredMessage::cursor`] of the first message of the page after
+    /// it; `None` for the newest page), oldest first. Scrolls back through a long history
+    /// without reading all of it.
+    pub async fn history_before(
+        &self,
+        peer: &str,
+        limit: usize,
+        before: Option<(u64, MessageId)>,
+    ) -> Result<Vec<StoredMessage>, NodeError> {
         let id = self.inner.resolve(peer).await?.node_id;
         self.inner.wait_initial_drain().await;
         self.inner
-            .blocking(move |s| s.history(&id, limit, None))
+            .blocking(move |s| s.history(&id, limit, before))
             .await
     }
 

@@ -61,6 +61,10 @@ async fn online_send_arrives_once_acknowledged_in_both_histories() -> Result<()>
     assert_eq!(at_b[0].status, MessageStatus::Received);
     let at_a = a.history("bob", 10).await?;
     assert_eq!(at_a.len(), 1);
+    assert!(a
+        .history_before("bob", 10, Some(at_a[0].cursor()))
+        .await?
+        .is_empty());
     assert_eq!(at_a[0].direction, Direction::Outgoing);
     assert_eq!(at_a[0].status, MessageStatus::Delivered);
     assert!(a.outbox().await?.is_empty());
