@@ -1275,7 +1275,13 @@ impl Inner {
         let id = msg.id;
         // In flight before it is in the outbox, so the outbox task leaves it to us.
         self.state().in_flight.insert(id);
-        if let Err(e) = self.writer.outgoing(peer, msg.clone()).await {
+        // The message goes out only once it is durably stored; the connection it needs
+        // is set up meanwhile.
+        let (stored, ()) = tokio::join!(
+            self.writer.outgoing(peer, msg.clone()),
+            deliver::prepare(self, peer)
+        );
+        if let Err(e) = stored {
             self.state().in_flight.remove(&id);
             return Err(e);
         }

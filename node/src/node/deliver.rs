@@ -140,6 +140,23 @@ async fn addresses(inner: &Arc<Inner>, peer: NodeId) -> Vec<SocketAddr> {
     addrs
 }
 
+/// Makes sure there is a connection to `peer` (dialing if needed), so a message can go
+/// out as soon as it is durably stored: [`Node::send`](super::Node::send) runs this
+/// beside the store write. A failure is only logged (and sets the dial backoff);
+/// [`deliver`] reports it.
+pub(crate) async fn prepare(inner: &Arc<Inner>, peer: NodeId) {
+    let live = inner
+        .state()
+        .conns
+        .get(&peer)
+        .is_some_and(|c| c.quic().close_reason().is_none());
+    if !live {
+        if let Err(e) = connect(inner, peer).await {
+            tracing::debug!(%peer, error = %e, "cannot connect ahead of the send");
+        }
+    }
+}
+
 /// A live connection to `peer`: the one another sender just made, or a new one if the
 /// peer is not in dial backoff. A new connection is cached and its incoming streams
 /// are served.
