@@ -561,12 +561,31 @@ impl Store {
         from_bytes(bytes).map_err(|e| self.corrupt(table, e))
     }
 
-    fn message_from_row(&self, key: MessageKey, value: &[u8]) -> Result<StoredMessage, StoreError> {
+    /// The NodeId in a key: `known` when it is those bytes (a range scan of one peer
+    /// does not decompress the same curve point for every row), else decoded and checked.
+    fn key_node_id(
+        &self,
+        table: &'static str,
+        bytes: &[u8; 32],
+        known: Option<&NodeId>,
+    ) -> Result<NodeId, StoreError> {
+        match known {
+            Some(id) if id.as_bytes() == bytes => Ok(*id),
+            _ => self.node_id(table, bytes),
+        }
+    }
+
+    fn message_from_row(
+        &self,
+        key: MessageKey,
+        value: &[u8],
+        known: Option<&NodeId>,
+    ) -> Result<StoredMessage, StoreError> {
         let (peer, stored_at_ms, id) = key;
         let rec: MessageRecord = self.decode("messages", value)?;
         Ok(StoredMessage {
             id: MessageId(id),
-            peer: self.node_id("messages", &peer)?,
+            peer: self.key_node_id("messages", &peer, known)?,
             direction: rec.direction,
             sent_at_ms: rec.sent_at_ms,
             stored_at_ms,
@@ -579,13 +598,14 @@ impl Store {
         &self,
         key: ([u8; 32], [u8; 16]),
         value: &[u8],
+        known: Option<&NodeId>,
     ) -> Result<OutboxEntry, StoreError> {
         let rec: OutboxRecord = self.decode("outbox", value)?;
         if rec.message.id.0 != key.1 {
             return Err(self.corrupt("outbox", RecordError::IdMismatch));
         }
         Ok(OutboxEntry {
-            to: self.node_id("outbox", &key.0)?,
+            to: self.key_node_id("outbox", &key.0, known)?,
             message: rec.message,
             attempts: rec.attempts,
             next_attempt_ms: rec.next_attempt_ms,
@@ -880,10 +900,12 @@ impl Store {
     pub fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
         let txn = self.db.begin_read().ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
-        let mut out = Vec::new();
+        let mut out: Vec<OutboxEntry> = Vec::new();
         for row in outbox.iter().ctx(&self.path)? {
             let (k, v) = row.ctx(&self.path)?;
-            out.push(self.outbox_from_row(k.value(), v.value())?);
+            // Rows are sorted by recipient: reuse the previous row's checked NodeId.
+            let known = out.last().map(|e| e.to);
+            out.push(self.outbox_from_row(k.value(), v.value(), known.as_ref())?);
         }
         Ok(out)
     }
@@ -899,7 +921,7 @@ impl Store {
             .ctx(&self.path)?
         {
             let (k, v) = row.ctx(&self.path)?;
-            out.push(self.outbox_from_row(k.value(), v.value())?);
+            out.push(self.outbox_from_row(k.value(), v.value(), Some(peer))?);
         }
         out.sort_by_key(|e| (e.created_ms, e.message.sent_at_ms));
         Ok(out)
@@ -915,7 +937,7 @@ impl Store {
         let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
         let key = (peer, at, id.0);
         match messages.get(key).ctx(&self.path)? {
-            Some(v) => Ok(Some(self.message_from_row(key, v.value())?)),
+            Some(v) => Ok(Some(self.message_from_row(key, v.value(), None)?)),
             None => Err(self.corrupt("message_ids", RecordError::DanglingIndex(*id))),
         }
     }
@@ -945,7 +967,7 @@ impl Store {
         let mut out = Vec::new();
         for row in range.rev().take(limit) {
             let (k, v) = row.ctx(&self.path)?;
-            out.push(self.message_from_row(k.value(), v.value())?);
+            out.push(self.message_from_row(k.value(), v.value(), Some(peer))?);
         }
         out.reverse();
         Ok(out)
@@ -976,7 +998,7 @@ impl Store {
                 .transpose()
                 .ctx(&self.path)?;
             if let Some((k, v)) = newest {
-                let last = self.message_from_row(k.value(), v.value())?;
+                let last = self.message_from_row(k.value(), v.value(), None)?;
                 out.push(ConversationSummary {
                     peer: last.peer,
                     last,
