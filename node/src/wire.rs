@@ -491,6 +491,8 @@ where
     }
     let len = frame_len(header)?;
     buf.clear();
+    // Exactly `len`: `resize` alone may double a reused buffer past `MAX_FRAME_LEN`.
+    buf.reserve_exact(len);
     buf.resize(len, 0);
     let got = read_full(r, buf).await?;
     if got < len {
@@ -881,6 +883,26 @@ mod tests {
         let mut r: &[u8] = &[0, 0, 0, 0];
         let err = read_frame(&mut r, &mut buf).await.unwrap_err();
         assert!(matches!(err, ReadFrameError::Decode(DecodeError::Empty)));
+    }
+
+    #[tokio::test]
+    async fn reused_buffer_stays_within_max_frame_len() {
+        // A large garbage frame, then a larger one, through the same buffer: growing it
+        // by `resize` alone doubled the capacity (to 80 000 bytes) past MAX_FRAME_LEN.
+        let mut data = 40_000u32.to_be_bytes().to_vec();
+        data.extend(std::iter::repeat_n(0xff, 40_000));
+        data.extend_from_slice(&60_000u32.to_be_bytes());
+        data.extend(std::iter::repeat_n(0xff, 60_000));
+        let mut r: &[u8] = &data;
+        let mut buf = Vec::new();
+        for _ in 0..2 {
+            assert!(matches!(
+                read_frame(&mut r, &mut buf).await,
+                Err(ReadFrameError::Decode(DecodeError::Malformed(_)))
+            ));
+            assert!(buf.capacity() <= MAX_FRAME_LEN, "{}", buf.capacity());
+        }
+        assert!(r.is_empty());
     }
 
     #[tokio::test]
