@@ -56,6 +56,17 @@ fn with_mode(mode: u8, bytes: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Three seeds of deterministic filler bytes for a structured mode.
+fn structured_seeds(seeds: &mut Seeds, mode: u8, salt: u32, first: usize, step: usize) {
+    for i in 0..3u32 {
+        let len = first + step * i as usize;
+        seeds.push((
+            format!("structured-{i}"),
+            with_mode(mode, &filler(salt + i, len)),
+        ));
+    }
+}
+
 /// Deterministic filler bytes for the structured modes.
 fn filler(seed: u32, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(2_654_435_761).max(1);
@@ -126,12 +137,7 @@ fn frame_seeds() -> Result<Seeds> {
         "stream-oversize-header".into(),
         with_mode(frame_mode::STREAM, &[0, 1, 0, 1, 0, 0]),
     ));
-    for i in 0..3 {
-        seeds.push((
-            format!("structured-{i}"),
-            with_mode(frame_mode::STRUCTURED, &filler(i, 64 + 64 * i as usize)),
-        ));
-    }
+    structured_seeds(&mut seeds, frame_mode::STRUCTURED, 0, 64, 64);
     Ok(seeds)
 }
 
@@ -200,15 +206,7 @@ fn record_seeds() -> Result<Seeds> {
             with_mode(record_mode::SELF_SIGNED, bytes),
         ));
     }
-    for i in 0..3 {
-        seeds.push((
-            format!("structured-{i}"),
-            with_mode(
-                record_mode::STRUCTURED,
-                &filler(100 + i, 96 + 64 * i as usize),
-            ),
-        ));
-    }
+    structured_seeds(&mut seeds, record_mode::STRUCTURED, 100, 96, 64);
 
     let claim_entry = ClaimEntry {
         record: claim.to_wire().record,
@@ -318,15 +316,7 @@ fn seal_seeds() -> Result<Seeds> {
         let env = seal::seal(&from, &to.public(), &to.mailbox_secret().public(), payload);
         seeds.push((format!("raw-{name}"), with_mode(seal_mode::RAW, &env)));
     }
-    for i in 0..3 {
-        seeds.push((
-            format!("structured-{i}"),
-            with_mode(
-                seal_mode::STRUCTURED,
-                &filler(200 + i, 80 + 40 * i as usize),
-            ),
-        ));
-    }
+    structured_seeds(&mut seeds, seal_mode::STRUCTURED, 200, 80, 40);
     Ok(seeds)
 }
 
@@ -368,14 +358,6 @@ fn keyfile_seeds() -> Result<Seeds> {
             with_mode(keyfile_mode::FIX_CHECKSUM, &bytes[..bytes.len() - 32]),
         ));
     }
-    for i in 0..3 {
-        seeds.push((
-            format!("structured-{i}"),
-            with_mode(
-                keyfile_mode::STRUCTURED,
-                &filler(300 + i, 96 + 32 * i as usize),
-            ),
-        ));
-    }
+    structured_seeds(&mut seeds, keyfile_mode::STRUCTURED, 300, 96, 32);
     Ok(seeds)
 }
