@@ -229,6 +229,9 @@ fn record_seeds() -> Result<Seeds> {
         presence: None,
         ..entry.clone()
     };
+    // The seeds must verify, or the target's checks on verified entries never run.
+    p2p_discovery::verify_entry(&entry, Some(&fixed_key().public()), Some("alice"))?;
+    p2p_discovery::verify_entry(&offline, None, None)?;
     let json =
         |kind: u8, v: &dyn erased::Json| -> std::result::Result<Vec<u8>, serde_json::Error> {
             Ok(with_mode(
@@ -314,6 +317,11 @@ fn seal_seeds() -> Result<Seeds> {
         ("frame", &frame[HEADER_LEN..]),
     ] {
         let env = seal::seal(&from, &to.public(), &to.mailbox_secret().public(), payload);
+        assert_eq!(
+            seal::open(&to, &env)?.payload,
+            payload,
+            "seed envelope opens"
+        );
         seeds.push((format!("raw-{name}"), with_mode(seal_mode::RAW, &env)));
     }
     structured_seeds(&mut seeds, seal_mode::STRUCTURED, 200, 80, 40);
