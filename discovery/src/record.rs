@@ -34,6 +34,8 @@ pub enum RecordError {
     Decode(String),
     #[error("record has {0} trailing bytes after its encoding")]
     TrailingBytes(usize),
+    #[error("record is not in its canonical encoding")]
+    NonCanonical,
     #[error("invalid name {name:?}: names are 1 to 32 characters of a-z, 0-9, '_' and '-'")]
     InvalidName { name: String },
     #[error("record carries {count} addresses, more than the {max} allowed")]
@@ -175,6 +177,10 @@ pub struct Signed<R> {
 impl<R: Record> Signed<R> {
     /// Validates, encodes and signs `record` with `secret`, which must be the key of
     /// the record's node.
+    ///
+    /// The result holds the record as every verifier decodes it from the signed bytes,
+    /// which is not always the record passed in: an IPv6 address's scope id and flow
+    /// label are not encoded (they only mean something on the host that has them).
     pub fn sign(secret: &SecretKey, record: R) -> Result<Self, RecordError> {
         record.validate()?;
         if secret.public() != record.signer() {
@@ -191,14 +197,13 @@ impl<R: Record> Signed<R> {
             });
         }
         let signature = secret.sign(R::DOMAIN, &bytes);
-        Ok(Self {
-            record,
-            bytes,
-            signature,
-        })
+        // Decode what was signed rather than keep `record`, so the signer holds exactly
+        // what others will see.
+        Self::verify(bytes, signature)
     }
 
     /// Checks size, decodes, validates and verifies signed bytes received from anyone.
+    /// The bytes must be the canonical encoding of the record they decode to.
     pub fn verify(bytes: Vec<u8>, signature: Signature) -> Result<Self, RecordError> {
         if bytes.len() > MAX_RECORD_BYTES {
             return Err(RecordError::TooLarge {
@@ -212,6 +217,11 @@ impl<R: Record> Signed<R> {
             return Err(RecordError::TrailingBytes(rest.len()));
         }
         record.validate()?;
+        // One record, one byte string: postcard also accepts over-long varints, which
+        // would let a signer publish the same record under different bytes.
+        if postcard::to_stdvec(&record).map_or(true, |canonical| canonical != bytes) {
+            return Err(RecordError::NonCanonical);
+        }
         let node_id = record.signer();
         node_id
             .verify(R::DOMAIN, &bytes, &signature)
@@ -322,6 +332,63 @@ mod tests {
             Signed::<PresenceRecord>::verify(bytes, *signed.signature()),
             Err(RecordError::TrailingBytes(1))
         ));
+    }
+
+    #[test]
+    fn signed_record_is_what_verifiers_decode() {
+        // Regression (fuzz target discovery_record): a presence record with an IPv6 scope
+        // id signed fine, but the scope id is not encoded, so the signer's `record()`
+        // differed from what every verifier decoded from the same signed bytes.
+        let sk = SecretKey::generate();
+        let v4: SocketAddr = "151.27.196.63:11487".parse().expect("addr");
+        let v6 = std::net::SocketAddrV6::new(
+            "900c:ec91:84f1:9995:1d0d:9131:48a7:ec54"
+                .parse()
+                .expect("ip"),
+            61251,
+            0x2f3d_41a0,
+            4_038_090_542,
+        );
+        let mut r = presence(&sk);
+        r.name = None;
+        r.addrs = vec![v4, SocketAddr::V6(v6)];
+        r.timestamp_ms = 3_953_248_948_251_435_682;
+        r.ttl_secs = 3408;
+        let signed = Signed::sign(&sk, r).expect("sign");
+        let verified =
+            Signed::<PresenceRecord>::verify(signed.bytes().to_vec(), *signed.signature())
+                .expect("verify");
+        assert_eq!(signed, verified);
+        let plain_v6 = std::net::SocketAddrV6::new(*v6.ip(), v6.port(), 0, 0);
+        assert_eq!(signed.record().addrs, vec![v4, SocketAddr::V6(plain_v6)]);
+        assert_eq!(
+            postcard::to_stdvec(signed.record()).expect("encodes"),
+            signed.bytes()
+        );
+    }
+
+    #[test]
+    fn non_canonical_encoding_is_refused() {
+        // The same withdrawal with its timestamp varint padded by a redundant 0x80 0x00:
+        // postcard decodes both, so without a canonical check one record would have two
+        // signed byte strings (and the store, which compares bytes, would see two claims).
+        let sk = SecretKey::from_bytes(&[0x5a; 32]);
+        let canonical = postcard::to_stdvec(&Withdrawal {
+            node_id: sk.public(),
+            timestamp_ms: 5,
+        })
+        .expect("encodes");
+        assert_eq!(canonical.len(), 33);
+        let mut overlong = canonical.clone();
+        overlong[32] |= 0x80;
+        overlong.push(0);
+        let sig = sk.sign(Domain::Withdraw, &overlong);
+        assert_eq!(
+            Signed::<Withdrawal>::verify(overlong, sig),
+            Err(RecordError::NonCanonical)
+        );
+        let sig = sk.sign(Domain::Withdraw, &canonical);
+        assert!(Signed::<Withdrawal>::verify(canonical, sig).is_ok());
     }
 
     #[test]

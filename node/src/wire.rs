@@ -522,6 +522,8 @@ where
         .into());
     }
     buf.clear();
+    // Exactly `len`: `resize` alone may double a reused buffer past `MAX_FRAME_LEN`.
+    buf.reserve_exact(len);
     buf.resize(len, 0);
     let got = read_full(r, buf).await?;
     if got < len {
@@ -915,6 +917,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reused_buffer_stays_within_max_frame_len() {
+        // A large garbage frame, then a larger one, through the same buffer: growing it
+        // by `resize` alone doubled the capacity (to 80 000 bytes) past MAX_FRAME_LEN.
+        let mut data = 40_000u32.to_be_bytes().to_vec();
+        data.extend(std::iter::repeat_n(0xff, 40_000));
+        data.extend_from_slice(&60_000u32.to_be_bytes());
+        data.extend(std::iter::repeat_n(0xff, 60_000));
+        let mut r: &[u8] = &data;
+        let mut buf = Vec::new();
+        for _ in 0..2 {
+            assert!(matches!(
+                read_frame(&mut r, &mut buf).await,
+                Err(ReadFrameError::Decode(DecodeError::Malformed(_)))
+            ));
+            assert!(buf.capacity() <= MAX_FRAME_LEN, "{}", buf.capacity());
+        }
+        assert!(r.is_empty());
+    }
+
+    #[tokio::test]
     async fn read_frame_truncated() {
         let data = encode(&text_msg("cut short")).unwrap();
         let mut buf = Vec::new();
@@ -1019,6 +1041,99 @@ mod tests {
                 p[i % n] ^= x;
             }
             let _ = decode(&p);
+        }
+    }
+
+    /// Reads frames from `bytes` until the end or an error.
+    fn read_all(bytes: &[u8]) -> (Vec<Frame>, Option<ReadFrameError>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut r = bytes;
+            let mut buf = Vec::new();
+            let mut frames = Vec::new();
+            loop {
+                match read_frame(&mut r, &mut buf).await {
+                    Ok(Some(f)) => frames.push(f),
+                    Ok(None) => return (frames, None),
+                    Err(e) => return (frames, Some(e)),
+                }
+            }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn prop_stream_reads_back_in_order(
+            frames in proptest::collection::vec(arb_frame(), 0..8),
+            cut in any::<usize>(),
+        ) {
+            let mut stream = Vec::new();
+            let mut ends = Vec::new();
+            for f in &frames {
+                encode_into(f, &mut stream).unwrap();
+                ends.push(stream.len());
+            }
+            let (got, err) = read_all(&stream);
+            prop_assert!(err.is_none(), "{:?}", err);
+            prop_assert_eq!(&got, &frames);
+
+            // Cut anywhere: the whole frames before the cut read back, then the stream
+            // ends cleanly at a frame boundary or is reported truncated.
+            if stream.is_empty() {
+                return Ok(());
+            }
+            let cut = cut % stream.len();
+            let whole = ends.iter().filter(|&&e| e <= cut).count();
+            let (got, err) = read_all(&stream[..cut]);
+            prop_assert_eq!(&got[..], &frames[..whole]);
+            let at_boundary = cut == 0 || ends.contains(&cut);
+            match err {
+                None => prop_assert!(at_boundary),
+                Some(ReadFrameError::Truncated { expected, got }) => {
+                    prop_assert!(!at_boundary);
+                    prop_assert!(got < expected);
+                }
+                Some(e) => prop_assert!(false, "unexpected {:?}", e),
+            }
+        }
+
+        #[test]
+        fn prop_sealed_frame_opens_to_the_same_frame(
+            f in arb_frame(),
+            sender in any::<[u8; 32]>(),
+            recipient in any::<[u8; 32]>(),
+        ) {
+            // The mailbox path: a frame payload sealed to the recipient and opened again.
+            use p2p_crypto::{seal, SecretKey};
+            let sender = SecretKey::from_bytes(&sender);
+            let recipient = SecretKey::from_bytes(&recipient);
+            let bytes = encode(&f).unwrap();
+            let env = seal::seal(
+                &sender,
+                &recipient.public(),
+                &recipient.mailbox_secret().public(),
+                &bytes[HEADER_LEN..],
+            );
+            let opened = seal::open(&recipient, &env).unwrap();
+            prop_assert_eq!(opened.sender, sender.public());
+            prop_assert_eq!(decode(&opened.payload).unwrap(), f);
+        }
+
+        #[test]
+        fn prop_text_limit_is_exact(extra in 0usize..3, c in any::<char>()) {
+            let text: String = std::iter::repeat_n(c, MAX_TEXT_LEN / c.len_utf8() + extra).collect();
+            let f = text_msg(&text);
+            match encode(&f) {
+                Ok(bytes) => {
+                    prop_assert!(text.len() <= MAX_TEXT_LEN);
+                    prop_assert_eq!(decode(payload(&bytes)).unwrap(), f);
+                }
+                Err(_) => prop_assert!(text.len() > MAX_TEXT_LEN),
+            }
         }
     }
 }
