@@ -5,8 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 use p2p_crypto::{Domain, MailboxPublicKey, SecretKey};
 use p2p_discovery::api::{ClaimEntry, PeerEntry, PresenceEntry};
 use p2p_discovery::{
-    resolve_addrs, verify_entry, NameClaim, PresenceRecord, Record, RecordError, Signed,
-    SignedWire, Withdrawal, MAX_ADDRS, MAX_TTL_SECS, MIN_TTL_SECS,
+    resolve_addrs, verify_entry, verify_entry_at, NameClaim, PresenceRecord, Record, RecordError,
+    Signed, SignedWire, Withdrawal, CLOCK_SKEW, MAX_ADDRS, MAX_TTL_SECS, MIN_TTL_SECS,
 };
 use proptest::prelude::*;
 
@@ -170,7 +170,10 @@ proptest! {
             claim: Some(claim_entry(&c)),
             presence: Some(presence_entry(&p)),
         };
-        let info = verify_entry(&entry, Some(&k.public()), Some(&c.record().name)).expect("verifies");
+        // Checked at the presence's own time, when it is live.
+        let now = p.record().timestamp_ms;
+        let info = verify_entry_at(&entry, Some(&k.public()), Some(&c.record().name), now)
+            .expect("verifies");
         prop_assert_eq!(info.node_id, k.public());
         prop_assert_eq!(info.name.as_deref(), Some(c.record().name.as_str()));
         prop_assert!(info.online);
@@ -183,6 +186,21 @@ proptest! {
             c.record().mailbox_key
         };
         prop_assert_eq!(info.mailbox_key, newest_key);
+        // Long after it expired, or long before it was made, the presence is ignored
+        // (the node counts as offline) while the claim still verifies.
+        let ttl_ms = u64::from(p.record().ttl_secs) * 1000;
+        let skew = u64::try_from(CLOCK_SKEW.as_millis()).expect("small");
+        for when in [
+            now.checked_add(ttl_ms + skew + 1),
+            now.checked_sub(skew + 1),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let stale = verify_entry_at(&entry, Some(&k.public()), None, when).expect("claim verifies");
+            prop_assert!(!stale.online);
+            prop_assert!(stale.addrs.is_empty());
+        }
 
         // The same records filed under another node, or asked about as another node.
         let misfiled = PeerEntry { node_id: other.public(), ..entry.clone() };
