@@ -272,16 +272,19 @@ pub fn profile(cfg: &Config, what: &str) -> Result<Option<String>> {
     let line = match what {
         "history-insert" => {
             let msgs = messages(cfg.history_msgs, &peers)?;
+            eprintln!("profile: measuring {what}");
             let d = node_insert(&path, &msgs)?;
             format!("{what}: {} msgs in {:.2} s", msgs.len(), d.as_secs_f64())
         }
         "history-sender" => {
             let msgs = messages(cfg.history_msgs, &peers)?;
+            eprintln!("profile: measuring {what}");
             format!("{what}: {:.0} msg/s", node_sender(&path, &msgs, cfg.phase)?)
         }
         "history-read" => {
             node_insert(&path, &messages(PEERS * 1000, &peers)?)?;
             let store = Store::open(&path)?;
+            eprintln!("profile: measuring {what}");
             format!(
                 "{what}: {:.0} query/s",
                 node_history(&store, &peers, cfg.phase)?
@@ -289,5 +292,6 @@ pub fn profile(cfg: &Config, what: &str) -> Result<Option<String>> {
         }
         _ => return Ok(None),
     };
+    crate::profile_hold();
     Ok(Some(line))
 }

@@ -25,7 +25,8 @@
 //! | `BENCH_CONNS` | 1000 (100) | idle connections in figure 7 |
 //! | `BENCH_PEERS` | 1,10,100 (1,10) | peer counts of figure 8 |
 //! | `BENCH_ONLY` | all | figures to run, e.g. `1,2` or `msgs,latency` |
-//! | `BENCH_PROFILE` | unset | run one side of one figure alone (for a profiler) and print what it did: `send`, `send-mem`, `rtt`, `rtt-mem`, `bulk`, `bulk-mem`, `setup`, `setup-mem`, `raw-send`, `raw-rtt`, `history-insert`, `history-sender`, `history-read` |
+//! | `BENCH_PROFILE` | unset | run one side of one figure alone (for a profiler) and print what it did: `send`, `send-mem`, `rtt`, `rtt-mem`, `bulk`, `bulk-mem`, `setup`, `setup-mem`, `raw-send`, `raw-rtt`, `history-insert`, `history-sender`, `history-read`; the workload is framed by `profile: measuring` and `profile: done` on stderr |
+//! | `BENCH_PROFILE_HOLD` | unset | `1`: after `profile: done`, wait for a line on stdin before tearing down |
 
 mod discovery;
 mod history;
@@ -117,6 +118,17 @@ fn cpu_model() -> String {
                 .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
         })
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// The end of a profiled workload: says so on stderr and, with `BENCH_PROFILE_HOLD=1`,
+/// waits for a line (or the end) on stdin before tearing down, so a profiler driven by
+/// these lines can stop collecting first.
+pub fn profile_hold() {
+    eprintln!("profile: done");
+    if std::env::var("BENCH_PROFILE_HOLD").is_ok_and(|v| v == "1") {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    }
 }
 
 /// `BENCH_PROFILE=<workload>`: one side of one figure alone, for a profiler.
