@@ -10,7 +10,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+
+/// Longest any one operation may take before the phase fails (nothing in the bench may
+/// wait forever).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn bounded<Fut: Future<Output = Result<()>>>(op: Fut) -> Result<()> {
+    tokio::time::timeout(OP_TIMEOUT, op)
+        .await
+        .with_context(|| format!("an operation took longer than {OP_TIMEOUT:?}"))?
+}
 use tokio::task::JoinSet;
 
 use crate::report::quantile;
@@ -69,7 +79,7 @@ where
             let mut lat = Vec::new();
             while start.elapsed() < dur && started.fetch_add(1, Ordering::Relaxed) < max_ops {
                 let t = Instant::now();
-                op(w).await?;
+                bounded(op(w)).await?;
                 lat.push(t.elapsed());
             }
             Ok::<_, anyhow::Error>(lat)
@@ -106,7 +116,7 @@ where
     let mut lat = Vec::new();
     while start.elapsed() < dur && lat.len() < max_ops {
         let t = Instant::now();
-        op().await?;
+        bounded(op()).await?;
         lat.push(t.elapsed());
     }
     Ok(Load::from_latencies(lat, start.elapsed()))

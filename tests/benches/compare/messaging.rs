@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use p2p_node::{wire::MAX_TEXT_LEN, Endpoint, NodeEvent};
 use tokio::task::JoinSet;
 
@@ -23,6 +23,9 @@ pub const SMALL: usize = 100;
 /// Longest a phase bounded by its operation count may take.
 const PHASE_CAP: Duration = Duration::from_secs(300);
 
+/// Longest wait for stream credit, and for the peer to end a long-lived stream.
+const STREAM_CLOSE: Duration = Duration::from_secs(10);
+
 /// Everything figures 1–4 and 8 share: two pairs of nodes (durable, in-memory) and the
 /// raw servers with an open connection each.
 pub struct Fixture {
@@ -33,7 +36,7 @@ pub struct Fixture {
     mb: BenchNode,
     echo: raw::Server,
     _sink: raw::Server,
-    _client: Endpoint,
+    client: Endpoint,
     echo_conn: quinn::Connection,
     sink_conn: quinn::Connection,
     small: Arc<str>,
@@ -72,7 +75,7 @@ impl Fixture {
             mb,
             echo,
             _sink: sink,
-            _client: client,
+            client,
             echo_conn,
             sink_conn,
             small,
@@ -118,12 +121,29 @@ async fn raw_load(fx: &Fixture, in_flight: usize, dur: Duration) -> Result<Load>
     .await
 }
 
+/// Opens a stream on `conn`, failing after `STREAM_CLOSE` without stream credit.
+async fn open_stream(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+    Ok(tokio::time::timeout(STREAM_CLOSE, conn.open_bi())
+        .await
+        .context("no stream credit from the peer")??)
+}
+
 /// The raw echo on long-lived streams: `in_flight` senders share 64 streams (quinn's
-/// limit per connection), each stream carrying frame after frame.
+/// limit per connection), each stream carrying frame after frame. They live on a
+/// connection of their own: quinn announces freed stream credit (MAX_STREAMS) only once
+/// more than 1/8 of the window is free, so after the stream-per-message phases the
+/// shared echo connection may keep up to 8 of its 64 slots unannounced for as long as it
+/// stays idle, and this needs all 64 at once.
 async fn raw_long_lived_load(fx: &Fixture, in_flight: usize, dur: Duration) -> Result<Load> {
+    let conn = fx
+        .client
+        .connect(fx.echo.addr, fx.echo.id)
+        .await?
+        .quic()
+        .clone();
     let mut pool = Vec::new();
     for _ in 0..in_flight.clamp(1, 64) {
-        let (send, recv) = fx.echo_conn.open_bi().await?;
+        let (send, recv) = open_stream(&conn).await?;
         pool.push(Arc::new(tokio::sync::Mutex::new((send, recv, Vec::new()))));
     }
     let pool = Arc::new(pool);
@@ -141,8 +161,11 @@ async fn raw_long_lived_load(fx: &Fixture, in_flight: usize, dur: Duration) -> R
     })
     .await;
     for s in pool.iter() {
-        let _ = s.lock().await.0.finish();
+        let mut guard = s.lock().await;
+        let (send, recv, buf) = &mut *guard;
+        raw::close_stream(send, recv, buf, STREAM_CLOSE).await?;
     }
+    conn.close(0u32.into(), b"done");
     load
 }
 
@@ -248,7 +271,7 @@ pub async fn latency(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
                     one_at_a_time(dur, usize::MAX, || raw::exchange(conn, &fx.small)).await?
                 }
                 1 => {
-                    let (mut send, mut recv) = fx.echo_conn.open_bi().await?;
+                    let (mut send, mut recv) = open_stream(&fx.echo_conn).await?;
                     let mut buf = Vec::new();
                     let start = Instant::now();
                     let mut lat = Vec::new();
@@ -257,7 +280,7 @@ pub async fn latency(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
                         raw::exchange_on(&mut send, &mut recv, &mut buf, &fx.small).await?;
                         lat.push(t.elapsed());
                     }
-                    let _ = send.finish();
+                    raw::close_stream(&mut send, &mut recv, &mut buf, STREAM_CLOSE).await?;
                     Load::from_latencies(lat, start.elapsed())
                 }
                 2 => {

@@ -132,6 +132,25 @@ pub async fn exchange_on(
     }
 }
 
+/// Ends a long-lived stream cleanly: finishes our side and reads the peer's side to its
+/// end, so the stream is closed on both ends and quinn returns its credit (a stream
+/// only dropped can stay open at the peer and block later `open_bi` calls). Bounded by
+/// `timeout`.
+pub async fn close_stream(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    buf: &mut Vec<u8>,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let _ = send.finish();
+    tokio::time::timeout(timeout, async {
+        while wire::read_frame(recv, buf).await?.is_some() {}
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .context("closing a long-lived stream timed out")?
+}
+
 /// Writes `total` bytes on one new stream (64 KiB writes) and waits for the sink's count.
 /// Returns the time from the first write to the count.
 pub async fn bulk(conn: &quinn::Connection, total: usize) -> Result<std::time::Duration> {
