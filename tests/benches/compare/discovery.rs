@@ -354,7 +354,10 @@ pub async fn run(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
     let tmp = tempfile::tempdir()?;
     let own = OwnServer::start()?;
     let client = Client::new(&own.url)?;
-    let http = reqwest::Client::builder().no_proxy().build()?;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()?;
     wait_http(
         &http,
         &format!("{}/healthz", own.url),

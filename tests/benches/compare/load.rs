@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 /// wait forever).
 pub const OP_TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn bounded<Fut: Future<Output = Result<()>>>(op: Fut) -> Result<()> {
+pub async fn bounded<T, Fut: Future<Output = Result<T>>>(op: Fut) -> Result<T> {
     tokio::time::timeout(OP_TIMEOUT, op)
         .await
         .with_context(|| format!("an operation took longer than {OP_TIMEOUT:?}"))?

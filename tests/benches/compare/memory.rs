@@ -15,6 +15,7 @@ use p2p_node::Endpoint;
 use tokio::{sync::Semaphore, task::JoinSet};
 
 use crate::{
+    load::bounded,
     messaging::{order, SMALL},
     nodes::{BenchNode, Opts},
     raw::{self, Mode},
@@ -172,9 +173,12 @@ async fn connect_all(
         let (ep, permits, text) = (ep.clone(), permits.clone(), text.clone());
         set.spawn(async move {
             let _permit = permits.acquire_owned().await?;
-            let conn = ep.connect(addr, id).await?;
-            raw::exchange(conn.quic(), &text).await?;
-            Ok::<_, anyhow::Error>(conn.quic().clone())
+            bounded(async {
+                let conn = ep.connect(addr, id).await?;
+                raw::exchange(conn.quic(), &text).await?;
+                Ok(conn.quic().clone())
+            })
+            .await
         });
     }
     let mut conns = Vec::with_capacity(clients.len());

@@ -10,7 +10,7 @@ use p2p_node::{wire::MAX_TEXT_LEN, Endpoint, NodeEvent};
 use tokio::task::JoinSet;
 
 use crate::{
-    load::{closed_loop, one_at_a_time, Load},
+    load::{bounded, closed_loop, one_at_a_time, Load},
     nodes::{self, send_delivered, BenchNode, Discovery, Opts},
     raw::{self, Mode},
     report::{median, ms, Row, Target},
@@ -374,9 +374,9 @@ async fn node_setup_once(fx: &Fixture, to: &BenchNode, in_memory: bool) -> Resul
     )
     .await?;
     let t = Instant::now();
-    send_delivered(&node, &to.to, &fx.small).await?;
+    bounded(send_delivered(&node, &to.to, &fx.small)).await?;
     let elapsed = t.elapsed();
-    node.shutdown().await?;
+    bounded(async { Ok(node.shutdown().await?) }).await?;
     Ok(elapsed)
 }
 
@@ -389,8 +389,11 @@ async fn raw_setup_once(
 ) -> Result<Duration> {
     let ep = raw::endpoint().await?;
     let t = Instant::now();
-    let conn = ep.connect(addr, id).await?;
-    raw::exchange(conn.quic(), &fx.small).await?;
+    bounded(async {
+        let conn = ep.connect(addr, id).await?;
+        raw::exchange(conn.quic(), &fx.small).await
+    })
+    .await?;
     let elapsed = t.elapsed();
     ep.close(0, b"done");
     Ok(elapsed)
@@ -454,7 +457,7 @@ async fn connect_all(
     let mut set = JoinSet::new();
     for (i, ep) in clients.iter().enumerate() {
         let ep = ep.clone();
-        set.spawn(async move { Ok::<_, anyhow::Error>((i, ep.connect(addr, id).await?)) });
+        set.spawn(bounded(async move { Ok((i, ep.connect(addr, id).await?)) }));
     }
     let mut conns: Vec<Option<quinn::Connection>> = vec![None; clients.len()];
     while let Some(r) = set.join_next().await {
