@@ -1,0 +1,343 @@
+//! Figure 5: the node's history store (`p2p_node::store::Store`) against raw redb with
+//! the same tables (`p2p_node::store::tables`), the same value encoding (postcard) and
+//! the same commit policy (`Durability::Immediate`, redb's default).
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Result};
+use p2p_crypto::{NodeId, SecretKey};
+use p2p_node::{
+    node::MAX_WRITE_BATCH,
+    store::{
+        tables::{MESSAGES, MESSAGE_IDS, OUTBOX},
+        Direction, MessageStatus, Store, WriteOp,
+    },
+    wire::{Body, ChatMessage},
+};
+use redb::{Database, Durability, ReadableTable};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    messaging::{order, SMALL},
+    report::{Row, Target},
+    Config,
+};
+
+/// The value of a `messages` row, field for field as the node stores it.
+#[derive(Serialize, Deserialize)]
+struct MessageRecord {
+    direction: Direction,
+    sent_at_ms: u64,
+    body: Body,
+    status: MessageStatus,
+}
+
+/// The value of an `outbox` row, field for field as the node stores it.
+#[derive(Serialize)]
+struct OutboxRecord<'a> {
+    message: &'a ChatMessage,
+    attempts: u32,
+    next_attempt_ms: u64,
+    created_ms: u64,
+    mailbox_deposited: bool,
+}
+
+const PEERS: usize = 10;
+const HISTORY_PAGE: usize = 50;
+
+fn peers() -> Vec<NodeId> {
+    (0..PEERS).map(|_| SecretKey::generate().public()).collect()
+}
+
+fn messages(n: usize, peers: &[NodeId]) -> Result<Vec<(NodeId, ChatMessage)>> {
+    let text = "h".repeat(SMALL);
+    (0..n)
+        .map(|i| Ok((peers[i % peers.len()], ChatMessage::text(text.as_str(), 1)?)))
+        .collect()
+}
+
+fn record(msg: &ChatMessage, direction: Direction, status: MessageStatus) -> Result<Vec<u8>> {
+    Ok(postcard::to_allocvec(&MessageRecord {
+        direction,
+        sent_at_ms: msg.sent_at_ms,
+        body: msg.body.clone(),
+        status,
+    })?)
+}
+
+/// Group commit as the node's writer thread does it: batches of `MAX_WRITE_BATCH`, one
+/// `write_batch` transaction each, every message with its own stamp.
+fn node_insert(path: &Path, msgs: &[(NodeId, ChatMessage)]) -> Result<Duration> {
+    let store = Store::open(path)?;
+    let start = Instant::now();
+    for (i, batch) in msgs.chunks(MAX_WRITE_BATCH).enumerate() {
+        let ops: Vec<WriteOp> = batch
+            .iter()
+            .enumerate()
+            .map(|(j, (peer, msg))| WriteOp::Incoming {
+                peer: *peer,
+                msg: msg.clone(),
+                now_ms: stamp(i, j),
+            })
+            .collect();
+        for r in store.write_batch(&ops)? {
+            r?;
+        }
+    }
+    Ok(start.elapsed())
+}
+
+/// A distinct, increasing local time per message, as the writer stamps them.
+fn stamp(batch: usize, i: usize) -> u64 {
+    1_000_000 + (batch * MAX_WRITE_BATCH + i) as u64
+}
+
+/// The same rows in the same tables, same batches, one commit each.
+fn raw_insert(db: &Database, msgs: &[(NodeId, ChatMessage)]) -> Result<Duration> {
+    let start = Instant::now();
+    for (i, batch) in msgs.chunks(MAX_WRITE_BATCH).enumerate() {
+        let txn = db.begin_write()?;
+        {
+            let mut messages = txn.open_table(MESSAGES)?;
+            let mut ids = txn.open_table(MESSAGE_IDS)?;
+            for (j, (peer, msg)) in batch.iter().enumerate() {
+                // The node deduplicates by id before inserting: so does the baseline.
+                ensure!(ids.get(msg.id.0)?.is_none(), "duplicate id");
+                let key = (*peer.as_bytes(), stamp(i, j), msg.id.0);
+                let value = record(msg, Direction::Incoming, MessageStatus::Received)?;
+                messages.insert(key, value.as_slice())?;
+                ids.insert(msg.id.0, (key.0, key.1))?;
+            }
+        }
+        txn.commit()?;
+    }
+    Ok(start.elapsed())
+}
+
+fn open_raw(path: &Path) -> Result<Database> {
+    let db = Database::create(path)?;
+    let txn = db.begin_write()?;
+    txn.open_table(MESSAGES)?;
+    txn.open_table(MESSAGE_IDS)?;
+    txn.open_table(OUTBOX)?;
+    txn.commit()?;
+    Ok(db)
+}
+
+/// The sender's bookkeeping as the node's writer does it under load: a batch of
+/// outgoing inserts (history row + outbox entry, durable commit), then, as the acks come
+/// back, a batch of delivery marks (outbox entry removed + status updated, committed
+/// without waiting for the disk).
+fn node_sender(path: &Path, msgs: &[(NodeId, ChatMessage)], dur: Duration) -> Result<f64> {
+    let store = Store::open(path)?;
+    let start = Instant::now();
+    let mut done = 0;
+    for (i, batch) in msgs.chunks(MAX_WRITE_BATCH).enumerate() {
+        if start.elapsed() >= dur {
+            break;
+        }
+        let inserts: Vec<WriteOp> = batch
+            .iter()
+            .enumerate()
+            .map(|(j, (to, msg))| WriteOp::Outgoing {
+                to: *to,
+                msg: msg.clone(),
+                now_ms: stamp(i, j),
+            })
+            .collect();
+        for r in store.write_batch(&inserts)? {
+            r?;
+        }
+        let marks: Vec<WriteOp> = batch
+            .iter()
+            .map(|(peer, msg)| WriteOp::Finish {
+                peer: *peer,
+                id: msg.id,
+                status: MessageStatus::Delivered,
+            })
+            .collect();
+        for r in store.write_batch(&marks)? {
+            r?;
+        }
+        done += batch.len();
+    }
+    Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
+fn raw_sender(db: &Database, msgs: &[(NodeId, ChatMessage)], dur: Duration) -> Result<f64> {
+    let start = Instant::now();
+    let mut done = 0;
+    for (i, batch) in msgs.chunks(MAX_WRITE_BATCH).enumerate() {
+        if start.elapsed() >= dur {
+            break;
+        }
+        let txn = db.begin_write()?;
+        {
+            let mut messages = txn.open_table(MESSAGES)?;
+            let mut ids = txn.open_table(MESSAGE_IDS)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
+            for (j, (peer, msg)) in batch.iter().enumerate() {
+                ensure!(ids.get(msg.id.0)?.is_none(), "duplicate id");
+                let now = stamp(i, j);
+                let key = (*peer.as_bytes(), now, msg.id.0);
+                let value = record(msg, Direction::Outgoing, MessageStatus::Queued)?;
+                messages.insert(key, value.as_slice())?;
+                ids.insert(msg.id.0, (key.0, key.1))?;
+                let entry = postcard::to_allocvec(&OutboxRecord {
+                    message: msg,
+                    attempts: 0,
+                    next_attempt_ms: now,
+                    created_ms: now,
+                    mailbox_deposited: false,
+                })?;
+                outbox.insert((key.0, msg.id.0), entry.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::None);
+        {
+            let mut messages = txn.open_table(MESSAGES)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
+            for (j, (peer, msg)) in batch.iter().enumerate() {
+                let key = (*peer.as_bytes(), stamp(i, j), msg.id.0);
+                outbox.remove((key.0, msg.id.0))?;
+                let value = record(msg, Direction::Outgoing, MessageStatus::Delivered)?;
+                messages.insert(key, value.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        done += batch.len();
+    }
+    Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
+/// "The last 50 messages with a peer", decoded: `Store::history`.
+fn node_history(store: &Store, peers: &[NodeId], dur: Duration) -> Result<f64> {
+    let start = Instant::now();
+    let mut done = 0usize;
+    while start.elapsed() < dur {
+        let page = store.history(&peers[done % peers.len()], HISTORY_PAGE, None)?;
+        ensure!(page.len() == HISTORY_PAGE, "short history page");
+        done += 1;
+    }
+    Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The same reverse range scan over `(peer, ..)` in raw redb, values decoded.
+fn raw_history(db: &Database, peers: &[NodeId], dur: Duration) -> Result<f64> {
+    let start = Instant::now();
+    let mut done = 0usize;
+    while start.elapsed() < dur {
+        let p = *peers[done % peers.len()].as_bytes();
+        let txn = db.begin_read()?;
+        let messages = txn.open_table(MESSAGES)?;
+        let mut page = Vec::with_capacity(HISTORY_PAGE);
+        for row in messages
+            .range((p, 0, [0u8; 16])..=(p, u64::MAX, [0xffu8; 16]))?
+            .rev()
+            .take(HISTORY_PAGE)
+        {
+            let (k, v) = row?;
+            let rec: MessageRecord = postcard::from_bytes(v.value())?;
+            page.push((k.value(), rec));
+        }
+        page.reverse();
+        ensure!(page.len() == HISTORY_PAGE, "short history page");
+        done += 1;
+    }
+    Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Figure 5 (synchronous: run it on a blocking thread).
+pub fn run(cfg: &Config) -> Result<Vec<Row>> {
+    let n = cfg.history_msgs;
+    let peers = peers();
+    let mut insert = Row::new(
+        format!("5. history insert, group commit of {MAX_WRITE_BATCH} ({n} msgs)"),
+        "msg/s",
+        Target::None,
+    );
+    let mut sender = Row::new(
+        format!("5. sender bookkeeping: batches of {MAX_WRITE_BATCH} inserts, then their delivery marks"),
+        "msg/s",
+        Target::None,
+    );
+    let mut read = Row::new(
+        format!("5. history: last {HISTORY_PAGE} of a conversation ({PEERS} convs)"),
+        "query/s",
+        Target::None,
+    );
+    // Read side: one database of each kind, filled once.
+    let dir = tempfile::tempdir()?;
+    let fill = messages(PEERS * 1000, &peers)?;
+    node_insert(&dir.path().join("read-node.redb"), &fill)?;
+    let read_store = Store::open(dir.path().join("read-node.redb"))?;
+    let read_raw = open_raw(&dir.path().join("read-raw.redb"))?;
+    raw_insert(&read_raw, &fill)?;
+    for run in 0..cfg.runs {
+        let msgs = messages(n, &peers)?;
+        let mut w = [0.0f64; 2];
+        let mut s = [0.0f64; 2];
+        let mut r = [0.0f64; 2];
+        for phase in order(run, 2) {
+            let node_path = dir.path().join(format!("node-{run}.redb"));
+            let raw_path = dir.path().join(format!("raw-{run}.redb"));
+            if phase == 0 {
+                let db = open_raw(&raw_path)?;
+                w[0] = n as f64 / raw_insert(&db, &msgs)?.as_secs_f64();
+                let db = open_raw(&dir.path().join(format!("raw-sender-{run}.redb")))?;
+                s[0] = raw_sender(&db, &msgs, cfg.phase)?;
+                r[0] = raw_history(&read_raw, &peers, cfg.phase)?;
+            } else {
+                w[1] = n as f64 / node_insert(&node_path, &msgs)?.as_secs_f64();
+                s[1] = node_sender(
+                    &dir.path().join(format!("sender-{run}.redb")),
+                    &msgs,
+                    cfg.phase,
+                )?;
+                r[1] = node_history(&read_store, &peers, cfg.phase)?;
+            }
+        }
+        insert.push(w[1], Some(w[0]));
+        sender.push(s[1], Some(s[0]));
+        read.push(r[1], Some(r[0]));
+    }
+    Ok(vec![insert, sender, read])
+}
+
+/// Runs one side of figure 5 alone, for a profiler (`BENCH_PROFILE`): `history-insert`,
+/// `history-sender`, `history-read`. Returns a line saying what it did.
+pub fn profile(cfg: &Config, what: &str) -> Result<Option<String>> {
+    let peers = peers();
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("node.redb");
+    let line = match what {
+        "history-insert" => {
+            let msgs = messages(cfg.history_msgs, &peers)?;
+            eprintln!("profile: measuring {what}");
+            let d = node_insert(&path, &msgs)?;
+            format!("{what}: {} msgs in {:.2} s", msgs.len(), d.as_secs_f64())
+        }
+        "history-sender" => {
+            let msgs = messages(cfg.history_msgs, &peers)?;
+            eprintln!("profile: measuring {what}");
+            format!("{what}: {:.0} msg/s", node_sender(&path, &msgs, cfg.phase)?)
+        }
+        "history-read" => {
+            node_insert(&path, &messages(PEERS * 1000, &peers)?)?;
+            let store = Store::open(&path)?;
+            eprintln!("profile: measuring {what}");
+            format!(
+                "{what}: {:.0} query/s",
+                node_history(&store, &peers, cfg.phase)?
+            )
+        }
+        _ => return Ok(None),
+    };
+    crate::profile_hold();
+    Ok(Some(line))
+}
