@@ -654,6 +654,8 @@ struct State {
     mailbox_keys: HashMap<NodeId, MailboxPublicKey>,
     /// Messages being delivered right now (by `send` or the outbox task).
     in_flight: HashSet<MessageId>,
+    /// Messages whose answer is being written (see `deliver::settle`).
+    settling: HashSet<MessageId>,
     /// Peers whose outbox entries are due at once.
     wake: HashSet<NodeId>,
     /// (name, announced id) pairs already warned about.
@@ -852,6 +854,16 @@ impl Node {
         self.inner.send_message(peer, msg).await
     }
 
+    /// Sends a text message to the node `to`, like [`Node::send`] without resolving a
+    /// name or parsing an id.
+    pub async fn send_to(&self, to: &NodeId, text: &str) -> Result<SendOutcome, NodeError> {
+        if *to == self.inner.node_id {
+            return Err(NodeError::SelfMessage);
+        }
+        let msg = ChatMessage::text(text, stamp_ms())?;
+        self.inner.send_message(*to, msg).await
+    }
+
     /// The last `limit` messages with `peer` (a NodeId or a name), oldest first.
     ///
     /// Waits (at most [`Timings::dial_timeout`]) for the mailbox drain at start, so
@@ -872,6 +884,9 @@ impl Node {
     ) -> Result<Vec<StoredMessage>, NodeError> {
         let id = self.inner.resolve(peer).await?.node_id;
         self.inner.wait_initial_drain().await;
+        // Every write queued so far (e.g. the delivery mark of a message just sent) is
+        // in what we read.
+        self.inner.writer.sync().await?;
         self.inner
             .blocking(move |s| s.history(&id, limit, before))
             .await
@@ -879,6 +894,7 @@ impl Node {
 
     /// The messages not yet acknowledged by their recipients.
     pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, NodeError> {
+        self.inner.writer.sync().await?;
         self.inner.blocking(|s| s.outbox()).await
     }
 

@@ -12,7 +12,7 @@ use p2p_crypto::NodeId;
 use super::{bounded_insert, inbound, DialBackoff, Inner, NodeError, NodeEvent};
 use crate::{
     endpoint::{ConnectError, Connection},
-    store::{MarkOutcome, MessageStatus},
+    store::{MarkOutcome, MessageStatus, WriteOutcome},
     wire::{read_frame, write_frame, AckStatus, ChatMessage, Frame, MessageId},
 };
 
@@ -249,30 +249,49 @@ fn note_failure(inner: &Inner, peer: NodeId) {
     bounded_insert(&mut st.backoff, peer, DialBackoff { failures, until });
 }
 
-/// Records the recipient's answer: delivered or rejected, with the event.
+/// Records the recipient's answer, delivered or rejected. Returns once the mark is
+/// queued to the writer: marks need no fsync (see [`crate::store::Store::write_batch`]),
+/// so nobody waits for them. Until the mark is written the message counts as settling
+/// (the outbox leaves it alone); [`NodeEvent::MessageDelivered`] follows the write.
 pub(crate) async fn settle(
     inner: &Arc<Inner>,
     peer: NodeId,
     id: MessageId,
     status: AckStatus,
 ) -> Result<(), NodeError> {
-    match status {
-        AckStatus::Stored | AckStatus::Duplicate => {
-            let outcome = inner
-                .writer
-                .finish(peer, id, MessageStatus::Delivered)
-                .await?;
-            if outcome == MarkOutcome::Updated {
-                inner.emit(NodeEvent::MessageDelivered { to: peer, id });
-            }
-        }
+    let status = match status {
+        AckStatus::Stored | AckStatus::Duplicate => MessageStatus::Delivered,
         AckStatus::Rejected(code) => {
             tracing::warn!(%peer, message = %id, %code, "message rejected by the recipient");
-            inner
-                .writer
-                .finish(peer, id, MessageStatus::Rejected(code))
-                .await?;
+            MessageStatus::Rejected(code)
         }
-    }
+    };
+    inner.state().settling.insert(id);
+    let written = match inner.writer.finish(peer, id, status).await {
+        Ok(rx) => rx,
+        Err(e) => {
+            inner.state().settling.remove(&id);
+            return Err(e);
+        }
+    };
+    let inner2 = inner.clone();
+    inner.tracker.spawn(async move {
+        let outcome = written.await;
+        inner2.state().settling.remove(&id);
+        match outcome {
+            Ok(Ok((WriteOutcome::Marked(MarkOutcome::Updated), _)))
+                if status == MessageStatus::Delivered =>
+            {
+                inner2.emit(NodeEvent::MessageDelivered { to: peer, id });
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, message = %id, error = %e, "cannot record delivery")
+            }
+            Err(_) => {
+                tracing::debug!(message = %id, "node stopped before the delivery was recorded")
+            }
+        }
+    });
     Ok(())
 }

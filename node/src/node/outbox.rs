@@ -56,7 +56,8 @@ async fn round(inner: &Arc<Inner>) -> Result<Option<u64>, super::NodeError> {
     let now = now_ms();
     let (woken, in_flight): (HashSet<NodeId>, HashSet<_>) = {
         let mut st = inner.state();
-        (std::mem::take(&mut st.wake), st.in_flight.clone())
+        let busy = st.in_flight.union(&st.settling).copied().collect();
+        (std::mem::take(&mut st.wake), busy)
     };
     let mut due: BTreeMap<NodeId, Vec<OutboxEntry>> = BTreeMap::new();
     let mut next_due: Option<u64> = None;
@@ -111,8 +112,11 @@ async fn work_peer(inner: Arc<Inner>, peer: NodeId, queue: Vec<OutboxEntry>) -> 
             break;
         }
         let id = entry.message.id;
-        if !inner.state().in_flight.insert(id) {
-            continue;
+        {
+            let mut st = inner.state();
+            if st.settling.contains(&id) || !st.in_flight.insert(id) {
+                continue;
+            }
         }
         let outcome = if unreachable {
             None

@@ -40,6 +40,8 @@ enum Op {
         id: MessageId,
         status: MessageStatus,
     },
+    /// Writes nothing; answered once every write queued before it is committed.
+    Barrier,
 }
 
 struct WriteReq {
@@ -103,18 +105,20 @@ impl Writer {
         Ok((inserted(outcome), at))
     }
 
-    /// Records the final answer of `peer` to outgoing message `id`.
+    /// Queues the final answer of `peer` to outgoing message `id`; returns the receiver
+    /// of its outcome without waiting for the write.
     pub(crate) async fn finish(
         &self,
         peer: NodeId,
         id: MessageId,
         status: MessageStatus,
-    ) -> Result<MarkOutcome, NodeError> {
-        let (outcome, _) = self.wait(Op::Finish { peer, id, status }).await?;
-        Ok(match outcome {
-            WriteOutcome::Marked(m) => m,
-            WriteOutcome::Inserted(_) => MarkOutcome::Unknown,
-        })
+    ) -> Result<oneshot::Receiver<WriteResult>, NodeError> {
+        self.queue(Op::Finish { peer, id, status }).await
+    }
+
+    /// Waits until every write queued so far is committed (reads after it see them).
+    pub(crate) async fn sync(&self) -> Result<(), NodeError> {
+        self.wait(Op::Barrier).await.map(|_| ())
     }
 
     async fn wait(&self, op: Op) -> Result<(WriteOutcome, u64), NodeError> {
@@ -167,26 +171,48 @@ fn run(store: Arc<Store>, mut rx: mpsc::Receiver<WriteReq>) {
 }
 
 fn write_batch(store: &Store, batch: &mut Vec<WriteReq>) {
-    let ops: Vec<WriteOp> = batch
-        .iter()
-        .map(|r| match &r.op {
-            Op::Incoming { peer, msg } => WriteOp::Incoming {
-                peer: *peer,
-                msg: msg.clone(),
-                now_ms: stamp_ms(),
-            },
-            Op::Outgoing { to, msg } => WriteOp::Outgoing {
-                to: *to,
-                msg: msg.clone(),
-                now_ms: stamp_ms(),
-            },
-            Op::Finish { peer, id, status } => WriteOp::Finish {
-                peer: *peer,
-                id: *id,
-                status: *status,
-            },
-        })
-        .collect();
+    // Barriers write nothing: they are answered after the commit of the others.
+    let barriers: Vec<WriteReq> = {
+        let (barriers, writes) = batch.drain(..).partition(|r| matches!(r.op, Op::Barrier));
+        *batch = writes;
+        barriers
+    };
+    write_ops(store, batch);
+    for b in barriers {
+        let _ = b
+            .reply
+            .send(Ok((WriteOutcome::Marked(MarkOutcome::Unchanged), 0)));
+    }
+}
+
+/// The store write of a request, stamped now; `None` for a barrier.
+fn stamped(op: &Op) -> Option<WriteOp> {
+    Some(match op {
+        Op::Incoming { peer, msg } => WriteOp::Incoming {
+            peer: *peer,
+            msg: msg.clone(),
+            now_ms: stamp_ms(),
+        },
+        Op::Outgoing { to, msg } => WriteOp::Outgoing {
+            to: *to,
+            msg: msg.clone(),
+            now_ms: stamp_ms(),
+        },
+        Op::Finish { peer, id, status } => WriteOp::Finish {
+            peer: *peer,
+            id: *id,
+            status: *status,
+        },
+        Op::Barrier => return None,
+    })
+}
+
+fn write_ops(store: &Store, batch: &mut Vec<WriteReq>) {
+    if batch.is_empty() {
+        return;
+    }
+    // `write_batch` took the barriers out, so every request here has a write.
+    let ops: Vec<WriteOp> = batch.iter().filter_map(|r| stamped(&r.op)).collect();
     let stamp = |op: &WriteOp| match op {
         WriteOp::Incoming { now_ms, .. } | WriteOp::Outgoing { now_ms, .. } => *now_ms,
         WriteOp::Finish { .. } => 0,

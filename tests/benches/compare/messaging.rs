@@ -101,10 +101,10 @@ async fn node_load(
     max_ops: usize,
 ) -> Result<Load> {
     let node = from.node.clone();
-    let to = Arc::<str>::from(to.to.as_str());
+    let to = to.to;
     let text = text.clone();
     closed_loop(in_flight, dur, max_ops, move |_| {
-        let (node, to, text) = (node.clone(), to.clone(), text.clone());
+        let (node, text) = (node.clone(), text.clone());
         async move { send_delivered(&node, &to, &text).await }
     })
     .await

@@ -41,8 +41,8 @@ impl Discovery {
 pub struct BenchNode {
     pub node: Node,
     pub id: NodeId,
-    /// The node id in text form, as `Node::send` takes it.
-    pub to: String,
+    /// The node id, as `Node::send_to` takes it.
+    pub to: NodeId,
     _dir: tempfile::TempDir,
 }
 
@@ -76,7 +76,7 @@ impl BenchNode {
         Ok(BenchNode {
             node,
             id,
-            to: id.to_string(),
+            to: id,
             _dir: dir,
         })
     }
@@ -88,8 +88,8 @@ impl BenchNode {
 }
 
 /// Sends `text` from `from` to `to` and requires `Delivered`.
-pub async fn send_delivered(from: &Node, to: &str, text: &str) -> Result<()> {
-    let out = from.send(to, text).await?;
+pub async fn send_delivered(from: &Node, to: &NodeId, text: &str) -> Result<()> {
+    let out = from.send_to(to, text).await?;
     ensure!(
         out.status == SendStatus::Delivered,
         "message queued instead of delivered"
