@@ -414,10 +414,10 @@ struct MessageRecord {
     status: MessageStatus,
 }
 
-/// Value of a [`tables::OUTBOX`] row; the recipient lives in the key.
+/// Value of a [`tables::OUTBOX`] row; the recipient and the message id live in the
+/// key, the message itself in its history row at `(recipient, created_ms, id)`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct OutboxRecord {
-    message: ChatMessage,
     attempts: u32,
     next_attempt_ms: u64,
     created_ms: u64,
@@ -575,14 +575,24 @@ impl Store {
         }
     }
 
+    /// A history row as a message. An outgoing message whose row still says `Queued`
+    /// is delivered once it has left the outbox (see [`Store::mark_delivered`]), so
+    /// `outbox` is consulted for those.
     fn message_from_row(
         &self,
         key: MessageKey,
         value: &[u8],
         known: Option<&NodeId>,
+        outbox: &impl ReadableTable<([u8; 32], [u8; 16]), &'static [u8]>,
     ) -> Result<StoredMessage, StoreError> {
         let (peer, stored_at_ms, id) = key;
-        let rec: MessageRecord = self.decode("messages", value)?;
+        let mut rec: MessageRecord = self.decode("messages", value)?;
+        if rec.direction == Direction::Outgoing
+            && rec.status == MessageStatus::Queued
+            && outbox.get((peer, id)).ctx(&self.path)?.is_none()
+        {
+            rec.status = MessageStatus::Delivered;
+        }
         Ok(StoredMessage {
             id: MessageId(id),
             peer: self.key_node_id("messages", &peer, known)?,
@@ -599,14 +609,23 @@ impl Store {
         key: ([u8; 32], [u8; 16]),
         value: &[u8],
         known: Option<&NodeId>,
+        messages: &impl ReadableTable<MessageKey, &'static [u8]>,
     ) -> Result<OutboxEntry, StoreError> {
         let rec: OutboxRecord = self.decode("outbox", value)?;
-        if rec.message.id.0 != key.1 {
-            return Err(self.corrupt("outbox", RecordError::IdMismatch));
-        }
+        let id = MessageId(key.1);
+        let row = messages
+            .get((key.0, rec.created_ms, key.1))
+            .ctx(&self.path)?
+            .ok_or_else(|| self.corrupt("outbox", RecordError::DanglingIndex(id)))?;
+        let msg: MessageRecord = self.decode("messages", row.value())?;
         Ok(OutboxEntry {
             to: self.key_node_id("outbox", &key.0, known)?,
-            message: rec.message,
+            message: ChatMessage {
+                id,
+                conversation: Conversation::Direct,
+                sent_at_ms: msg.sent_at_ms,
+                body: msg.body,
+            },
             attempts: rec.attempts,
             next_attempt_ms: rec.next_attempt_ms,
             created_ms: rec.created_ms,
@@ -656,24 +675,15 @@ impl Store {
         now_ms: u64,
     ) -> Result<Inserted, StoreError> {
         msg.validate()?;
-        if let Some(((existing_peer, _, _), rec)) = self.find_in(t, &msg.id)? {
-            let same = existing_peer == *peer.as_bytes() && rec.direction == direction;
-            return Ok(if same {
-                Inserted::Duplicate
-            } else {
-                Inserted::Conflict
-            });
-        }
         let key = (*peer.as_bytes(), now_ms, msg.id.0);
-        let status = match direction {
-            Direction::Incoming => MessageStatus::Received,
-            Direction::Outgoing => MessageStatus::Queued,
-        };
         let rec = MessageRecord {
             direction,
             sent_at_ms: msg.sent_at_ms,
             body: msg.body.clone(),
-            status,
+            status: match direction {
+                Direction::Incoming => MessageStatus::Received,
+                Direction::Outgoing => MessageStatus::Queued,
+            },
         };
         let row = to_bytes("messages", &rec)?;
         let queued = match direction {
@@ -681,7 +691,6 @@ impl Store {
             Direction::Outgoing => Some(to_bytes(
                 "outbox",
                 &OutboxRecord {
-                    message: msg.clone(),
                     attempts: 0,
                     next_attempt_ms: now_ms,
                     created_ms: now_ms,
@@ -689,8 +698,29 @@ impl Store {
                 },
             )?),
         };
+        // Claim the id: one index operation both checks and takes it. If it was taken,
+        // put the old entry back and tell a duplicate from a conflict.
+        let taken = t
+            .ids
+            .insert(msg.id.0, (key.0, key.1))
+            .ctx(&self.path)?
+            .map(|g| g.value());
+        if let Some(old) = taken {
+            t.ids.insert(msg.id.0, old).ctx(&self.path)?;
+            let existing = t
+                .messages
+                .get((old.0, old.1, msg.id.0))
+                .ctx(&self.path)?
+                .ok_or_else(|| self.corrupt("message_ids", RecordError::DanglingIndex(msg.id)))?;
+            let existing: MessageRecord = self.decode("messages", existing.value())?;
+            let same = old.0 == key.0 && existing.direction == direction;
+            return Ok(if same {
+                Inserted::Duplicate
+            } else {
+                Inserted::Conflict
+            });
+        }
         t.messages.insert(key, row.as_slice()).ctx(&self.path)?;
-        t.ids.insert(msg.id.0, (key.0, key.1)).ctx(&self.path)?;
         if let Some(queued) = queued {
             t.outbox
                 .insert((key.0, msg.id.0), queued.as_slice())
@@ -699,8 +729,11 @@ impl Store {
         Ok(Inserted::New)
     }
 
-    /// Sets the final status of outgoing message `id` to `peer` and takes it out of the
-    /// outbox (see [`Store::mark_delivered`]).
+    /// Sets the final status of outgoing message `id` to `peer` (see
+    /// [`Store::mark_delivered`]). Delivery is one operation: the entry leaves the outbox
+    /// (its key names the recipient, so only the recipient's answer finds it) and the
+    /// history row, still `Queued`, then reads as delivered. A rejection is written into
+    /// the row.
     fn finish_in(
         &self,
         t: &mut MessageTables<'_>,
@@ -708,32 +741,35 @@ impl Store {
         id: &MessageId,
         status: MessageStatus,
     ) -> Result<MarkOutcome, StoreError> {
+        let queued_key = (*peer.as_bytes(), id.0);
+        if status == MessageStatus::Delivered {
+            if t.outbox.remove(queued_key).ctx(&self.path)?.is_some() {
+                return Ok(MarkOutcome::Updated);
+            }
+            return Ok(match self.find_in(t, id)? {
+                Some((key, rec))
+                    if key.0 == queued_key.0 && rec.direction == Direction::Outgoing =>
+                {
+                    MarkOutcome::Unchanged
+                }
+                _ => MarkOutcome::Unknown,
+            });
+        }
         let Some((key, mut rec)) = self.find_in(t, id)? else {
             return Ok(MarkOutcome::Unknown);
         };
-        if key.0 != *peer.as_bytes() || rec.direction != Direction::Outgoing {
+        if key.0 != queued_key.0 || rec.direction != Direction::Outgoing {
             return Ok(MarkOutcome::Unknown);
         }
-        let keep = rec.status == status
-            || (rec.status == MessageStatus::Delivered
-                && matches!(status, MessageStatus::Rejected(_)));
-        let row = if keep {
-            None
-        } else {
-            rec.status = status;
-            Some(to_bytes("messages", &rec)?)
-        };
-        let removed = t.outbox.remove((key.0, id.0)).ctx(&self.path)?.is_some();
-        Ok(match row {
-            Some(row) => {
-                t.messages.insert(key, row.as_slice()).ctx(&self.path)?;
-                MarkOutcome::Updated
-            }
-            None => {
-                let _ = removed;
-                MarkOutcome::Unchanged
-            }
-        })
+        // Only a message still queued can be rejected: a delivered one stays delivered.
+        if t.outbox.get(queued_key).ctx(&self.path)?.is_none() {
+            return Ok(MarkOutcome::Unchanged);
+        }
+        rec.status = status;
+        let row = to_bytes("messages", &rec)?;
+        t.outbox.remove(queued_key).ctx(&self.path)?;
+        t.messages.insert(key, row.as_slice()).ctx(&self.path)?;
+        Ok(MarkOutcome::Updated)
     }
 
     /// Applies many writes in one transaction and one commit (group commit), in order.
@@ -900,12 +936,13 @@ impl Store {
     pub fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
         let txn = self.db.begin_read().ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
+        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
         let mut out: Vec<OutboxEntry> = Vec::new();
         for row in outbox.iter().ctx(&self.path)? {
             let (k, v) = row.ctx(&self.path)?;
             // Rows are sorted by recipient: reuse the previous row's checked NodeId.
             let known = out.last().map(|e| e.to);
-            out.push(self.outbox_from_row(k.value(), v.value(), known.as_ref())?);
+            out.push(self.outbox_from_row(k.value(), v.value(), known.as_ref(), &messages)?);
         }
         Ok(out)
     }
@@ -914,6 +951,7 @@ impl Store {
     pub fn outbox_for(&self, peer: &NodeId) -> Result<Vec<OutboxEntry>, StoreError> {
         let txn = self.db.begin_read().ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
+        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
         let p = *peer.as_bytes();
         let mut out = Vec::new();
         for row in outbox
@@ -921,7 +959,7 @@ impl Store {
             .ctx(&self.path)?
         {
             let (k, v) = row.ctx(&self.path)?;
-            out.push(self.outbox_from_row(k.value(), v.value(), Some(peer))?);
+            out.push(self.outbox_from_row(k.value(), v.value(), Some(peer), &messages)?);
         }
         out.sort_by_key(|e| (e.created_ms, e.message.sent_at_ms));
         Ok(out)
@@ -935,9 +973,15 @@ impl Store {
             return Ok(None);
         };
         let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
         let key = (peer, at, id.0);
         match messages.get(key).ctx(&self.path)? {
-            Some(v) => Ok(Some(self.message_from_row(key, v.value(), None)?)),
+            Some(v) => Ok(Some(self.message_from_row(
+                key,
+                v.value(),
+                None,
+                &outbox,
+            )?)),
             None => Err(self.corrupt("message_ids", RecordError::DanglingIndex(*id))),
         }
     }
@@ -958,6 +1002,7 @@ impl Store {
         }
         let txn = self.db.begin_read().ctx(&self.path)?;
         let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
         let p = *peer.as_bytes();
         let range = match before {
             Some((at, id)) => messages.range(first_key(p)..(p, at, id.0)),
@@ -967,7 +1012,7 @@ impl Store {
         let mut out = Vec::new();
         for row in range.rev().take(limit) {
             let (k, v) = row.ctx(&self.path)?;
-            out.push(self.message_from_row(k.value(), v.value(), Some(peer))?);
+            out.push(self.message_from_row(k.value(), v.value(), Some(peer), &outbox)?);
         }
         out.reverse();
         Ok(out)
@@ -980,6 +1025,7 @@ impl Store {
     pub fn conversations(&self) -> Result<Vec<ConversationSummary>, StoreError> {
         let txn = self.db.begin_read().ctx(&self.path)?;
         let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
         let mut out = Vec::new();
         let mut from = Some([0u8; 32]);
         while let Some(start) = from {
@@ -998,7 +1044,7 @@ impl Store {
                 .transpose()
                 .ctx(&self.path)?;
             if let Some((k, v)) = newest {
-                let last = self.message_from_row(k.value(), v.value(), None)?;
+                let last = self.message_from_row(k.value(), v.value(), None, &outbox)?;
                 out.push(ConversationSummary {
                     peer: last.peer,
                     last,

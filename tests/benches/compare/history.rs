@@ -17,7 +17,7 @@ use p2p_node::{
     },
     wire::{Body, ChatMessage},
 };
-use redb::{Database, Durability, ReadableTable};
+use redb::{Database, Durability};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -35,10 +35,10 @@ struct MessageRecord {
     status: MessageStatus,
 }
 
-/// The value of an `outbox` row, field for field as the node stores it.
+/// The value of an `outbox` row, field for field as the node stores it (the message
+/// itself is in its history row).
 #[derive(Serialize)]
-struct OutboxRecord<'a> {
-    message: &'a ChatMessage,
+struct OutboxRecord {
     attempts: u32,
     next_attempt_ms: u64,
     created_ms: u64,
@@ -104,12 +104,15 @@ fn raw_insert(db: &Database, msgs: &[(NodeId, ChatMessage)]) -> Result<Duration>
             let mut messages = txn.open_table(MESSAGES)?;
             let mut ids = txn.open_table(MESSAGE_IDS)?;
             for (j, (peer, msg)) in batch.iter().enumerate() {
-                // The node deduplicates by id before inserting: so does the baseline.
-                ensure!(ids.get(msg.id.0)?.is_none(), "duplicate id");
+                // The node deduplicates by id (claiming it in the index): so does the
+                // baseline.
                 let key = (*peer.as_bytes(), stamp(i, j), msg.id.0);
                 let value = record(msg, Direction::Incoming, MessageStatus::Received)?;
+                ensure!(
+                    ids.insert(msg.id.0, (key.0, key.1))?.is_none(),
+                    "duplicate id"
+                );
                 messages.insert(key, value.as_slice())?;
-                ids.insert(msg.id.0, (key.0, key.1))?;
             }
         }
         txn.commit()?;
@@ -180,14 +183,15 @@ fn raw_sender(db: &Database, msgs: &[(NodeId, ChatMessage)], dur: Duration) -> R
             let mut ids = txn.open_table(MESSAGE_IDS)?;
             let mut outbox = txn.open_table(OUTBOX)?;
             for (j, (peer, msg)) in batch.iter().enumerate() {
-                ensure!(ids.get(msg.id.0)?.is_none(), "duplicate id");
                 let now = stamp(i, j);
                 let key = (*peer.as_bytes(), now, msg.id.0);
                 let value = record(msg, Direction::Outgoing, MessageStatus::Queued)?;
+                ensure!(
+                    ids.insert(msg.id.0, (key.0, key.1))?.is_none(),
+                    "duplicate id"
+                );
                 messages.insert(key, value.as_slice())?;
-                ids.insert(msg.id.0, (key.0, key.1))?;
                 let entry = postcard::to_allocvec(&OutboxRecord {
-                    message: msg,
                     attempts: 0,
                     next_attempt_ms: now,
                     created_ms: now,
@@ -200,13 +204,13 @@ fn raw_sender(db: &Database, msgs: &[(NodeId, ChatMessage)], dur: Duration) -> R
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::None);
         {
-            let mut messages = txn.open_table(MESSAGES)?;
+            // Delivered is the entry leaving the outbox, as in the node.
             let mut outbox = txn.open_table(OUTBOX)?;
-            for (j, (peer, msg)) in batch.iter().enumerate() {
-                let key = (*peer.as_bytes(), stamp(i, j), msg.id.0);
-                outbox.remove((key.0, msg.id.0))?;
-                let value = record(msg, Direction::Outgoing, MessageStatus::Delivered)?;
-                messages.insert(key, value.as_slice())?;
+            for (peer, msg) in batch {
+                ensure!(
+                    outbox.remove((*peer.as_bytes(), msg.id.0))?.is_some(),
+                    "not queued"
+                );
             }
         }
         txn.commit()?;
