@@ -45,9 +45,12 @@
 //!   work per peer;
 //! - a broken frame closes the connection anyway, so a long-lived stream would buy no
 //!   isolation, only complexity;
-//! - measured (`BENCHMARKS.md`, `cargo bench -p p2p-tests --bench messaging`): a raw
-//!   QUIC echo with a stream per message matches one on long-lived streams in both
-//!   throughput and latency, so the simpler design costs nothing.
+//! - measured (`BENCHMARKS.md`, `cargo bench -p p2p-tests --bench compare`): a raw
+//!   QUIC echo with a stream per message has the latency of one on a long-lived stream
+//!   and, up to a few dozen messages in flight, its throughput. Saturated, long-lived
+//!   streams carry about twice as many small frames per second, but the node is then
+//!   bound by its durable writes long before the transport, so the simpler design is
+//!   kept.
 //!
 //! The receiver nevertheless reads frames until the end of the stream, so a peer that
 //! sends several messages on one stream is served too (each is acknowledged in order).
