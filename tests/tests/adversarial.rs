@@ -12,7 +12,7 @@ use p2p_crypto::SecretKey;
 use p2p_discovery::api::{ClaimEntry, PeerEntry};
 use p2p_node::{
     node::{CLOSE_BAD_FRAME, CLOSE_TOO_MANY_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, STREAM_TIMEOUT},
-    wire::{self, AckStatus, Body, ChatMessage, Frame, MAX_TEXT_LEN},
+    wire::{self, AckStatus, Body, ChatMessage, Frame, MessageId, MAX_TEXT_LEN},
     Node, NodeError, SendStatus, Timings, TransportSettings,
 };
 use tokio::task::JoinSet;
@@ -24,6 +24,68 @@ fn short_reads() -> Timings {
     Timings {
         read_timeout: Duration::from_millis(500),
         ..fast()
+    }
+}
+
+/// Bob's node (with `bob_timings`) and Alice's on one discovery server, and Mallory with
+/// a bare endpoint that writes whatever she likes.
+struct Scene {
+    d: Discovery,
+    alice: User,
+    bob: User,
+    a: Node,
+    b: Node,
+    mallory: SecretKey,
+    m: p2p_node::Endpoint,
+}
+
+impl Scene {
+    async fn start(bob_timings: Timings) -> Result<Scene> {
+        let d = Discovery::start().await?;
+        let (alice, bob) = (User::new()?, User::new()?);
+        let b = bob.builder(&d.url).timings(bob_timings).bind().await?;
+        let a = alice.start(&d.url).await?;
+        let mallory = SecretKey::generate();
+        let m = raw_endpoint(&mallory).await?;
+        Ok(Scene {
+            d,
+            alice,
+            bob,
+            a,
+            b,
+            mallory,
+            m,
+        })
+    }
+
+    /// A fresh connection from Mallory to Bob.
+    async fn mallory_connects(&self) -> Result<p2p_node::Connection> {
+        Ok(self.m.connect(self.b.local_addr()?, self.bob.id()).await?)
+    }
+
+    /// How many messages from Mallory Bob stored (at most `max`).
+    async fn stored_from_mallory(&self, max: usize) -> Result<usize> {
+        Ok(self
+            .b
+            .history(&self.mallory.public().to_string(), max)
+            .await?
+            .len())
+    }
+
+    /// How many messages from Alice Bob stored (at most 1000).
+    async fn stored_from_alice(&self) -> Result<usize> {
+        Ok(self
+            .b
+            .history(&self.alice.id().to_string(), 1000)
+            .await?
+            .len())
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.a.shutdown().await?;
+        self.b.shutdown().await?;
+        self.d.stop().await;
+        Ok(())
     }
 }
 
@@ -82,23 +144,33 @@ async fn stream_end_code(
     bail!("the node never cut the slow stream")
 }
 
+/// The application close code `conn` ends with.
+async fn close_code(conn: &p2p_node::Connection) -> Result<quinn::VarInt> {
+    match tokio::time::timeout(DEADLINE, conn.quic().closed()).await? {
+        quinn::ConnectionError::ApplicationClosed(c) => Ok(c.error_code),
+        other => bail!("connection ended otherwise: {other}"),
+    }
+}
+
+/// Requires `answer` to be the ack of a stored message.
+fn require_stored(answer: Option<Frame>, id: MessageId) -> Result<()> {
+    match answer {
+        Some(Frame::Ack(ack)) if ack.id == id && ack.status == AckStatus::Stored => Ok(()),
+        other => bail!("expected the stored ack of {id}, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn stalled_and_trickling_streams_are_cut_and_a_good_peer_is_served() -> Result<()> {
-    let d = Discovery::start().await?;
-    let (alice, bob) = (User::new()?, User::new()?);
-    let b = bob.builder(&d.url).timings(short_reads()).bind().await?;
-    let a = alice.start(&d.url).await?;
-    let bob_id = bob.id().to_string();
-
-    let mallory = SecretKey::generate();
-    let m = raw_endpoint(&mallory).await?;
-    let conn = m.connect(b.local_addr()?, bob.id()).await?;
+    let s = Scene::start(short_reads()).await?;
+    let conn = s.mallory_connects().await?;
     let mut attacks = JoinSet::new();
     for i in 0..32 {
         let (send, recv) = conn.quic().open_bi().await?;
         attacks.spawn(stream_end_code(send, recv, i % 2 == 1));
     }
-    let slowest = good_peer_sends(&a, &bob_id, 20, "during the attack").await?;
+    let bob = s.bob.id().to_string();
+    let slowest = good_peer_sends(&s.a, &bob, 20, "during the attack").await?;
     eprintln!("good peer: slowest of 20 sends during the attack took {slowest:?}");
 
     let mut cut = 0;
@@ -111,28 +183,16 @@ async fn stalled_and_trickling_streams_are_cut_and_a_good_peer_is_served() -> Re
         cut += 1;
     }
     assert_eq!(cut, 32);
-    assert!(b
-        .history(&mallory.public().to_string(), 10)
-        .await?
-        .is_empty());
-    assert_eq!(b.history(&alice.id().to_string(), 100).await?.len(), 20);
-    a.shutdown().await?;
-    b.shutdown().await?;
-    d.stop().await;
-    Ok(())
+    assert_eq!(s.stored_from_mallory(10).await?, 0);
+    assert_eq!(s.stored_from_alice().await?, 20);
+    s.stop().await
 }
 
 #[tokio::test]
 async fn a_peer_at_the_stream_limit_waits_and_others_are_served() -> Result<()> {
-    let d = Discovery::start().await?;
-    let (alice, bob) = (User::new()?, User::new()?);
-    let b = bob.builder(&d.url).timings(short_reads()).bind().await?;
-    let a = alice.start(&d.url).await?;
+    let s = Scene::start(short_reads()).await?;
     let limit = TransportSettings::default().max_concurrent_bidi_streams;
-
-    let mallory = SecretKey::generate();
-    let m = raw_endpoint(&mallory).await?;
-    let conn = m.connect(b.local_addr()?, bob.id()).await?;
+    let conn = s.mallory_connects().await?;
     let mut stalled = JoinSet::new();
     for _ in 0..limit {
         let (send, recv) = conn.quic().open_bi().await?;
@@ -147,64 +207,46 @@ async fn a_peer_at_the_stream_limit_waits_and_others_are_served() -> Result<()> 
         limit + 1
     );
     // Alice, on her own connection, is not affected.
-    good_peer_sends(
-        &a,
-        &bob.id().to_string(),
-        10,
-        "while mallory is at the limit",
-    )
-    .await?;
+    let bob = s.bob.id().to_string();
+    good_peer_sends(&s.a, &bob, 10, "while mallory is at the limit").await?;
 
     // Once the node has cut the stalled streams, Mallory may open new ones, and a
     // well-formed message on one of them is stored and acknowledged.
-    let (mut send, mut recv) = tokio::time::timeout(DEADLINE, conn.quic().open_bi())
+    tokio::time::timeout(DEADLINE, conn.quic().open_bi())
         .await
         .context("stream credit never came back")??;
     let msg = ChatMessage::text("finally", 1)?;
-    wire::write_frame(&mut send, &Frame::Message(msg.clone())).await?;
-    send.finish()?;
-    let mut buf = Vec::new();
-    match tokio::time::timeout(DEADLINE, wire::read_frame(&mut recv, &mut buf)).await?? {
-        Some(Frame::Ack(ack)) => {
-            assert_eq!(ack.id, msg.id);
-            assert_eq!(ack.status, AckStatus::Stored);
-        }
-        other => bail!("expected an ack, got {other:?}"),
-    }
+    require_stored(
+        raw_exchange(&conn, &Frame::Message(msg.clone())).await?,
+        msg.id,
+    )?;
     while let Some(code) = stalled.join_next().await {
         assert_eq!(code??, STREAM_TIMEOUT.into_inner());
     }
-    a.shutdown().await?;
-    b.shutdown().await?;
-    d.stop().await;
-    Ok(())
+    s.stop().await
 }
 
 #[tokio::test]
 async fn frames_at_the_limit_are_accepted_and_over_it_refused() -> Result<()> {
-    let d = Discovery::start().await?;
-    let (alice, bob) = (User::new()?, User::new()?);
-    let b = bob.start(&d.url).await?;
-    let a = alice.start(&d.url).await?;
-    let bob_id = bob.id().to_string();
+    let s = Scene::start(fast()).await?;
+    let bob = s.bob.id().to_string();
 
     // The longest text is a normal message.
     let longest = "é".repeat(MAX_TEXT_LEN / 2);
     assert_eq!(longest.len(), MAX_TEXT_LEN);
     assert_eq!(
-        a.send(&bob_id, &longest).await?.status,
+        s.a.send(&bob, &longest).await?.status,
         SendStatus::Delivered
     );
     // One byte more is refused before anything is stored or sent.
     let too_long = format!("{longest}x");
     assert!(matches!(
-        a.send(&bob_id, &too_long).await,
+        s.a.send(&bob, &too_long).await,
         Err(NodeError::InvalidMessage(_))
     ));
 
-    // A peer that writes it anyway (bypassing the encoder's check) loses its connection.
-    let mallory = SecretKey::generate();
-    let m = raw_endpoint(&mallory).await?;
+    // A peer that writes it anyway (bypassing the encoder's check) loses its connection,
+    // and so does one sending a frame of exactly the size limit that does not decode.
     let mut msg = ChatMessage::text("x", 1)?;
     msg.body = Body::Text(too_long);
     let payload = postcard::to_stdvec(&Frame::Message(msg))?;
@@ -212,128 +254,93 @@ async fn frames_at_the_limit_are_accepted_and_over_it_refused() -> Result<()> {
         payload.len() <= wire::MAX_FRAME_LEN,
         "within the frame limit"
     );
-    let mut bytes = u32::try_from(payload.len())?.to_be_bytes().to_vec();
-    bytes.extend_from_slice(&payload);
-    let conn = m.connect(b.local_addr()?, bob.id()).await?;
-    let (mut send, _recv) = conn.quic().open_bi().await?;
-    send.write_all(&bytes).await?;
-    send.finish()?;
-    match tokio::time::timeout(DEADLINE, conn.quic().closed()).await? {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(c.error_code, CLOSE_BAD_FRAME)
-        }
-        other => bail!("connection ended otherwise: {other}"),
-    }
-    // A frame at exactly the size limit is read (and refused only for its content).
+    let mut over_text = u32::try_from(payload.len())?.to_be_bytes().to_vec();
+    over_text.extend_from_slice(&payload);
     let mut at_limit = u32::try_from(wire::MAX_FRAME_LEN)?.to_be_bytes().to_vec();
     at_limit.resize(4 + wire::MAX_FRAME_LEN, 0xff);
-    let conn = m.connect(b.local_addr()?, bob.id()).await?;
-    let (mut send, _recv) = conn.quic().open_bi().await?;
-    send.write_all(&at_limit).await?;
-    send.finish()?;
-    match tokio::time::timeout(DEADLINE, conn.quic().closed()).await? {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(c.error_code, CLOSE_BAD_FRAME)
-        }
-        other => bail!("connection ended otherwise: {other}"),
+    for bytes in [over_text, at_limit] {
+        let conn = s.mallory_connects().await?;
+        let (mut send, _recv) = conn.quic().open_bi().await?;
+        send.write_all(&bytes).await?;
+        send.finish()?;
+        assert_eq!(close_code(&conn).await?, CLOSE_BAD_FRAME);
     }
 
-    good_peer_sends(&a, &bob_id, 3, "after the bad frames").await?;
-    assert!(b
-        .history(&mallory.public().to_string(), 10)
-        .await?
-        .is_empty());
-    a.shutdown().await?;
-    b.shutdown().await?;
-    d.stop().await;
-    Ok(())
+    good_peer_sends(&s.a, &bob, 3, "after the bad frames").await?;
+    assert_eq!(s.stored_from_mallory(10).await?, 0);
+    s.stop().await
 }
 
 #[tokio::test]
 async fn a_flooding_peer_does_not_starve_a_good_one() -> Result<()> {
     const FLOOD: usize = 2_000;
-    let d = Discovery::start().await?;
-    let (alice, bob) = (User::new()?, User::new()?);
-    let b = bob.start(&d.url).await?;
-    let a = alice.start(&d.url).await?;
-
-    let mallory = SecretKey::generate();
-    let m = raw_endpoint(&mallory).await?;
-    let conn = Arc::new(m.connect(b.local_addr()?, bob.id()).await?);
+    let s = Scene::start(fast()).await?;
+    let conn = Arc::new(s.mallory_connects().await?);
     // Mallory sends as fast as the node lets her: 64 streams in flight at all times.
     let flood = {
         let conn = conn.clone();
         tokio::spawn(async move {
             let mut tasks = JoinSet::new();
-            let mut acked = 0usize;
             for i in 0..FLOOD {
                 if tasks.len() >= 64 {
                     if let Some(r) = tasks.join_next().await {
-                        acked += usize::from(r??);
+                        r??;
                     }
                 }
                 let conn = conn.clone();
                 tasks.spawn(async move {
                     let msg = ChatMessage::text(format!("flood {i}"), 1)?;
-                    let ack = raw_exchange(&conn, &Frame::Message(msg)).await?;
-                    anyhow::Ok(matches!(ack, Some(Frame::Ack(a)) if a.status == AckStatus::Stored))
+                    require_stored(
+                        raw_exchange(&conn, &Frame::Message(msg.clone())).await?,
+                        msg.id,
+                    )
                 });
             }
             while let Some(r) = tasks.join_next().await {
-                acked += usize::from(r??);
+                r??;
             }
-            anyhow::Ok(acked)
+            anyhow::Ok(())
         })
     };
-    let slowest = good_peer_sends(&a, &bob.id().to_string(), 20, "during the flood").await?;
+    let bob = s.bob.id().to_string();
+    let slowest = good_peer_sends(&s.a, &bob, 20, "during the flood").await?;
     eprintln!("good peer: slowest of 20 sends during a {FLOOD}-message flood: {slowest:?}");
-    let acked = tokio::time::timeout(DEADLINE * 3, flood).await???;
+    tokio::time::timeout(DEADLINE * 3, flood)
+        .await
+        .context("the flood did not end")???;
     assert_eq!(
-        acked, FLOOD,
-        "every flood message is stored and acknowledged"
+        s.stored_from_mallory(FLOOD + 10).await?,
+        FLOOD,
+        "every flood message stored once"
     );
-    let stored = b.history(&mallory.public().to_string(), FLOOD + 10).await?;
-    assert_eq!(stored.len(), FLOOD, "each stored once");
-    assert_eq!(b.history(&alice.id().to_string(), 100).await?.len(), 20);
-    a.shutdown().await?;
-    b.shutdown().await?;
-    d.stop().await;
-    Ok(())
+    assert_eq!(s.stored_from_alice().await?, 20);
+    s.stop().await
 }
 
 #[tokio::test]
 async fn one_peer_cannot_take_every_connection() -> Result<()> {
-    let d = Discovery::start().await?;
-    let (alice, bob) = (User::new()?, User::new()?);
-    let b = bob.start(&d.url).await?;
-    let a = alice.start(&d.url).await?;
-    let mallory = SecretKey::generate();
-    let m = raw_endpoint(&mallory).await?;
+    let s = Scene::start(fast()).await?;
     let mut held = Vec::new();
     for _ in 0..MAX_CONNECTIONS_PER_PEER {
-        let conn = m.connect(b.local_addr()?, bob.id()).await?;
+        let conn = s.mallory_connects().await?;
         // A message on each makes sure the node has admitted it.
         let msg = ChatMessage::text("hello", 1)?;
-        match raw_exchange(&conn, &Frame::Message(msg)).await? {
-            Some(Frame::Ack(ack)) => assert_eq!(ack.status, AckStatus::Stored),
-            other => bail!("expected an ack, got {other:?}"),
-        }
+        require_stored(
+            raw_exchange(&conn, &Frame::Message(msg.clone())).await?,
+            msg.id,
+        )?;
         held.push(conn);
     }
-    let extra = m.connect(b.local_addr()?, bob.id()).await?;
-    match tokio::time::timeout(DEADLINE, extra.quic().closed()).await? {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(c.error_code, CLOSE_TOO_MANY_CONNECTIONS)
-        }
-        other => bail!("connection ended otherwise: {other}"),
-    }
-    good_peer_sends(&a, &bob.id().to_string(), 3, "with mallory at her limit").await?;
+    let extra = s.mallory_connects().await?;
+    assert_eq!(close_code(&extra).await?, CLOSE_TOO_MANY_CONNECTIONS);
+    let bob = s.bob.id().to_string();
+    good_peer_sends(&s.a, &bob, 3, "with mallory at her limit").await?;
     // A closed connection gives its slot back.
     if let Some(c) = held.pop() {
         c.quic().close(0u32.into(), b"bye");
     }
     eventually("a slot is free again", || async {
-        let conn = m.connect(b.local_addr()?, bob.id()).await?;
+        let conn = s.mallory_connects().await?;
         let msg = ChatMessage::text("again", 1)?;
         Ok(matches!(
             raw_exchange(&conn, &Frame::Message(msg)).await,
@@ -341,10 +348,7 @@ async fn one_peer_cannot_take_every_connection() -> Result<()> {
         ))
     })
     .await?;
-    a.shutdown().await?;
-    b.shutdown().await?;
-    d.stop().await;
-    Ok(())
+    s.stop().await
 }
 
 /// A discovery server that answers every lookup with `entry`, and the online list with

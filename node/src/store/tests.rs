@@ -600,7 +600,13 @@ fn newer_schema_is_refused_untouched() {
     assert!(text.contains(&path.display().to_string()), "{text}");
     assert!(text.contains("newer"), "{text}");
     // The file still says the newer version.
-    let db = Database::create(&path).unwrap();
+    let v = stored_schema_version(&path);
+    assert_eq!(v, SCHEMA_VERSION + 1);
+}
+
+/// The schema version a database file says it has, read with redb directly.
+fn stored_schema_version(path: &Path) -> u64 {
+    let db = Database::create(path).unwrap();
     let txn = db.begin_read().unwrap();
     let v = txn
         .open_table(META)
@@ -609,22 +615,14 @@ fn newer_schema_is_refused_untouched() {
         .unwrap()
         .unwrap()
         .value();
-    assert_eq!(v, SCHEMA_VERSION + 1);
+    v
 }
 
 #[test]
 fn schema_version_is_written() {
     let (_d, path, store) = setup();
     drop(store);
-    let db = Database::create(&path).unwrap();
-    let txn = db.begin_read().unwrap();
-    let v = txn
-        .open_table(META)
-        .unwrap()
-        .get(SCHEMA_VERSION_KEY)
-        .unwrap()
-        .unwrap()
-        .value();
+    let v = stored_schema_version(&path);
     assert_eq!(v, SCHEMA_VERSION);
 }
 
