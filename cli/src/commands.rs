@@ -62,18 +62,13 @@ pub async fn open_node(g: &Global, paths: &Paths, announce: bool) -> Result<Node
 /// `p2p-node register NAME`.
 pub async fn register(g: &Global, paths: &Paths, name: &str) -> Result<()> {
     let node = open_node(g, paths, false).await?;
+    let id = node.node_id();
     let result = node.register(name).await;
     node.shutdown().await?;
     result?;
     paths.set_registered_name(name)?;
-    println!("registered {name} as {}", node_id_text(paths, g)?);
+    println!("registered {name} as {id}");
     Ok(())
-}
-
-fn node_id_text(paths: &Paths, g: &Global) -> Result<String> {
-    let pass = identity::passphrase(g.passphrase_file.as_deref())?;
-    let key = identity::load_or_create(paths, pass.as_ref().map(|p| p.as_slice()))?;
-    Ok(key.public().to_string())
 }
 
 /// `p2p-node peers [--json]`.
@@ -134,11 +129,16 @@ pub async fn history(
 ) -> Result<()> {
     let node = open_node(g, paths, false).await?;
     let mut events = node.subscribe();
-    let result = node.history(peer, limit).await;
-    let name = node.resolve(peer).await.ok().and_then(|r| r.name);
+    let result = match node.resolve(peer).await {
+        Ok(r) => node
+            .history(&r.node_id.to_string(), limit)
+            .await
+            .map(|m| (m, r.name)),
+        Err(e) => Err(e),
+    };
     node.shutdown().await?;
     print_key_warnings(&mut events);
-    let messages = result?;
+    let (messages, name) = result?;
     let peer_label = sanitize(name.as_deref().unwrap_or(peer));
     for m in &messages {
         let text = m.body.as_text().unwrap_or("<unsupported message kind>");
@@ -252,14 +252,13 @@ fn print_event(ev: &NodeEvent, json: bool) {
 }
 
 /// `p2p-node discovery --listen ADDR [--db PATH]`: a standalone discovery server.
-pub async fn discovery(paths: &Paths, listen: SocketAddr, db: PathBuf) -> Result<()> {
+pub async fn discovery(listen: SocketAddr, db: PathBuf) -> Result<()> {
     if let Some(parent) = db.parent() {
         if !parent.as_os_str().is_empty() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("cannot create {}", parent.display()))?;
         }
     }
-    let _ = paths;
     let state = p2p_discovery::AppState::open(p2p_discovery::ServerConfig {
         db_path: Some(db.clone()),
         ..Default::default()

@@ -44,7 +44,16 @@ impl Paths {
         match std::fs::read_to_string(self.name_file()) {
             Ok(s) => {
                 let name = s.trim();
-                Ok((!name.is_empty()).then(|| name.to_string()))
+                if name.is_empty() {
+                    return Ok(None);
+                }
+                p2p_discovery::validate_name(name).with_context(|| {
+                    format!(
+                        "{} does not hold a valid name; fix it or register again",
+                        self.name_file().display()
+                    )
+                })?;
+                Ok(Some(name.to_string()))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", self.name_file().display())),

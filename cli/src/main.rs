@@ -214,7 +214,7 @@ async fn run(cli: Cli) -> Result<()> {
             commands::history(&g, &paths, &peer, limit, json).await
         }
         Some(Command::Discovery { listen, db }) => {
-            commands::discovery(&paths, listen, db.unwrap_or_else(|| paths.discovery_db())).await
+            commands::discovery(listen, db.unwrap_or_else(|| paths.discovery_db())).await
         }
         None => chat::run(&g, &paths).await,
     }

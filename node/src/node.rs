@@ -57,11 +57,12 @@
 //!
 //! # Group commit
 //!
-//! Incoming messages (from every connection and from the mailbox) are written by one
-//! dedicated writer thread: it takes the first queued request, drains whatever else is
-//! queued (up to [`MAX_WRITE_BATCH`]), writes all of them with one
-//! [`Store::insert_incoming_batch`] transaction (one fsync), and answers each request.
-//! Every ack is still sent only after the write that contains its message committed.
+//! Every message write (incoming from connections and the mailbox, outgoing, and
+//! delivery marks) goes to one dedicated writer thread: it takes the first queued
+//! request, drains whatever else is queued (up to [`MAX_WRITE_BATCH`]), applies all of
+//! them with one [`Store::write_batch`] transaction (one fsync), and answers each
+//! request. Every ack is still sent only after the write that contains its message
+//! committed.
 //!
 //! # Errors on the wire
 //!

@@ -18,8 +18,8 @@
 //! Every mutating call is one short write transaction committed with redb's default
 //! [`redb::Durability::Immediate`]: when it returns `Ok`, the change is on disk, so a
 //! message may be acknowledged right after [`Store::insert_incoming`] returns. For
-//! throughput, [`Store::insert_incoming_batch`] stores many messages with one commit
-//! (one fsync).
+//! throughput, [`Store::write_batch`] applies many writes with one commit (one fsync);
+//! a batch of delivery marks only is committed without waiting for the disk (see there).
 //!
 //! All methods are synchronous and may block on disk I/O (and on another thread's write
 //! transaction); call them from `spawn_blocking` or a dedicated thread. No transaction
@@ -217,7 +217,8 @@ impl WriteOutcome {
         )
     }
 
-    fn inserted(self) -> Inserted {
+    /// The outcome of an insert.
+    pub fn inserted(self) -> Inserted {
         match self {
             WriteOutcome::Inserted(i) => i,
             // An insert always yields `Inserted`.
@@ -225,7 +226,8 @@ impl WriteOutcome {
         }
     }
 
-    fn marked(self) -> MarkOutcome {
+    /// The outcome of a status mark.
+    pub fn marked(self) -> MarkOutcome {
         match self {
             WriteOutcome::Marked(m) => m,
             // A mark always yields `Marked`.

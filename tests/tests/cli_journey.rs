@@ -333,5 +333,15 @@ fn error_paths_are_one_line_and_non_zero() {
         b"not a database",
         "nothing is overwritten"
     );
+
+    // A damaged registered-name file.
+    let bad_name = User::new(&url);
+    bad_name.id();
+    std::fs::write(bad_name.dir.path().join("name"), "Not A Name!\n").expect("write");
+    let out = bad_name.run(&["peers"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("name") && err.contains("register again"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(server.terminate(T).success());
 }

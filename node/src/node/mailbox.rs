@@ -125,7 +125,7 @@ pub(super) async fn drain(inner: &Arc<Inner>) -> Result<usize, NodeError> {
         for (item_id, sender, msg, rx) in pending {
             match rx.await {
                 Ok(Ok((outcome, stored_at_ms))) => {
-                    let inserted = super::writer::inserted(outcome);
+                    let inserted = outcome.inserted();
                     delete.push(item_id);
                     receipts.push((
                         sender,

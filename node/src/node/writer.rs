@@ -78,7 +78,7 @@ impl Writer {
     ) -> Result<(Inserted, u64), NodeError> {
         let rx = self.submit(peer, msg).await?;
         match rx.await {
-            Ok(Ok((outcome, at))) => Ok((inserted(outcome), at)),
+            Ok(Ok((outcome, at))) => Ok((outcome.inserted(), at)),
             Ok(Err(e)) => Err(NodeError::Store(e)),
             Err(_) => Err(NodeError::Shutdown),
         }
@@ -102,7 +102,7 @@ impl Writer {
         msg: ChatMessage,
     ) -> Result<(Inserted, u64), NodeError> {
         let (outcome, at) = self.wait(Op::Outgoing { to, msg }).await?;
-        Ok((inserted(outcome), at))
+        Ok((outcome.inserted(), at))
     }
 
     /// Queues the final answer of `peer` to outgoing message `id`; returns the receiver
@@ -141,13 +141,6 @@ impl Writer {
     /// Stops accepting writes; the thread ends once the queued ones are done.
     pub(crate) fn close(&self) {
         lock(&self.tx).take();
-    }
-}
-
-pub(crate) fn inserted(outcome: WriteOutcome) -> Inserted {
-    match outcome {
-        WriteOutcome::Inserted(i) => i,
-        WriteOutcome::Marked(_) => Inserted::Conflict,
     }
 }
 
