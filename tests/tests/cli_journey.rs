@@ -341,7 +341,10 @@ fn error_paths_are_one_line_and_non_zero() {
     let out = bad_name.run(&["peers"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("name") && err.contains("register again"), "{err}");
+    assert!(
+        err.contains("name") && err.contains("register again"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(server.terminate(T).success());
 }
