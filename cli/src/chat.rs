@@ -8,7 +8,7 @@ use p2p_crypto::NodeId;
 use p2p_node::{
     store::{Direction, MessageStatus, StoredMessage},
     wire::MessageId,
-    Node, NodeEvent, SendStatus, Via,
+    Node, NodeEvent, PathKind, SendStatus, Via,
 };
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -171,14 +171,15 @@ async fn handle_line(
         _ => match room {
             Some(r) => match node.send(&r.node_id.to_string(), line).await {
                 Ok(outcome) => {
-                    let status = match outcome.status {
-                        SendStatus::Delivered => {
-                            shown.delivered.insert(outcome.id);
-                            "delivered"
-                        }
-                        SendStatus::Queued => "queued",
-                    };
-                    println!("[{}] me: {}  ({status})", clock(now_ms()), sanitize(line));
+                    if outcome.status == SendStatus::Delivered {
+                        shown.delivered.insert(outcome.id);
+                    }
+                    println!(
+                        "[{}] me: {}  ({})",
+                        clock(now_ms()),
+                        sanitize(line),
+                        send_status(outcome.status, outcome.path)
+                    );
                 }
                 Err(e) => println!("error: {}", sanitize(&e.to_string())),
             },
@@ -201,8 +202,13 @@ async fn show_peers(node: &Node, shown: &mut Shown) {
             } else {
                 println!("online:");
                 for p in others {
+                    let path = match node.path_of(&p.node_id) {
+                        Some(PathKind::Direct) => "  (connected, direct)",
+                        Some(PathKind::Relay) => "  (connected, via relay)",
+                        None => "",
+                    };
                     println!(
-                        "  {:<20} {}",
+                        "  {:<20} {}{path}",
                         sanitize(p.name.as_deref().unwrap_or("-")),
                         p.node_id.fingerprint()
                     );
@@ -218,7 +224,7 @@ fn show_event(node: &Node, room: Option<&Room>, shown: &mut Shown, ev: &NodeEven
         NodeEvent::PeerOnline { node_id, .. } if !shown.online.insert(*node_id) => {}
         NodeEvent::PeerOffline { node_id, .. } if !shown.online.remove(node_id) => {}
         NodeEvent::MessageDelivered { id, .. } if shown.delivered.remove(id) => {}
-        NodeEvent::MessageDelivered { to, id } => {
+        NodeEvent::MessageDelivered { to, id, .. } => {
             let label = sanitize(&node.name_of(to).unwrap_or_else(|| to.fingerprint()));
             println!("* your queued message {id} to {label} was delivered");
         }
@@ -226,7 +232,7 @@ fn show_event(node: &Node, room: Option<&Room>, shown: &mut Shown, ev: &NodeEven
             from,
             from_name,
             message,
-            ..
+            via,
         } => {
             let label = sanitize(
                 &from_name
@@ -236,14 +242,15 @@ fn show_event(node: &Node, room: Option<&Room>, shown: &mut Shown, ev: &NodeEven
             );
             if room.is_some_and(|r| r.node_id == *from) {
                 println!(
-                    "[{}] {label}: {}",
+                    "[{}] {label}: {}{}",
                     clock(message.stored_at_ms),
                     sanitize(
                         message
                             .body
                             .as_text()
                             .unwrap_or("<unsupported message kind>")
-                    )
+                    ),
+                    via_mark(*via)
                 );
             } else {
                 println!("New message from {label}");
@@ -271,6 +278,24 @@ fn history_line(m: &StoredMessage, peer_label: &str) -> String {
         line.push_str(&format!("  ({})", status_word(&m.status)));
     }
     line
+}
+
+/// How a sent message fared, for people: `delivered`, `delivered via relay`, `queued`.
+pub fn send_status(status: SendStatus, path: Option<PathKind>) -> &'static str {
+    match (status, path) {
+        (SendStatus::Delivered, Some(PathKind::Relay)) => "delivered via relay",
+        (SendStatus::Delivered, _) => "delivered",
+        (SendStatus::Queued, _) => "queued",
+    }
+}
+
+/// The mark after a received line that did not come over a direct path.
+pub fn via_mark(via: Via) -> &'static str {
+    match via {
+        Via::Direct => "",
+        Via::Relay => "  (via relay)",
+        Via::Mailbox => "  (via mailbox)",
+    }
 }
 
 pub fn status_word(s: &MessageStatus) -> String {
@@ -309,14 +334,30 @@ pub fn event_line(ev: &NodeEvent) -> Option<String> {
                     .as_text()
                     .unwrap_or("<unsupported message kind>")
             ),
-            if matches!(via, Via::Mailbox) {
-                "  (via mailbox)"
-            } else {
-                ""
-            }
+            via_mark(*via)
         ),
-        NodeEvent::MessageDelivered { to, id } => {
+        NodeEvent::MessageDelivered { to, id, .. } => {
             format!("delivered message {id} to {}", to.fingerprint())
+        }
+        NodeEvent::PathChanged {
+            node_id,
+            name,
+            path,
+            addr,
+            rtt,
+        } => {
+            let who = name_or_id(name.as_deref(), node_id);
+            match (path, addr) {
+                (Some(PathKind::Direct), Some(addr)) => format!(
+                    "* direct path to {who} ({addr}{})",
+                    rtt.map(|r| format!(", round trip {} ms", r.as_millis()))
+                        .unwrap_or_default()
+                ),
+                (Some(PathKind::Relay), _) => {
+                    format!("* direct path to {who} lost; talking through the relay")
+                }
+                _ => format!("* direct path to {who} lost"),
+            }
         }
         NodeEvent::PeerOnline { node_id, name } => {
             format!("* {} is online", name_or_id(name.as_deref(), node_id))
@@ -355,12 +396,28 @@ pub fn event_json(ev: &NodeEvent) -> serde_json::Value {
             "text": message.body.as_text(),
             "sent_at_ms": message.sent_at_ms,
             "received_at_ms": message.stored_at_ms,
-            "via": match via { Via::Direct => "direct", Via::Mailbox => "mailbox" },
+            "via": via.as_str(),
+            "path": via.path().map(PathKind::as_str),
         }),
-        NodeEvent::MessageDelivered { to, id } => json!({
+        NodeEvent::MessageDelivered { to, id, path } => json!({
             "event": "delivered",
             "to": to.to_string(),
             "id": id.to_string(),
+            "path": path.map(PathKind::as_str),
+        }),
+        NodeEvent::PathChanged {
+            node_id,
+            name,
+            path,
+            addr,
+            rtt,
+        } => json!({
+            "event": "path",
+            "node_id": node_id.to_string(),
+            "name": name,
+            "path": path.map(PathKind::as_str),
+            "addr": addr.map(|a| a.to_string()),
+            "rtt_ms": rtt.map(|r| r.as_secs_f64() * 1000.0),
         }),
         NodeEvent::PeerOnline { node_id, name } => json!({
             "event": "peer_online",

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context, Result};
-use p2p_node::{Node, NodeEvent, SendStatus};
+use p2p_node::{Node, NodeEvent, PathKind, SendStatus};
 use serde_json::json;
 
 use crate::{
@@ -45,7 +45,8 @@ pub async fn open_node(g: &Global, paths: &Paths, announce: bool) -> Result<Node
     let key = identity::load_or_create(paths, pass.as_ref().map(|p| p.as_slice()))?;
     let mut builder = Node::builder(key)
         .data_dir(paths.data_dir.clone())
-        .announce(announce);
+        .announce(announce)
+        .relay(!g.no_relay);
     if let Some(listen) = g.listen {
         builder = builder.listen(listen);
     }
@@ -75,6 +76,17 @@ pub async fn register(g: &Global, paths: &Paths, name: &str) -> Result<()> {
 pub async fn peers(g: &Global, paths: &Paths, json: bool) -> Result<()> {
     let node = open_node(g, paths, false).await?;
     let result = node.peers().await;
+    // The path to each peer this node is connected to (a one-shot node is connected to
+    // nobody: `null` unless a peer connected to it meanwhile).
+    let paths_now: std::collections::HashMap<_, _> = result
+        .as_ref()
+        .map(|peers| {
+            peers
+                .iter()
+                .map(|p| (p.node_id, node.path_of(&p.node_id)))
+                .collect()
+        })
+        .unwrap_or_default();
     node.shutdown().await?;
     let peers = result?;
     if json {
@@ -85,6 +97,11 @@ pub async fn peers(g: &Global, paths: &Paths, json: bool) -> Result<()> {
                     "name": p.name,
                     "node_id": p.node_id.to_string(),
                     "addrs": p.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "relay": p.relay.map(|r| json!({
+                        "node_id": r.node_id.to_string(),
+                        "addr": r.addr.to_string(),
+                    })),
+                    "path": paths_now.get(&p.node_id).copied().flatten().map(PathKind::as_str),
                 })
             );
         }
@@ -104,17 +121,29 @@ pub async fn peers(g: &Global, paths: &Paths, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `p2p-node send TO TEXT`.
-pub async fn send(g: &Global, paths: &Paths, to: &str, text: &str) -> Result<()> {
+/// `p2p-node send TO TEXT [--json]`.
+pub async fn send(g: &Global, paths: &Paths, to: &str, text: &str, json: bool) -> Result<()> {
     let node = open_node(g, paths, false).await?;
     let mut events = node.subscribe();
     let result = node.send(to, text).await;
     node.shutdown().await?;
     print_key_warnings(&mut events);
     let outcome = result?;
-    match outcome.status {
-        SendStatus::Delivered => println!("delivered"),
-        SendStatus::Queued => println!("queued"),
+    if json {
+        println!(
+            "{}",
+            json!({
+                "status": match outcome.status {
+                    SendStatus::Delivered => "delivered",
+                    SendStatus::Queued => "queued",
+                },
+                "path": outcome.path.map(PathKind::as_str),
+                "id": outcome.id.to_string(),
+                "to": outcome.to.to_string(),
+            })
+        );
+    } else {
+        println!("{}", crate::chat::send_status(outcome.status, outcome.path));
     }
     Ok(())
 }
@@ -209,6 +238,35 @@ pub async fn listen(g: &Global, paths: &Paths, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Binds the relay: on `opts.listen`, where the HTTP server's own address (`http`, as
+/// bound) stands in for the default (the same address as `--listen`, port 0 included).
+fn bind_relay(
+    opts: &RelayOptions,
+    listen: SocketAddr,
+    http: SocketAddr,
+) -> Result<p2p_discovery::relay::Relay> {
+    let (secret, created) = p2p_crypto::keyfile::load_or_create(&opts.key, None)
+        .with_context(|| format!("cannot load the relay key {}", opts.key.display()))?;
+    if created {
+        println!("created relay identity in {}", opts.key.display());
+    }
+    let config = p2p_discovery::relay::RelayConfig::default;
+    let same = opts.listen == listen;
+    let first = if same { http } else { opts.listen };
+    match p2p_discovery::relay::Relay::bind(first, &secret, config()) {
+        Ok(r) => Ok(r),
+        // Any port was asked for: the HTTP port number was only a preference.
+        Err(_) if same && listen.port() == 0 => Ok(p2p_discovery::relay::Relay::bind(
+            SocketAddr::new(http.ip(), 0),
+            &secret,
+            config(),
+        )?),
+        Err(e) => Err(anyhow::Error::new(e).context(
+            "cannot start the relay; give it another address with --relay-listen, or run without one with --no-relay",
+        )),
+    }
+}
+
 /// Tells the user how others reach the discovery server this node runs, if any.
 pub fn print_embedded_hint(node: &Node) {
     if let (Some(addr), Some(url)) = (
@@ -216,6 +274,9 @@ pub fn print_embedded_hint(node: &Node) {
         node.embedded_discovery_lan_url(),
     ) {
         println!("serving discovery on {addr}; others on the LAN use: p2p-node --discovery {url}");
+        if let Some(relay) = node.embedded_relay_addr() {
+            println!("serving the relay on udp {relay}");
+        }
     }
 }
 
@@ -251,8 +312,17 @@ fn print_event(ev: &NodeEvent, json: bool) {
     }
 }
 
-/// `p2p-node discovery --listen ADDR [--db PATH]`: a standalone discovery server.
-pub async fn discovery(listen: SocketAddr, db: PathBuf) -> Result<()> {
+/// Where and as whom the standalone server's relay runs.
+pub struct RelayOptions {
+    /// UDP address (the HTTP address by default).
+    pub listen: SocketAddr,
+    /// Its identity key file.
+    pub key: PathBuf,
+}
+
+/// `p2p-node discovery --listen ADDR [--db PATH] [--relay-listen ADDR | --no-relay]`: a
+/// standalone discovery server and its relay.
+pub async fn discovery(listen: SocketAddr, db: PathBuf, relay: Option<RelayOptions>) -> Result<()> {
     if let Some(parent) = db.parent() {
         if !parent.as_os_str().is_empty() {
             std::fs::create_dir_all(parent)
@@ -268,25 +338,72 @@ pub async fn discovery(listen: SocketAddr, db: PathBuf) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
+    let relay = match relay {
+        Some(opts) => {
+            let relay = bind_relay(&opts, listen, addr)?;
+            state.set_relay(&relay)?;
+            Some(relay)
+        }
+        None => None,
+    };
     println!(
         "discovery server listening on http://{addr} (database {})",
         db.display()
     );
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    match &relay {
+        Some(r) => println!(
+            "relay listening on udp {} (relay id {}); --no-relay turns it off",
+            r.local_addr()?,
+            r.node_id()
+        ),
+        None => println!(
+            "no relay (--no-relay): nodes behind NATs reach each other only through the mailbox"
+        ),
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signals = {
+        let stop = stop.clone();
+        async move {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                        stop.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            stop.cancel();
         }
     };
-    p2p_discovery::serve(listener, state, shutdown).await?;
+    let relay_task = {
+        let stop = stop.clone();
+        async move {
+            if let Some(relay) = relay {
+                relay.serve(stop.cancelled_owned()).await;
+            }
+        }
+    };
+    let shutdown = stop.clone().cancelled_owned();
+    let (served, (), ()) = tokio::join!(
+        async {
+            let r = p2p_discovery::serve(listener, state, shutdown).await;
+            stop.cancel();
+            r
+        },
+        relay_task,
+        async {
+            tokio::select! {
+                _ = signals => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+    );
+    served?;
     println!("discovery server stopped");
     Ok(())
 }

@@ -56,6 +56,12 @@ pub struct Global {
     #[arg(long, global = true, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
+    /// Use no relay: peers that cannot reach this node directly (both behind NATs, say)
+    /// then reach it only through the mailbox. An embedded discovery server runs no
+    /// relay either.
+    #[arg(long, global = true)]
+    pub no_relay: bool,
+
     /// File whose first line is the passphrase protecting the identity key.
     /// The passphrase may also be given in the environment as P2P_PASSPHRASE.
     #[arg(long, global = true, env = "P2P_PASSPHRASE_FILE", value_name = "FILE")]
@@ -95,21 +101,26 @@ enum Command {
     },
     /// List the nodes online on the discovery server (name, NodeId, addresses).
     Peers {
-        /// One JSON object per peer, one per line.
+        /// One JSON object per peer, one per line (name, node_id, addrs, relay, path).
         #[arg(long)]
         json: bool,
     },
     /// Send TEXT to a peer, by name or NodeId.
     ///
-    /// Prints `delivered` when the peer acknowledged it, or `queued` when the peer is
-    /// offline: the message then waits in this node's outbox and, sealed to the peer's
-    /// key, in its mailbox on the discovery server, and is delivered by whichever path
-    /// reaches the peer first.
+    /// Prints `delivered` when the peer acknowledged it (`delivered via relay` when the
+    /// connection went through the relay), or `queued` when the peer cannot be reached:
+    /// the message then waits in this node's outbox and, sealed to the peer's key, in
+    /// its mailbox on the discovery server, and is delivered by whichever path reaches
+    /// the peer first.
     Send {
         /// The peer's name or NodeId.
         to: String,
         /// The message text (quote it).
         text: String,
+        /// Print one JSON object: {"status": "delivered"|"queued", "path":
+        /// "direct"|"relay"|null, "id": ...}.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a headless node: log in, receive, and print one line per event until SIGINT or
     /// SIGTERM, then log out.
@@ -129,7 +140,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run a standalone discovery server.
+    /// Run a standalone discovery server, with its relay.
+    ///
+    /// The relay lets nodes that cannot reach each other directly (both behind NATs)
+    /// talk in real time: it forwards their end-to-end encrypted QUIC packets and sees
+    /// only ciphertext. It listens on UDP at the same address and port as the HTTP
+    /// server (e.g. UDP 7117 beside TCP 7117), or at --relay-listen; --no-relay turns it
+    /// off.
     Discovery {
         /// TCP address to serve HTTP on, e.g. 0.0.0.0:7117.
         #[arg(long, value_name = "ADDR")]
@@ -138,6 +155,13 @@ enum Command {
         /// Default: discovery.redb in the data directory.
         #[arg(long, value_name = "PATH")]
         db: Option<PathBuf>,
+        /// UDP address of the relay. Default: the --listen address, on UDP.
+        #[arg(long, value_name = "ADDR", conflicts_with = "no_relay")]
+        relay_listen: Option<SocketAddr>,
+        /// The relay's identity key (created on first start, mode 0600).
+        /// Default: relay.key beside the database.
+        #[arg(long, value_name = "PATH")]
+        relay_key: Option<PathBuf>,
     },
 }
 
@@ -208,13 +232,25 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Some(Command::Register { name }) => commands::register(&g, &paths, &name).await,
         Some(Command::Peers { json }) => commands::peers(&g, &paths, json).await,
-        Some(Command::Send { to, text }) => commands::send(&g, &paths, &to, &text).await,
+        Some(Command::Send { to, text, json }) => {
+            commands::send(&g, &paths, &to, &text, json).await
+        }
         Some(Command::Listen { json }) => commands::listen(&g, &paths, json).await,
         Some(Command::History { peer, limit, json }) => {
             commands::history(&g, &paths, &peer, limit, json).await
         }
-        Some(Command::Discovery { listen, db }) => {
-            commands::discovery(listen, db.unwrap_or_else(|| paths.discovery_db())).await
+        Some(Command::Discovery {
+            listen,
+            db,
+            relay_listen,
+            relay_key,
+        }) => {
+            let db = db.unwrap_or_else(|| paths.discovery_db());
+            let relay = (!g.no_relay).then(|| commands::RelayOptions {
+                listen: relay_listen.unwrap_or(listen),
+                key: relay_key.unwrap_or_else(|| db.with_file_name("relay.key")),
+            });
+            commands::discovery(listen, db, relay).await
         }
         None => chat::run(&g, &paths).await,
     }

@@ -21,6 +21,8 @@ pub enum Domain {
     Request,
     /// The sender's signature inside a sealed mailbox envelope.
     SealedEnvelope,
+    /// A path probe between two nodes (ping, pong, call-me-maybe) for hole punching.
+    PathProbe,
 }
 
 impl Domain {
@@ -32,6 +34,7 @@ impl Domain {
             Domain::Withdraw => b"p2p-node/v1/withdraw",
             Domain::Request => b"p2p-node/v1/request",
             Domain::SealedEnvelope => b"p2p-node/v1/sealed-envelope",
+            Domain::PathProbe => b"p2p-node/v1/path-probe",
         }
     }
 

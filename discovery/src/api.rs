@@ -73,6 +73,15 @@ pub struct AnnounceResponse {
     pub observed_ip: IpAddr,
 }
 
+/// Response to `GET /v1/relay`: the relay this discovery server runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RelayResponse {
+    /// The relay's identity: the key its certificate presents.
+    pub node_id: NodeId,
+    /// Its UDP port, on the same host as this HTTP server.
+    pub port: u16,
+}
+
 /// Response to `POST /v1/presence/withdraw`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WithdrawResponse {

@@ -15,12 +15,12 @@ use crate::{
     api::{
         request_signing_bytes, AnnounceResponse, ClaimResponse, DeleteRequest, DeleteResponse,
         DepositRequest, DepositResponse, ErrorBody, MailboxResponse, OnlineResponse, PeerEntry,
-        WithdrawResponse, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+        RelayResponse, WithdrawResponse, HEADER_SIGNATURE, HEADER_TIMESTAMP,
     },
     clock,
     record::{
-        b64_decode, b64_encode, validate_name, NameClaim, PresenceRecord, RecordError, Signed,
-        SignedWire, Withdrawal,
+        b64_decode, b64_encode, validate_name, NameClaim, PresenceRecord, RecordError, RelayRef,
+        Signed, SignedWire, Withdrawal,
     },
 };
 
@@ -96,6 +96,19 @@ pub struct AnnounceOutcome {
     pub observed_ip: IpAddr,
 }
 
+/// What a node announces about itself (see [`Client::announce_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    /// A name this key has claimed, if any.
+    pub name: Option<String>,
+    /// Direct addresses (an unspecified IP means "the IP you see me at").
+    pub addrs: Vec<SocketAddr>,
+    /// The home relay.
+    pub relay: Option<RelayRef>,
+    /// How long the record stays live (10 s to 1 h).
+    pub ttl: Duration,
+}
+
 /// One envelope waiting in this node's mailbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MailboxItem {
@@ -137,6 +150,8 @@ pub struct PeerInfo {
     pub announced_addrs: Vec<SocketAddr>,
     /// The server's unsigned observed-IP hint, if it gave one.
     pub observed_ip: Option<IpAddr>,
+    /// The home relay named in the signed presence record (none when offline).
+    pub relay: Option<RelayRef>,
     /// Timestamp of the newest verified record.
     pub timestamp_ms: u64,
 }
@@ -265,9 +280,9 @@ pub fn verify_entry_at(
         (None, Some((p, _))) => (p.name.clone(), p.mailbox_key, p.timestamp_ms),
         (None, None) => return Err(RecordError::Missing("name claim or presence")),
     };
-    let (announced_addrs, observed_ip) = presence
+    let (announced_addrs, observed_ip, relay) = presence
         .as_ref()
-        .map(|(p, ip)| (p.addrs.clone(), *ip))
+        .map(|(p, ip)| (p.addrs.clone(), *ip, p.relay))
         .unwrap_or_default();
     Ok(PeerInfo {
         node_id: node,
@@ -277,6 +292,7 @@ pub fn verify_entry_at(
         addrs: resolve_addrs(&announced_addrs, observed_ip),
         announced_addrs,
         observed_ip,
+        relay,
         timestamp_ms,
     })
 }
@@ -407,6 +423,54 @@ impl Client {
         self.send(self.http.post(self.url(path)?).json(body)).await
     }
 
+    /// The relay this server runs beside it, if any: its identity and UDP port (on the
+    /// server's host).
+    pub async fn relay(&self) -> Result<Option<RelayResponse>, ClientError> {
+        match self.send(self.http.get(self.url("/v1/relay")?)).await {
+            Ok(r) => Ok(Some(r)),
+            Err(ClientError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The relay this server runs, at the address of this server's host (resolved if
+    /// the URL names a host): what a node connects to and names as its home relay.
+    pub async fn relay_ref(&self) -> Result<Option<RelayRef>, ClientError> {
+        let Some(info) = self.relay().await? else {
+            return Ok(None);
+        };
+        let host = self.base.host_str().unwrap_or_default();
+        let literal = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>();
+        let ip = match literal {
+            Ok(ip) => ip,
+            Err(_) if !host.is_empty() => {
+                let found: Vec<SocketAddr> = tokio::net::lookup_host((host, info.port))
+                    .await
+                    .map_err(|e| ClientError::Unreachable(format!("cannot resolve {host}: {e}")))?
+                    .collect();
+                found
+                    .iter()
+                    .find(|a| a.is_ipv4())
+                    .or(found.first())
+                    .map(SocketAddr::ip)
+                    .ok_or_else(|| ClientError::Unreachable(format!("{host} has no address")))?
+            }
+            Err(_) => {
+                return Err(ClientError::InvalidUrl {
+                    url: self.base.to_string(),
+                    reason: "no host".into(),
+                })
+            }
+        };
+        Ok(Some(RelayRef {
+            node_id: info.node_id,
+            addr: SocketAddr::new(ip, info.port),
+        }))
+    }
+
     /// Checks that the server answers `/healthz`.
     pub async fn health(&self) -> Result<(), ClientError> {
         let _: serde_json::Value = self.send(self.http.get(self.url("/healthz")?)).await?;
@@ -443,16 +507,36 @@ impl Client {
         addrs: &[SocketAddr],
         ttl: Duration,
     ) -> Result<AnnounceOutcome, ClientError> {
-        let ttl_secs = u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX);
+        self.announce_with(
+            secret,
+            &Announcement {
+                name: name.map(str::to_owned),
+                addrs: addrs.to_vec(),
+                relay: None,
+                ttl,
+            },
+        )
+        .await
+    }
+
+    /// Announces like [`Client::announce`], with everything a presence record holds
+    /// (the home relay too).
+    pub async fn announce_with(
+        &self,
+        secret: &SecretKey,
+        announcement: &Announcement,
+    ) -> Result<AnnounceOutcome, ClientError> {
+        let ttl_secs = u32::try_from(announcement.ttl.as_secs()).unwrap_or(u32::MAX);
         let record = Signed::sign(
             secret,
             PresenceRecord {
                 node_id: secret.public(),
-                name: name.map(str::to_owned),
-                addrs: addrs.to_vec(),
+                name: announcement.name.clone(),
+                addrs: announcement.addrs.clone(),
                 mailbox_key: secret.mailbox_secret().public(),
                 timestamp_ms: next_timestamp(),
                 ttl_secs,
+                relay: announcement.relay,
             },
         )
         .map_err(ClientError::InvalidRequest)?;

@@ -64,21 +64,22 @@ mod client;
 mod clock;
 mod error;
 mod presence;
-mod ratelimit;
+pub mod ratelimit;
 mod record;
+pub mod relay;
 mod server;
 mod store;
 
 pub use client::{
-    resolve_addrs, verify_entry, verify_entry_at, AnnounceOutcome, Client, ClientError,
-    MailboxBatch, MailboxItem, PeerInfo, CLOCK_SKEW, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT,
-    MAX_PAGES, MAX_RESPONSE_BYTES,
+    resolve_addrs, verify_entry, verify_entry_at, AnnounceOutcome, Announcement, Client,
+    ClientError, MailboxBatch, MailboxItem, PeerInfo, CLOCK_SKEW, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT, MAX_PAGES, MAX_RESPONSE_BYTES,
 };
 pub use clock::{now_ms, Clock, ManualClock, SystemClock};
 pub use error::{AppError, ErrorCode};
 pub use record::{
-    validate_name, NameClaim, PresenceRecord, Record, RecordError, Signed, SignedWire, Withdrawal,
-    MAX_ADDRS, MAX_NAME_LEN, MAX_RECORD_BYTES, MAX_TTL_SECS, MIN_TTL_SECS,
+    validate_name, NameClaim, PresenceRecord, Record, RecordError, RelayRef, Signed, SignedWire,
+    Withdrawal, MAX_ADDRS, MAX_NAME_LEN, MAX_RECORD_BYTES, MAX_TTL_SECS, MIN_TTL_SECS,
 };
 pub use server::{paths, router, serve, AppState, ServerConfig, ServerError, ROUTES};
 pub use store::{

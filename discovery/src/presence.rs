@@ -191,6 +191,7 @@ mod tests {
                 mailbox_key: sk.mailbox_secret().public(),
                 timestamp_ms: ts,
                 ttl_secs: ttl,
+                relay: None,
             },
         )
         .expect("sign")

@@ -1,4 +1,6 @@
-//! Per-client-IP token buckets for write requests: a state machine taking `now`.
+//! Token buckets: per-client-IP limits on write requests, and a single bucket for other
+//! rates (the relay's per-node limits, a node's probe verification budget). State
+//! machines taking `now`.
 
 use std::{collections::HashMap, net::IpAddr, time::Duration};
 
@@ -57,9 +59,65 @@ impl RateLimiter {
     }
 }
 
+/// One token bucket: `rate` tokens per second up to `burst`, taking `now` as an argument.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: f64, burst: f64, now: std::time::Instant) -> Self {
+        Self {
+            rate: rate.max(0.0),
+            burst: burst.max(0.0),
+            tokens: burst.max(0.0),
+            last: now,
+        }
+    }
+
+    /// Takes `n` tokens if there are that many.
+    pub fn take(&mut self, n: f64, now: std::time::Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_bucket_allows_the_burst_then_the_rate() {
+        let t0 = std::time::Instant::now();
+        let mut b = TokenBucket::new(100.0, 10.0, t0);
+        for _ in 0..10 {
+            assert!(b.take(1.0, t0));
+        }
+        assert!(!b.take(1.0, t0));
+        // 50 ms later: 5 more.
+        let t1 = t0 + Duration::from_millis(50);
+        for _ in 0..5 {
+            assert!(b.take(1.0, t1));
+        }
+        assert!(!b.take(1.0, t1));
+        // Never more than the burst, however long it waited.
+        let t2 = t1 + Duration::from_secs(3600);
+        assert!(b.take(10.0, t2));
+        assert!(!b.take(1.0, t2));
+        // A clock that goes back takes nothing away and adds nothing.
+        assert!(!b.take(1.0, t0));
+    }
 
     #[test]
     fn burst_then_refill() {

@@ -81,6 +81,18 @@ pub trait Record: Serialize + DeserializeOwned + Clone {
     fn validate(&self) -> Result<(), RecordError>;
 }
 
+/// A relay a node can be reached through: the relay's identity (the key its certificate
+/// presents) and the UDP address the node reaches it at.
+///
+/// Peers that share the relay (the same `node_id`) use their own connection to it and
+/// ignore `addr`; others connect to `addr` and check that the relay there presents
+/// `node_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RelayRef {
+    pub node_id: NodeId,
+    pub addr: SocketAddr,
+}
+
 /// "This node is online at these addresses": published by announce (login) and renew.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresenceRecord {
@@ -98,6 +110,8 @@ pub struct PresenceRecord {
     pub timestamp_ms: u64,
     /// Seconds the record stays live unless renewed.
     pub ttl_secs: u32,
+    /// The node's home relay, through which nodes that cannot reach `addrs` reach it.
+    pub relay: Option<RelayRef>,
 }
 
 impl Record for PresenceRecord {
@@ -300,6 +314,7 @@ mod tests {
             mailbox_key: sk.mailbox_secret().public(),
             timestamp_ms: 1,
             ttl_secs: 60,
+            relay: None,
         }
     }
 

@@ -33,8 +33,8 @@ use crate::{
     api::{
         request_signing_bytes, AnnounceResponse, ClaimEntry, ClaimResponse, DeleteRequest,
         DeleteResponse, DepositRequest, DepositResponse, MailboxItemWire, MailboxResponse,
-        OnlineResponse, PeerEntry, PresenceEntry, WithdrawResponse, HEADER_SIGNATURE,
-        HEADER_TIMESTAMP,
+        OnlineResponse, PeerEntry, PresenceEntry, RelayResponse, WithdrawResponse,
+        HEADER_SIGNATURE, HEADER_TIMESTAMP,
     },
     clock::{Clock, SystemClock},
     error::{AppError, ErrorCode},
@@ -44,6 +44,7 @@ use crate::{
         b64_decode, b64_encode, validate_name, NameClaim, PresenceRecord, Signed, SignedWire,
         Withdrawal,
     },
+    relay::{Relay, RelayMetrics},
     store::{ClaimOutcome, DepositOutcome, MemoryStore, RedbStore, Store, StoreError},
 };
 
@@ -61,6 +62,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", paths::MAILBOX),
     ("GET", paths::MAILBOX),
     ("POST", paths::MAILBOX_DELETE),
+    ("GET", paths::RELAY),
 ];
 
 /// Path templates (axum syntax, which is also OpenAPI's).
@@ -74,6 +76,7 @@ pub mod paths {
     pub const PEER: &str = "/v1/peers/{node_id}";
     pub const MAILBOX: &str = "/v1/mailbox/{node_id}";
     pub const MAILBOX_DELETE: &str = "/v1/mailbox/{node_id}/delete";
+    pub const RELAY: &str = "/v1/relay";
 }
 
 /// Limits and settings of a server. Every field has a documented default.
@@ -158,6 +161,14 @@ struct Inner {
     limiter: Mutex<RateLimiter>,
     replay: Mutex<ReplayCache>,
     metrics: Metrics,
+    relay: std::sync::OnceLock<RelayAdvert>,
+}
+
+/// The relay served beside this HTTP server, as `GET /v1/relay` announces it.
+struct RelayAdvert {
+    node_id: NodeId,
+    port: u16,
+    metrics: Arc<RelayMetrics>,
 }
 
 impl fmt::Debug for AppState {
@@ -196,6 +207,7 @@ impl AppState {
             )),
             replay: Mutex::new(ReplayCache::default()),
             metrics: Metrics::default(),
+            relay: std::sync::OnceLock::new(),
             config,
             store,
             clock,
@@ -203,6 +215,18 @@ impl AppState {
         Self {
             inner: Arc::new(inner),
         }
+    }
+
+    /// Announces the relay running beside this server (on `GET /v1/relay`) and adds its
+    /// counters to `/metrics`. Only the first call takes effect.
+    pub fn set_relay(&self, relay: &Relay) -> Result<(), ServerError> {
+        let port = relay.local_addr()?.port();
+        let _ = self.inner.relay.set(RelayAdvert {
+            node_id: relay.node_id(),
+            port,
+            metrics: relay.metrics(),
+        });
+        Ok(())
     }
 
     fn now(&self) -> u64 {
@@ -254,6 +278,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::PEER, get(lookup_peer))
         .route(paths::MAILBOX, post(deposit).get(fetch_mailbox))
         .route(paths::MAILBOX_DELETE, post(delete_mailbox))
+        .route(paths::RELAY, get(relay_info))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), rate_limit))
@@ -402,6 +427,21 @@ async fn method_not_allowed() -> AppError {
 
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// `GET /v1/relay`: the relay this server runs (404 when it runs none).
+async fn relay_info(State(state): State<AppState>) -> Result<Json<RelayResponse>, AppError> {
+    state
+        .inner
+        .relay
+        .get()
+        .map(|r| {
+            Json(RelayResponse {
+                node_id: r.node_id,
+                port: r.port,
+            })
+        })
+        .ok_or_else(|| AppError::new(ErrorCode::NotFound, "this discovery server runs no relay"))
 }
 
 fn claim_entry(c: &Signed<NameClaim>) -> ClaimEntry {
@@ -932,6 +972,9 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, AppError> {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name} {value}");
+    }
+    if let Some(relay) = state.inner.relay.get() {
+        relay.metrics.render(&mut out);
     }
     Ok((
         [(

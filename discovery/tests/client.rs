@@ -242,8 +242,10 @@ async fn client_rejects_forged_records() {
     //    lookup fails and the online list skips it.
     let p = common::presence(&alice, None, now, 60);
     let mut bytes = p.bytes().to_vec();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 1;
+    // The TTL (the byte before the empty relay option): still a valid record, but not
+    // the one signed.
+    let ttl = bytes.len() - 2;
+    bytes[ttl] ^= 1;
     let forged = PresenceEntry {
         record: data_encoding::BASE64URL_NOPAD.encode(&bytes),
         signature: *p.signature(),

@@ -6,7 +6,7 @@ use p2p_crypto::{Domain, MailboxPublicKey, SecretKey};
 use p2p_discovery::api::{ClaimEntry, PeerEntry, PresenceEntry};
 use p2p_discovery::{
     resolve_addrs, verify_entry, verify_entry_at, NameClaim, PresenceRecord, Record, RecordError,
-    Signed, SignedWire, Withdrawal, CLOCK_SKEW, MAX_ADDRS, MAX_TTL_SECS, MIN_TTL_SECS,
+    RelayRef, Signed, SignedWire, Withdrawal, CLOCK_SKEW, MAX_ADDRS, MAX_TTL_SECS, MIN_TTL_SECS,
 };
 use proptest::prelude::*;
 
@@ -31,15 +31,20 @@ fn presence(k: &SecretKey) -> impl Strategy<Value = PresenceRecord> {
         any::<[u8; 32]>(),
         any::<u64>(),
         MIN_TTL_SECS..=MAX_TTL_SECS,
+        proptest::option::of((any::<[u8; 32]>(), any::<SocketAddr>())),
     )
         .prop_map(
-            move |(name, addrs, mk, timestamp_ms, ttl_secs)| PresenceRecord {
+            move |(name, addrs, mk, timestamp_ms, ttl_secs, relay)| PresenceRecord {
                 node_id,
                 name,
                 addrs,
                 mailbox_key: MailboxPublicKey(mk),
                 timestamp_ms,
                 ttl_secs,
+                relay: relay.map(|(seed, addr)| RelayRef {
+                    node_id: SecretKey::from_bytes(&seed).public(),
+                    addr,
+                }),
             },
         )
 }

@@ -251,6 +251,7 @@ async fn announce_endpoint() {
         mailbox_key: mallory.mailbox_secret().public(),
         timestamp_ms: h.now(),
         ttl_secs: 60,
+        relay: None,
     };
     h.post_json(
         "/v1/presence",

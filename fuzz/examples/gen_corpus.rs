@@ -10,7 +10,7 @@ use p2p_crypto::{keyfile, seal, SecretKey};
 use p2p_discovery::api::{
     ClaimEntry, ClaimResponse, ErrorBody, OnlineResponse, PeerEntry, PresenceEntry,
 };
-use p2p_discovery::{NameClaim, PresenceRecord, Signed, Withdrawal};
+use p2p_discovery::{NameClaim, PresenceRecord, RelayRef, Signed, Withdrawal};
 use p2p_fuzz::{
     fixed_key, frame_mode, json_kind, keyfile_mode, keyfile_plain, keyfile_sealed, record_mode,
     seal_mode, Sealing,
@@ -160,6 +160,10 @@ fn signed_records() -> Result<(
             mailbox_key: sk.mailbox_secret().public(),
             timestamp_ms: 1_700_000_000_000,
             ttl_secs: 60,
+            relay: Some(RelayRef {
+                node_id: SecretKey::from_bytes(&[9; 32]).public(),
+                addr: "198.51.100.9:7117".parse()?,
+            }),
         },
     )?;
     let claim = Signed::sign(

@@ -159,6 +159,14 @@ pub fn arbitrary_presence(u: &mut Unstructured<'_>) -> arbitrary::Result<Presenc
         } else {
             u.int_in_range(p2p_discovery::MIN_TTL_SECS..=p2p_discovery::MAX_TTL_SECS)?
         },
+        relay: if bool::arbitrary(u)? {
+            Some(p2p_discovery::RelayRef {
+                node_id: signer(u)?,
+                addr: SocketAddr::arbitrary(u)?,
+            })
+        } else {
+            None
+        },
     })
 }
 

@@ -27,7 +27,10 @@ use p2p_crypto::{
 };
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
-use crate::wire::ALPN;
+use crate::{
+    net::{self, PathConfig, PathKind, PathSocket},
+    wire::ALPN,
+};
 
 /// Transport settings applied to every connection, both directions.
 #[derive(Debug, Clone)]
@@ -114,10 +117,15 @@ pub enum ConnectError {
         addr: SocketAddr,
         source: PeerCertError,
     },
-    #[error("peer at {addr} does not speak {}", String::from_utf8_lossy(ALPN))]
-    Protocol { addr: SocketAddr },
+    #[error("peer at {addr} does not speak {}", String::from_utf8_lossy(alpn))]
+    Protocol {
+        addr: SocketAddr,
+        alpn: &'static [u8],
+    },
     #[error("building TLS configuration failed: {0}")]
     Tls(#[from] TlsError),
+    #[error("too many peers tracked to dial {peer}")]
+    NoRoom { peer: NodeId },
 }
 
 /// Errors accepting a connection.
@@ -135,6 +143,11 @@ pub enum AcceptError {
     },
     #[error("caller at {addr} does not speak {}", String::from_utf8_lossy(ALPN))]
     Protocol { addr: SocketAddr },
+    /// A connection that arrived through the path layer as `claimed` (its relay named
+    /// that sender, or its address is proven to be that peer's) authenticated as
+    /// another node.
+    #[error("caller arriving as {claimed} authenticated as {actual}")]
+    IdentityMismatch { claimed: NodeId, actual: NodeId },
 }
 
 /// Builder for [`Endpoint`].
@@ -143,6 +156,7 @@ pub struct Builder {
     secret: SecretKey,
     bind_addr: SocketAddr,
     transport: TransportSettings,
+    paths: PathConfig,
 }
 
 impl Builder {
@@ -159,6 +173,12 @@ impl Builder {
         self
     }
 
+    /// Path settings (direct paths, hole punching); see [`PathConfig`].
+    pub fn paths(mut self, paths: PathConfig) -> Self {
+        self.paths = paths;
+        self
+    }
+
     /// Binds the UDP socket and starts the endpoint. Must run inside a tokio runtime.
     pub async fn bind(self) -> Result<Endpoint, BindError> {
         let certified = tls::certify(&self.secret)?;
@@ -170,17 +190,30 @@ impl Builder {
         let transport = Arc::new(self.transport.to_quinn());
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
         server_config.transport_config(transport.clone());
-        let inner = quinn::Endpoint::server(server_config, self.bind_addr).map_err(|source| {
-            BindError::Bind {
-                addr: self.bind_addr,
-                source,
-            }
-        })?;
+        let bind_err = |source| BindError::Bind {
+            addr: self.bind_addr,
+            source,
+        };
+        let net = net::Shared::bind(self.bind_addr, &self.secret, self.paths).map_err(bind_err)?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        // Path probes share the socket and are told apart by a clear fixed bit.
+        endpoint_config.grease_quic_bit(false);
+        let socket = Arc::new(PathSocket {
+            shared: net.clone(),
+        });
+        let inner = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
         Ok(Endpoint {
             inner,
             node_id: self.secret.public(),
             certified: Arc::new(certified),
             transport,
+            net,
         })
     }
 }
@@ -192,6 +225,7 @@ pub struct Endpoint {
     node_id: NodeId,
     certified: Arc<Certified>,
     transport: Arc<quinn::TransportConfig>,
+    net: Arc<net::Shared>,
 }
 
 impl Endpoint {
@@ -201,6 +235,7 @@ impl Endpoint {
             secret,
             bind_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             transport: TransportSettings::default(),
+            paths: PathConfig::default(),
         }
     }
 
@@ -214,15 +249,55 @@ impl Endpoint {
         self.inner.local_addr()
     }
 
+    /// The path layer under this endpoint.
+    pub(crate) fn net(&self) -> &Arc<net::Shared> {
+        &self.net
+    }
+
     /// Dials `addr`, succeeding only if the peer there authenticates as `expected`.
     pub async fn connect(
         &self,
         addr: SocketAddr,
         expected: NodeId,
     ) -> Result<Connection, ConnectError> {
+        self.connect_alpn(addr, expected, ALPN).await
+    }
+
+    /// Dials `peer` through the path layer: over a proven direct path, through its
+    /// relay, or at every address discovery published for it (tell the path layer with
+    /// [`Endpoint::learn_peer`] first), whichever answers; the path may change later
+    /// without disturbing the connection. Succeeds only if the peer authenticates as
+    /// `peer`.
+    pub async fn connect_peer(&self, peer: NodeId) -> Result<Connection, ConnectError> {
+        let addr = self
+            .net
+            .mapped_addr(peer)
+            .ok_or(ConnectError::NoRoom { peer })?;
+        self.connect(addr, peer).await
+    }
+
+    /// Tells the path layer what discovery says of `peer`: its direct addresses and
+    /// its home relay.
+    pub fn learn_peer(
+        &self,
+        peer: NodeId,
+        addrs: &[SocketAddr],
+        relay: Option<p2p_discovery::RelayRef>,
+    ) {
+        self.net.set_peer_info(peer, addrs, relay);
+    }
+
+    /// Dials `addr` speaking application protocol `alpn`, succeeding only if the peer
+    /// there authenticates as `expected`.
+    pub async fn connect_alpn(
+        &self,
+        addr: SocketAddr,
+        expected: NodeId,
+        alpn: &'static [u8],
+    ) -> Result<Connection, ConnectError> {
         let verifier = ServerVerifier::new(expected);
         let mut client_tls = tls::client_config(&self.certified, verifier.clone())?;
-        client_tls.alpn_protocols = vec![ALPN.to_vec()];
+        client_tls.alpn_protocols = vec![alpn.to_vec()];
         let quic_client = QuicClientConfig::try_from(client_tls).map_err(|e| {
             TlsError::Rustls(rustls::Error::General(format!("QUIC client config: {e}")))
         })?;
@@ -258,13 +333,14 @@ impl Endpoint {
                 actual: remote,
             });
         }
-        if !alpn_ok(&conn) {
+        if !alpn_is(&conn, alpn) {
             conn.close(CLOSE_PROTOCOL, b"alpn");
-            return Err(ConnectError::Protocol { addr });
+            return Err(ConnectError::Protocol { addr, alpn });
         }
         Ok(Connection {
             inner: conn,
             remote,
+            net: self.net.clone(),
         })
     }
 
@@ -272,7 +348,10 @@ impl Endpoint {
     /// Complete the handshake with [`Incoming::accept`], typically in a task of its own so a
     /// slow caller cannot hold up others.
     pub async fn accept(&self) -> Option<Incoming> {
-        self.inner.accept().await.map(|inner| Incoming { inner })
+        self.inner.accept().await.map(|inner| Incoming {
+            inner,
+            net: self.net.clone(),
+        })
     }
 
     /// Closes every connection with `code` and stops accepting.
@@ -291,11 +370,11 @@ pub const CLOSE_BAD_IDENTITY: quinn::VarInt = quinn::VarInt::from_u32(0x10);
 /// Application close code: wrong application protocol.
 pub const CLOSE_PROTOCOL: quinn::VarInt = quinn::VarInt::from_u32(0x11);
 
-fn alpn_ok(conn: &quinn::Connection) -> bool {
+fn alpn_is(conn: &quinn::Connection, alpn: &[u8]) -> bool {
     conn.handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.protocol)
-        .is_some_and(|p| p == ALPN)
+        .is_some_and(|p| p == alpn)
 }
 
 fn peer_node_id(conn: &quinn::Connection) -> Result<NodeId, PeerCertError> {
@@ -313,6 +392,7 @@ fn peer_node_id(conn: &quinn::Connection) -> Result<NodeId, PeerCertError> {
 #[derive(Debug)]
 pub struct Incoming {
     inner: quinn::Incoming,
+    net: Arc<net::Shared>,
 }
 
 impl Incoming {
@@ -337,13 +417,25 @@ impl Incoming {
             conn.close(CLOSE_BAD_IDENTITY, b"bad identity");
             AcceptError::PeerCert { addr, source }
         })?;
-        if !alpn_ok(&conn) {
+        if !alpn_is(&conn, ALPN) {
             conn.close(CLOSE_PROTOCOL, b"alpn");
             return Err(AcceptError::Protocol { addr });
+        }
+        // Arrived through the path layer as a given peer: it must be that peer, exactly
+        // as a dialed peer must be the one expected.
+        if let Some(claimed) = self.net.node_of(addr) {
+            if claimed != remote {
+                conn.close(CLOSE_BAD_IDENTITY, b"unexpected peer");
+                return Err(AcceptError::IdentityMismatch {
+                    claimed,
+                    actual: remote,
+                });
+            }
         }
         Ok(Connection {
             inner: conn,
             remote,
+            net: self.net,
         })
     }
 }
@@ -353,6 +445,7 @@ impl Incoming {
 pub struct Connection {
     inner: quinn::Connection,
     remote: NodeId,
+    net: Arc<net::Shared>,
 }
 
 impl Connection {
@@ -362,9 +455,35 @@ impl Connection {
         self.remote
     }
 
-    /// The peer's current address.
+    /// The peer's address as quinn sees it: a real address, or for a connection
+    /// through the path layer the peer's mapped address (see [`Connection::path`]).
     pub fn remote_addr(&self) -> SocketAddr {
         self.inner.remote_address()
+    }
+
+    /// Whether the connection goes through the path layer (its remote address is the
+    /// peer's mapped address) rather than to a real address.
+    pub fn through_path_layer(&self) -> bool {
+        self.net.node_of(self.inner.remote_address()).is_some()
+    }
+
+    /// The path this connection's packets to the peer take now: `Direct` for a
+    /// connection to a real address, else what the path layer chose.
+    pub fn path(&self) -> Option<PathKind> {
+        if self.through_path_layer() {
+            self.net.path_of(&self.remote)
+        } else {
+            Some(PathKind::Direct)
+        }
+    }
+
+    /// The path the last packet from the peer arrived on.
+    pub fn recv_path(&self) -> Option<PathKind> {
+        if self.through_path_layer() {
+            self.net.recv_path(&self.remote)
+        } else {
+            Some(PathKind::Direct)
+        }
     }
 
     /// The underlying quinn connection, for opening and accepting streams.

@@ -1,16 +1,19 @@
 //! p2p-node: the node library.
 //!
 //! - [`endpoint`]: the QUIC endpoint whose connections carry the peer's authenticated NodeId.
+//! - [`net`]: the connection layer under it: direct paths, relays, hole punching.
 //! - [`wire`]: the frame codec spoken on those connections.
 //! - [`store`]: history, outbox and contacts in redb.
 //! - [`node`]: the messaging runtime ([`Node`]) that ties them together with discovery.
 
 pub mod endpoint;
+pub mod net;
 pub mod node;
 pub mod store;
 pub mod wire;
 
 pub use endpoint::{Connection, Endpoint, TransportSettings};
+pub use net::{HomeRelay, PathConfig, PathEvent, PathKind};
 pub use node::{
     DiscoveryError, Node, NodeBuilder, NodeError, NodeEvent, PeerInfo, Resolved, SendOutcome,
     SendStatus, Timings, Via,

@@ -76,11 +76,15 @@ mod disco;
 mod inbound;
 mod mailbox;
 mod outbox;
+mod peers;
+mod pool;
 mod presence;
+mod relaying;
+mod tracker;
 mod writer;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     fs::File,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -90,6 +94,7 @@ use std::{
 };
 
 use p2p_crypto::{MailboxPublicKey, NodeId, SecretKey, NODE_ID_TEXT_LEN};
+use p2p_discovery::RelayRef;
 use tokio::sync::{broadcast, watch, Notify, Semaphore};
 use tokio_util::{
     sync::{CancellationToken, DropGuard},
@@ -97,7 +102,8 @@ use tokio_util::{
 };
 
 use crate::{
-    endpoint::{BindError, Connection, Endpoint, TransportSettings},
+    endpoint::{BindError, Endpoint, TransportSettings},
+    net::{PathConfig, PathKind},
     store::{Contact, OutboxEntry, PinOutcome, Store, StoreError, StoredMessage},
     wire::{ChatMessage, InvalidMessage, MessageId, RejectCode},
 };
@@ -146,6 +152,8 @@ pub const DB_FILE: &str = "node.redb";
 pub const DISCOVERY_DB_FILE: &str = "discovery.redb";
 /// File name of the lock that keeps a second process off the data directory.
 pub const LOCK_FILE: &str = "LOCK";
+/// File name of the embedded relay's identity key in the data directory.
+pub const RELAY_KEY_FILE: &str = "relay.key";
 
 // ---------------------------------------------------------------------------------------
 // Public types
@@ -206,10 +214,33 @@ impl Timings {
 /// How a message reached us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Via {
-    /// On a QUIC connection from the sender.
+    /// On a QUIC connection from the sender, over a direct path.
     Direct,
+    /// On a QUIC connection from the sender, through a relay (end-to-end encrypted; the
+    /// relay saw only ciphertext).
+    Relay,
     /// Sealed, from our mailbox on the discovery server.
     Mailbox,
+}
+
+impl Via {
+    /// `"direct"`, `"relay"` or `"mailbox"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Direct => "direct",
+            Via::Relay => "relay",
+            Via::Mailbox => "mailbox",
+        }
+    }
+
+    /// The path of a message that came on a connection (`None` from the mailbox).
+    pub fn path(self) -> Option<PathKind> {
+        match self {
+            Via::Direct => Some(PathKind::Direct),
+            Via::Relay => Some(PathKind::Relay),
+            Via::Mailbox => None,
+        }
+    }
 }
 
 /// Something that happened in the node. Delivered on [`Node::subscribe`].
@@ -233,6 +264,22 @@ pub enum NodeEvent {
         to: NodeId,
         /// The message.
         id: MessageId,
+        /// The path the acknowledgement came on (`None`: a receipt from the mailbox).
+        path: Option<PathKind>,
+    },
+    /// The path to a peer changed: a direct path was found (hole punching), or lost
+    /// (packets go through the relay again).
+    PathChanged {
+        /// The peer.
+        node_id: NodeId,
+        /// Its name, if known.
+        name: Option<String>,
+        /// The path packets take now.
+        path: Option<PathKind>,
+        /// The direct address, for a direct path.
+        addr: Option<SocketAddr>,
+        /// The round-trip time of the probe that proved a direct path.
+        rtt: Option<Duration>,
     },
     /// A node appeared in the online list.
     PeerOnline {
@@ -288,6 +335,8 @@ pub struct SendOutcome {
     pub to: NodeId,
     /// Delivered or queued.
     pub status: SendStatus,
+    /// For a delivered message, the path its acknowledgement came back on.
+    pub path: Option<PathKind>,
 }
 
 /// Errors of the node's operations.
@@ -406,6 +455,8 @@ pub struct NodeBuilder {
     max_connections: usize,
     in_memory: bool,
     drop_acks: bool,
+    paths: PathConfig,
+    use_relay: bool,
     events: broadcast::Sender<NodeEvent>,
 }
 
@@ -470,6 +521,20 @@ impl NodeBuilder {
         self
     }
 
+    /// Path settings: whether direct paths are used, hole-punching timers; see
+    /// [`PathConfig`] for the defaults.
+    pub fn paths(mut self, paths: PathConfig) -> Self {
+        self.paths = paths;
+        self
+    }
+
+    /// Whether to keep a link to the discovery server's relay, so peers that cannot reach
+    /// this node directly (NATs, firewalls) reach it through the relay. Default `true`.
+    pub fn relay(mut self, relay: bool) -> Self {
+        self.use_relay = relay;
+        self
+    }
+
     /// Keeps history, outbox and contacts in memory instead of `<data-dir>/node.redb`:
     /// nothing survives the process. Default `false`. For benchmarks that measure the
     /// node without disk writes, and for tests; a chat node wants its history on disk.
@@ -516,20 +581,21 @@ impl NodeBuilder {
         let endpoint = Endpoint::builder(self.secret.clone())
             .bind_addr(self.listen)
             .transport(self.transport.clone())
+            .paths(self.paths.clone())
             .bind()
             .await?;
 
         let (writer, writer_thread) = writer::spawn(store.clone()).map_err(NodeError::Thread)?;
-        let mut state = State::default();
+        let mut directory = peers::PeerDirectory::default();
         let contacts = {
             let store = store.clone();
             tokio::task::spawn_blocking(move || store.contacts()).await??
         };
         for (name, c) in contacts {
             if let Some(k) = c.mailbox_key {
-                state.mailbox_keys.insert(c.node_id, MailboxPublicKey(k));
+                directory.set_mailbox_key(c.node_id, MailboxPublicKey(k));
             }
-            state.names.insert(c.node_id, name);
+            directory.set_name(c.node_id, name);
         }
         let server_cancel = CancellationToken::new();
         // Stops the embedded server if anything below fails.
@@ -541,9 +607,13 @@ impl NodeBuilder {
                 None,
             ),
             DiscoveryChoice::Embedded(addr) => {
-                let server =
-                    disco::start_embedded(*addr, dir.join(DISCOVERY_DB_FILE), &server_cancel)
-                        .await?;
+                let server = disco::start_embedded(
+                    *addr,
+                    dir.join(DISCOVERY_DB_FILE),
+                    self.use_relay.then(|| dir.join(RELAY_KEY_FILE)),
+                    &server_cancel,
+                )
+                .await?;
                 let client = disco::Disco::new(&server.url, self.timings.dial_timeout)?;
                 (Some(client), Some(server))
             }
@@ -562,12 +632,17 @@ impl NodeBuilder {
             timings: self.timings,
             disco,
             embedded_addr: embedded.as_ref().map(|e| e.addr),
+            embedded_relay: embedded.as_ref().and_then(|e| e.relay_addr),
             embedded: Mutex::new(embedded.map(|e| e.task)),
             server_cancel,
             announce: self.announce,
             announced: watch::channel(false).0,
             name: Mutex::new(self.name),
-            state: Mutex::new(state),
+            peers: Mutex::new(directory),
+            pool: Mutex::new(pool::ConnectionPool::default()),
+            delivery: Mutex::new(tracker::DeliveryTracker::default()),
+            home_relay: watch::channel(None).0,
+            use_relay: self.use_relay,
             outbox_wake: Notify::new(),
             conn_limit: Arc::new(Semaphore::new(self.max_connections)),
             cancel: cancel.clone(),
@@ -579,6 +654,19 @@ impl NodeBuilder {
         });
 
         server_guard.disarm();
+        inner.tracker.spawn(crate::net::drive(
+            inner.endpoint.net().clone(),
+            inner.endpoint.clone(),
+            inner.home_relay.subscribe(),
+            inner.cancel.clone(),
+            inner.tracker.clone(),
+        ));
+        inner.tracker.spawn(relaying::path_events(inner.clone()));
+        if inner.use_relay && inner.disco.is_some() {
+            inner
+                .tracker
+                .spawn(relaying::home_relay_loop(inner.clone()));
+        }
         inner.tracker.spawn(inbound::accept_loop(inner.clone()));
         inner.tracker.spawn(outbox::run(inner.clone()));
         inner.tracker.spawn(mailbox::run(inner.clone()));
@@ -632,51 +720,6 @@ pub struct Node {
     _guard: Arc<DropGuard>,
 }
 
-/// Per-peer dial backoff.
-#[derive(Debug, Clone, Copy)]
-struct DialBackoff {
-    failures: u32,
-    until: Instant,
-}
-
-/// Mutable in-memory state; held only for short, non-async sections.
-#[derive(Debug, Default)]
-struct State {
-    /// One reusable connection per peer (dialed or accepted).
-    conns: HashMap<NodeId, Connection>,
-    /// Per-peer dial locks (present while someone dials or waits for a dial).
-    dialing: HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>,
-    /// Peers not to dial before a time.
-    backoff: HashMap<NodeId, DialBackoff>,
-    /// The address each peer last connected to us from.
-    last_addr: HashMap<NodeId, SocketAddr>,
-    /// The online list as of the last poll.
-    online: HashMap<NodeId, PeerInfo>,
-    /// Names of pinned contacts.
-    names: HashMap<NodeId, String>,
-    /// Known mailbox keys.
-    mailbox_keys: HashMap<NodeId, MailboxPublicKey>,
-    /// Messages being delivered right now (by `send` or the outbox task).
-    in_flight: HashSet<MessageId>,
-    /// Messages whose answer is being written (see `deliver::settle`).
-    settling: HashSet<MessageId>,
-    /// Peers whose outbox entries are due at once.
-    wake: HashSet<NodeId>,
-    /// (name, announced id) pairs already warned about.
-    key_warned: HashMap<(String, NodeId), ()>,
-    /// Names that senders we have no contact for claimed on discovery (verified claims),
-    /// with when we last asked, so each unknown sender is looked up at most once per
-    /// [`NAME_LOOKUP_INTERVAL`].
-    claimed_names: HashMap<NodeId, (Option<String>, Instant)>,
-    /// Live connections per peer (bounded by the connection limit).
-    peer_conns: HashMap<NodeId, usize>,
-    /// When each pinned name was last checked against discovery.
-    names_checked: HashMap<String, Instant>,
-}
-
-/// How often the name of a sender that is neither a contact nor online is looked up.
-const NAME_LOOKUP_INTERVAL: Duration = Duration::from_secs(60);
-
 pub(crate) struct Inner {
     secret: SecretKey,
     node_id: NodeId,
@@ -688,13 +731,23 @@ pub(crate) struct Inner {
     timings: Timings,
     disco: Option<disco::Disco>,
     embedded_addr: Option<SocketAddr>,
+    embedded_relay: Option<SocketAddr>,
     embedded: Mutex<Option<tokio::task::JoinHandle<()>>>,
     server_cancel: CancellationToken,
     announce: bool,
     /// Whether our presence is announced on discovery (true after the first success).
     announced: watch::Sender<bool>,
     name: Mutex<Option<String>>,
-    state: Mutex<State>,
+    /// Names, keys and presence of other nodes.
+    peers: Mutex<peers::PeerDirectory>,
+    /// Connections, dials and dial backoff.
+    pool: Mutex<pool::ConnectionPool>,
+    /// Messages in flight and outbox wake-ups.
+    delivery: Mutex<tracker::DeliveryTracker>,
+    /// The relay to keep a link to (from the discovery server), for the path layer.
+    home_relay: watch::Sender<Option<RelayRef>>,
+    /// Whether to use the discovery server's relay.
+    use_relay: bool,
     outbox_wake: Notify,
     conn_limit: Arc<Semaphore>,
     cancel: CancellationToken,
@@ -738,6 +791,8 @@ impl Node {
             max_connections: 256,
             in_memory: false,
             drop_acks: false,
+            paths: PathConfig::default(),
+            use_relay: true,
             events,
         }
     }
@@ -760,6 +815,30 @@ impl Node {
     /// The TCP address of the embedded discovery server, if this node runs one.
     pub fn embedded_discovery_addr(&self) -> Option<SocketAddr> {
         self.inner.embedded_addr
+    }
+
+    /// The UDP address of the embedded discovery server's relay, if it runs one.
+    pub fn embedded_relay_addr(&self) -> Option<SocketAddr> {
+        self.inner.embedded_relay
+    }
+
+    /// This node's home relay: which one, whether the link to it is up, and the address
+    /// it sees this node at.
+    pub fn home_relay(&self) -> crate::net::HomeRelay {
+        self.inner.endpoint.net().home().borrow().clone()
+    }
+
+    /// The path to `peer` if this node has a live connection to it: direct, or through
+    /// a relay.
+    pub fn path_of(&self, peer: &NodeId) -> Option<PathKind> {
+        let conn = self.inner.pool().live(peer)?;
+        conn.path()
+    }
+
+    /// The direct address in use for `peer` and its round-trip time, if a direct path
+    /// is proven.
+    pub fn direct_path_of(&self, peer: &NodeId) -> Option<(SocketAddr, Option<Duration>)> {
+        self.inner.endpoint.net().direct_of(peer)
     }
 
     /// The URL other machines use to reach the embedded discovery server, if this node
@@ -818,7 +897,7 @@ impl Node {
         inner
             .blocking(move |s| s.set_contact(&owned, &contact))
             .await?;
-        inner.state().names.insert(inner.node_id, name.to_owned());
+        inner.peers().set_name(inner.node_id, name.to_owned());
         *lock(&inner.name) = Some(name.to_owned());
         if inner.announce {
             presence::announce_once(inner).await?;
@@ -975,7 +1054,7 @@ impl Node {
 
 /// Most entries kept in each per-peer map that peers can grow (last address, dial
 /// backoff, warnings given); past it an arbitrary entry is forgotten.
-const MAX_PEER_STATE: usize = 4096;
+pub(crate) const MAX_PEER_STATE: usize = 4096;
 
 /// Inserts into a per-peer map, forgetting an arbitrary entry when it is full.
 fn bounded_insert<K: std::hash::Hash + Eq + Clone, V>(map: &mut HashMap<K, V>, k: K, v: V) {
@@ -1028,8 +1107,16 @@ fn loopback_for(addr: SocketAddr) -> SocketAddr {
 }
 
 impl Inner {
-    fn state(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
+    fn peers(&self) -> MutexGuard<'_, peers::PeerDirectory> {
+        lock(&self.peers)
+    }
+
+    fn pool(&self) -> MutexGuard<'_, pool::ConnectionPool> {
+        lock(&self.pool)
+    }
+
+    fn delivery(&self) -> MutexGuard<'_, tracker::DeliveryTracker> {
+        lock(&self.delivery)
     }
 
     fn emit(&self, ev: NodeEvent) {
@@ -1048,11 +1135,7 @@ impl Inner {
     }
 
     fn name_of(&self, id: &NodeId) -> Option<String> {
-        let st = self.state();
-        st.names
-            .get(id)
-            .cloned()
-            .or_else(|| st.online.get(id).and_then(|p| p.name.clone()))
+        self.peers().name_of(id)
     }
 
     /// The name of a message's sender: [`Inner::name_of`], else the name its key claimed
@@ -1066,10 +1149,8 @@ impl Inner {
             return Some(name);
         }
         let disco = self.disco.as_ref()?;
-        if let Some((name, at)) = self.state().claimed_names.get(id) {
-            if at.elapsed() < NAME_LOOKUP_INTERVAL {
-                return name.clone();
-            }
+        if let Some(name) = self.peers().recent_claim(id, Instant::now()) {
+            return name;
         }
         let found = match tokio::time::timeout(self.timings.dial_timeout, disco.lookup_id(id)).await
         {
@@ -1089,7 +1170,7 @@ impl Inner {
                     .await
                 {
                     Ok(PinOutcome::New | PinOutcome::Same) => {
-                        self.state().names.insert(*id, name.clone());
+                        self.peers().set_name(*id, name.clone());
                         Some(name)
                     }
                     Ok(PinOutcome::Changed { old }) => {
@@ -1104,11 +1185,7 @@ impl Inner {
             }
             None => None,
         };
-        bounded_insert(
-            &mut self.state().claimed_names,
-            *id,
-            (pinned.clone(), Instant::now()),
-        );
+        self.peers().note_claim(*id, pinned.clone(), Instant::now());
         pinned
     }
 
@@ -1116,22 +1193,22 @@ impl Inner {
         lock(&self.name).clone()
     }
 
-    /// Records what an online list or lookup told us about peers (mailbox keys, names,
-    /// addresses for dialing).
+    /// Records what an online list or lookup told us about peers: mailbox keys, and
+    /// for the path layer their direct addresses and relays.
     fn learn_peers(&self, peers: &[PeerInfo]) {
-        let mut st = self.state();
-        for p in peers {
-            bounded_insert(&mut st.mailbox_keys, p.node_id, p.mailbox_key);
+        self.peers().learn(peers);
+        for p in peers
+            .iter()
+            .filter(|p| p.online && p.node_id != self.node_id)
+        {
+            self.endpoint.learn_peer(p.node_id, &p.addrs, p.relay);
         }
     }
 
     /// Marks `peer` for an immediate outbox retry and clears its dial backoff.
     fn wake_outbox_for(&self, peer: NodeId) {
-        {
-            let mut st = self.state();
-            st.backoff.remove(&peer);
-            st.wake.insert(peer);
-        }
+        self.pool().clear_backoff(&peer);
+        self.delivery().wake(peer);
         self.outbox_wake.notify_one();
     }
 
@@ -1162,12 +1239,8 @@ impl Inner {
         };
         // A pinned name is checked against discovery (for a changed key) at most once
         // per NAME_LOOKUP_INTERVAL, so sending many messages costs no lookups.
-        let recently_checked = pinned.is_some()
-            && self
-                .state()
-                .names_checked
-                .get(&name)
-                .is_some_and(|at| at.elapsed() < NAME_LOOKUP_INTERVAL);
+        let recently_checked =
+            pinned.is_some() && self.peers().recently_checked(&name, Instant::now());
         let lookup = match &self.disco {
             Some(d) if !recently_checked => Some(
                 tokio::time::timeout(self.timings.dial_timeout, d.lookup_name(&name))
@@ -1176,12 +1249,11 @@ impl Inner {
             ),
             _ => None,
         };
-        if matches!(lookup, Some(Ok(_))) {
-            bounded_insert(
-                &mut self.state().names_checked,
-                name.clone(),
-                Instant::now(),
-            );
+        if let Some(Ok(found)) = &lookup {
+            self.peers().note_checked(name.clone(), Instant::now());
+            if let Some(info) = found {
+                self.learn_peers(std::slice::from_ref(info));
+            }
         }
         if let Some(contact) = pinned {
             match lookup {
@@ -1223,7 +1295,7 @@ impl Inner {
                     mailbox_key: None,
                 };
                 self.remember_mailbox_key(&name, &contact, &info).await;
-                self.state().names.insert(id, name.clone());
+                self.peers().set_name(id, name.clone());
                 Ok(Resolved {
                     node_id: id,
                     name: Some(name),
@@ -1242,9 +1314,7 @@ impl Inner {
 
     /// Stores the mailbox key from a verified record in the pinned contact.
     async fn remember_mailbox_key(&self, name: &str, contact: &Contact, info: &PeerInfo) {
-        self.state()
-            .mailbox_keys
-            .insert(info.node_id, info.mailbox_key);
+        self.peers().set_mailbox_key(info.node_id, info.mailbox_key);
         if contact.mailbox_key == Some(info.mailbox_key.0) {
             return;
         }
@@ -1294,7 +1364,7 @@ impl Inner {
         }
         let id = msg.id;
         // In flight before it is in the outbox, so the outbox task leaves it to us.
-        self.state().in_flight.insert(id);
+        self.delivery().start_send(id);
         // The message goes out only once it is durably stored; the connection it needs
         // is set up meanwhile.
         let (stored, ()) = tokio::join!(
@@ -1302,11 +1372,11 @@ impl Inner {
             deliver::prepare(self, peer)
         );
         if let Err(e) = stored {
-            self.state().in_flight.remove(&id);
+            self.delivery().finish(&id);
             return Err(e);
         }
         let result = self.try_send_now(peer, &msg).await;
-        self.state().in_flight.remove(&id);
+        self.delivery().finish(&id);
         if matches!(&result, Ok(o) if o.status == SendStatus::Queued) {
             // The outbox task takes it from here (it skipped it while it was in flight).
             self.outbox_wake.notify_one();
@@ -1324,13 +1394,16 @@ impl Inner {
             id,
             to: peer,
             status: SendStatus::Queued,
+            path: None,
         };
         match deliver::deliver(self, peer, msg).await {
-            Ok(status) => {
-                deliver::settle(self, peer, id, status).await?;
+            Ok(acked) => {
+                let status = acked.status;
+                deliver::settle(self, peer, id, status, acked.path).await?;
                 if status.is_delivered() {
                     return Ok(SendOutcome {
                         status: SendStatus::Delivered,
+                        path: acked.path,
                         ..queued
                     });
                 }

@@ -186,6 +186,7 @@ pub fn presence(sk: &SecretKey, name: Option<&str>, ts: u64, ttl: u32) -> Signed
             mailbox_key: sk.mailbox_secret().public(),
             timestamp_ms: ts,
             ttl_secs: ttl,
+            relay: None,
         },
     )
     .expect("sign presence")
@@ -228,10 +229,24 @@ pub fn resigned<R: p2p_discovery::Record>(s: &Signed<R>, other: &SecretKey) -> V
 }
 
 /// The same record with one byte of the signed bytes flipped.
+/// The record with one bit flipped, as near its end as still decodes to a valid record
+/// (so the only fault left is the signature).
 pub fn tampered<R: p2p_discovery::Record>(s: &Signed<R>) -> Value {
-    let mut bytes = s.bytes().to_vec();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 1;
+    let original = s.bytes().to_vec();
+    let bytes = (0..original.len())
+        .rev()
+        .map(|i| {
+            let mut b = original.clone();
+            b[i] ^= 1;
+            b
+        })
+        .find(|b| {
+            matches!(
+                Signed::<R>::verify(b.clone(), *s.signature()),
+                Err(p2p_discovery::RecordError::BadSignature { .. })
+            )
+        })
+        .expect("some bit flip leaves a valid record");
     serde_json::to_value(SignedWire {
         record: data_encoding::BASE64URL_NOPAD.encode(&bytes),
         signature: *s.signature(),

@@ -1,17 +1,23 @@
-//! Direct delivery: connection reuse, dialing with per-peer backoff, and one message per
-//! stream (see the module documentation of [`crate::node`] for why).
+//! Delivery on a connection: connection reuse, dialing with per-peer backoff, and one
+//! message per stream (see the module documentation of [`crate::node`] for why).
+//!
+//! A peer is dialed through the path layer ([`crate::net`]): one connection attempt to
+//! its mapped address, whose packets go over a proven direct path, through its relay,
+//! or to every address discovery published, whichever answers first. The path may then
+//! change under the connection (relay to direct, direct back to relay) without the
+//! messaging layer noticing.
 
 use std::{
-    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use p2p_crypto::NodeId;
 
-use super::{bounded_insert, inbound, DialBackoff, Inner, NodeError, NodeEvent};
+use super::{inbound, Inner, NodeError, NodeEvent};
 use crate::{
     endpoint::{ConnectError, Connection},
+    net::PathKind,
     store::{MarkOutcome, MessageStatus, WriteOutcome},
     wire::{read_frame, write_frame, AckStatus, ChatMessage, Frame, MessageId},
 };
@@ -19,7 +25,7 @@ use crate::{
 /// Why a message could not be delivered directly (it stays queued).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DeliverError {
-    #[error("no known address for the peer")]
+    #[error("no known address or relay for the peer")]
     NoAddress,
     #[error("not dialing the peer again before {0:?} from now")]
     Backoff(Duration),
@@ -39,21 +45,28 @@ pub(crate) enum DeliverError {
     Shutdown,
 }
 
-/// Delivers `msg` to `peer` directly and returns its ack status. Reuses the cached
+/// An acknowledgement and the path it came back on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Acked {
+    pub status: AckStatus,
+    pub path: Option<PathKind>,
+}
+
+/// Delivers `msg` to `peer` on a connection and returns its ack. Reuses the cached
 /// connection, else dials; a connection that turns out dead is replaced once.
 pub(crate) async fn deliver(
     inner: &Arc<Inner>,
     peer: NodeId,
     msg: &ChatMessage,
-) -> Result<AckStatus, DeliverError> {
+) -> Result<Acked, DeliverError> {
     if inner.cancel.is_cancelled() {
         return Err(DeliverError::Shutdown);
     }
-    let cached = inner.state().conns.get(&peer).cloned();
+    let cached = inner.pool().cached(&peer);
     if let Some(conn) = cached {
         if conn.quic().close_reason().is_none() {
             match send_on(inner, &conn, msg).await {
-                Ok(status) => return Ok(status),
+                Ok(acked) => return Ok(acked),
                 // The peer is there but did not acknowledge: a new connection would not
                 // help; the outbox retries later.
                 Err(e) if conn.quic().close_reason().is_none() => return Err(e),
@@ -73,7 +86,7 @@ async fn send_on(
     inner: &Arc<Inner>,
     conn: &Connection,
     msg: &ChatMessage,
-) -> Result<AckStatus, DeliverError> {
+) -> Result<Acked, DeliverError> {
     let exchange = async {
         let (mut send, mut recv) = conn
             .quic()
@@ -87,7 +100,10 @@ async fn send_on(
             .map_err(|e| DeliverError::Stream(e.to_string()))?;
         let mut buf = Vec::new();
         match read_frame(&mut recv, &mut buf).await {
-            Ok(Some(Frame::Ack(ack))) if ack.id == msg.id => Ok(ack.status),
+            Ok(Some(Frame::Ack(ack))) if ack.id == msg.id => Ok(Acked {
+                status: ack.status,
+                path: conn.recv_path(),
+            }),
             Ok(Some(_)) => Err(DeliverError::BadAck),
             Ok(None) => Err(DeliverError::Stream("stream ended without an ack".into())),
             Err(e) => Err(DeliverError::Stream(e.to_string())),
@@ -101,43 +117,47 @@ async fn send_on(
     }
 }
 
-/// The addresses to dial `peer` at: those it announced, then the one it last connected
-/// from. Asks discovery when the online list does not have the peer; when discovery
-/// answers that the peer is offline, the last address is not tried either (its process
-/// is gone, and a dial to a dead UDP port only ends at the dial timeout), so a send to
-/// an offline peer is queued at once.
-async fn addresses(inner: &Arc<Inner>, peer: NodeId) -> Vec<SocketAddr> {
-    let (mut addrs, last) = {
-        let st = inner.state();
-        (
-            st.online
-                .get(&peer)
-                .map(|p| p.addrs.clone())
-                .unwrap_or_default(),
-            st.last_addr.get(&peer).copied(),
-        )
-    };
-    let mut known_offline = false;
-    if addrs.is_empty() {
-        if let Some(d) = &inner.disco {
+/// Tells the path layer how to reach `peer`: the addresses and relay it announced, and
+/// the address it last connected to us from. Asks discovery when the online list does
+/// not have the peer. Returns `false` when there is nothing to try: no address, no
+/// relay, or discovery answered that the peer is offline (its last address is not tried
+/// then: its process is gone, and a dial to a dead UDP port only ends at the dial
+/// timeout), so a send to an offline peer is queued at once.
+async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> bool {
+    let online = inner.peers().online_paths(&peer);
+    let last = inner.pool().last_addr(&peer);
+    let (mut addrs, relay) = match (online, &inner.disco) {
+        (Some(paths), _) => paths,
+        (None, Some(d)) => {
             match tokio::time::timeout(inner.timings.dial_timeout, d.lookup_id(&peer)).await {
-                Ok(Ok(Some(info))) => {
+                Ok(Ok(Some(info))) if info.online => {
                     inner.learn_peers(std::slice::from_ref(&info));
-                    known_offline = !info.online;
-                    addrs = info.addrs;
+                    (info.addrs, info.relay)
                 }
-                Ok(Ok(None)) => known_offline = true,
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "lookup failed"),
-                Err(_) => tracing::debug!(%peer, "lookup timed out"),
+                // Discovery knows the peer offline, or not at all: nothing to try.
+                Ok(Ok(_)) => return false,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "lookup failed");
+                    (Vec::new(), None)
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "lookup timed out");
+                    (Vec::new(), None)
+                }
             }
         }
-    }
-    if let Some(a) = last.filter(|_| !known_offline) {
+        (None, None) => (Vec::new(), None),
+    };
+    if let Some(a) = last {
         if !addrs.contains(&a) {
             addrs.push(a);
         }
     }
-    addrs
+    if addrs.is_empty() && relay.is_none() {
+        return false;
+    }
+    inner.endpoint.learn_peer(peer, &addrs, relay);
+    true
 }
 
 /// Makes sure there is a connection to `peer` (dialing if needed), so a message can go
@@ -145,11 +165,7 @@ async fn addresses(inner: &Arc<Inner>, peer: NodeId) -> Vec<SocketAddr> {
 /// beside the store write. A failure is only logged (and sets the dial backoff);
 /// [`deliver`] reports it.
 pub(crate) async fn prepare(inner: &Arc<Inner>, peer: NodeId) {
-    let live = inner
-        .state()
-        .conns
-        .get(&peer)
-        .is_some_and(|c| c.quic().close_reason().is_none());
+    let live = inner.pool().live(&peer).is_some();
     if !live {
         if let Err(e) = connect(inner, peer).await {
             tracing::debug!(%peer, error = %e, "cannot connect ahead of the send");
@@ -162,91 +178,67 @@ pub(crate) async fn prepare(inner: &Arc<Inner>, peer: NodeId) {
 /// are served.
 async fn connect(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverError> {
     // One dial per peer at a time: concurrent senders wait and share its connection.
-    let dial_lock = inner.state().dialing.entry(peer).or_default().clone();
+    let dial_lock = inner.pool().dial_lock(peer);
     let result = {
         let _one_dial = dial_lock.lock().await;
         dial(inner, peer).await
     };
-    let mut st = inner.state();
-    // Only the map and this function hold it: nobody else waits, forget it.
-    if Arc::strong_count(&dial_lock) <= 2 {
-        st.dialing.remove(&peer);
-    }
+    inner.pool().release_dial_lock(&peer, dial_lock);
     result
 }
 
 async fn dial(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverError> {
-    let cached = inner.state().conns.get(&peer).cloned();
-    if let Some(conn) = cached {
-        if conn.quic().close_reason().is_none() {
-            return Ok(conn);
-        }
+    if let Some(conn) = inner.pool().live(&peer) {
+        return Ok(conn);
     }
-    if let Some(b) = inner.state().backoff.get(&peer) {
-        let now = Instant::now();
-        if b.until > now {
-            return Err(DeliverError::Backoff(b.until - now));
-        }
+    if let Some(left) = inner.pool().backoff_left(&peer, Instant::now()) {
+        return Err(DeliverError::Backoff(left));
     }
-    let addrs = addresses(inner, peer).await;
-    if addrs.is_empty() {
+    if !learn_paths(inner, peer).await {
         note_failure(inner, peer);
         return Err(DeliverError::NoAddress);
     }
     let Ok(permit) = inner.conn_limit.clone().try_acquire_owned() else {
         return Err(DeliverError::ConnectionLimit);
     };
-    // Every address at once; the first handshake to complete wins (a peer is often
-    // reachable at only one of them, and a dead one costs the whole dial timeout).
-    let mut dials = tokio::task::JoinSet::new();
-    for addr in addrs {
-        let endpoint = inner.endpoint.clone();
-        dials.spawn(async move { (addr, endpoint.connect(addr, peer).await) });
-    }
-    let deadline = tokio::time::Instant::now() + inner.timings.dial_timeout;
-    let mut last_err = DeliverError::DialTimeout;
-    loop {
-        let next = tokio::select! {
-            _ = inner.cancel.cancelled() => return Err(DeliverError::Shutdown),
-            r = tokio::time::timeout_at(deadline, dials.join_next()) => r,
-        };
-        match next {
-            Ok(Some(Ok((addr, Ok(conn))))) => {
-                tracing::debug!(%peer, %addr, "connected");
-                inner.take_peer_slot(peer, true);
-                inner.register_connection(&conn, false);
-                let inner2 = inner.clone();
-                let conn2 = conn.clone();
-                inner
-                    .tracker
-                    .spawn(inbound::serve_connection(inner2, conn2, permit));
-                // Dropping the set aborts the other attempts.
-                return Ok(conn);
-            }
-            Ok(Some(Ok((addr, Err(e))))) => {
-                tracing::debug!(%peer, %addr, error = %e, "dial failed");
-                last_err = DeliverError::Dial(e);
-            }
-            Ok(Some(Err(e))) => {
-                tracing::debug!(%peer, error = %e, "dial task failed");
-            }
-            Ok(None) => break,
-            Err(_) => {
-                tracing::debug!(%peer, "dial timed out");
-                last_err = DeliverError::DialTimeout;
-                break;
-            }
+    let attempt = tokio::time::timeout(
+        inner.timings.dial_timeout,
+        inner.endpoint.connect_peer(peer),
+    );
+    let result = tokio::select! {
+        _ = inner.cancel.cancelled() => return Err(DeliverError::Shutdown),
+        r = attempt => r,
+    };
+    match result {
+        Ok(Ok(conn)) => {
+            tracing::debug!(%peer, path = ?conn.path(), "connected");
+            inner.pool().take_slot(peer, true);
+            inner.register_connection(&conn, false);
+            inner.tracker.spawn(inbound::serve_connection(
+                inner.clone(),
+                conn.clone(),
+                permit,
+            ));
+            Ok(conn)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "dial failed");
+            note_failure(inner, peer);
+            Err(DeliverError::Dial(e))
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "dial timed out");
+            note_failure(inner, peer);
+            Err(DeliverError::DialTimeout)
         }
     }
-    note_failure(inner, peer);
-    Err(last_err)
 }
 
 fn note_failure(inner: &Inner, peer: NodeId) {
-    let mut st = inner.state();
-    let failures = st.backoff.get(&peer).map_or(0, |b| b.failures) + 1;
-    let until = Instant::now() + inner.timings.backoff(failures);
-    bounded_insert(&mut st.backoff, peer, DialBackoff { failures, until });
+    let timings = &inner.timings;
+    inner
+        .pool()
+        .note_failure(peer, Instant::now(), |n| timings.backoff(n));
 }
 
 /// Records the recipient's answer, delivered or rejected. Returns once the mark is
@@ -258,6 +250,7 @@ pub(crate) async fn settle(
     peer: NodeId,
     id: MessageId,
     status: AckStatus,
+    path: Option<PathKind>,
 ) -> Result<(), NodeError> {
     let status = match status {
         AckStatus::Stored | AckStatus::Duplicate => MessageStatus::Delivered,
@@ -266,23 +259,23 @@ pub(crate) async fn settle(
             MessageStatus::Rejected(code)
         }
     };
-    inner.state().settling.insert(id);
+    inner.delivery().settling(id);
     let written = match inner.writer.finish(peer, id, status).await {
         Ok(rx) => rx,
         Err(e) => {
-            inner.state().settling.remove(&id);
+            inner.delivery().settled(&id);
             return Err(e);
         }
     };
     let inner2 = inner.clone();
     inner.tracker.spawn(async move {
         let outcome = written.await;
-        inner2.state().settling.remove(&id);
+        inner2.delivery().settled(&id);
         match outcome {
             Ok(Ok((WriteOutcome::Marked(MarkOutcome::Updated), _)))
                 if status == MessageStatus::Delivered =>
             {
-                inner2.emit(NodeEvent::MessageDelivered { to: peer, id });
+                inner2.emit(NodeEvent::MessageDelivered { to: peer, id, path });
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {

@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use p2p_crypto::{NodeId, SecretKey};
-use p2p_discovery::{Client, ClientError, MailboxBatch};
+use p2p_discovery::{
+    relay::{Relay, RelayConfig},
+    Announcement, Client, ClientError, MailboxBatch, RelayRef,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{loopback_for, NodeError, PeerInfo};
@@ -130,15 +133,18 @@ impl Disco {
     pub(crate) async fn announce(
         &self,
         secret: &SecretKey,
-        name: Option<&str>,
-        addrs: &[SocketAddr],
-        ttl: Duration,
+        announcement: &Announcement,
     ) -> Result<Duration, DiscoveryError> {
         self.client
-            .announce(secret, name, addrs, ttl)
+            .announce_with(secret, announcement)
             .await
             .map(|o| o.reannounce_after)
             .map_err(|e| self.err(e))
+    }
+
+    /// The relay the server runs, if any.
+    pub(crate) async fn relay(&self) -> Result<Option<RelayRef>, DiscoveryError> {
+        self.client.relay_ref().await.map_err(|e| self.err(e))
     }
 
     pub(crate) async fn withdraw(&self, secret: &SecretKey) -> Result<(), DiscoveryError> {
@@ -200,13 +206,18 @@ impl Disco {
 pub(crate) struct Embedded {
     pub(crate) addr: SocketAddr,
     pub(crate) url: String,
+    /// The UDP address of its relay, if one runs.
+    pub(crate) relay_addr: Option<SocketAddr>,
     pub(crate) task: tokio::task::JoinHandle<()>,
 }
 
-/// Opens the embedded server's database, binds `addr` and serves until `cancel`.
+/// Opens the embedded server's database, binds `addr` (and its relay on the same UDP
+/// port, or any port if that one is taken and `addr` asked for any), and serves until
+/// `cancel`.
 pub(crate) async fn start_embedded(
     addr: SocketAddr,
     db_path: PathBuf,
+    relay_key: Option<PathBuf>,
     cancel: &CancellationToken,
 ) -> Result<Embedded, NodeError> {
     let fail = |reason: Box<dyn std::error::Error + Send + Sync>| NodeError::EmbeddedDiscovery {
@@ -224,17 +235,55 @@ pub(crate) async fn start_embedded(
         .await
         .map_err(|e| fail(Box::new(e)))?;
     let local = listener.local_addr().map_err(|e| fail(Box::new(e)))?;
+    let relay = match relay_key {
+        Some(key) => {
+            let relay = start_relay(local, addr.port() == 0, &key).map_err(fail)?;
+            state.set_relay(&relay).map_err(|e| fail(Box::new(e)))?;
+            Some(relay)
+        }
+        None => None,
+    };
+    let relay_addr = relay.as_ref().and_then(|r| r.local_addr().ok());
     let url = format!("http://{}", loopback_for(local));
     let shutdown = cancel.clone().cancelled_owned();
+    let relay_shutdown = cancel.clone().cancelled_owned();
     let task = tokio::spawn(async move {
-        if let Err(e) = p2p_discovery::serve(listener, state, shutdown).await {
-            tracing::warn!(error = %e, "embedded discovery server failed");
-        }
+        let relay = async move {
+            if let Some(relay) = relay {
+                relay.serve(relay_shutdown).await;
+            }
+        };
+        let http = async move {
+            if let Err(e) = p2p_discovery::serve(listener, state, shutdown).await {
+                tracing::warn!(error = %e, "embedded discovery server failed");
+            }
+        };
+        tokio::join!(http, relay);
     });
-    tracing::info!(%local, "embedded discovery server listening");
+    tracing::info!(%local, ?relay_addr, "embedded discovery server listening");
     Ok(Embedded {
         addr: local,
         url,
+        relay_addr,
         task,
     })
+}
+
+/// Binds the embedded relay on the HTTP server's UDP port, or on any port when that one
+/// is taken and any port would do.
+fn start_relay(
+    http: SocketAddr,
+    any_port: bool,
+    key: &std::path::Path,
+) -> Result<Relay, Box<dyn std::error::Error + Send + Sync>> {
+    let (secret, _) = p2p_crypto::keyfile::load_or_create(key, None)?;
+    match Relay::bind(http, &secret, RelayConfig::default()) {
+        Ok(r) => Ok(r),
+        Err(_) if any_port => Ok(Relay::bind(
+            SocketAddr::new(http.ip(), 0),
+            &secret,
+            RelayConfig::default(),
+        )?),
+        Err(e) => Err(Box::new(e)),
+    }
 }

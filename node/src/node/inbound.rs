@@ -7,13 +7,11 @@
 
 use std::sync::Arc;
 
-use p2p_crypto::NodeId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{
-    bounded_insert, Inner, NodeEvent, Via, CLOSE_BAD_FRAME, CLOSE_TOO_MANY_CONNECTIONS,
-    CLOSE_UNEXPECTED_FRAME, CONNECTION_FRAME_BUDGET, MAX_CONNECTIONS_PER_PEER, STREAM_NOT_STORED,
-    STREAM_TIMEOUT,
+    Inner, NodeEvent, Via, CLOSE_BAD_FRAME, CLOSE_TOO_MANY_CONNECTIONS, CLOSE_UNEXPECTED_FRAME,
+    CONNECTION_FRAME_BUDGET, STREAM_NOT_STORED, STREAM_TIMEOUT,
 };
 use crate::{
     endpoint::Connection,
@@ -55,7 +53,7 @@ pub(super) async fn accept_loop(inner: Arc<Inner>) {
                 }
             };
             let peer = conn.remote_node_id();
-            if !inner2.take_peer_slot(peer, false) {
+            if !inner2.pool().take_slot(peer, false) {
                 tracing::warn!(%peer, %addr, "too many connections from one peer; closing");
                 conn.quic()
                     .close(CLOSE_TOO_MANY_CONNECTIONS, b"too many connections");
@@ -70,57 +68,20 @@ pub(super) async fn accept_loop(inner: Arc<Inner>) {
 
 impl Inner {
     /// Remembers a fresh connection for reuse. For an incoming one, also remembers the
-    /// address the peer came from and retries its outbox at once.
+    /// real address the peer came from (if it came from one) and retries its outbox at
+    /// once.
     pub(super) fn register_connection(&self, conn: &Connection, incoming: bool) {
         let peer = conn.remote_node_id();
-        {
-            let mut st = self.state();
-            st.conns.insert(peer, conn.clone());
-            st.backoff.remove(&peer);
-            if incoming {
-                let addr = conn.remote_addr();
-                bounded_insert(&mut st.last_addr, peer, addr);
-            }
-        }
+        let from = (incoming && !conn.through_path_layer()).then(|| conn.remote_addr());
+        self.pool().register(conn, from);
         if incoming {
             self.wake_outbox_for(peer);
         }
     }
 
-    /// Counts a connection against its peer's limit ([`MAX_CONNECTIONS_PER_PEER`]).
-    /// An incoming connection past the limit is refused (`false`); one we dialed
-    /// ourselves (`force`) is always counted. [`serve_connection`] gives the slot back.
-    pub(super) fn take_peer_slot(&self, peer: NodeId, force: bool) -> bool {
-        let mut st = self.state();
-        let n = st.peer_conns.entry(peer).or_insert(0);
-        if *n >= MAX_CONNECTIONS_PER_PEER && !force {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    fn release_peer_slot(&self, peer: NodeId) {
-        let mut st = self.state();
-        if let Some(n) = st.peer_conns.get_mut(&peer) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                st.peer_conns.remove(&peer);
-            }
-        }
-    }
-
     /// Forgets `conn` if it is the cached connection of its peer.
     pub(super) fn forget_connection(&self, conn: &Connection) {
-        let peer = conn.remote_node_id();
-        let mut st = self.state();
-        if st
-            .conns
-            .get(&peer)
-            .is_some_and(|c| c.quic().stable_id() == conn.quic().stable_id())
-        {
-            st.conns.remove(&peer);
-        }
+        self.pool().forget(conn);
     }
 }
 
@@ -153,7 +114,7 @@ pub(super) async fn serve_connection(
             .spawn(async move { serve_stream(inner2, conn2, budget, send, recv).await });
     }
     inner.forget_connection(&conn);
-    inner.release_peer_slot(conn.remote_node_id());
+    inner.pool().release_slot(&conn.remote_node_id());
 }
 
 /// Reads the next frame of a stream, holding `len` bytes of the connection's frame
@@ -258,11 +219,15 @@ async fn serve_stream(
         };
         // Reported after the ack, so a name lookup never delays it.
         if let Some(message) = received {
+            let via = match conn.recv_path() {
+                Some(crate::net::PathKind::Relay) => Via::Relay,
+                _ => Via::Direct,
+            };
             inner.emit(NodeEvent::MessageReceived {
                 from: peer,
                 from_name: inner.sender_name(&peer).await,
                 message,
-                via: Via::Direct,
+                via,
             });
         }
         if !acked {

@@ -112,7 +112,7 @@ pub(super) async fn drain(inner: &Arc<Inner>) -> Result<usize, NodeError> {
                 }
                 Frame::Ack(ack) => {
                     // A receipt: applies only to a message sent to `sender`.
-                    match deliver::settle(inner, sender, ack.id, ack.status).await {
+                    match deliver::settle(inner, sender, ack.id, ack.status, None).await {
                         Ok(()) => delete.push(item.id),
                         Err(e) => {
                             tracing::warn!(item = item.id, error = %e, "cannot apply a receipt; keeping it")
@@ -177,8 +177,8 @@ pub(super) async fn drain(inner: &Arc<Inner>) -> Result<usize, NodeError> {
 /// The mailbox key of `peer`: known from discovery records or a pinned contact, else
 /// looked up.
 async fn mailbox_key(inner: &Arc<Inner>, peer: NodeId) -> Result<MailboxPublicKey, NodeError> {
-    if let Some(k) = inner.state().mailbox_keys.get(&peer) {
-        return Ok(*k);
+    if let Some(k) = inner.peers().mailbox_key(&peer) {
+        return Ok(k);
     }
     let disco = inner.disco.as_ref().ok_or(NodeError::NoDiscovery)?;
     let info = tokio::time::timeout(inner.timings.dial_timeout, disco.lookup_id(&peer))

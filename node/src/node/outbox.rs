@@ -50,15 +50,11 @@ pub(super) async fn run(inner: Arc<Inner>) {
 async fn round(inner: &Arc<Inner>) -> Result<Option<u64>, super::NodeError> {
     let entries = inner.blocking(|s| s.outbox()).await?;
     if entries.is_empty() {
-        inner.state().wake.clear();
+        inner.delivery().clear_wakes();
         return Ok(None);
     }
     let now = now_ms();
-    let (woken, in_flight): (HashSet<NodeId>, HashSet<_>) = {
-        let mut st = inner.state();
-        let busy = st.in_flight.union(&st.settling).copied().collect();
-        (std::mem::take(&mut st.wake), busy)
-    };
+    let (woken, in_flight) = inner.delivery().take_round();
     let mut due: BTreeMap<NodeId, Vec<OutboxEntry>> = BTreeMap::new();
     let mut next_due: Option<u64> = None;
     let mut busy_woken = HashSet::new();
@@ -79,7 +75,7 @@ async fn round(inner: &Arc<Inner>) -> Result<Option<u64>, super::NodeError> {
         }
     }
     if !busy_woken.is_empty() {
-        inner.state().wake.extend(busy_woken);
+        inner.delivery().rewake(busy_woken);
     }
     let mut tasks = JoinSet::new();
     for (peer, mut queue) in due {
@@ -112,11 +108,8 @@ async fn work_peer(inner: Arc<Inner>, peer: NodeId, queue: Vec<OutboxEntry>) -> 
             break;
         }
         let id = entry.message.id;
-        {
-            let mut st = inner.state();
-            if st.settling.contains(&id) || !st.in_flight.insert(id) {
-                continue;
-            }
+        if !inner.delivery().try_start(id) {
+            continue;
         }
         let outcome = if unreachable {
             None
@@ -124,8 +117,8 @@ async fn work_peer(inner: Arc<Inner>, peer: NodeId, queue: Vec<OutboxEntry>) -> 
             Some(deliver::deliver(&inner, peer, &entry.message).await)
         };
         match outcome {
-            Some(Ok(status)) => {
-                if let Err(e) = deliver::settle(&inner, peer, id, status).await {
+            Some(Ok(acked)) => {
+                if let Err(e) = deliver::settle(&inner, peer, id, acked.status, acked.path).await {
                     tracing::warn!(%peer, message = %id, error = %e, "cannot record delivery");
                 }
             }
@@ -143,7 +136,7 @@ async fn work_peer(inner: Arc<Inner>, peer: NodeId, queue: Vec<OutboxEntry>) -> 
                 next_due = Some(next_due.map_or(at, |n| n.min(at)));
             }
         }
-        inner.state().in_flight.remove(&id);
+        inner.delivery().finish(&id);
     }
     next_due
 }

@@ -1,27 +1,29 @@
 //! Login, renewal and the online list.
 //!
 //! - The announce task announces this node at start and again when the server's hint
-//!   says (before the TTL runs out); after a failure it retries with backoff.
+//!   says (before the TTL runs out), and at once when its home relay or the address the
+//!   relay sees it at changes; after a failure it retries with backoff.
 //! - The poll task fetches the online list every
 //!   [`Timings::presence_poll`](super::Timings::presence_poll), reports who came and
 //!   went, retries the outbox of peers that came online (or moved), and warns when a
 //!   pinned name is announced by another key.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr, UdpSocket},
     sync::Arc,
     time::Duration,
 };
 
-use p2p_crypto::NodeId;
+use p2p_discovery::Announcement;
 
-use super::{bounded_insert, Inner, NodeError, NodeEvent, PeerInfo};
+use super::{Inner, NodeError, NodeEvent, PeerInfo};
 
 /// Announces until the node stops.
 pub(super) async fn announce_loop(inner: Arc<Inner>) {
     let mut failures = 0u32;
+    let mut home = inner.endpoint.net().home();
     loop {
+        home.mark_unchanged();
         let wait = match announce_once(&inner).await {
             Ok(after) => {
                 if failures > 0 {
@@ -43,6 +45,33 @@ pub(super) async fn announce_loop(inner: Arc<Inner>) {
         tokio::select! {
             _ = inner.cancel.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
+            changed = relay_changed(&mut home) => {
+                if !changed {
+                    // The path layer is gone (shutting down): keep the timer only.
+                    tokio::select! {
+                        _ = inner.cancel.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Waits until what we announce of the home relay changes: the relay itself, or our
+/// address as it sees us. `false` when the path layer is gone.
+async fn relay_changed(home: &mut tokio::sync::watch::Receiver<crate::net::HomeRelay>) -> bool {
+    let before = {
+        let h = home.borrow_and_update();
+        (h.relay, h.reflexive)
+    };
+    loop {
+        if home.changed().await.is_err() {
+            return false;
+        }
+        let h = home.borrow_and_update();
+        if (h.relay, h.reflexive) != before {
+            return true;
         }
     }
 }
@@ -50,17 +79,27 @@ pub(super) async fn announce_loop(inner: Arc<Inner>) {
 /// Announces once; returns when to announce again.
 pub(super) async fn announce_once(inner: &Inner) -> Result<Duration, NodeError> {
     let disco = inner.disco.as_ref().ok_or(NodeError::NoDiscovery)?;
-    let addrs = announce_addrs(inner);
-    let ttl = inner.timings.announce_ttl;
-    let name = inner.current_name();
-    let after = match disco
-        .announce(&inner.secret, name.as_deref(), &addrs, ttl)
-        .await
-    {
+    let home = inner.endpoint.net().home().borrow().clone();
+    let mut addrs = announce_addrs(inner);
+    // The address the relay sees us at: the public side of our NAT, a hole-punching
+    // candidate for peers.
+    if let Some(reflexive) = home.reflexive.filter(|a| !addrs.contains(a)) {
+        addrs.insert(0, reflexive);
+    }
+    addrs.truncate(p2p_discovery::MAX_ADDRS);
+    inner.endpoint.net().set_own_candidates(addrs.clone());
+    let mut announcement = Announcement {
+        name: inner.current_name(),
+        addrs,
+        relay: home.relay,
+        ttl: inner.timings.announce_ttl,
+    };
+    let ttl = announcement.ttl;
+    let after = match disco.announce(&inner.secret, &announcement).await {
         Err(e) if e.is_name_not_claimed() => {
             // This server does not know our name (another server, or a fresh one):
             // claim it here, or announce without it if someone else holds it.
-            let name = name.unwrap_or_default();
+            let name = announcement.name.clone().unwrap_or_default();
             let keep_name = match disco.claim_name(&inner.secret, &name).await {
                 Ok(()) => true,
                 Err(e) if e.is_name_taken() => {
@@ -72,10 +111,8 @@ pub(super) async fn announce_once(inner: &Inner) -> Result<Duration, NodeError> 
                 }
                 Err(e) => return Err(e.into()),
             };
-            let name = keep_name.then_some(name);
-            disco
-                .announce(&inner.secret, name.as_deref(), &addrs, ttl)
-                .await?
+            announcement.name = keep_name.then_some(name);
+            disco.announce(&inner.secret, &announcement).await?
         }
         r => r?,
     };
@@ -172,48 +209,13 @@ pub(super) async fn poll_loop(inner: Arc<Inner>) {
 /// Replaces the cached online list, reporting the differences.
 fn apply_online(inner: &Inner, peers: Vec<PeerInfo>) {
     inner.learn_peers(&peers);
-    let new: HashMap<NodeId, PeerInfo> = peers
-        .into_iter()
-        .filter(|p| p.node_id != inner.node_id)
-        .map(|p| (p.node_id, p))
-        .collect();
-    let (came, went, moved, key_changes) = {
-        let mut st = inner.state();
-        let came: Vec<PeerInfo> = new
-            .values()
-            .filter(|p| !st.online.contains_key(&p.node_id))
-            .cloned()
-            .collect();
-        let moved: Vec<NodeId> = new
-            .values()
-            .filter(|p| {
-                st.online
-                    .get(&p.node_id)
-                    .is_some_and(|old| old.addrs != p.addrs)
-            })
-            .map(|p| p.node_id)
-            .collect();
-        let went: Vec<PeerInfo> = st
-            .online
-            .values()
-            .filter(|p| !new.contains_key(&p.node_id))
-            .cloned()
-            .collect();
-        let mut key_changes = Vec::new();
-        for p in &came {
-            let Some(name) = &p.name else { continue };
-            let pinned = st.names.iter().find(|(_, n)| *n == name).map(|(id, _)| *id);
-            if let Some(pinned) = pinned {
-                let key = (name.clone(), p.node_id);
-                if pinned != p.node_id && !st.key_warned.contains_key(&key) {
-                    bounded_insert(&mut st.key_warned, key, ());
-                    key_changes.push((name.clone(), pinned, p.node_id));
-                }
-            }
-        }
-        st.online = new;
-        (came, went, moved, key_changes)
-    };
+    let change = inner.peers().replace_online(inner.node_id, peers);
+    let super::peers::OnlineChange {
+        came,
+        went,
+        moved,
+        key_changes,
+    } = change;
     for p in came {
         tracing::debug!(peer = %p.node_id, "peer online");
         inner.wake_outbox_for(p.node_id);
