@@ -221,12 +221,18 @@ impl AppState {
     /// counters to `/metrics`. Only the first call takes effect.
     pub fn set_relay(&self, relay: &Relay) -> Result<(), ServerError> {
         let port = relay.local_addr()?.port();
-        let _ = self.inner.relay.set(RelayAdvert {
-            node_id: relay.node_id(),
-            port,
-            metrics: relay.metrics(),
-        });
+        self.advertise_relay(relay.node_id(), port, relay.metrics());
         Ok(())
+    }
+
+    /// Announces a relay by its parts: its key, its UDP port on this host, and the
+    /// counters to show in `/metrics`. Only the first call takes effect.
+    pub fn advertise_relay(&self, node_id: NodeId, port: u16, metrics: Arc<RelayMetrics>) {
+        let _ = self.inner.relay.set(RelayAdvert {
+            node_id,
+            port,
+            metrics,
+        });
     }
 
     fn now(&self) -> u64 {

@@ -264,7 +264,8 @@ pub enum NodeEvent {
         to: NodeId,
         /// The message.
         id: MessageId,
-        /// The path the acknowledgement came on (`None`: a receipt from the mailbox).
+        /// The path the message went on (`None`: acknowledged by a receipt in the
+        /// mailbox).
         path: Option<PathKind>,
     },
     /// The path to a peer changed: a direct path was found (hole punching), or lost
@@ -335,7 +336,7 @@ pub struct SendOutcome {
     pub to: NodeId,
     /// Delivered or queued.
     pub status: SendStatus,
-    /// For a delivered message, the path its acknowledgement came back on.
+    /// For a delivered message, the path it went on: direct, or through a relay.
     pub path: Option<PathKind>,
 }
 
@@ -457,6 +458,7 @@ pub struct NodeBuilder {
     drop_acks: bool,
     paths: PathConfig,
     use_relay: bool,
+    publish_addrs: bool,
     events: broadcast::Sender<NodeEvent>,
 }
 
@@ -540,6 +542,16 @@ impl NodeBuilder {
     /// node without disk writes, and for tests; a chat node wants its history on disk.
     pub fn in_memory_store(mut self, in_memory: bool) -> Self {
         self.in_memory = in_memory;
+        self
+    }
+
+    /// Whether our presence record lists our direct addresses. Default `true`. With
+    /// `false` peers first reach this node through its relay, and a direct path appears
+    /// only by hole punching (tests use it to make a loopback node look like one behind
+    /// a NAT).
+    #[doc(hidden)]
+    pub fn publish_direct_addrs(mut self, publish: bool) -> Self {
+        self.publish_addrs = publish;
         self
     }
 
@@ -642,7 +654,9 @@ impl NodeBuilder {
             pool: Mutex::new(pool::ConnectionPool::default()),
             delivery: Mutex::new(tracker::DeliveryTracker::default()),
             home_relay: watch::channel(None).0,
+            relay_checked: watch::channel(false).0,
             use_relay: self.use_relay,
+            publish_addrs: self.publish_addrs,
             outbox_wake: Notify::new(),
             conn_limit: Arc::new(Semaphore::new(self.max_connections)),
             cancel: cancel.clone(),
@@ -662,6 +676,9 @@ impl NodeBuilder {
             inner.tracker.clone(),
         ));
         inner.tracker.spawn(relaying::path_events(inner.clone()));
+        inner
+            .tracker
+            .spawn(presence::candidates_loop(inner.clone()));
         if inner.use_relay && inner.disco.is_some() {
             inner
                 .tracker
@@ -746,8 +763,12 @@ pub(crate) struct Inner {
     delivery: Mutex<tracker::DeliveryTracker>,
     /// The relay to keep a link to (from the discovery server), for the path layer.
     home_relay: watch::Sender<Option<RelayRef>>,
+    /// Whether the discovery server said which relay it runs (or that it runs none).
+    relay_checked: watch::Sender<bool>,
     /// Whether to use the discovery server's relay.
     use_relay: bool,
+    /// Whether presence records list our direct addresses.
+    publish_addrs: bool,
     outbox_wake: Notify,
     conn_limit: Arc<Semaphore>,
     cancel: CancellationToken,
@@ -793,6 +814,7 @@ impl Node {
             drop_acks: false,
             paths: PathConfig::default(),
             use_relay: true,
+            publish_addrs: true,
             events,
         }
     }
@@ -1210,6 +1232,25 @@ impl Inner {
         self.pool().clear_backoff(&peer);
         self.delivery().wake(peer);
         self.outbox_wake.notify_one();
+    }
+
+    /// Waits (at most `max`) until the home relay link is up, when this node uses the
+    /// discovery server's relay and that server runs one, so a first dial to a peer
+    /// behind a NAT goes through the relay at once instead of waiting for a
+    /// retransmission.
+    async fn relay_ready(&self, max: Duration) {
+        if !self.use_relay || self.disco.is_none() {
+            return;
+        }
+        let mut checked = self.relay_checked.subscribe();
+        let mut home = self.endpoint.net().home();
+        let ready = async {
+            let _ = checked.wait_for(|c| *c).await;
+            if self.home_relay.borrow().is_some() {
+                let _ = home.wait_for(|h| h.connected).await;
+            }
+        };
+        let _ = tokio::time::timeout(max, ready).await;
     }
 
     async fn wait_initial_drain(&self) {

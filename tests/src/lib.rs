@@ -1,6 +1,8 @@
 //! Helpers for the integration tests in tests/: finding the real `p2p-node` binary and
 //! running it with a deadline.
 
+pub mod netns;
+
 use std::{
     path::PathBuf,
     process::{Command, Output, Stdio},
@@ -30,6 +32,13 @@ pub fn p2p_node_bin() -> PathBuf {
 /// A `p2p-node` command with a fresh environment for the node settings.
 pub fn p2p_node() -> Command {
     let mut cmd = Command::new(p2p_node_bin());
+    clean_env(&mut cmd);
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// Removes the node settings the test's own environment may hold from `cmd`'s.
+pub fn clean_env(cmd: &mut Command) {
     for var in [
         "P2P_DATA_DIR",
         "P2P_DISCOVERY",
@@ -39,8 +48,6 @@ pub fn p2p_node() -> Command {
     ] {
         cmd.env_remove(var);
     }
-    cmd.stdin(Stdio::null());
-    cmd
 }
 
 /// Runs `cmd` to completion, killing it if it outlives `deadline`.

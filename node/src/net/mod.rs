@@ -227,9 +227,11 @@ impl Shared {
         for action in actions {
             match action {
                 Action::SendUdp { addr, probe } => {
+                    tracing::trace!(to = %probe.to, %addr, kind = ?probe.kind, "probe out");
                     self.send_datagram(addr, &probe.encode(&self.secret));
                 }
                 Action::SendRelay { relay, peer, probe } => {
+                    tracing::trace!(to = %probe.to, relay = %relay.fingerprint(), kind = ?probe.kind, "probe out");
                     let bytes = Bytes::from(probe.encode(&self.secret));
                     let links = self.relays.read().unwrap_or_else(|e| e.into_inner());
                     if let Some(link) = links.get(&relay) {
@@ -302,7 +304,11 @@ pub(crate) async fn drive(
             if let Some(old) = current_home {
                 relay::stop(&shared, &old.node_id);
             }
-            shared.paths().set_home(wanted_home);
+            {
+                let mut paths = shared.paths();
+                paths.set_home(wanted_home);
+                paths.set_reflexive(None);
+            }
             shared.home.send_modify(|h| {
                 *h = HomeRelay {
                     relay: wanted_home,

@@ -17,7 +17,8 @@
 //! - **Hole punching.** While packets flow to a peer with no direct path, a punch round
 //!   starts: a `CallMeMaybe` with our candidates goes through the relay and we ping all
 //!   the peer's candidates in a few waves; the peer, on the `CallMeMaybe`, pings ours at
-//!   the same time. A round that finds nothing is retried after a growing delay
+//!   the same time. (Knowing none of the peer's addresses, the `CallMeMaybe` alone
+//!   starts it: the peer's pings tell us where it is.) A round that finds nothing is retried after a growing delay
 //!   ([`PathConfig::retry_min`] .. [`PathConfig::retry_max`]).
 //! - **Heartbeat.** While packets flow on a direct path it is pinged every
 //!   [`PathConfig::heartbeat`], which keeps it trusted and keeps NAT mappings open.
@@ -66,6 +67,9 @@ pub struct PathConfig {
     /// A peer we sent to within this long is active: only active peers are probed.
     /// Default 15 s.
     pub active: Duration,
+    /// How long packets flow to a peer before the first punch round. Default 0 (at
+    /// once); a delay saves the probes for exchanges that end quickly.
+    pub punch_delay: Duration,
     /// Length of one punch round (its ping waves go out at 0, 0.3, 1 and 2 s). Default 3 s.
     pub round: Duration,
     /// Delay before the first retry after a failed punch round; doubles per failure.
@@ -86,6 +90,7 @@ impl Default for PathConfig {
             trust: Duration::from_secs(5),
             dead: Duration::from_secs(12),
             active: Duration::from_secs(15),
+            punch_delay: Duration::ZERO,
             round: Duration::from_secs(3),
             retry_min: Duration::from_secs(5),
             retry_max: Duration::from_secs(60),
@@ -110,6 +115,11 @@ const VERIFIED_CLAIM: Duration = Duration::from_secs(600);
 pub(crate) const HANDSHAKE_GUARD: Duration = Duration::from_secs(10);
 /// How long a relay's "not connected here" answer keeps us off that relay for a peer.
 const GONE_HOLD: Duration = Duration::from_secs(5);
+/// A direct path on which packets went out this long without anything coming back is
+/// suspect: packets go both ways (direct and relay) until it answers again.
+const SUSPECT: Duration = Duration::from_secs(1);
+/// Least time between two pings sent back to one address in answer to its pings.
+const PING_BACK_GAP: Duration = Duration::from_millis(100);
 /// Pings remembered per candidate (their tx ids, to match pongs).
 const MAX_PINGS: usize = 4;
 /// Addresses claimed at most (about 16 candidates per tracked peer).
@@ -202,6 +212,7 @@ struct Candidate {
     source: Source,
     pings: VecDeque<(TxId, Instant)>,
     last_ping: Option<Instant>,
+    last_ping_back: Option<Instant>,
     last_pong: Option<Instant>,
     rtt: Option<Duration>,
 }
@@ -213,6 +224,7 @@ impl Candidate {
             source,
             pings: VecDeque::new(),
             last_ping: None,
+            last_ping_back: None,
             last_pong: None,
             rtt: None,
         }
@@ -240,6 +252,12 @@ struct Peer {
     candidates: Vec<Candidate>,
     best: Option<SocketAddr>,
     last_send: Option<Instant>,
+    /// The first packet sent on the direct path since the last one received on it.
+    unanswered_since: Option<Instant>,
+    /// When the peer last asked us to punch (a `CallMeMaybe`).
+    punch_asked: Option<Instant>,
+    /// Since when packets flow to the peer without a pause longer than `active`.
+    active_since: Option<Instant>,
     last_recv: Option<(Instant, PathKind)>,
     punch: Punch,
     touched: Instant,
@@ -283,6 +301,22 @@ impl Peer {
             .is_some_and(|t| now.saturating_duration_since(t) < config.active)
     }
 
+    /// Whether the direct path `addr` is used alone: a pong within `trust`, packets
+    /// sent there answered (the peer's QUIC acks) within [`SUSPECT`], and no request to
+    /// punch from the peer since that pong (it would not ask if it had a direct path to
+    /// us: it may have restarted at another address).
+    fn trusted(&self, addr: SocketAddr, now: Instant, config: &PathConfig) -> bool {
+        let last_pong = self.candidate(addr).and_then(|c| c.last_pong);
+        let ponged = last_pong.is_some_and(|t| now.saturating_duration_since(t) < config.trust);
+        let silent = self
+            .unanswered_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= SUSPECT);
+        let asked_since = self
+            .punch_asked
+            .is_some_and(|asked| last_pong.is_none_or(|pong| asked > pong));
+        ponged && !silent && !asked_since
+    }
+
     fn pong_age(&self, addr: SocketAddr, now: Instant) -> Option<Duration> {
         self.candidate(addr)
             .and_then(|c| c.last_pong)
@@ -318,11 +352,14 @@ pub(crate) struct Paths {
     relays_up: HashSet<NodeId>,
     home: Option<RelayRef>,
     own: Vec<SocketAddr>,
+    reflexive: Option<SocketAddr>,
     stats: PunchStats,
     tx_counter: u64,
     tx_seed: [u8; 4],
     /// Set when something needs the driver before its next tick.
     poll_requested: bool,
+    /// Probes decided while routing (see [`Paths::take_actions`]).
+    pending: Vec<Action>,
 }
 
 impl Paths {
@@ -339,10 +376,12 @@ impl Paths {
             relays_up: HashSet::new(),
             home: None,
             own: Vec::new(),
+            reflexive: None,
             stats: PunchStats::default(),
             tx_counter: 0,
             tx_seed: rand::random(),
             poll_requested: false,
+            pending: Vec::new(),
         }
     }
 
@@ -390,6 +429,9 @@ impl Paths {
                     candidates: Vec::new(),
                     best: None,
                     last_send: None,
+                    unanswered_since: None,
+                    punch_asked: None,
+                    active_since: None,
                     last_recv: None,
                     punch: Punch::default(),
                     touched: now,
@@ -469,6 +511,23 @@ impl Paths {
             .collect();
     }
 
+    /// Our address as the home relay sees it (the public side of our NAT): offered to
+    /// peers first.
+    pub(crate) fn set_reflexive(&mut self, addr: Option<SocketAddr>) {
+        self.reflexive = addr.filter(usable);
+    }
+
+    /// What we offer a peer to ping: our reflexive address, then our own addresses.
+    fn offer(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = self.reflexive.into_iter().collect();
+        for a in &self.own {
+            if !out.contains(a) && out.len() < MAX_CANDIDATES {
+                out.push(*a);
+            }
+        }
+        out
+    }
+
     /// Our home relay (reached without being named by a peer).
     pub(crate) fn set_home(&mut self, relay: Option<RelayRef>) {
         self.home = relay;
@@ -502,19 +561,13 @@ impl Paths {
             return Route::Drop;
         };
         let relay = self.relay_usable(peer, now);
-        let trust = self.config.trust;
         let direct = self.config.direct;
         let want_relay = peer
             .relay
             .filter(|r| relay.is_none() && !self.relays_up.contains(&r.node_id));
-        let punch_due = direct
-            && peer.best.is_none()
-            && !peer.candidates.is_empty()
-            && peer.punch.round_start.is_none()
-            && peer.punch.next_round.is_none_or(|t| t <= now);
         let route = match (peer.best.filter(|_| direct), relay) {
             (Some(best), relay) => {
-                let trusted = peer.pong_age(best, now).is_some_and(|age| age < trust);
+                let trusted = peer.trusted(best, now, &self.config);
                 match relay {
                     Some(relay) if !trusted => Route::Both {
                         addr: best,
@@ -535,23 +588,58 @@ impl Paths {
             }
             (None, None) => Route::Drop,
         };
+        if let (Route::Direct(_) | Route::Both { .. }, Some(peer)) =
+            (&route, self.peers.get_mut(&key))
+        {
+            peer.unanswered_since.get_or_insert(now);
+        }
         if let Route::Spray(addrs) = &route {
             for a in addrs {
                 self.claim(*a, key, false, now);
             }
         }
         if let Some(peer) = self.peers.get_mut(&key) {
-            let was_active = peer.active(now, &self.config);
-            peer.last_send = Some(now);
-            peer.touched = now;
-            if punch_due || !was_active {
+            if !peer.active(now, &self.config) {
+                peer.active_since = Some(now);
                 self.poll_requested = true;
             }
+            peer.last_send = Some(now);
+            peer.touched = now;
+        }
+        // A punch round that is due starts before this packet leaves, so the peer gets
+        // our CallMeMaybe through the relay ahead of it.
+        if self.punch_due(&key, now) {
+            let mut out = std::mem::take(&mut self.pending);
+            self.poll_peer(key, now, &mut out);
+            self.pending = out;
         }
         if want_relay.is_some() {
             self.poll_requested = true;
         }
         route
+    }
+
+    /// Whether a punch round with `key` should start now.
+    fn punch_due(&self, key: &Key, now: Instant) -> bool {
+        let Some(peer) = self.peers.get(key) else {
+            return false;
+        };
+        let relay = self.relay_usable(peer, now);
+        let can_punch = !peer.candidates.is_empty()
+            || (relay.is_some() && (!self.own.is_empty() || self.reflexive.is_some()));
+        self.config.direct
+            && can_punch
+            && peer.best.is_none()
+            && peer.punch.round_start.is_none()
+            && peer.punch.next_round.is_none_or(|t| t <= now)
+            && peer
+                .active_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.config.punch_delay)
+    }
+
+    /// Probes decided while routing, for the socket to send before the packet.
+    pub(crate) fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.pending)
     }
 
     /// Whether the driver should run now (and clears the request).
@@ -635,6 +723,9 @@ impl Paths {
         let peer = self.peers.get_mut(&key)?;
         peer.last_recv = Some((now, PathKind::Direct));
         peer.touched = now;
+        if peer.best == Some(addr) {
+            peer.unanswered_since = None;
+        }
         Some(mapped::addr(peer.index, self.v6))
     }
 
@@ -673,7 +764,12 @@ impl Paths {
     /// The path packets to `node` take now, if any.
     pub(crate) fn path_of(&self, node: &NodeId, now: Instant) -> Option<PathKind> {
         let peer = self.peers.get(node.as_bytes())?;
-        if peer.best.is_some() && self.config.direct {
+        if let Some(best) = peer.best.filter(|_| self.config.direct) {
+            // A path in doubt carries copies on both: what answers is what works.
+            let relay_too = self.relay_usable(peer, now).is_some();
+            if !peer.trusted(best, now, &self.config) && relay_too {
+                return peer.last_recv.map(|(_, k)| k).or(Some(PathKind::Direct));
+            }
             return Some(PathKind::Direct);
         }
         if self.relay_usable(peer, now).is_some() {
@@ -739,16 +835,31 @@ impl Paths {
         let key = *from.as_bytes();
         match (probe.kind, src) {
             (ProbeKind::Ping, ProbeSource::Udp(addr)) => {
+                let trust = self.config.trust;
                 let Some(peer) = self.ensure_peer(from, now) else {
                     return out;
                 };
                 if usable(&addr) {
                     peer.add_candidate(addr, Source::Peer);
                 }
-                let recently_pinged = peer
+                // Ping back unless the address is proven already: our own earlier pings
+                // there were most likely dropped by the peer's NAT (sent before the peer
+                // opened it), and this one will pass.
+                let proven = peer
                     .candidate(addr)
-                    .and_then(|c| c.last_ping)
-                    .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
+                    .and_then(|c| c.last_pong)
+                    .is_some_and(|t| now.saturating_duration_since(t) < trust);
+                // At most one ping back per address per PING_BACK_GAP, so two nodes
+                // answering each other's pings cannot keep each other busy.
+                let just_pinged_back = peer
+                    .candidate(addr)
+                    .and_then(|c| c.last_ping_back)
+                    .is_some_and(|t| now.saturating_duration_since(t) < PING_BACK_GAP);
+                if let Some(c) = peer.candidate_mut(addr) {
+                    if !proven && !just_pinged_back {
+                        c.last_ping_back = Some(now);
+                    }
+                }
                 self.claim(addr, key, true, now);
                 out.push(Action::SendUdp {
                     addr,
@@ -759,7 +870,7 @@ impl Paths {
                         kind: ProbeKind::Pong { observed: addr },
                     },
                 });
-                if !recently_pinged && usable(&addr) {
+                if !proven && !just_pinged_back && usable(&addr) {
                     // Validate the path in our direction too.
                     self.ping(key, addr, now, &mut out);
                 }
@@ -775,7 +886,10 @@ impl Paths {
                     peer.add_candidate(a, Source::Peer);
                 }
                 // The peer is pinging ours now: ping its candidates at the same time.
+                // (It asks because it has no direct path to us: whatever path we think we
+                // have may be to an address it no longer uses, so ping even then.)
                 peer.last_send = Some(now);
+                peer.punch_asked = Some(now);
                 if peer.best.is_none() {
                     peer.punch = Punch {
                         round_start: Some(now),
@@ -783,10 +897,10 @@ impl Paths {
                         failures: peer.punch.failures,
                         next_round: None,
                     };
-                    let addrs: Vec<SocketAddr> = peer.candidates.iter().map(|c| c.addr).collect();
-                    for a in addrs {
-                        self.ping(key, a, now, &mut out);
-                    }
+                }
+                let addrs: Vec<SocketAddr> = peer.candidates.iter().map(|c| c.addr).collect();
+                for a in addrs {
+                    self.ping(key, a, now, &mut out);
                 }
             }
             // Pings and pongs are only ever sent directly.
@@ -819,14 +933,15 @@ impl Paths {
         c.last_pong = Some(now);
         c.rtt = Some(rtt);
         let node = peer.node;
+        if peer.best == Some(addr) {
+            peer.unanswered_since = None;
+        }
         let switch = match peer.best {
             None => true,
             Some(b) if b == addr => false,
             Some(b) => {
                 let old = peer.candidate(b);
-                let stale = old
-                    .and_then(|o| o.last_pong)
-                    .is_none_or(|t| now.saturating_duration_since(t) >= self.config.trust);
+                let stale = !peer.trusted(b, now, &self.config);
                 let faster = old
                     .and_then(|o| o.rtt)
                     .is_some_and(|old_rtt| rtt.saturating_mul(4) < old_rtt.saturating_mul(3));
@@ -836,6 +951,7 @@ impl Paths {
         if switch {
             let was_none = peer.best.is_none();
             peer.best = Some(addr);
+            peer.unanswered_since = None;
             if was_none {
                 if peer.punch.round_start.is_some() || peer.punch.failures > 0 {
                     self.stats.successes = self.stats.successes.saturating_add(1);
@@ -855,9 +971,10 @@ impl Paths {
         }
     }
 
-    /// Timers: heartbeats, dead paths, punch rounds. Returns what to send.
+    /// Timers: heartbeats, dead paths, punch rounds. Returns what to send (with any
+    /// probes decided while routing that were not taken yet).
     pub(crate) fn poll(&mut self, now: Instant) -> Vec<Action> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.pending);
         let keys: Vec<Key> = self.peers.keys().copied().collect();
         for key in keys {
             self.poll_peer(key, now, &mut out);
@@ -877,7 +994,7 @@ impl Paths {
         };
         let home = self.home;
         let relays_up = self.relays_up.clone();
-        let own = self.own.clone();
+        let own = self.offer();
         let me = self.me;
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
@@ -925,7 +1042,8 @@ impl Paths {
             }
             return;
         }
-        if peer.candidates.is_empty() {
+        // Nothing to ping, and nothing to offer the peer so it pings us.
+        if peer.candidates.is_empty() && (relay.is_none() || own.is_empty()) {
             return;
         }
         match peer.punch.round_start {
@@ -957,7 +1075,10 @@ impl Paths {
                 }
             }
             None => {
-                if peer.punch.next_round.is_some_and(|t| now < t) {
+                let waited = peer
+                    .active_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= config.punch_delay);
+                if peer.punch.next_round.is_some_and(|t| now < t) || !waited {
                     return;
                 }
                 peer.punch.round_start = Some(now);

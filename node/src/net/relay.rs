@@ -152,10 +152,9 @@ impl Link {
             if failures > 0 || home {
                 tracing::info!(relay = %relay.node_id.fingerprint(), addr = %relay.addr, "connected to the relay");
             }
+            // Usable at once; a home link counts as connected once the relay said where
+            // it sees us (its first frame).
             shared.paths().set_relay_up(relay.node_id, true);
-            if home {
-                shared.home.send_modify(|h| h.connected = true);
-            }
             shared.wake.notify_one();
             let ended = tokio::select! {
                 _ = cancel.cancelled() => None,
@@ -264,9 +263,11 @@ async fn read_frames(
                 Frame::Observed { addr } => {
                     if home {
                         tracing::debug!(%addr, "the relay sees us at this address");
+                        shared.paths().set_reflexive(Some(addr));
                         shared.home.send_if_modified(|h| {
-                            let changed = h.reflexive != Some(addr);
+                            let changed = h.reflexive != Some(addr) || !h.connected;
                             h.reflexive = Some(addr);
+                            h.connected = true;
                             changed
                         });
                     }

@@ -106,6 +106,7 @@ impl Shared {
                 return;
             }
         };
+        tracing::trace!(from = %probe.from, ?src, kind = ?probe.kind, "probe in");
         let actions = self.paths().on_probe(probe, src, now);
         self.execute(actions);
         self.wake.notify_one();
@@ -126,11 +127,14 @@ impl AsyncUdpSocket for PathSocket {
             return shared.send_udp(transmit, transmit.destination);
         };
         let now = Instant::now();
-        let (route, wake) = {
+        let (route, wake, probes) = {
             let mut paths = shared.paths();
             let route = paths.route(index, now);
-            (route, paths.take_poll_request())
+            (route, paths.take_poll_request(), paths.take_actions())
         };
+        if !probes.is_empty() {
+            shared.execute(probes);
+        }
         if wake {
             shared.wake.notify_one();
         }

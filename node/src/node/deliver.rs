@@ -22,6 +22,9 @@ use crate::{
     wire::{read_frame, write_frame, AckStatus, ChatMessage, Frame, MessageId},
 };
 
+/// Longest a dial waits for the home relay link (a node that just started).
+const RELAY_WAIT: Duration = Duration::from_secs(2);
+
 /// Why a message could not be delivered directly (it stays queued).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DeliverError {
@@ -45,7 +48,7 @@ pub(crate) enum DeliverError {
     Shutdown,
 }
 
-/// An acknowledgement and the path it came back on.
+/// An acknowledgement and the path the message went on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Acked {
     pub status: AckStatus,
@@ -100,9 +103,11 @@ async fn send_on(
             .map_err(|e| DeliverError::Stream(e.to_string()))?;
         let mut buf = Vec::new();
         match read_frame(&mut recv, &mut buf).await {
+            // The path our packets to the peer take as the ack arrives: the one the
+            // message went on (unless it changed during this very exchange).
             Ok(Some(Frame::Ack(ack))) if ack.id == msg.id => Ok(Acked {
                 status: ack.status,
-                path: conn.recv_path(),
+                path: conn.path(),
             }),
             Ok(Some(_)) => Err(DeliverError::BadAck),
             Ok(None) => Err(DeliverError::Stream("stream ended without an ack".into())),
@@ -201,6 +206,9 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverErr
     let Ok(permit) = inner.conn_limit.clone().try_acquire_owned() else {
         return Err(DeliverError::ConnectionLimit);
     };
+    inner
+        .relay_ready(RELAY_WAIT.min(inner.timings.dial_timeout))
+        .await;
     let attempt = tokio::time::timeout(
         inner.timings.dial_timeout,
         inner.endpoint.connect_peer(peer),

@@ -58,19 +58,22 @@ pub(super) async fn announce_loop(inner: Arc<Inner>) {
     }
 }
 
-/// Waits until what we announce of the home relay changes: the relay itself, or our
-/// address as it sees us. `false` when the path layer is gone.
+/// Waits until what we announce of the home relay changes (the relay itself, or our
+/// address as it sees us), or the link to it comes back (the server may have restarted
+/// and forgotten our presence). `false` when the path layer is gone.
 async fn relay_changed(home: &mut tokio::sync::watch::Receiver<crate::net::HomeRelay>) -> bool {
-    let before = {
+    let (before, mut connected) = {
         let h = home.borrow_and_update();
-        (h.relay, h.reflexive)
+        ((h.relay, h.reflexive), h.connected)
     };
     loop {
         if home.changed().await.is_err() {
             return false;
         }
         let h = home.borrow_and_update();
-        if (h.relay, h.reflexive) != before {
+        let reconnected = h.connected && !connected;
+        connected = h.connected;
+        if (h.relay, h.reflexive) != before || reconnected {
             return true;
         }
     }
@@ -80,14 +83,10 @@ async fn relay_changed(home: &mut tokio::sync::watch::Receiver<crate::net::HomeR
 pub(super) async fn announce_once(inner: &Inner) -> Result<Duration, NodeError> {
     let disco = inner.disco.as_ref().ok_or(NodeError::NoDiscovery)?;
     let home = inner.endpoint.net().home().borrow().clone();
-    let mut addrs = announce_addrs(inner);
-    // The address the relay sees us at: the public side of our NAT, a hole-punching
-    // candidate for peers.
-    if let Some(reflexive) = home.reflexive.filter(|a| !addrs.contains(a)) {
-        addrs.insert(0, reflexive);
+    let mut addrs = our_addrs(inner);
+    if !inner.publish_addrs {
+        addrs.clear();
     }
-    addrs.truncate(p2p_discovery::MAX_ADDRS);
-    inner.endpoint.net().set_own_candidates(addrs.clone());
     let mut announcement = Announcement {
         name: inner.current_name(),
         addrs,
@@ -154,6 +153,31 @@ fn announce_addrs(inner: &Inner) -> Vec<SocketAddr> {
     }
     out.push(local);
     out
+}
+
+/// Our direct addresses: those [`announce_addrs`] finds, and first the address the relay
+/// sees us at (the public side of our NAT, a hole-punching candidate for peers).
+fn our_addrs(inner: &Inner) -> Vec<SocketAddr> {
+    let reflexive = inner.endpoint.net().home().borrow().reflexive;
+    let mut addrs = announce_addrs(inner);
+    if let Some(r) = reflexive.filter(|a| !addrs.contains(a)) {
+        addrs.insert(0, r);
+    }
+    addrs.truncate(p2p_discovery::MAX_ADDRS);
+    addrs
+}
+
+/// Keeps the addresses the path layer offers peers for hole punching current, for
+/// every node, announced or not (a one-shot `send` punches too).
+pub(super) async fn candidates_loop(inner: Arc<Inner>) {
+    let mut home = inner.endpoint.net().home();
+    loop {
+        inner.endpoint.net().set_own_candidates(our_addrs(&inner));
+        tokio::select! {
+            _ = inner.cancel.cancelled() => break,
+            changed = home.changed() => if changed.is_err() { break },
+        }
+    }
 }
 
 /// The local IP of the interface that routes to the internet (of `local`'s family), if

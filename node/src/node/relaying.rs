@@ -37,6 +37,7 @@ pub(super) async fn home_relay_loop(inner: Arc<Inner>) {
                     *current = found;
                     changed
                 });
+                inner.relay_checked.send_replace(true);
                 RELAY_REFRESH
             }
             Err(e) => {
@@ -44,6 +45,8 @@ pub(super) async fn home_relay_loop(inner: Arc<Inner>) {
                 if failures == 1 {
                     tracing::debug!(error = %e, "cannot ask discovery for its relay; retrying");
                 }
+                // Nothing to wait for: dials go ahead without a relay meanwhile.
+                inner.relay_checked.send_replace(true);
                 inner.timings.backoff(failures).min(RELAY_REFRESH)
             }
         };

@@ -4,11 +4,14 @@
 
 #![allow(dead_code)]
 
-use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use p2p_crypto::{NodeId, SecretKey};
-use p2p_discovery::{AppState, ServerConfig};
+use p2p_discovery::{
+    relay::{Relay, RelayConfig, RelayMetrics},
+    AppState, ServerConfig,
+};
 use p2p_node::{
     wire::{self, Frame, MessageId},
     Endpoint, Node, NodeBuilder, NodeEvent, Timings,
@@ -25,15 +28,41 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// A discovery server on 127.0.0.1:0, in this process.
+/// A discovery server on 127.0.0.1:0, in this process, optionally with its relay.
 pub struct Discovery {
     pub url: String,
+    /// The HTTP address.
+    pub addr: SocketAddr,
+    /// The relay's UDP address, when one runs.
+    pub relay_addr: Option<SocketAddr>,
+    /// The relay's counters, when one runs.
+    pub relay_metrics: Option<Arc<RelayMetrics>>,
+    relay_key: Option<SecretKey>,
+    state: AppState,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Discovery {
+    /// A server without a relay.
     pub async fn start() -> Result<Discovery> {
+        Self::start_at(loopback(), None).await
+    }
+
+    /// A server with a relay on the same port number (UDP), like `p2p-node discovery`.
+    pub async fn start_with_relay() -> Result<Discovery> {
+        Self::start_at(loopback(), Some(SecretKey::generate())).await
+    }
+
+    /// A server that names a relay running elsewhere (a test's own) as its relay.
+    pub async fn start_advertising(relay: NodeId, relay_port: u16) -> Result<Discovery> {
+        let d = Self::start_at(loopback(), None).await?;
+        d.state
+            .advertise_relay(relay, relay_port, Arc::new(RelayMetrics::default()));
+        Ok(d)
+    }
+
+    async fn start_at(http: SocketAddr, relay_key: Option<SecretKey>) -> Result<Discovery> {
         init_tracing();
         // Every test node shares 127.0.0.1: lift the per-IP write rate limit.
         let state = AppState::open(ServerConfig {
@@ -41,17 +70,47 @@ impl Discovery {
             write_burst: 100_000,
             ..Default::default()
         })?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let served = state.clone();
+        let listener = tokio::net::TcpListener::bind(http).await?;
         let addr = listener.local_addr()?;
+        let relay = match &relay_key {
+            Some(key) => {
+                let relay = Relay::bind(addr, key, RelayConfig::default())?;
+                state.set_relay(&relay)?;
+                Some(relay)
+            }
+            None => None,
+        };
+        let relay_addr = relay.as_ref().map(|r| r.local_addr()).transpose()?;
+        let relay_metrics = relay.as_ref().map(|r| r.metrics());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let _ = p2p_discovery::serve(listener, state, async {
-                let _ = stopped.await;
-            })
-            .await;
+            let (relay_stop, relay_stopped) = oneshot::channel::<()>();
+            let http = async move {
+                let _ = p2p_discovery::serve(listener, served, async {
+                    let _ = stopped.await;
+                })
+                .await;
+                let _ = relay_stop.send(());
+            };
+            let relay = async move {
+                if let Some(relay) = relay {
+                    relay
+                        .serve(async {
+                            let _ = relay_stopped.await;
+                        })
+                        .await;
+                }
+            };
+            tokio::join!(http, relay);
         });
         Ok(Discovery {
             url: format!("http://{addr}"),
+            addr,
+            relay_addr,
+            relay_metrics,
+            relay_key,
+            state,
             stop: Some(stop),
             task,
         })
@@ -61,11 +120,29 @@ impl Discovery {
         Ok(p2p_discovery::Client::new(&self.url)?)
     }
 
+    /// Packets the relay forwarded so far.
+    pub fn relayed_packets(&self) -> u64 {
+        self.relay_metrics
+            .as_ref()
+            .map_or(0, |m| m.forwarded_packets())
+    }
+
     pub async fn stop(mut self) {
+        self.halt().await;
+    }
+
+    /// Stops the server (its in-memory state is lost, as in a crash); see
+    /// [`Discovery::start_again`].
+    pub async fn halt(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
         let _ = tokio::time::timeout(DEADLINE, &mut self.task).await;
+    }
+
+    /// Starts a new server on the ports of this (halted) one, with the same relay key.
+    pub async fn start_again(&self) -> Result<Discovery> {
+        Self::start_at(self.addr, self.relay_key.clone()).await
     }
 }
 

@@ -131,12 +131,8 @@ fn relay_first_then_a_punch_round_then_direct() {
 
 #[test]
 fn a_lapsing_path_goes_both_ways_then_falls_back_to_the_relay() {
-    let mut f = fixture(&["198.18.0.12:4000"], true);
+    let (mut f, a) = proven_direct();
     let t = f.t0;
-    f.paths.route(f.index, t);
-    let (a, tx) = pings(&f.paths.poll(t))[0];
-    f.paths.on_probe(pong(&f, tx), ProbeSource::Udp(a), t);
-    assert_eq!(f.paths.route(f.index, t), Route::Direct(a));
     // Heartbeats go out while packets flow.
     let t2 = t + Duration::from_secs(2);
     f.paths.route(f.index, t2);
@@ -161,6 +157,87 @@ fn a_lapsing_path_goes_both_ways_then_falls_back_to_the_relay() {
         rtt: None
     }));
     assert!(matches!(f.paths.route(f.index, t13), Route::Relay { .. }));
+}
+
+#[test]
+fn a_direct_path_that_stops_answering_gets_relay_copies_within_a_second() {
+    let (mut f, a) = proven_direct();
+    let t = f.t0;
+    // Packets go direct and the peer's acks come back: direct alone.
+    let mut now = t;
+    for _ in 0..20 {
+        now += Duration::from_millis(100);
+        assert_eq!(f.paths.route(f.index, now), Route::Direct(a));
+        f.paths.label_udp(a, false, now);
+    }
+    // The path goes silent: within a second of the first unanswered packet, copies go
+    // through the relay too, and the reported path is the one that answers.
+    let cut = now;
+    let mut both_at = None;
+    for _ in 0..15 {
+        now += Duration::from_millis(100);
+        if let Route::Both { .. } = f.paths.route(f.index, now) {
+            both_at.get_or_insert(now - cut);
+        }
+    }
+    let both_at = both_at.expect("relay copies");
+    assert!(
+        both_at <= SUSPECT + Duration::from_millis(100),
+        "{both_at:?}"
+    );
+    let stranger_relay = relay_ref();
+    f.paths.label_relay(f.peer.public(), stranger_relay, now);
+    assert_eq!(
+        f.paths.path_of(&f.peer.public(), now),
+        Some(PathKind::Relay)
+    );
+    // It answers again: direct alone again.
+    f.paths.label_udp(a, false, now);
+    assert_eq!(f.paths.route(f.index, now), Route::Direct(a));
+}
+
+#[test]
+fn a_peer_asking_to_punch_makes_a_proven_path_doubtful_until_proven_again() {
+    let (mut f, old) = proven_direct();
+    let t = f.t0;
+    // The peer restarted elsewhere and asks to punch: our path may lead nowhere now.
+    let t1 = t + Duration::from_millis(500);
+    let ask = Probe {
+        from: f.peer.public(),
+        to: f.me.public(),
+        tx: [0; 12],
+        kind: ProbeKind::CallMeMaybe {
+            candidates: vec![addr("198.18.0.12:4777")],
+        },
+    };
+    let out = f
+        .paths
+        .on_probe(ask, ProbeSource::Relay(relay_ref().node_id), t1);
+    let sent: Vec<SocketAddr> = pings(&out).into_iter().map(|(a, _)| a).collect();
+    assert!(sent.contains(&addr("198.18.0.12:4777")), "{sent:?}");
+    assert!(matches!(f.paths.route(f.index, t1), Route::Both { addr, .. } if addr == old));
+    // The new address answers: it becomes the path, direct alone.
+    let (_, tx) = pings(&out)
+        .into_iter()
+        .find(|(a, _)| *a == addr("198.18.0.12:4777"))
+        .expect("pinged");
+    f.paths
+        .on_probe(pong(&f, tx), ProbeSource::Udp(addr("198.18.0.12:4777")), t1);
+    assert_eq!(
+        f.paths.route(f.index, t1),
+        Route::Direct(addr("198.18.0.12:4777"))
+    );
+}
+
+/// A fixture whose one candidate answered the first punch round: the direct path.
+fn proven_direct() -> (Fixture, SocketAddr) {
+    let mut f = fixture(&["198.18.0.12:4000"], true);
+    let t = f.t0;
+    f.paths.route(f.index, t);
+    let (a, tx) = pings(&f.paths.poll(t))[0];
+    f.paths.on_probe(pong(&f, tx), ProbeSource::Udp(a), t);
+    assert_eq!(f.paths.route(f.index, t), Route::Direct(a));
+    (f, a)
 }
 
 /// The tx of the last ping sent to `a`.
@@ -200,6 +277,37 @@ fn failed_rounds_back_off_up_to_the_maximum() {
     }
     // Still on the relay the whole time.
     assert!(matches!(f.paths.route(f.index, t), Route::Relay { .. }));
+}
+
+#[test]
+fn knowing_no_address_of_the_peer_the_call_me_maybe_alone_starts_punching() {
+    let mut f = fixture(&[], true);
+    f.paths.set_own_candidates(vec![addr("198.18.0.11:4000")]);
+    let t = f.t0;
+    assert!(matches!(f.paths.route(f.index, t), Route::Relay { .. }));
+    let out = f.paths.poll(t);
+    assert!(pings(&out).is_empty());
+    assert!(out.iter().any(|a| matches!(
+        a,
+        Action::SendRelay { probe: Probe { kind: ProbeKind::CallMeMaybe { candidates }, .. }, .. }
+            if candidates == &vec![addr("198.18.0.11:4000")]
+    )));
+}
+
+#[test]
+fn punching_waits_for_the_punch_delay() {
+    let mut f = fixture(&["198.18.0.12:4000"], true);
+    f.paths.config.punch_delay = Duration::from_secs(1);
+    let mut t = f.t0;
+    let mut first_round = None;
+    for _ in 0..30 {
+        f.paths.route(f.index, t);
+        if !pings(&f.paths.poll(t)).is_empty() && first_round.is_none() {
+            first_round = Some(t - f.t0);
+        }
+        t += Duration::from_millis(100);
+    }
+    assert_eq!(first_round, Some(Duration::from_secs(1)));
 }
 
 #[test]
