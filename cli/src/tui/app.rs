@@ -1197,6 +1197,17 @@ mod tests {
     }
 
     #[test]
+    fn conversations_opened_by_peers_are_bounded() {
+        let mut app = app();
+        for n in 0..MAX_CONVERSATIONS as u8 + 10 {
+            received(&mut app, peer(n + 10), "x", n, "hi");
+        }
+        assert_eq!(app.convs.len(), MAX_CONVERSATIONS);
+        let notices = texts(app.pane());
+        assert_eq!(notices.len(), MAX_CONVERSATIONS + 10, "each still noticed");
+    }
+
+    #[test]
     fn names_learnt_later_complete() {
         let mut app = app();
         let online = NodeEvent::PeerOnline {

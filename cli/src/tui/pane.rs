@@ -402,6 +402,20 @@ mod tests {
     }
 
     #[test]
+    fn a_pane_keeps_the_newest_entries_and_can_read_the_rest_again() {
+        let mut pane = Pane::default();
+        for n in 0..=MAX_ENTRIES {
+            let mut m = stored(0, Direction::Incoming, MessageStatus::Received, "m");
+            m.id = MessageId((n as u128).to_be_bytes());
+            m.stored_at_ms = n as u64;
+            pane.push(Entry::Message(Msg::stored(&m, "bob", None)), 80);
+        }
+        assert_eq!(pane.entries.len(), MAX_ENTRIES);
+        assert!(pane.more);
+        assert_eq!(pane.oldest.map(|c| c.0), Some(1), "the oldest kept");
+    }
+
+    #[test]
     fn a_scrolled_view_stays_put_when_lines_arrive() {
         let mut pane = Pane {
             scroll: 2,
