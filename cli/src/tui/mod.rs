@@ -55,9 +55,10 @@ const LOG_BACKLOG: usize = 256;
 
 /// Runs the full-screen chat until the user quits, then logs out.
 pub async fn run(g: &Global, paths: &Paths, logs: mpsc::Receiver<String>) -> Result<()> {
+    let name = paths.registered_name()?;
     let node = open_node(g, paths, true).await?;
     let mut app = App::new(Me {
-        name: paths.registered_name()?,
+        name,
         id: node.node_id(),
         discovery: node.discovery_url(),
     });

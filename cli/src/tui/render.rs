@@ -336,6 +336,31 @@ mod tests {
     }
 
     #[test]
+    fn any_size_draws_without_panicking() {
+        for (cols, rows) in [(1, 1), (2, 1), (1, 5), (3, 4), (5, 2), (12, 4)] {
+            let mut app = app(cols, rows);
+            app.editor.insert("日本語 and more text than fits");
+            app.notice(
+                "a notice with 日本 in it, long enough to wrap",
+                Tone::Warning,
+            );
+            app.on_key(
+                crossterm::event::KeyEvent::new(
+                    crossterm::event::KeyCode::PageUp,
+                    crossterm::event::KeyModifiers::NONE,
+                ),
+                0,
+            );
+            let (screen_rows, (x, y), _) = screen(&app, Theme::new(true));
+            assert_eq!(screen_rows.len(), usize::from(rows));
+            assert!(
+                x < cols && y == rows - 1,
+                "cursor ({x}, {y}) in {cols}x{rows}"
+            );
+        }
+    }
+
+    #[test]
     fn tabs_show_unread_counters() {
         let mut app = app(60, 10);
         app.convs.push(super::super::app::Conversation {
