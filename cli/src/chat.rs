@@ -1,5 +1,7 @@
-//! The interactive chat: the default command. Reads commands and messages line by line
-//! from stdin (a terminal or a pipe) and prints messages and notices as they arrive.
+//! The line-by-line chat: the default command when standard input or output is not a
+//! terminal, or with `--plain`. Reads commands and messages line by line from stdin and
+//! prints messages and notices as they arrive. Also the message and event lines that the
+//! full-screen chat and `listen` share.
 
 use std::collections::HashSet;
 
@@ -7,8 +9,8 @@ use anyhow::Result;
 use p2p_crypto::NodeId;
 use p2p_node::{
     store::{Direction, MessageStatus, StoredMessage},
-    wire::MessageId,
-    Node, NodeEvent, PathKind, SendStatus, Via,
+    wire::{Body, MessageId},
+    Node, NodeEvent, PathKind, PeerInfo, SendStatus, Via,
 };
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -16,20 +18,15 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use crate::{
     commands::open_node,
     identity::Paths,
-    output::{clock, sanitize},
+    output::{sanitize, ChatLine},
+    session::{self, now_ms, Input, COMMAND_HELP},
     Global,
 };
 
-const HELP: &str = "\
-commands:
-  /peers               who is online
-  /chat NAME           open a chat room with NAME (recent history, then live messages)
-  /history NAME [N]    the last N messages with NAME (default 20)
-  /leave               close the chat room
-  /register NAME       claim NAME for this node
-  /help                this help
-  /quit                log out and exit
-in a chat room, any other line is sent to the other side.";
+/// `/help` in the line-by-line chat.
+fn help() -> String {
+    format!("commands:\n{COMMAND_HELP}\nin a chat room, any other line is sent to the other side.")
+}
 
 /// The open chat room.
 struct Room {
@@ -71,7 +68,7 @@ pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
         tokio::select! {
             line = lines.next_line() => match line {
                 Ok(Some(line)) => {
-                    if !handle_line(&node, paths, &mut room, &mut shown, line.trim()).await {
+                    if !handle_line(&node, paths, &mut room, &mut shown, &line).await {
                         break;
                     }
                 }
@@ -105,39 +102,36 @@ async fn handle_line(
     shown: &mut Shown,
     line: &str,
 ) -> bool {
-    if line.is_empty() {
-        return true;
-    }
-    let (cmd, rest) = match line.split_once(char::is_whitespace) {
-        Some((c, r)) => (c, r.trim()),
-        None => (line, ""),
-    };
-    match cmd {
-        "/quit" | "/exit" => return false,
-        "/help" => println!("{HELP}"),
-        "/peers" => show_peers(node, shown).await,
-        "/leave" => match room.take() {
+    match session::parse(line) {
+        Input::Empty => {}
+        Input::Quit => return false,
+        Input::Help => println!("{}", help()),
+        Input::Peers => show_peers(node, shown).await,
+        Input::Leave => match room.take() {
             Some(r) => println!("left the chat with {}", r.label),
             None => println!("no chat room is open"),
         },
-        "/register" if !rest.is_empty() => match node.register(rest).await {
-            Ok(()) => match paths.set_registered_name(rest) {
-                Ok(()) => println!("registered {}", sanitize(rest)),
+        Input::Register(name) => match node.register(name).await {
+            Ok(()) => match paths.set_registered_name(name) {
+                Ok(()) => println!("registered {}", sanitize(name)),
                 Err(e) => println!("error: {}", crate::output::one_line(&e)),
             },
             Err(e) => println!("error: {}", sanitize(&e.to_string())),
         },
-        "/chat" if !rest.is_empty() => match node.resolve(rest).await {
+        Input::Chat(who) => match node.resolve(who).await {
             Ok(resolved) => {
-                let label = sanitize(resolved.name.as_deref().unwrap_or(rest));
+                let label = sanitize(resolved.name.as_deref().unwrap_or(who));
                 println!(
                     "--- chat with {label} ({}); /leave to close ---",
                     resolved.node_id.fingerprint()
                 );
-                match node.history(&resolved.node_id.to_string(), 20).await {
+                match node
+                    .history(&resolved.node_id.to_string(), session::RECENT)
+                    .await
+                {
                     Ok(msgs) => {
                         for m in &msgs {
-                            println!("{}", history_line(m, &label));
+                            println!("{}", stored_line(m, &label));
                         }
                     }
                     Err(e) => println!("error: {}", sanitize(&e.to_string())),
@@ -149,37 +143,28 @@ async fn handle_line(
             }
             Err(e) => println!("error: {}", sanitize(&e.to_string())),
         },
-        "/history" if !rest.is_empty() => {
-            let mut parts = rest.split_whitespace();
-            let who = parts.next().unwrap_or(rest);
-            let n = parts.next().and_then(|n| n.parse().ok()).unwrap_or(20);
-            match node.history(who, n).await {
-                Ok(msgs) if msgs.is_empty() => println!("no messages with {}", sanitize(who)),
-                Ok(msgs) => {
-                    let label = sanitize(who);
-                    for m in &msgs {
-                        println!("{}", history_line(m, &label));
-                    }
+        Input::History { who, n } => match node.history(who, n).await {
+            Ok(msgs) if msgs.is_empty() => println!("no messages with {}", sanitize(who)),
+            Ok(msgs) => {
+                let label = sanitize(who);
+                for m in &msgs {
+                    println!("{}", stored_line(m, &label));
                 }
-                Err(e) => println!("error: {}", sanitize(&e.to_string())),
             }
-        }
-        c if c.starts_with('/') => println!(
+            Err(e) => println!("error: {}", sanitize(&e.to_string())),
+        },
+        Input::Unknown(c) => println!(
             "unknown or incomplete command {}; /help lists them",
             sanitize(c)
         ),
-        _ => match room {
-            Some(r) => match node.send(&r.node_id.to_string(), line).await {
+        Input::Text(text) => match room {
+            Some(r) => match node.send(&r.node_id.to_string(), text).await {
                 Ok(outcome) => {
                     if outcome.status == SendStatus::Delivered {
                         shown.delivered.insert(outcome.id);
                     }
-                    println!(
-                        "[{}] me: {}  ({})",
-                        clock(now_ms()),
-                        sanitize(line),
-                        send_status(outcome.status, outcome.path)
-                    );
+                    let status = send_status(outcome.status, outcome.path);
+                    println!("{}", ChatLine::new(now_ms(), "me", text).mark(status));
                 }
                 Err(e) => println!("error: {}", sanitize(&e.to_string())),
             },
@@ -192,31 +177,48 @@ async fn handle_line(
 async fn show_peers(node: &Node, shown: &mut Shown) {
     match node.peers().await {
         Ok(peers) => {
-            let others: Vec<_> = peers
-                .iter()
-                .filter(|p| p.node_id != node.node_id())
-                .collect();
-            shown.online = others.iter().map(|p| p.node_id).collect();
-            if others.is_empty() {
-                println!("online: nobody else");
-            } else {
-                println!("online:");
-                for p in others {
-                    let path = match node.path_of(&p.node_id) {
-                        Some(PathKind::Direct) => "  (connected, direct)",
-                        Some(PathKind::Relay) => "  (connected, via relay)",
-                        None => "",
-                    };
-                    println!(
-                        "  {:<20} {}{path}",
-                        sanitize(p.name.as_deref().unwrap_or("-")),
-                        p.node_id.fingerprint()
-                    );
-                }
+            let others = others_online(&peers, node.node_id());
+            shown.online = others.iter().map(|(id, _)| *id).collect();
+            for line in online_lines(&others, |id| node.path_of(id)) {
+                println!("{line}");
             }
         }
         Err(e) => println!("cannot list peers: {}", sanitize(&e.to_string())),
     }
+}
+
+/// The nodes in `peers` other than `me`, with their names.
+pub fn others_online(peers: &[PeerInfo], me: NodeId) -> Vec<(NodeId, Option<String>)> {
+    peers
+        .iter()
+        .filter(|p| p.node_id != me)
+        .map(|p| (p.node_id, p.name.clone()))
+        .collect()
+}
+
+/// The online list as the chat shows it, with the path to each peer this node is
+/// connected to (`path_of`, e.g. [`Node::path_of`]).
+pub fn online_lines(
+    others: &[(NodeId, Option<String>)],
+    path_of: impl Fn(&NodeId) -> Option<PathKind>,
+) -> Vec<String> {
+    if others.is_empty() {
+        return vec!["online: nobody else".into()];
+    }
+    let mut lines = vec!["online:".to_string()];
+    for (id, name) in others {
+        let path = match path_of(id) {
+            Some(PathKind::Direct) => "  (connected, direct)",
+            Some(PathKind::Relay) => "  (connected, via relay)",
+            None => "",
+        };
+        lines.push(format!(
+            "  {:<20} {}{path}",
+            sanitize(name.as_deref().unwrap_or("-")),
+            id.fingerprint()
+        ));
+    }
+    lines
 }
 
 fn show_event(node: &Node, room: Option<&Room>, shown: &mut Shown, ev: &NodeEvent) {
@@ -225,8 +227,10 @@ fn show_event(node: &Node, room: Option<&Room>, shown: &mut Shown, ev: &NodeEven
         NodeEvent::PeerOffline { node_id, .. } if !shown.online.remove(node_id) => {}
         NodeEvent::MessageDelivered { id, .. } if shown.delivered.remove(id) => {}
         NodeEvent::MessageDelivered { to, id, .. } => {
-            let label = sanitize(&node.name_of(to).unwrap_or_else(|| to.fingerprint()));
-            println!("* your queued message {id} to {label} was delivered");
+            println!(
+                "{}",
+                delivered_notice(&peer_label(to, None, |i| node.name_of(i)), id)
+            );
         }
         NodeEvent::MessageReceived {
             from,
@@ -234,24 +238,9 @@ fn show_event(node: &Node, room: Option<&Room>, shown: &mut Shown, ev: &NodeEven
             message,
             via,
         } => {
-            let label = sanitize(
-                &from_name
-                    .clone()
-                    .or_else(|| node.name_of(from))
-                    .unwrap_or_else(|| from.fingerprint()),
-            );
+            let label = peer_label(from, from_name.as_deref(), |i| node.name_of(i));
             if room.is_some_and(|r| r.node_id == *from) {
-                println!(
-                    "[{}] {label}: {}{}",
-                    clock(message.stored_at_ms),
-                    sanitize(
-                        message
-                            .body
-                            .as_text()
-                            .unwrap_or("<unsupported message kind>")
-                    ),
-                    via_mark(*via)
-                );
+                println!("{}", marked(received_line(&label, message), *via));
             } else {
                 println!("New message from {label}");
             }
@@ -264,20 +253,61 @@ fn show_event(node: &Node, room: Option<&Room>, shown: &mut Shown, ev: &NodeEven
     }
 }
 
-fn history_line(m: &StoredMessage, peer_label: &str) -> String {
-    let who = match m.direction {
-        Direction::Incoming => peer_label,
-        Direction::Outgoing => "me",
-    };
-    let mut line = format!(
-        "[{}] {who}: {}",
-        clock(m.stored_at_ms),
-        sanitize(m.body.as_text().unwrap_or("<unsupported message kind>"))
-    );
-    if m.direction == Direction::Outgoing {
-        line.push_str(&format!("  ({})", status_word(&m.status)));
+/// How the chat names a peer: the name given, else the name `known` has for it (e.g.
+/// [`Node::name_of`]), else its fingerprint.
+pub fn peer_label(
+    id: &NodeId,
+    name: Option<&str>,
+    known: impl FnOnce(&NodeId) -> Option<String>,
+) -> String {
+    sanitize(
+        &name
+            .map(str::to_string)
+            .or_else(|| known(id))
+            .unwrap_or_else(|| id.fingerprint()),
+    )
+}
+
+/// The notice for a message of ours delivered after it was queued.
+pub fn delivered_notice(to_label: &str, id: &MessageId) -> String {
+    format!("* your queued message {id} to {to_label} was delivered")
+}
+
+/// The text of a message body for people.
+pub fn body_text(body: &Body) -> &str {
+    body.as_text().unwrap_or("<unsupported message kind>")
+}
+
+/// A message from the history: `me` or `peer_label`, and the delivery state of ours.
+pub fn stored_line(m: &StoredMessage, peer_label: &str) -> ChatLine {
+    match m.direction {
+        Direction::Incoming => ChatLine::new(m.stored_at_ms, peer_label, body_text(&m.body)),
+        Direction::Outgoing => {
+            ChatLine::new(m.stored_at_ms, "me", body_text(&m.body)).mark(status_word(&m.status))
+        }
     }
-    line
+}
+
+/// A message just received from `label`.
+pub fn received_line(label: &str, message: &StoredMessage) -> ChatLine {
+    ChatLine::new(message.stored_at_ms, label, body_text(&message.body))
+}
+
+/// How a received message travelled, when that is worth a mark.
+pub fn via_mark(via: Via) -> Option<&'static str> {
+    match via {
+        Via::Direct => None,
+        Via::Relay => Some("via relay"),
+        Via::Mailbox => Some("via mailbox"),
+    }
+}
+
+/// `line` with the mark of how its message travelled, if any.
+pub fn marked(line: ChatLine, via: Via) -> ChatLine {
+    match via_mark(via) {
+        Some(mark) => line.mark(mark),
+        None => line,
+    }
 }
 
 /// How a sent message fared, for people: `delivered`, `delivered via relay`, `queued`.
@@ -286,15 +316,6 @@ pub fn send_status(status: SendStatus, path: Option<PathKind>) -> &'static str {
         (SendStatus::Delivered, Some(PathKind::Relay)) => "delivered via relay",
         (SendStatus::Delivered, _) => "delivered",
         (SendStatus::Queued, _) => "queued",
-    }
-}
-
-/// The mark after a received line that did not come over a direct path.
-pub fn via_mark(via: Via) -> &'static str {
-    match via {
-        Via::Direct => "",
-        Via::Relay => "  (via relay)",
-        Via::Mailbox => "  (via mailbox)",
     }
 }
 
@@ -323,19 +344,14 @@ pub fn event_line(ev: &NodeEvent) -> Option<String> {
             from_name,
             message,
             via,
-        } => format!(
-            "[{}] {} ({}): {}{}",
-            clock(message.stored_at_ms),
-            name_or_id(from_name.as_deref(), from),
-            from.fingerprint(),
-            sanitize(
-                message
-                    .body
-                    .as_text()
-                    .unwrap_or("<unsupported message kind>")
-            ),
-            via_mark(*via)
-        ),
+        } => {
+            let who = format!(
+                "{} ({})",
+                name_or_id(from_name.as_deref(), from),
+                from.fingerprint()
+            );
+            marked(received_line(&who, message), *via).to_string()
+        }
         NodeEvent::MessageDelivered { to, id, .. } => {
             format!("delivered message {id} to {}", to.fingerprint())
         }
@@ -458,9 +474,81 @@ pub fn message_json(m: &StoredMessage, peer_name: Option<&str>) -> serde_json::V
     })
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+#[cfg(test)]
+mod tests {
+    use p2p_node::store::{Direction, MessageStatus};
+
+    use super::*;
+    use crate::tui::pane::test_support::{peer, stored};
+
+    #[test]
+    fn message_lines_of_listen_and_the_history() {
+        let m = stored(2, Direction::Incoming, MessageStatus::Received, "yo\n");
+        let ev = NodeEvent::MessageReceived {
+            from: peer(3),
+            from_name: Some("bob".into()),
+            message: m.clone(),
+            via: Via::Mailbox,
+        };
+        let fp = peer(3).fingerprint();
+        assert_eq!(
+            event_line(&ev).as_deref(),
+            Some(format!("[00:00:02] bob ({fp}): yo\\n  (via mailbox)").as_str())
+        );
+        assert_eq!(stored_line(&m, "bob").to_string(), "[00:00:02] bob: yo\\n");
+        let m = stored(3, Direction::Outgoing, MessageStatus::Delivered, "hi");
+        assert_eq!(
+            stored_line(&m, "bob").to_string(),
+            "[00:00:03] me: hi  (delivered)"
+        );
+    }
+
+    #[test]
+    fn relayed_messages_and_path_changes_say_so() {
+        let m = stored(2, Direction::Incoming, MessageStatus::Received, "hi");
+        let ev = NodeEvent::MessageReceived {
+            from: peer(3),
+            from_name: Some("bob".into()),
+            message: m,
+            via: Via::Relay,
+        };
+        assert!(event_line(&ev).is_some_and(|l| l.ends_with("hi  (via relay)")));
+        let json = event_json(&ev);
+        assert_eq!(
+            (json["via"].as_str(), json["path"].as_str()),
+            (Some("relay"), Some("relay"))
+        );
+        let found = NodeEvent::PathChanged {
+            node_id: peer(3),
+            name: Some("bob".into()),
+            path: Some(PathKind::Direct),
+            addr: Some("198.18.0.12:4000".parse().expect("addr")),
+            rtt: Some(std::time::Duration::from_millis(12)),
+        };
+        assert_eq!(
+            event_line(&found).as_deref(),
+            Some("* direct path to bob (198.18.0.12:4000, round trip 12 ms)")
+        );
+        assert_eq!(event_json(&found)["path"], "direct");
+        let lost = NodeEvent::PathChanged {
+            node_id: peer(3),
+            name: Some("bob".into()),
+            path: Some(PathKind::Relay),
+            addr: None,
+            rtt: None,
+        };
+        assert_eq!(
+            event_line(&lost).as_deref(),
+            Some("* direct path to bob lost; talking through the relay")
+        );
+        assert_eq!(
+            send_status(SendStatus::Delivered, Some(PathKind::Relay)),
+            "delivered via relay"
+        );
+        assert_eq!(
+            send_status(SendStatus::Delivered, Some(PathKind::Direct)),
+            "delivered"
+        );
+        assert_eq!(send_status(SendStatus::Queued, None), "queued");
+    }
 }

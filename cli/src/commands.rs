@@ -170,7 +170,7 @@ pub async fn history(
     let (messages, name) = result?;
     let peer_label = sanitize(name.as_deref().unwrap_or(peer));
     for m in &messages {
-        let text = m.body.as_text().unwrap_or("<unsupported message kind>");
+        let text = crate::chat::body_text(&m.body);
         if json {
             println!("{}", crate::chat::message_json(m, name.as_deref()));
         } else {
@@ -269,15 +269,21 @@ fn bind_relay(
 
 /// Tells the user how others reach the discovery server this node runs, if any.
 pub fn print_embedded_hint(node: &Node) {
-    if let (Some(addr), Some(url)) = (
-        node.embedded_discovery_addr(),
-        node.embedded_discovery_lan_url(),
-    ) {
-        println!("serving discovery on {addr}; others on the LAN use: p2p-node --discovery {url}");
-        if let Some(relay) = node.embedded_relay_addr() {
-            println!("serving the relay on udp {relay}");
-        }
+    if let Some(hint) = embedded_hint(node) {
+        println!("{hint}");
     }
+}
+
+/// How others reach the discovery server this node runs, if it runs one.
+pub fn embedded_hint(node: &Node) -> Option<String> {
+    let addr = node.embedded_discovery_addr()?;
+    let url = node.embedded_discovery_lan_url()?;
+    let mut hint =
+        format!("serving discovery on {addr}; others on the LAN use: p2p-node --discovery {url}");
+    if let Some(relay) = node.embedded_relay_addr() {
+        hint.push_str(&format!("\nserving the relay on udp {relay}"));
+    }
+    Some(hint)
 }
 
 /// How long `listen` and the chat wait for the first announcement before going on.

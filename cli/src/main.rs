@@ -5,8 +5,10 @@ mod chat;
 mod commands;
 mod identity;
 mod output;
+mod session;
+mod tui;
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{io::IsTerminal, net::SocketAddr, path::PathBuf};
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -16,7 +18,8 @@ pub const DEFAULT_EMBEDDED_DISCOVERY: &str = "0.0.0.0:7117";
 
 /// Peer-to-peer chat over QUIC, where who you are is an ed25519 key.
 ///
-/// Run with no command for the interactive chat. With neither --discovery nor
+/// Run with no command for the interactive chat: full-screen when standard input and output
+/// are a terminal, else line by line (for scripts). With neither --discovery nor
 /// --embedded-discovery, the node serves discovery itself on 0.0.0.0:7117 (others on the
 /// LAN use `--discovery http://THIS-HOST:7117`); if that port is already taken on this
 /// machine, it uses the discovery server there, at http://127.0.0.1:7117.
@@ -25,6 +28,11 @@ pub const DEFAULT_EMBEDDED_DISCOVERY: &str = "0.0.0.0:7117";
 struct Cli {
     #[command(flatten)]
     global: Global,
+    /// Chat line by line even on a terminal: read commands and messages from standard
+    /// input, print one line per message or notice (as when input or output is not a
+    /// terminal).
+    #[arg(long)]
+    plain: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -173,7 +181,20 @@ fn main() -> std::process::ExitCode {
         cli.command,
         None | Some(Command::Listen { .. }) | Some(Command::Discovery { .. })
     );
-    init_logging(&cli.global, long_running);
+    // The full-screen chat shows the log on its screen; anything on stderr would land in
+    // the middle of it.
+    let full_screen = cli.command.is_none()
+        && !cli.plain
+        && std::io::stdin().is_terminal()
+        && std::io::stdout().is_terminal();
+    let logs = if full_screen {
+        let (sink, logs) = tui::log_sink();
+        init_logging(&cli.global, long_running, sink, false);
+        Some(logs)
+    } else {
+        init_logging(&cli.global, long_running, std::io::stderr, true);
+        None
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -184,7 +205,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(cli));
+    let result = runtime.block_on(run(cli, logs));
     // Do not wait for stuck blocking reads of stdin.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
@@ -196,7 +217,11 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_logging(g: &Global, long_running: bool) {
+/// Logs to `writer`; `escapes` allows terminal colour codes (where the default wants them).
+fn init_logging<W>(g: &Global, long_running: bool, writer: W, escapes: bool)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let default = if g.quiet {
         "error"
     } else {
@@ -210,13 +235,17 @@ fn init_logging(g: &Global, long_running: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(writer);
+    let _ = if escapes {
+        builder.try_init()
+    } else {
+        builder.with_ansi(false).try_init()
+    };
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, logs: Option<tokio::sync::mpsc::Receiver<String>>) -> Result<()> {
     let g = cli.global;
     let paths = identity::Paths::new(g.data_dir.clone())?;
     match cli.command {
@@ -252,6 +281,9 @@ async fn run(cli: Cli) -> Result<()> {
             });
             commands::discovery(listen, db, relay).await
         }
-        None => chat::run(&g, &paths).await,
+        None => match logs {
+            Some(logs) => tui::run(&g, &paths, logs).await,
+            None => chat::run(&g, &paths).await,
+        },
     }
 }

@@ -27,6 +27,64 @@ pub fn sanitize(text: &str) -> String {
     out
 }
 
+/// One chat message for people: `[HH:MM:SS] who: text`, then each mark as `  (mark)`.
+///
+/// Every message line is made here, in the line-by-line chat, in `listen` and in the
+/// full-screen chat, so a mark (delivery state, how a message travelled) added in one place
+/// shows everywhere. `who` and `text` are escaped on the way in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatLine {
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Who wrote it (`me`, or the peer's label).
+    pub who: String,
+    /// The text, control characters escaped.
+    pub text: String,
+    /// Delivery state and the like, each shown as `  (mark)`.
+    pub marks: Vec<String>,
+}
+
+impl ChatLine {
+    /// A line without marks.
+    pub fn new(at_ms: u64, who: &str, text: &str) -> ChatLine {
+        ChatLine {
+            at_ms,
+            who: sanitize(who),
+            text: sanitize(text),
+            marks: Vec::new(),
+        }
+    }
+
+    /// Adds a mark, shown after the text.
+    pub fn mark(mut self, mark: impl AsRef<str>) -> ChatLine {
+        self.marks.push(sanitize(mark.as_ref()));
+        self
+    }
+
+    /// The `[HH:MM:SS]` part.
+    pub fn stamp(&self) -> String {
+        format!("[{}]", clock(self.at_ms))
+    }
+
+    /// The marks as they follow the text: `  (a)  (b)`.
+    pub fn marks_text(&self) -> String {
+        self.marks.iter().map(|m| format!("  ({m})")).collect()
+    }
+}
+
+impl std::fmt::Display for ChatLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}{}",
+            self.stamp(),
+            self.who,
+            self.text,
+            self.marks_text()
+        )
+    }
+}
+
 /// UTC time of day, `HH:MM:SS`.
 pub fn clock(ms: u64) -> String {
     let secs = ms / 1000;
@@ -63,6 +121,16 @@ mod tests {
         assert_eq!(datetime(0), "1970-01-01 00:00:00");
         assert_eq!(datetime(1_795_551_001_000), "2026-11-24 20:10:01");
         assert_eq!(datetime(951_782_400_000), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn chat_lines_escape_and_mark() {
+        let line = ChatLine::new(3_723_000, "bob", "hi\u{1b}[2J").mark("delivered");
+        assert_eq!(
+            line.to_string(),
+            "[01:02:03] bob: hi\\u{1b}[2J  (delivered)"
+        );
+        assert_eq!(ChatLine::new(0, "me", "x").to_string(), "[00:00:00] me: x");
     }
 
     #[test]

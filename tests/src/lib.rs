@@ -1,5 +1,11 @@
-//! Helpers for the integration tests in tests/: finding the real `p2p-node` binary and
-//! running it with a deadline.
+//! Helpers for the integration tests in tests/: finding the real `p2p-node` binary,
+//! running it with a deadline, users with their own data directories, a discovery server
+//! process, and a pseudo-terminal with a terminal emulator to read the screen ([`pty`]).
+
+pub mod pty;
+mod users;
+
+pub use users::{discovery_server, json_lines, message_event, User, T};
 
 pub mod netns;
 
@@ -29,6 +35,15 @@ pub fn p2p_node_bin() -> PathBuf {
     bin
 }
 
+/// Environment variables that change what `p2p-node` does; the tests clear them.
+pub const NODE_ENV: [&str; 5] = [
+    "P2P_DATA_DIR",
+    "P2P_DISCOVERY",
+    "P2P_PASSPHRASE",
+    "P2P_PASSPHRASE_FILE",
+    "RUST_LOG",
+];
+
 /// A `p2p-node` command with a fresh environment for the node settings.
 pub fn p2p_node() -> Command {
     let mut cmd = Command::new(p2p_node_bin());
@@ -39,13 +54,7 @@ pub fn p2p_node() -> Command {
 
 /// Removes the node settings the test's own environment may hold from `cmd`'s.
 pub fn clean_env(cmd: &mut Command) {
-    for var in [
-        "P2P_DATA_DIR",
-        "P2P_DISCOVERY",
-        "P2P_PASSPHRASE",
-        "P2P_PASSPHRASE_FILE",
-        "RUST_LOG",
-    ] {
+    for var in NODE_ENV {
         cmd.env_remove(var);
     }
 }

@@ -1,97 +1,10 @@
 //! The whole user journey with the real `p2p-node` binary: a discovery server process and
 //! node processes with their own data directories, all on loopback.
 
-use std::{path::Path, process::Command, time::Duration};
-
-use p2p_tests::{p2p_node, run_with_deadline, Proc};
+use p2p_tests::{
+    discovery_server, json_lines, message_event, p2p_node, run_with_deadline, Proc, User, T,
+};
 use serde_json::Value;
-
-const T: Duration = Duration::from_secs(30);
-
-/// A user: a data directory and the discovery URL they use.
-struct User {
-    dir: tempfile::TempDir,
-    discovery: String,
-}
-
-impl User {
-    fn new(discovery: &str) -> User {
-        User {
-            dir: tempfile::tempdir().expect("tempdir"),
-            discovery: discovery.to_string(),
-        }
-    }
-
-    fn cmd(&self) -> Command {
-        let mut cmd = p2p_node();
-        cmd.arg("--data-dir")
-            .arg(self.dir.path())
-            .arg("--discovery")
-            .arg(&self.discovery)
-            .arg("--listen")
-            .arg("127.0.0.1:0");
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = self.cmd();
-        cmd.args(args);
-        run_with_deadline(cmd, T)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "p2p-node {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    }
-
-    fn id(&self) -> String {
-        self.ok(&["id"]).trim().to_string()
-    }
-
-    fn listen_json(&self) -> Proc {
-        let mut cmd = self.cmd();
-        cmd.args(["listen", "--json"]);
-        let mut p = Proc::spawn(cmd);
-        p.expect_line(T, |l| l.contains(r#""event":"ready""#));
-        p
-    }
-}
-
-/// Starts `p2p-node discovery` on a free loopback port and returns it with its URL.
-fn discovery_server(db: &Path) -> (Proc, String) {
-    let mut cmd = p2p_node();
-    cmd.arg("discovery")
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--db")
-        .arg(db);
-    let mut p = Proc::spawn(cmd);
-    let line = p.expect_line(T, |l| l.contains("http://"));
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("url in line")
-        .to_string();
-    (p, url)
-}
-
-fn json_lines(text: &str) -> Vec<Value> {
-    text.lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
-        .collect()
-}
-
-fn message_event(p: &mut Proc, text: &str) -> Value {
-    let line = p.expect_line(T, |l| {
-        l.contains(r#""event":"message""#) && l.contains(text)
-    });
-    serde_json::from_str(&line).expect("json")
-}
 
 /// Both register; B listens; A's send is delivered and B prints it; B stops; A's send is
 /// queued; B listens again and gets it; history on both sides; a taken name fails.
