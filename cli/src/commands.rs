@@ -42,9 +42,10 @@ fn discovery_choice(g: &Global) -> Discovery {
 /// Loads the identity and starts a node for this data directory.
 pub async fn open_node(g: &Global, paths: &Paths, announce: bool) -> Result<Node> {
     let pass = identity::passphrase(g.passphrase_file.as_deref())?;
-    let key = identity::load_or_create(paths, pass.as_ref().map(|p| p.as_slice()))?;
+    let (key, protected) = identity::load_or_create(paths, pass.as_ref().map(|p| p.as_slice()))?;
     let mut builder = Node::builder(key)
         .data_dir(paths.data_dir.clone())
+        .encrypt_history(protected)
         .announce(announce);
     if let Some(listen) = g.listen {
         builder = builder.listen(listen);
@@ -251,14 +252,24 @@ fn print_event(ev: &NodeEvent, json: bool) {
     }
 }
 
-/// `p2p-node discovery --listen ADDR [--db PATH]`: a standalone discovery server.
-pub async fn discovery(listen: SocketAddr, db: PathBuf) -> Result<()> {
-    if let Some(parent) = db.parent() {
-        if !parent.as_os_str().is_empty() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
+/// `p2p-node discovery --listen ADDR [--db PATH]`: a standalone discovery server. Its
+/// database is created with mode 0600 (and a missing directory for it with mode 0700),
+/// and refused if group or others may access it; without `--db` it is in the data
+/// directory, whose rules apply.
+pub async fn discovery(paths: &Paths, listen: SocketAddr, db: Option<PathBuf>) -> Result<()> {
+    let db = match db {
+        Some(db) => {
+            let parent = p2p_crypto::owner_only::parent_dir(&db);
+            if !parent.exists() {
+                p2p_crypto::owner_only::create_dir(&parent)?;
+            }
+            db
         }
-    }
+        None => {
+            paths.prepare()?;
+            paths.discovery_db()
+        }
+    };
     let state = p2p_discovery::AppState::open(p2p_discovery::ServerConfig {
         db_path: Some(db.clone()),
         ..Default::default()

@@ -11,7 +11,7 @@ fn help_lists_every_command() {
         .expect("runs");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["init", "id", "--data-dir"] {
+    for cmd in ["init", "id", "passphrase", "export", "--data-dir"] {
         assert!(text.contains(cmd), "--help lacks {cmd}: {text}");
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! - [`endpoint`]: the QUIC endpoint whose connections carry the peer's authenticated NodeId.
 //! - [`wire`]: the frame codec spoken on those connections.
-//! - [`store`]: history, outbox and contacts in redb.
+//! - [`store`]: history, outbox and contacts in redb, encrypted when asked.
+//! - [`datadir`]: the data directory: its files, their modes (0700/0600) and its lock.
 //! - [`node`]: the messaging runtime ([`Node`]) that ties them together with discovery.
 
+pub mod datadir;
 pub mod endpoint;
 pub mod node;
 pub mod store;
