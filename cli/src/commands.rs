@@ -42,9 +42,10 @@ fn discovery_choice(g: &Global) -> Discovery {
 /// Loads the identity and starts a node for this data directory.
 pub async fn open_node(g: &Global, paths: &Paths, announce: bool) -> Result<Node> {
     let pass = identity::passphrase(g.passphrase_file.as_deref())?;
-    let key = identity::load_or_create(paths, pass.as_ref().map(|p| p.as_slice()))?;
+    let (key, protected) = identity::load_or_create(paths, pass.as_ref().map(|p| p.as_slice()))?;
     let mut builder = Node::builder(key)
         .data_dir(paths.data_dir.clone())
+        .encrypt_history(protected)
         .announce(announce)
         .relay(!g.no_relay);
     if let Some(listen) = g.listen {
@@ -242,13 +243,14 @@ pub async fn listen(g: &Global, paths: &Paths, json: bool) -> Result<()> {
 /// bound) stands in for the default (the same address as `--listen`, port 0 included).
 fn bind_relay(
     opts: &RelayOptions,
+    key: &std::path::Path,
     listen: SocketAddr,
     http: SocketAddr,
 ) -> Result<p2p_discovery::relay::Relay> {
-    let (secret, created) = p2p_crypto::keyfile::load_or_create(&opts.key, None)
-        .with_context(|| format!("cannot load the relay key {}", opts.key.display()))?;
+    let (secret, created) = p2p_crypto::keyfile::load_or_create(key, None)
+        .with_context(|| format!("cannot load the relay key {}", key.display()))?;
     if created {
-        println!("created relay identity in {}", opts.key.display());
+        println!("created relay identity in {}", key.display());
     }
     let config = p2p_discovery::relay::RelayConfig::default;
     let same = opts.listen == listen;
@@ -322,19 +324,34 @@ fn print_event(ev: &NodeEvent, json: bool) {
 pub struct RelayOptions {
     /// UDP address (the HTTP address by default).
     pub listen: SocketAddr,
-    /// Its identity key file.
-    pub key: PathBuf,
+    /// Its identity key file (created mode 0600). Default: relay.key beside the
+    /// database.
+    pub key: Option<PathBuf>,
 }
 
 /// `p2p-node discovery --listen ADDR [--db PATH] [--relay-listen ADDR | --no-relay]`: a
-/// standalone discovery server and its relay.
-pub async fn discovery(listen: SocketAddr, db: PathBuf, relay: Option<RelayOptions>) -> Result<()> {
-    if let Some(parent) = db.parent() {
-        if !parent.as_os_str().is_empty() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
+/// standalone discovery server and its relay. Its database is created with mode 0600
+/// (and a missing directory for it with mode 0700), and refused if group or others may
+/// access it; without `--db` it is in the data directory, whose rules apply.
+pub async fn discovery(
+    paths: &Paths,
+    listen: SocketAddr,
+    db: Option<PathBuf>,
+    relay: Option<RelayOptions>,
+) -> Result<()> {
+    let db = match db {
+        Some(db) => {
+            let parent = p2p_crypto::owner_only::parent_dir(&db);
+            if !parent.exists() {
+                p2p_crypto::owner_only::create_dir(&parent)?;
+            }
+            db
         }
-    }
+        None => {
+            paths.prepare()?;
+            paths.discovery_db()
+        }
+    };
     let state = p2p_discovery::AppState::open(p2p_discovery::ServerConfig {
         db_path: Some(db.clone()),
         ..Default::default()
@@ -346,7 +363,11 @@ pub async fn discovery(listen: SocketAddr, db: PathBuf, relay: Option<RelayOptio
     let addr = listener.local_addr()?;
     let relay = match relay {
         Some(opts) => {
-            let relay = bind_relay(&opts, listen, addr)?;
+            let key = opts
+                .key
+                .clone()
+                .unwrap_or_else(|| db.with_file_name("relay.key"));
+            let relay = bind_relay(&opts, &key, listen, addr)?;
             state.set_relay(&relay)?;
             Some(relay)
         }

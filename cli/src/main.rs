@@ -91,9 +91,38 @@ enum Command {
     /// Refuses to replace an existing identity unless --force is given: the identity is
     /// who you are to your contacts, and replacing it cannot be undone.
     Init {
-        /// Replace an existing identity.
+        /// Replace an existing identity (and, with --import, an existing history).
         #[arg(long)]
         force: bool,
+        /// Take the identity, and the history if it was exported with it, from a file
+        /// written by `p2p-node export` (give its passphrase as usual).
+        #[arg(long, value_name = "FILE")]
+        import: Option<PathBuf>,
+    },
+    /// Protect the identity with a new passphrase (or change it), and encrypt the history.
+    ///
+    /// The current passphrase, if any, is given as usual (--passphrase-file or
+    /// P2P_PASSPHRASE); the new one with --new-passphrase-file or P2P_NEW_PASSPHRASE.
+    /// Adding a passphrase encrypts the history already stored; changing it rewrites only
+    /// the key file. Interrupted at any point, the data directory opens with the old
+    /// passphrase or the new one. No node may run on the data directory meanwhile.
+    Passphrase {
+        /// File whose first line is the new passphrase.
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
+    },
+    /// Write this identity to FILE, protected by the passphrase, to move it to another
+    /// machine (`p2p-node init --import FILE` there).
+    ///
+    /// The passphrase (--passphrase-file or P2P_PASSPHRASE) is required: it opens the
+    /// identity if protected, and protects the file. No node may run on the data
+    /// directory meanwhile.
+    Export {
+        /// The file to write; it must not exist.
+        file: PathBuf,
+        /// Include the history (messages, outbox, contacts), encrypted.
+        #[arg(long)]
+        history: bool,
     },
     /// Print this node's id (its public key) alone on one line.
     ///
@@ -249,13 +278,28 @@ async fn run(cli: Cli, logs: Option<tokio::sync::mpsc::Receiver<String>>) -> Res
     let g = cli.global;
     let paths = identity::Paths::new(g.data_dir.clone())?;
     match cli.command {
-        Some(Command::Init { force }) => {
+        Some(Command::Init { force, import }) => {
             let pass = identity::passphrase(g.passphrase_file.as_deref())?;
-            identity::init(&paths, pass.as_ref().map(|p| p.as_slice()), force)
+            let pass = pass.as_ref().map(|p| p.as_slice());
+            match import {
+                Some(file) => identity::import(&paths, pass, &file, force),
+                None => identity::init(&paths, pass, force),
+            }
+        }
+        Some(Command::Passphrase {
+            new_passphrase_file,
+        }) => {
+            let old = identity::passphrase(g.passphrase_file.as_deref())?;
+            let new = identity::new_passphrase(new_passphrase_file.as_deref())?;
+            identity::change_passphrase(&paths, old.as_ref().map(|p| p.as_slice()), &new)
+        }
+        Some(Command::Export { file, history }) => {
+            let pass = identity::passphrase(g.passphrase_file.as_deref())?;
+            identity::export(&paths, pass.as_ref().map(|p| p.as_slice()), &file, history)
         }
         Some(Command::Id) => {
             let pass = identity::passphrase(g.passphrase_file.as_deref())?;
-            let key = identity::load_or_create(&paths, pass.as_ref().map(|p| p.as_slice()))?;
+            let (key, _) = identity::load_or_create(&paths, pass.as_ref().map(|p| p.as_slice()))?;
             println!("{}", key.public());
             Ok(())
         }
@@ -274,12 +318,11 @@ async fn run(cli: Cli, logs: Option<tokio::sync::mpsc::Receiver<String>>) -> Res
             relay_listen,
             relay_key,
         }) => {
-            let db = db.unwrap_or_else(|| paths.discovery_db());
-            let relay = (!g.no_relay).then(|| commands::RelayOptions {
+            let relay = (!g.no_relay).then_some(commands::RelayOptions {
                 listen: relay_listen.unwrap_or(listen),
-                key: relay_key.unwrap_or_else(|| db.with_file_name("relay.key")),
+                key: relay_key,
             });
-            commands::discovery(listen, db, relay).await
+            commands::discovery(&paths, listen, db, relay).await
         }
         None => match logs {
             Some(logs) => tui::run(&g, &paths, logs).await,

@@ -11,7 +11,14 @@ fn help_lists_every_command() {
         .expect("runs");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["init", "id", "--data-dir", "--plain"] {
+    for cmd in [
+        "init",
+        "id",
+        "passphrase",
+        "export",
+        "--data-dir",
+        "--plain",
+    ] {
         assert!(text.contains(cmd), "--help lacks {cmd}: {text}");
     }
 }

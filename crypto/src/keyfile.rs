@@ -16,8 +16,7 @@
 //! that group or others may read is refused.
 
 use std::{
-    fs,
-    io::{self, Write},
+    fs, io,
     path::{Path, PathBuf},
 };
 
@@ -26,7 +25,10 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::{PublicKey, SecretKey};
+use crate::{
+    owner_only::{self, OwnerOnlyError},
+    PublicKey, SecretKey,
+};
 
 const MAGIC: &[u8; 8] = b"P2PKEY\0\x01";
 const KIND_PLAIN: u8 = 0;
@@ -132,29 +134,32 @@ pub fn load_or_create(
     }
 }
 
-#[cfg(unix)]
 fn check_permissions(path: &Path) -> Result<(), KeyFileError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = fs::metadata(path).map_err(|source| KeyFileError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyFileError::Permissions {
+    match owner_only::check(path) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(KeyFileError::Read {
+            path: path.to_owned(),
+            source: io::ErrorKind::NotFound.into(),
+        }),
+        Err(OwnerOnlyError::TooOpen { mode, .. }) => Err(KeyFileError::Permissions {
             path: path.to_owned(),
             mode,
-        });
+        }),
+        Err(OwnerOnlyError::Stat { source, .. } | OwnerOnlyError::Create { source, .. }) => {
+            Err(KeyFileError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        }
+        Err(OwnerOnlyError::NotADirectory { .. }) => Err(KeyFileError::Read {
+            path: path.to_owned(),
+            source: io::ErrorKind::InvalidInput.into(),
+        }),
     }
-    Ok(())
 }
 
-#[cfg(not(unix))]
-fn check_permissions(_path: &Path) -> Result<(), KeyFileError> {
-    Ok(())
-}
-
-fn encode(key: &SecretKey, passphrase: Option<&[u8]>) -> Zeroizing<Vec<u8>> {
+/// The bytes of a key file holding `key`, sealed with `passphrase` if given.
+pub fn encode(key: &SecretKey, passphrase: Option<&[u8]>) -> Zeroizing<Vec<u8>> {
     let mut out = Zeroizing::new(Vec::with_capacity(HEADER_LEN + SEALED_BODY + SUM_LEN));
     out.extend_from_slice(MAGIC);
     let seed = key.to_bytes();
@@ -275,65 +280,18 @@ fn derive_kek(pass: &[u8], salt: &[u8], m: u32, t: u32, p: u32) -> Option<Zeroiz
     Some(out)
 }
 
-/// Writes `bytes` to `path` with mode 0600: a temporary file in the same directory,
-/// fsync, then rename (or hard link when not overwriting, which fails if `path` exists),
-/// then fsync of the directory.
+/// Writes `bytes` to `path` atomically with mode 0600 ([`owner_only::write_atomic`]).
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<(), KeyFileError> {
-    let werr = |source| KeyFileError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&dir).map_err(werr)?;
-    let mut suffix = [0u8; 8];
-    rand::rngs::OsRng.fill_bytes(&mut suffix);
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "key".into());
-    let tmp = dir.join(format!(
-        ".{file_name}.tmp-{}",
-        suffix
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    ));
-    let result = (|| {
-        let mut opts = fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        if overwrite {
-            fs::rename(&tmp, path)?;
-        } else {
-            fs::hard_link(&tmp, path)?;
-            fs::remove_file(&tmp)?;
-        }
-        if let Ok(d) = fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(|source: io::Error| {
+    owner_only::write_atomic(path, bytes, overwrite).map_err(|source| {
         if source.kind() == io::ErrorKind::AlreadyExists {
             KeyFileError::Exists {
                 path: path.to_owned(),
             }
         } else {
-            werr(source)
+            KeyFileError::Write {
+                path: path.to_owned(),
+                source,
+            }
         }
     })
 }

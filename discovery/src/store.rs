@@ -26,6 +26,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("storage task failed: {0}")]
     Task(String),
+    /// The database file is open to group or others, or cannot be created.
+    #[error(transparent)]
+    File(#[from] p2p_crypto::owner_only::OwnerOnlyError),
 }
 
 fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -165,9 +168,11 @@ impl fmt::Debug for RedbStore {
 }
 
 impl RedbStore {
-    /// Opens (or creates) the database file and its tables.
+    /// Opens (or creates) the database file and its tables. A new file is created with
+    /// mode 0600; an existing one that group or others may access is refused.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = redb::Database::create(path).map_err(dberr)?;
+        let file = p2p_crypto::owner_only::open_file(path)?;
+        let db = redb::Builder::new().create_file(file).map_err(dberr)?;
         let tx = db.begin_write().map_err(dberr)?;
         {
             tx.open_table(tables::NAMES).map_err(dberr)?;

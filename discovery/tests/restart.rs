@@ -71,3 +71,20 @@ async fn names_and_mailbox_survive_restart() {
     r.expect(201, None);
     assert!(r.json["id"].as_u64().expect("id") > ids[1]);
 }
+
+#[test]
+fn the_database_file_is_created_0600_and_a_too_open_one_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("discovery.redb");
+    drop(RedbStore::open(&db).expect("open"));
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&db), 0o600);
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let err = RedbStore::open(&db).expect_err("refused").to_string();
+    assert!(
+        err.contains(&format!("chmod 600 {}", db.display())),
+        "{err}"
+    );
+}

@@ -3,9 +3,11 @@
 //! - [`endpoint`]: the QUIC endpoint whose connections carry the peer's authenticated NodeId.
 //! - [`net`]: the connection layer under it: direct paths, relays, hole punching.
 //! - [`wire`]: the frame codec spoken on those connections.
-//! - [`store`]: history, outbox and contacts in redb.
+//! - [`store`]: history, outbox and contacts in redb, encrypted when asked.
+//! - [`datadir`]: the data directory: its files, their modes (0700/0600) and its lock.
 //! - [`node`]: the messaging runtime ([`Node`]) that ties them together with discovery.
 
+pub mod datadir;
 pub mod endpoint;
 pub mod net;
 pub mod node;

@@ -353,6 +353,10 @@ pub enum NodeError {
         /// The directory.
         dir: PathBuf,
     },
+    /// The data directory or one of its files may be accessed by group or others (the
+    /// message names the `chmod` that fixes it), or cannot be created.
+    #[error(transparent)]
+    DataDirAccess(#[from] p2p_crypto::owner_only::OwnerOnlyError),
     /// The data directory or its lock file cannot be created or opened.
     #[error("data directory {}: {source}", dir.display())]
     DataDir {
@@ -455,6 +459,7 @@ pub struct NodeBuilder {
     transport: TransportSettings,
     max_connections: usize,
     in_memory: bool,
+    encrypt_history: bool,
     drop_acks: bool,
     paths: PathConfig,
     use_relay: bool,
@@ -555,6 +560,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Encrypts the stored history with a key derived from the identity
+    /// ([`Store::open_with_key`]); set it when the identity is passphrase-protected.
+    /// Default `false`: the history is protected by file permissions only (a history
+    /// already encrypted stays encrypted).
+    pub fn encrypt_history(mut self, encrypt: bool) -> Self {
+        self.encrypt_history = encrypt;
+        self
+    }
+
     /// Fault injection for tests: store incoming direct messages but never acknowledge
     /// them (the stream is reset right after the durable write), as if the node died
     /// between persisting and acknowledging.
@@ -580,12 +594,13 @@ impl NodeBuilder {
         let lock = lock_data_dir(&dir)?;
         let db_path = dir.join(DB_FILE);
         let in_memory = self.in_memory;
+        let (history_key, encrypt) = (self.secret.history_key(), self.encrypt_history);
         let store = Arc::new(
             tokio::task::spawn_blocking(move || {
                 if in_memory {
                     Store::open_in_memory()
                 } else {
-                    Store::open(db_path)
+                    Store::open_with_key(db_path, history_key, encrypt)
                 }
             })
             .await??,
@@ -702,25 +717,9 @@ impl NodeBuilder {
     }
 }
 
+/// Creates the data directory 0700 (or refuses a too-open one) and locks it.
 fn lock_data_dir(dir: &std::path::Path) -> Result<File, NodeError> {
-    let io_err = |source| NodeError::DataDir {
-        dir: dir.to_owned(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(io_err)?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(LOCK_FILE))
-        .map_err(io_err)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(NodeError::DataDirLocked {
-            dir: dir.to_owned(),
-        }),
-        Err(std::fs::TryLockError::Error(e)) => Err(io_err(e)),
-    }
+    Ok(crate::datadir::lock(dir)?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -811,6 +810,7 @@ impl Node {
             transport: TransportSettings::default(),
             max_connections: 256,
             in_memory: false,
+            encrypt_history: false,
             drop_acks: false,
             paths: PathConfig::default(),
             use_relay: true,

@@ -25,6 +25,23 @@
 //! transaction); call them from `spawn_blocking` or a dedicated thread. No transaction
 //! outlives a call, so none is ever held across an `.await`.
 //!
+//! # Encryption at rest
+//!
+//! A database is clear (schema 1) or encrypted (schema 2). In an encrypted one every
+//! message row's value (direction, the sender's timestamp, the body and the status) is
+//! sealed under a key derived from the identity ([`cipher`], `p2p_crypto::history`), bound
+//! to its row key; the keys, the message-id index, the outbox bookkeeping and the
+//! contacts stay clear, so range scans and lookups work unchanged. [`Store::open_with_key`]
+//! with `encrypt` turns a clear database into an encrypted one by writing a sealed copy
+//! beside it and renaming it over the original, so a crash at any point leaves either the
+//! old file or the new one, both complete. Because the key comes from the identity seed,
+//! not from the passphrase, changing the passphrase changes nothing here.
+//!
+//! # Files
+//!
+//! The database file is created with mode 0600 in the call that creates it; an existing
+//! one that group or others may access is refused ([`StoreError::Access`]).
+//!
 //! # Robustness
 //!
 //! Decoding a stored value never panics: a value that does not decode is
@@ -32,21 +49,27 @@
 //! [`StoreError::Corrupt`], and one written by a newer schema is
 //! [`StoreError::NewerSchema`]; both name the path.
 
+mod cipher;
 pub mod tables;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use p2p_crypto::NodeId;
-use redb::{Database, ReadableTable, WriteTransaction};
+use p2p_crypto::{
+    history::{HistoryKey, OpenError},
+    owner_only::{self, OwnerOnlyError},
+    NodeId,
+};
+use redb::{Database, ReadableTable, TableHandle, WriteTransaction};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::wire::{
     AckStatus, Body, ChatMessage, Conversation, InvalidMessage, MessageId, RejectCode,
 };
+use cipher::RowCipher;
 use tables::{
-    MessageKey, CONTACTS, MESSAGES, MESSAGE_IDS, META, MIN_SCHEMA_VERSION, OUTBOX, SCHEMA_VERSION,
-    SCHEMA_VERSION_KEY,
+    MessageKey, CONTACTS, HISTORY_KEY_CHECK_KEY, MESSAGES, MESSAGE_IDS, META, MIN_SCHEMA_VERSION,
+    OUTBOX, SCHEMA_CLEAR, SCHEMA_SEALED, SCHEMA_VERSION, SCHEMA_VERSION_KEY,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -322,6 +345,39 @@ pub enum StoreError {
         /// The database file.
         path: PathBuf,
     },
+    /// The database file may be accessed by group or others (the message names the
+    /// `chmod` that fixes it).
+    #[error(transparent)]
+    Access(OwnerOnlyError),
+    /// The database is encrypted and was opened without a key.
+    #[error(
+        "database {} is encrypted; it opens only with the identity that encrypted it",
+        path.display()
+    )]
+    KeyRequired {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The database is encrypted under another identity's key.
+    #[error(
+        "database {} was encrypted by another identity and cannot be read with this one; \
+         move it away to start a new history",
+        path.display()
+    )]
+    WrongKey {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// Rewriting the database (to encrypt it, or into an export) failed on a file
+    /// operation; the original is unchanged.
+    #[error("rewriting database {}: {source}", path.display())]
+    Rewrite {
+        /// The file being written or renamed.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Opening the database failed for another reason (I/O, permissions, ...).
     #[error("opening database {}: {source}", path.display())]
     Open {
@@ -387,6 +443,13 @@ pub enum RecordError {
     /// The message id in a value does not match its key.
     #[error("message id in value does not match its key")]
     IdMismatch,
+    /// A sealed value does not decrypt: altered, moved to another row, or sealed under
+    /// another key.
+    #[error("sealed value: {0}")]
+    Decrypt(#[source] OpenError),
+    /// A stored value has a format this build does not know.
+    #[error("unknown value format {0}")]
+    UnknownFormat(u8),
 }
 
 /// Attaches the database path to redb errors.
@@ -474,24 +537,163 @@ fn next_peer(mut peer: [u8; 32]) -> Option<[u8; 32]> {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    cipher: RowCipher,
 }
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("encrypted", &self.cipher.is_sealed())
+            .finish()
     }
 }
 
 impl Store {
-    /// Opens the database at `path`, creating it (and its tables) if it does not exist.
+    /// Opens the clear database at `path`, creating it (and its tables) if it does not
+    /// exist.
     ///
     /// The parent directory must exist. Fails with [`StoreError::NewerSchema`] on a file
     /// written by a newer version (without modifying it), [`StoreError::Corrupt`] on a file
-    /// that is not a valid database, and [`StoreError::AlreadyOpen`] if it is in use.
+    /// that is not a valid database, [`StoreError::AlreadyOpen`] if it is in use,
+    /// [`StoreError::Access`] if group or others may access it, and
+    /// [`StoreError::KeyRequired`] if it is encrypted.
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
-        let path = path.as_ref().to_owned();
-        let db = Database::create(&path).map_err(|e| classify_open_error(&path, e))?;
-        Self::init(db, path)
+        Self::open_file(path.as_ref(), None, false)
+    }
+
+    /// Opens the database at `path` with the history key of this node's identity,
+    /// creating it if it does not exist: encrypted when `encrypt`, else clear.
+    ///
+    /// An encrypted database is read and written encrypted whatever `encrypt` says (it
+    /// never goes back to clear); [`StoreError::WrongKey`] if another identity encrypted
+    /// it. A clear database opened with `encrypt` is rewritten encrypted first (see the
+    /// module documentation): call this with the data directory locked, since it replaces
+    /// the file. Other errors as [`Store::open`].
+    pub fn open_with_key(
+        path: impl AsRef<Path>,
+        key: HistoryKey,
+        encrypt: bool,
+    ) -> Result<Store, StoreError> {
+        let path = path.as_ref();
+        let store = Self::open_file(path, Some(key.clone()), encrypt)?;
+        remove_leftover(&rewrite_path(path))?;
+        if encrypt && !store.cipher.is_sealed() {
+            return store.seal_in_place(key);
+        }
+        Ok(store)
+    }
+
+    fn open_file(path: &Path, key: Option<HistoryKey>, encrypt: bool) -> Result<Store, StoreError> {
+        let file = owner_only::open_file(path).map_err(|e| match e {
+            OwnerOnlyError::Create { source, .. } | OwnerOnlyError::Stat { source, .. } => {
+                classify_open_error(path, source.into())
+            }
+            e => StoreError::Access(e),
+        })?;
+        let db = redb::Builder::new()
+            .create_file(file)
+            .map_err(|e| classify_open_error(path, e))?;
+        Self::init(db, path.to_owned(), key, encrypt)
+    }
+
+    /// Whether message rows are stored encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.cipher.is_sealed()
+    }
+
+    /// How many messages the history holds.
+    pub fn message_count(&self) -> Result<u64, StoreError> {
+        use redb::ReadableTableMetadata;
+        let txn = self.db.begin_read().ctx(&self.path)?;
+        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        messages.len().ctx(&self.path)
+    }
+
+    /// Replaces this clear database by an encrypted copy: the copy is written beside it,
+    /// made durable, and renamed over it; then it is opened.
+    fn seal_in_place(self, key: HistoryKey) -> Result<Store, StoreError> {
+        let path = self.path.clone();
+        let tmp = rewrite_path(&path);
+        let rows = self.copy_to(&tmp, &key)?;
+        crate::datadir::crash_point("history-copied");
+        drop(self);
+        std::fs::rename(&tmp, &path).map_err(|source| StoreError::Rewrite {
+            path: path.clone(),
+            source,
+        })?;
+        owner_only::sync_dir(&owner_only::parent_dir(&path));
+        crate::datadir::crash_point("history-renamed");
+        tracing::info!(rows, path = %path.display(), "history encrypted");
+        Self::open_file(&path, Some(key), true)
+    }
+
+    /// Writes a copy of this database, every message row sealed under `key`, to the new
+    /// file `dest` (created with mode 0600; it must not exist), durably. Returns the
+    /// number of messages. This database is not changed.
+    pub fn copy_to(&self, dest: &Path, key: &HistoryKey) -> Result<u64, StoreError> {
+        let rewrite = |source| StoreError::Rewrite {
+            path: dest.to_owned(),
+            source,
+        };
+        let file = owner_only::open_options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dest)
+            .map_err(rewrite)?;
+        let result = self.copy_into(file, dest, key);
+        if result.is_err() {
+            let _ = std::fs::remove_file(dest);
+        }
+        result
+    }
+
+    fn copy_into(
+        &self,
+        file: std::fs::File,
+        dest: &Path,
+        key: &HistoryKey,
+    ) -> Result<u64, StoreError> {
+        let out = redb::Builder::new()
+            .create_file(file)
+            .map_err(|e| classify_open_error(dest, e))?;
+        let to = RowCipher::Sealed(key.clone());
+        let read = self.db.begin_read().ctx(&self.path)?;
+        let write = out.begin_write().ctx(dest)?;
+        let mut rows = 0u64;
+        {
+            let mut meta = write.open_table(META).ctx(dest)?;
+            meta.insert(SCHEMA_VERSION_KEY, SCHEMA_SEALED).ctx(dest)?;
+            meta.insert(HISTORY_KEY_CHECK_KEY, key.check_value())
+                .ctx(dest)?;
+            let mut messages = write.open_table(MESSAGES).ctx(dest)?;
+            for row in read
+                .open_table(MESSAGES)
+                .ctx(&self.path)?
+                .iter()
+                .ctx(&self.path)?
+            {
+                let (k, v) = row.ctx(&self.path)?;
+                let k = k.value();
+                let plain = self
+                    .cipher
+                    .open(&k, v.value())
+                    .map_err(|e| self.corrupt("messages", e))?;
+                messages
+                    .insert(k, to.seal(&k, plain.to_vec()).as_slice())
+                    .ctx(dest)?;
+                rows += 1;
+                if rows == 1 {
+                    crate::datadir::crash_point("history-copying");
+                }
+            }
+            self.copy_table(&read, &write, MESSAGE_IDS, dest)?;
+            self.copy_table(&read, &write, OUTBOX, dest)?;
+            self.copy_table(&read, &write, CONTACTS, dest)?;
+        }
+        write.commit().ctx(dest)?;
+        Ok(rows)
     }
 
     /// A store that lives in memory only: nothing survives the process. For benchmarks
@@ -501,19 +703,53 @@ impl Store {
         let db = redb::Builder::new()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .ctx(&path)?;
-        Self::init(db, path)
+        Self::init(db, path, None, false)
     }
 
-    /// Checks the schema version and creates the tables.
-    fn init(db: Database, path: PathBuf) -> Result<Store, StoreError> {
+    /// Checks the schema version and the key, and creates the tables. A new database is
+    /// encrypted when `encrypt` (which needs `key`).
+    fn init(
+        db: Database,
+        path: PathBuf,
+        key: Option<HistoryKey>,
+        encrypt: bool,
+    ) -> Result<Store, StoreError> {
         let txn = db.begin_write().ctx(&path)?;
-        {
+        let tables: Vec<String> = txn
+            .list_tables()
+            .ctx(&path)?
+            .map(|t| t.name().to_owned())
+            .collect();
+        let complete = [
+            MESSAGES.name(),
+            MESSAGE_IDS.name(),
+            OUTBOX.name(),
+            CONTACTS.name(),
+        ]
+        .iter()
+        .all(|name| tables.iter().any(|t| t == name));
+        let fresh;
+        let cipher = {
             let mut meta = txn.open_table(META).ctx(&path)?;
             let found = meta.get(SCHEMA_VERSION_KEY).ctx(&path)?.map(|g| g.value());
+            fresh = found.is_none();
+            let check = meta
+                .get(HISTORY_KEY_CHECK_KEY)
+                .ctx(&path)?
+                .map(|g| g.value());
             match found {
-                None => {
-                    meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION).ctx(&path)?;
-                }
+                None => match key {
+                    Some(key) if encrypt => {
+                        meta.insert(SCHEMA_VERSION_KEY, SCHEMA_SEALED).ctx(&path)?;
+                        meta.insert(HISTORY_KEY_CHECK_KEY, key.check_value())
+                            .ctx(&path)?;
+                        RowCipher::Sealed(key)
+                    }
+                    _ => {
+                        meta.insert(SCHEMA_VERSION_KEY, SCHEMA_CLEAR).ctx(&path)?;
+                        RowCipher::Clear
+                    }
+                },
                 Some(v) if v > SCHEMA_VERSION => {
                     // Dropping `txn` aborts it: a newer database is never touched.
                     return Err(StoreError::NewerSchema {
@@ -526,16 +762,26 @@ impl Store {
                     return Err(StoreError::UnsupportedSchema { found: v, path });
                 }
                 // Migrations from MIN_SCHEMA_VERSION..SCHEMA_VERSION go here.
-                Some(_) => {}
+                Some(SCHEMA_CLEAR) => RowCipher::Clear,
+                Some(_) => match key {
+                    None => return Err(StoreError::KeyRequired { path }),
+                    Some(key) if check == Some(key.check_value()) => RowCipher::Sealed(key),
+                    Some(_) => return Err(StoreError::WrongKey { path }),
+                },
             }
+        };
+        if fresh || !complete {
+            // Create every table so read transactions can always open them.
+            txn.open_table(MESSAGES).ctx(&path)?;
+            txn.open_table(MESSAGE_IDS).ctx(&path)?;
+            txn.open_table(OUTBOX).ctx(&path)?;
+            txn.open_table(CONTACTS).ctx(&path)?;
+            txn.commit().ctx(&path)?;
+        } else {
+            // Opening a complete database writes nothing.
+            txn.abort().ctx(&path)?;
         }
-        // Create every table so read transactions can always open them.
-        txn.open_table(MESSAGES).ctx(&path)?;
-        txn.open_table(MESSAGE_IDS).ctx(&path)?;
-        txn.open_table(OUTBOX).ctx(&path)?;
-        txn.open_table(CONTACTS).ctx(&path)?;
-        txn.commit().ctx(&path)?;
-        Ok(Store { db, path })
+        Ok(Store { db, path, cipher })
     }
 
     /// The database file.
@@ -563,6 +809,42 @@ impl Store {
         from_bytes(bytes).map_err(|e| self.corrupt(table, e))
     }
 
+    /// Copies every row of `table` as it is from `read` (this database) to `write` (the
+    /// database at `dest`).
+    fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        read: &redb::ReadTransaction,
+        write: &WriteTransaction,
+        table: redb::TableDefinition<'_, K, V>,
+        dest: &Path,
+    ) -> Result<(), StoreError> {
+        let mut out = write.open_table(table).ctx(dest)?;
+        for row in read
+            .open_table(table)
+            .ctx(&self.path)?
+            .iter()
+            .ctx(&self.path)?
+        {
+            let (k, v) = row.ctx(&self.path)?;
+            out.insert(k.value(), v.value()).ctx(dest)?;
+        }
+        Ok(())
+    }
+
+    /// The record of the message row `key` stored as `value`.
+    fn decode_message(&self, key: &MessageKey, value: &[u8]) -> Result<MessageRecord, StoreError> {
+        let plain = self
+            .cipher
+            .open(key, value)
+            .map_err(|e| self.corrupt("messages", e))?;
+        self.decode("messages", &plain)
+    }
+
+    /// The stored value of the message row `key` holding `rec`.
+    fn encode_message(&self, key: &MessageKey, rec: &MessageRecord) -> Result<Vec<u8>, StoreError> {
+        Ok(self.cipher.seal(key, to_bytes("messages", rec)?))
+    }
+
     /// The NodeId in a key: `known` when it is those bytes (a range scan of one peer
     /// does not decompress the same curve point for every row), else decoded and checked.
     fn key_node_id(
@@ -587,8 +869,8 @@ impl Store {
         known: Option<&NodeId>,
         outbox: &impl ReadableTable<([u8; 32], [u8; 16]), &'static [u8]>,
     ) -> Result<StoredMessage, StoreError> {
+        let mut rec = self.decode_message(&key, value)?;
         let (peer, stored_at_ms, id) = key;
-        let mut rec: MessageRecord = self.decode("messages", value)?;
         if rec.direction == Direction::Outgoing
             && rec.status == MessageStatus::Queued
             && outbox.get((peer, id)).ctx(&self.path)?.is_none()
@@ -615,11 +897,12 @@ impl Store {
     ) -> Result<OutboxEntry, StoreError> {
         let rec: OutboxRecord = self.decode("outbox", value)?;
         let id = MessageId(key.1);
+        let row_key = (key.0, rec.created_ms, key.1);
         let row = messages
-            .get((key.0, rec.created_ms, key.1))
+            .get(row_key)
             .ctx(&self.path)?
             .ok_or_else(|| self.corrupt("outbox", RecordError::DanglingIndex(id)))?;
-        let msg: MessageRecord = self.decode("messages", row.value())?;
+        let msg = self.decode_message(&row_key, row.value())?;
         Ok(OutboxEntry {
             to: self.key_node_id("outbox", &key.0, known)?,
             message: ChatMessage {
@@ -661,7 +944,7 @@ impl Store {
         let Some(value) = value else {
             return Err(self.corrupt("message_ids", RecordError::DanglingIndex(*id)));
         };
-        let rec = self.decode("messages", value.value())?;
+        let rec = self.decode_message(&key, value.value())?;
         Ok(Some((key, rec)))
     }
 
@@ -687,7 +970,7 @@ impl Store {
                 Direction::Outgoing => MessageStatus::Queued,
             },
         };
-        let row = to_bytes("messages", &rec)?;
+        let row = self.encode_message(&key, &rec)?;
         let queued = match direction {
             Direction::Incoming => None,
             Direction::Outgoing => Some(to_bytes(
@@ -709,12 +992,12 @@ impl Store {
             .map(|g| g.value());
         if let Some(old) = taken {
             t.ids.insert(msg.id.0, old).ctx(&self.path)?;
-            let existing = t
-                .messages
-                .get((old.0, old.1, msg.id.0))
-                .ctx(&self.path)?
-                .ok_or_else(|| self.corrupt("message_ids", RecordError::DanglingIndex(msg.id)))?;
-            let existing: MessageRecord = self.decode("messages", existing.value())?;
+            let old_key = (old.0, old.1, msg.id.0);
+            let existing =
+                t.messages.get(old_key).ctx(&self.path)?.ok_or_else(|| {
+                    self.corrupt("message_ids", RecordError::DanglingIndex(msg.id))
+                })?;
+            let existing = self.decode_message(&old_key, existing.value())?;
             let same = old.0 == key.0 && existing.direction == direction;
             return Ok(if same {
                 Inserted::Duplicate
@@ -768,7 +1051,7 @@ impl Store {
             return Ok(MarkOutcome::Unchanged);
         }
         rec.status = status;
-        let row = to_bytes("messages", &rec)?;
+        let row = self.encode_message(&key, &rec)?;
         t.outbox.remove(queued_key).ctx(&self.path)?;
         t.messages.insert(key, row.as_slice()).ctx(&self.path)?;
         Ok(MarkOutcome::Updated)
@@ -1150,6 +1433,29 @@ impl Store {
             txn.commit().ctx(&self.path)?;
         }
         Ok(existed)
+    }
+}
+
+/// Where a copy is prepared before it replaces the database at `path` (an encrypted
+/// rewrite, an imported history). A leftover one is removed when the database is opened.
+pub(crate) fn rewrite_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".rewrite");
+    PathBuf::from(name)
+}
+
+/// Removes what an interrupted rewrite left: the database itself is still whole.
+fn remove_leftover(tmp: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(tmp) {
+        Ok(()) => {
+            tracing::info!(path = %tmp.display(), "removed an interrupted rewrite");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StoreError::Rewrite {
+            path: tmp.to_owned(),
+            source,
+        }),
     }
 }
 

@@ -15,6 +15,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// A temporary directory with mode 0700, usable as a data directory (a node refuses one
+/// that group or others may enter).
+pub fn private_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .expect("temporary directory")
+}
+
 /// Path of the `p2p-node` binary built beside the running test.
 ///
 /// `cargo test --workspace` builds it (the cli package has integration tests of its own).

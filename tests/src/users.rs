@@ -22,7 +22,7 @@ impl User {
     /// A user with a fresh data directory.
     pub fn new(discovery: &str) -> User {
         User {
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir: crate::private_tempdir(),
             discovery: discovery.to_string(),
         }
     }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use p2p_tests::{p2p_node, run_with_deadline};
+use p2p_tests::{p2p_node, private_tempdir, run_with_deadline};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -24,8 +24,8 @@ fn id(dir: &std::path::Path) -> String {
 
 #[test]
 fn id_is_stable_per_data_dir_and_differs_between_dirs() {
-    let a = tempfile::tempdir().expect("tempdir");
-    let b = tempfile::tempdir().expect("tempdir");
+    let a = private_tempdir();
+    let b = private_tempdir();
     let first = id(a.path());
     assert_eq!(id(a.path()), first);
     assert_ne!(id(b.path()), first);
@@ -33,7 +33,7 @@ fn id_is_stable_per_data_dir_and_differs_between_dirs() {
 
 #[test]
 fn data_dir_from_environment() {
-    let a = tempfile::tempdir().expect("tempdir");
+    let a = private_tempdir();
     let first = id(a.path());
     let mut cmd = p2p_node();
     cmd.env("P2P_DATA_DIR", a.path()).arg("id");
@@ -44,7 +44,7 @@ fn data_dir_from_environment() {
 
 #[test]
 fn init_refuses_to_overwrite_without_force() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = private_tempdir();
     let mut cmd = p2p_node();
     cmd.arg("--data-dir").arg(dir.path()).arg("init");
     let out = run_with_deadline(cmd, DEADLINE);
@@ -73,7 +73,7 @@ fn init_refuses_to_overwrite_without_force() {
 
 #[test]
 fn passphrase_protected_identity() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = private_tempdir();
     let pass = dir.path().join("pass.txt");
     std::fs::write(&pass, "s3cret words\n").expect("write");
     let data = dir.path().join("data");
@@ -108,7 +108,7 @@ fn passphrase_protected_identity() {
 
 #[test]
 fn corrupt_key_file_is_a_clear_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = private_tempdir();
     id(dir.path());
     let key = dir.path().join("identity.key");
     let bytes = std::fs::read(&key).expect("read");

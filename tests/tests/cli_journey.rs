@@ -1,10 +1,20 @@
 //! The whole user journey with the real `p2p-node` binary: a discovery server process and
 //! node processes with their own data directories, all on loopback.
 
+use std::path::Path;
+
 use p2p_tests::{
-    discovery_server, json_lines, message_event, p2p_node, run_with_deadline, Proc, User, T,
+    discovery_server, json_lines, message_event, p2p_node, private_tempdir, run_with_deadline,
+    Proc, User, T,
 };
 use serde_json::Value;
+
+/// Writes a file of the data directory as the node would: mode 0600.
+fn write_private(path: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, bytes).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
 
 /// Both register; B listens; A's send is delivered and B prints it; B stops; A's send is
 /// queued; B listens again and gets it; history on both sides; a taken name fails.
@@ -73,7 +83,7 @@ fn journey_with_a_discovery_server_process() {
 #[test]
 fn journey_with_embedded_discovery() {
     // A serves discovery inside its own node; B and C use A's URL.
-    let a_dir = tempfile::tempdir().expect("tempdir");
+    let a_dir = private_tempdir();
     let mut cmd = p2p_node();
     cmd.arg("--data-dir")
         .arg(a_dir.path())
@@ -155,7 +165,7 @@ fn bob_send(bob: &User, listen: &mut Proc, to: &str, text: &str) -> String {
 
 #[test]
 fn error_paths_are_one_line_and_non_zero() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = private_tempdir();
     // An address where nothing listens: bind a port, then free it.
     let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead_url = format!("http://{}", free.local_addr().expect("addr"));
@@ -192,7 +202,7 @@ fn error_paths_are_one_line_and_non_zero() {
     check(&["send", "nobody-here", "hi"], &url, "nobody-here");
 
     // Sending to a NodeId while discovery is down keeps the message in the outbox.
-    let someone = tempfile::tempdir().expect("tempdir");
+    let someone = private_tempdir();
     let mut cmd = p2p_node();
     cmd.arg("--data-dir").arg(someone.path()).arg("id");
     let other_id = String::from_utf8(run_with_deadline(cmd, T).stdout)
@@ -236,7 +246,7 @@ fn error_paths_are_one_line_and_non_zero() {
     // A corrupt history database.
     let corrupt = User::new(&url);
     corrupt.id();
-    std::fs::write(corrupt.dir.path().join("node.redb"), b"not a database").expect("write");
+    write_private(&corrupt.dir.path().join("node.redb"), b"not a database");
     let out = corrupt.run(&["history", "bob"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -250,7 +260,7 @@ fn error_paths_are_one_line_and_non_zero() {
     // A damaged registered-name file.
     let bad_name = User::new(&url);
     bad_name.id();
-    std::fs::write(bad_name.dir.path().join("name"), "Not A Name!\n").expect("write");
+    write_private(&bad_name.dir.path().join("name"), b"Not A Name!\n");
     let out = bad_name.run(&["peers"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

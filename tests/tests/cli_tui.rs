@@ -77,7 +77,7 @@ fn stty_modes(rows: &[String]) -> Vec<String> {
 
 #[test]
 fn the_full_screen_chat_as_a_user_sees_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = p2p_tests::private_tempdir();
     let (mut server, url) = discovery_server(&dir.path().join("discovery.redb"));
     let (alice, bob, carol) = (User::new(&url), User::new(&url), User::new(&url));
     alice.ok(&["register", "alice"]);
@@ -213,7 +213,7 @@ fn the_full_screen_chat_as_a_user_sees_it() {
 
 #[test]
 fn sigterm_logs_out_and_restores_the_terminal() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = p2p_tests::private_tempdir();
     let args: Vec<OsString> = vec![
         "--data-dir".into(),
         dir.path().into(),

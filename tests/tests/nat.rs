@@ -106,7 +106,7 @@ impl Scene {
         if block_direct {
             lab.block_udp_between_homes(true);
         }
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = p2p_tests::private_tempdir();
         let db = dir.path().join("d.redb");
         let (server, url) = discovery(&lab.ns(Host::Public), &db, 0);
         let port = url
@@ -116,7 +116,7 @@ impl Scene {
             .expect("port in url");
         let user = |host| User {
             ns: lab.ns(host),
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir: p2p_tests::private_tempdir(),
             discovery: url.clone(),
         };
         let (alice, bob) = (user(Host::Home1), user(Host::Home2));

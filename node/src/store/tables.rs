@@ -7,8 +7,21 @@
 
 use redb::TableDefinition;
 
-/// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The newest schema version this build reads and writes.
+///
+/// - 1: every value in clear.
+/// - 2: the same tables, [`MESSAGES`] values sealed under the history key
+///   (`store/cipher.rs`), and [`HISTORY_KEY_CHECK_KEY`] in [`META`].
+///
+/// A clear database stays at version 1, so an older build still opens it; it refuses an
+/// encrypted one as newer instead of misreading it.
+pub const SCHEMA_VERSION: u64 = SCHEMA_SEALED;
+
+/// Schema of a clear database.
+pub const SCHEMA_CLEAR: u64 = 1;
+
+/// Schema of an encrypted database.
+pub const SCHEMA_SEALED: u64 = 2;
 
 /// The oldest schema version this build can open (migrating it forward).
 pub const MIN_SCHEMA_VERSION: u64 = 1;
@@ -16,7 +29,13 @@ pub const MIN_SCHEMA_VERSION: u64 = 1;
 /// Key of the schema version in [`META`].
 pub const SCHEMA_VERSION_KEY: &str = "schema_version";
 
-/// Database-wide settings: `name -> u64`. Holds [`SCHEMA_VERSION_KEY`].
+/// Key of the check value of the history key in [`META`] (encrypted databases only):
+/// `p2p_crypto::history::HistoryKey::check_value`, which identifies the key without
+/// revealing it.
+pub const HISTORY_KEY_CHECK_KEY: &str = "history_key_check";
+
+/// Database-wide settings: `name -> u64`. Holds [`SCHEMA_VERSION_KEY`] and, when
+/// encrypted, [`HISTORY_KEY_CHECK_KEY`].
 pub const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 
 /// Key of a message row: `(peer NodeId bytes, stored_at_ms, message id)`.
@@ -26,7 +45,7 @@ pub const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta
 pub type MessageKey = ([u8; 32], u64, [u8; 16]);
 
 /// History: [`MessageKey`] -> postcard `MessageRecord` (direction, sender's timestamp,
-/// body, status).
+/// body, status), sealed in an encrypted database.
 pub const MESSAGES: TableDefinition<'static, MessageKey, &[u8]> = TableDefinition::new("messages");
 
 /// Message-id index: `id -> (peer, stored_at_ms)`, the rest of its [`MessageKey`]. Used to

@@ -623,7 +623,7 @@ fn schema_version_is_written() {
     let (_d, path, store) = setup();
     drop(store);
     let v = stored_schema_version(&path);
-    assert_eq!(v, SCHEMA_VERSION);
+    assert_eq!(v, SCHEMA_CLEAR);
 }
 
 #[test]
@@ -635,6 +635,10 @@ fn garbage_file_is_a_corrupt_error_naming_the_path() {
         b"this is not a database, just some text\n".repeat(200),
     )
     .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let err = Store::open(&path).unwrap_err();
     assert!(
         matches!(&err, StoreError::Corrupt { path: p, .. } if *p == path),
@@ -806,4 +810,234 @@ fn in_memory_store_works_like_the_file() {
     let hist = store.history(&alice, 10, None).unwrap();
     assert_eq!(texts(&hist), ["in memory"]);
     assert_eq!(hist[0].status, MessageStatus::Delivered);
+}
+
+// ---------------------------------------------------------------------------------------
+// Files and encryption at rest
+// ---------------------------------------------------------------------------------------
+
+const MARKER: &str = "zebra-marker-4711";
+
+fn file_has(path: &Path, needle: &str) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Inserts one message of each kind, marks one delivered and one rejected, pins a
+/// contact, and returns what the store then shows, to compare across modes.
+fn exercise(store: &Store, alice: NodeId, bob: NodeId, text: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let ids: Vec<MessageId> = (0..4u64)
+        .map(|i| {
+            let m = ChatMessage {
+                id: MessageId([i as u8 + 1; 16]),
+                ..msg(&format!("{text} {i}"), i)
+            };
+            let out = if i % 2 == 0 {
+                store.insert_incoming(&alice, &m, 10 + i)
+            } else {
+                store.insert_outgoing(&bob, &m, 10 + i)
+            };
+            seen.push(format!("{:?}", out.unwrap()));
+            m.id
+        })
+        .collect();
+    let again = ChatMessage {
+        id: ids[0],
+        ..msg("again", 0)
+    };
+    seen.push(format!("{:?}", store.insert_incoming(&alice, &again, 99)));
+    seen.push(format!("{:?}", store.insert_outgoing(&bob, &again, 99)));
+    seen.push(format!("{:?}", store.mark_delivered(&bob, &ids[1])));
+    seen.push(format!(
+        "{:?}",
+        store.mark_rejected(&bob, &ids[3], RejectCode::ID_CONFLICT)
+    ));
+    seen.push(format!(
+        "{:?}",
+        store.mark_rejected(&bob, &ids[1], RejectCode::ID_CONFLICT)
+    ));
+    seen.push(format!("{:?}", store.pin_contact("alice", &alice, 5)));
+    seen.push(format!("{:?}", store.history(&alice, 10, None)));
+    seen.push(format!("{:?}", store.history(&bob, 1, Some((13, ids[3])))));
+    seen.push(format!("{:?}", store.outbox()));
+    seen.push(format!("{:?}", store.conversations()));
+    seen.push(format!("{:?}", store.message(&ids[2])));
+    seen
+}
+
+#[test]
+fn an_encrypted_store_behaves_like_a_clear_one_and_hides_the_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (peer(), peer());
+    let clear_path = dir.path().join("clear.redb");
+    let sealed_path = dir.path().join("sealed.redb");
+    let key = SecretKey::generate().history_key();
+    let clear = exercise(&Store::open(&clear_path).unwrap(), alice, bob, MARKER);
+    let store = Store::open_with_key(&sealed_path, key.clone(), true).unwrap();
+    assert!(store.is_encrypted());
+    let sealed = exercise(&store, alice, bob, MARKER);
+    assert_eq!(clear, sealed);
+    assert!(sealed.iter().any(|s| s.contains(MARKER)));
+    drop(store);
+    assert!(file_has(&clear_path, MARKER), "the clear store is clear");
+    assert!(
+        !file_has(&sealed_path, MARKER),
+        "no text in the encrypted file"
+    );
+    assert_eq!(stored_schema_version(&sealed_path), SCHEMA_SEALED);
+    // Reopened with the key, encrypted or not asked, it reads the same and stays sealed.
+    let store = Store::open_with_key(&sealed_path, key, false).unwrap();
+    assert!(store.is_encrypted());
+    assert_eq!(
+        format!("{:?}", store.history(&alice, 10, None)),
+        clear[clear.len() - 5]
+    );
+    store
+        .insert_incoming(&alice, &msg(&format!("{MARKER} later"), 1), 50)
+        .unwrap();
+    drop(store);
+    assert!(!file_has(&sealed_path, MARKER));
+}
+
+#[test]
+fn an_encrypted_store_opens_only_with_its_key_and_is_left_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    let key = SecretKey::generate().history_key();
+    let store = Store::open_with_key(&path, key.clone(), true).unwrap();
+    store
+        .insert_incoming(&peer(), &msg("secret", 1), 1)
+        .unwrap();
+    drop(store);
+    let before = std::fs::read(&path).unwrap();
+    let err = Store::open(&path).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::KeyRequired { path: p } if *p == path),
+        "{err:?}"
+    );
+    let other = SecretKey::generate().history_key();
+    for encrypt in [false, true] {
+        let err = Store::open_with_key(&path, other.clone(), encrypt).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::WrongKey { path: p } if *p == path),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("another identity"), "{err}");
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing changed");
+    Store::open_with_key(&path, key, true).unwrap();
+}
+
+#[test]
+fn a_clear_store_is_encrypted_in_place_with_everything_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    let (alice, bob) = (peer(), peer());
+    let clear = exercise(&Store::open(&path).unwrap(), alice, bob, MARKER);
+    assert!(file_has(&path, MARKER));
+    let key = SecretKey::generate().history_key();
+    let store = Store::open_with_key(&path, key.clone(), true).unwrap();
+    assert!(store.is_encrypted());
+    let n = clear.len();
+    assert_eq!(
+        format!("{:?}", store.history(&alice, 10, None)),
+        clear[n - 5]
+    );
+    assert_eq!(format!("{:?}", store.outbox()), clear[n - 3]);
+    assert_eq!(format!("{:?}", store.conversations()), clear[n - 2]);
+    assert_eq!(store.contacts().unwrap().len(), 1);
+    drop(store);
+    assert!(
+        !file_has(&path, MARKER),
+        "the clear rows are gone from the file"
+    );
+    assert_eq!(stored_schema_version(&path), SCHEMA_SEALED);
+    assert_eq!(mode(&path), 0o600);
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        [std::ffi::OsString::from("node.redb")],
+        "no copy is left"
+    );
+    Store::open_with_key(&path, key, true).unwrap();
+}
+
+#[test]
+fn a_sealed_row_moved_to_another_key_does_not_decrypt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    let key = SecretKey::generate().history_key();
+    let (alice, mallory) = (peer(), peer());
+    let store = Store::open_with_key(&path, key.clone(), true).unwrap();
+    let m = msg("to alice", 1);
+    store.insert_incoming(&alice, &m, 1).unwrap();
+    let other = msg("from mallory", 1);
+    store.insert_incoming(&mallory, &other, 2).unwrap();
+    drop(store);
+    {
+        // Swap the two sealed values.
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(MESSAGES).unwrap();
+            let a = (*alice.as_bytes(), 1, m.id.0);
+            let b = (*mallory.as_bytes(), 2, other.id.0);
+            let va = t.get(a).unwrap().unwrap().value().to_vec();
+            let vb = t.get(b).unwrap().unwrap().value().to_vec();
+            t.insert(a, vb.as_slice()).unwrap();
+            t.insert(b, va.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open_with_key(&path, key, true).unwrap();
+    let err = store.history(&alice, 10, None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::CorruptRecord {
+                reason: RecordError::Decrypt(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_leftover_rewrite_is_removed_and_the_store_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    let store = Store::open(&path).unwrap();
+    store.insert_incoming(&peer(), &msg(MARKER, 1), 1).unwrap();
+    drop(store);
+    let leftover = rewrite_path(&path);
+    std::fs::write(&leftover, b"half a copy").unwrap();
+    let store = Store::open_with_key(&path, SecretKey::generate().history_key(), true).unwrap();
+    assert!(store.is_encrypted());
+    assert!(!leftover.exists());
+}
+
+#[test]
+fn the_file_is_created_0600_and_a_too_open_one_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_d, path, store) = setup();
+    drop(store);
+    assert_eq!(mode(&path), 0o600);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Store::open(&path).unwrap_err();
+    assert!(matches!(err, StoreError::Access(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains(&format!("chmod 600 {}", path.display())),
+        "{err}"
+    );
 }

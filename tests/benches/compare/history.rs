@@ -1,6 +1,8 @@
 //! Figure 5: the node's history store (`p2p_node::store::Store`) against raw redb with
 //! the same tables (`p2p_node::store::tables`), the same value encoding (postcard) and
-//! the same commit policy (`Durability::Immediate`, redb's default).
+//! the same commit policy (`Durability::Immediate`, redb's default); and the store
+//! encrypted (`Store::open_with_key`, as with a passphrase-protected identity) against
+//! the same store in clear.
 
 use std::{
     path::Path,
@@ -8,7 +10,7 @@ use std::{
 };
 
 use anyhow::{ensure, Result};
-use p2p_crypto::{NodeId, SecretKey};
+use p2p_crypto::{history::HistoryKey, NodeId, SecretKey};
 use p2p_node::{
     node::MAX_WRITE_BATCH,
     store::{
@@ -68,10 +70,22 @@ fn record(msg: &ChatMessage, direction: Direction, status: MessageStatus) -> Res
     })?)
 }
 
+/// The node's store at `path`: clear, or encrypted under `key`.
+fn open_store(path: &Path, key: Option<&HistoryKey>) -> Result<Store> {
+    Ok(match key {
+        Some(k) => Store::open_with_key(path, k.clone(), true)?,
+        None => Store::open(path)?,
+    })
+}
+
 /// Group commit as the node's writer thread does it: batches of `MAX_WRITE_BATCH`, one
 /// `write_batch` transaction each, every message with its own stamp.
-fn node_insert(path: &Path, msgs: &[(NodeId, ChatMessage)]) -> Result<Duration> {
-    let store = Store::open(path)?;
+fn node_insert(
+    path: &Path,
+    key: Option<&HistoryKey>,
+    msgs: &[(NodeId, ChatMessage)],
+) -> Result<Duration> {
+    let store = open_store(path, key)?;
     let start = Instant::now();
     for (i, batch) in msgs.chunks(MAX_WRITE_BATCH).enumerate() {
         let ops: Vec<WriteOp> = batch
@@ -275,19 +289,32 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
         "query/s",
         Target::None,
     );
+    let mut sealed_insert = Row::new(
+        format!("5. encrypted history insert, group commit of {MAX_WRITE_BATCH} (baseline: the same store in clear)"),
+        "msg/s",
+        Target::AtLeast(0.9),
+    );
+    let mut sealed_read = Row::new(
+        format!("5. encrypted history: last {HISTORY_PAGE} of a conversation (baseline: the same store in clear)"),
+        "query/s",
+        Target::AtLeast(0.9),
+    );
+    let key = SecretKey::generate().history_key();
     // Read side: one database of each kind, filled once.
     let dir = tempfile::tempdir()?;
     let fill = messages(PEERS * 1000, &peers)?;
-    node_insert(&dir.path().join("read-node.redb"), &fill)?;
+    node_insert(&dir.path().join("read-node.redb"), None, &fill)?;
     let read_store = Store::open(dir.path().join("read-node.redb"))?;
+    node_insert(&dir.path().join("read-sealed.redb"), Some(&key), &fill)?;
+    let read_sealed = open_store(&dir.path().join("read-sealed.redb"), Some(&key))?;
     let read_raw = open_raw(&dir.path().join("read-raw.redb"))?;
     raw_insert(&read_raw, &fill)?;
     for run in 0..cfg.runs {
         let msgs = messages(n, &peers)?;
-        let mut w = [0.0f64; 2];
+        let mut w = [0.0f64; 3];
         let mut s = [0.0f64; 2];
-        let mut r = [0.0f64; 2];
-        for phase in order(run, 2) {
+        let mut r = [0.0f64; 3];
+        for phase in order(run, 3) {
             let node_path = dir.path().join(format!("node-{run}.redb"));
             let raw_path = dir.path().join(format!("raw-{run}.redb"));
             if phase == 0 {
@@ -296,21 +323,27 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
                 let db = open_raw(&dir.path().join(format!("raw-sender-{run}.redb")))?;
                 s[0] = raw_sender(&db, &msgs, cfg.phase)?;
                 r[0] = raw_history(&read_raw, &peers, cfg.phase)?;
-            } else {
-                w[1] = n as f64 / node_insert(&node_path, &msgs)?.as_secs_f64();
+            } else if phase == 1 {
+                w[1] = n as f64 / node_insert(&node_path, None, &msgs)?.as_secs_f64();
                 s[1] = node_sender(
                     &dir.path().join(format!("sender-{run}.redb")),
                     &msgs,
                     cfg.phase,
                 )?;
                 r[1] = node_history(&read_store, &peers, cfg.phase)?;
+            } else {
+                let sealed_path = dir.path().join(format!("sealed-{run}.redb"));
+                w[2] = n as f64 / node_insert(&sealed_path, Some(&key), &msgs)?.as_secs_f64();
+                r[2] = node_history(&read_sealed, &peers, cfg.phase)?;
             }
         }
         insert.push(w[1], Some(w[0]));
         sender.push(s[1], Some(s[0]));
         read.push(r[1], Some(r[0]));
+        sealed_insert.push(w[2], Some(w[1]));
+        sealed_read.push(r[2], Some(r[1]));
     }
-    Ok(vec![insert, sender, read])
+    Ok(vec![insert, sender, read, sealed_insert, sealed_read])
 }
 
 /// Runs one side of figure 5 alone, for a profiler (`BENCH_PROFILE`): `history-insert`,
@@ -323,7 +356,7 @@ pub fn profile(cfg: &Config, what: &str) -> Result<Option<String>> {
         "history-insert" => {
             let msgs = messages(cfg.history_msgs, &peers)?;
             eprintln!("profile: measuring {what}");
-            let d = node_insert(&path, &msgs)?;
+            let d = node_insert(&path, None, &msgs)?;
             format!("{what}: {} msgs in {:.2} s", msgs.len(), d.as_secs_f64())
         }
         "history-sender" => {
@@ -332,7 +365,7 @@ pub fn profile(cfg: &Config, what: &str) -> Result<Option<String>> {
             format!("{what}: {:.0} msg/s", node_sender(&path, &msgs, cfg.phase)?)
         }
         "history-read" => {
-            node_insert(&path, &messages(PEERS * 1000, &peers)?)?;
+            node_insert(&path, None, &messages(PEERS * 1000, &peers)?)?;
             let store = Store::open(&path)?;
             eprintln!("profile: measuring {what}");
             format!(

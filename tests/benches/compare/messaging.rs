@@ -355,7 +355,7 @@ pub async fn bulk(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
 /// until `Delivered` (insert, dial, handshake, message, receiver's commit and ack,
 /// delivered mark).
 async fn node_setup_once(fx: &Fixture, to: &BenchNode, in_memory: bool) -> Result<Duration> {
-    let dir = tempfile::tempdir()?;
+    let dir = p2p_tests::private_tempdir();
     let builder = nodes::builder(
         Opts {
             discovery: Some(&fx.disco_url),

@@ -70,7 +70,7 @@ pub fn builder(opts: Opts<'_>, dir: &tempfile::TempDir) -> NodeBuilder {
 
 impl BenchNode {
     pub async fn start(opts: Opts<'_>) -> Result<BenchNode> {
-        let dir = tempfile::tempdir()?;
+        let dir = p2p_tests::private_tempdir();
         let node = builder(opts, &dir).bind().await?;
         let id = node.node_id();
         Ok(BenchNode {

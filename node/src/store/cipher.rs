@@ -1,0 +1,142 @@
+//! Message rows at rest: clear, or sealed under the history key.
+//!
+//! In a clear database (schema 1) a [`super::tables::MESSAGES`] value is the postcard
+//! `MessageRecord`. In an encrypted database (schema 2) it is
+//!
+//! ```text
+//! format 1 = 0x01 | nonce (24) | XChaCha20-Poly1305 ciphertext of the postcard record | tag (16)
+//! associated data = "p2p-node/v1/message" | peer (32) | stored_at_ms (8, big-endian) | id (16)
+//! ```
+//!
+//! under [`HistoryKey`] (`p2p_crypto::history`). The associated data is the row's key, so
+//! a value moved to another row (another conversation, time or id) does not decrypt.
+//! The key itself stays clear: range scans by conversation and time, and the message-id
+//! index, work as in a clear database.
+
+use std::ops::Deref;
+
+use p2p_crypto::history::HistoryKey;
+use zeroize::Zeroizing;
+
+use super::{tables::MessageKey, RecordError};
+
+/// The format byte of a sealed row.
+const SEALED_V1: u8 = 1;
+const AAD_TAG: &[u8] = b"p2p-node/v1/message";
+const AAD_LEN: usize = AAD_TAG.len() + 32 + 8 + 16;
+
+/// How the message rows of one database are stored.
+#[derive(Debug, Clone)]
+pub(crate) enum RowCipher {
+    /// In clear (protected by file permissions only).
+    Clear,
+    /// Sealed under this key.
+    Sealed(HistoryKey),
+}
+
+/// A row's plain bytes: borrowed from the database when it is clear, decrypted (and
+/// zeroized on drop) when it is sealed.
+pub(crate) enum Plain<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Zeroizing<Vec<u8>>),
+}
+
+impl Deref for Plain<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Plain::Borrowed(b) => b,
+            Plain::Owned(v) => v,
+        }
+    }
+}
+
+fn aad(key: &MessageKey) -> [u8; AAD_LEN] {
+    let mut a = [0u8; AAD_LEN];
+    let (tag, rest) = a.split_at_mut(AAD_TAG.len());
+    tag.copy_from_slice(AAD_TAG);
+    rest[..32].copy_from_slice(&key.0);
+    rest[32..40].copy_from_slice(&key.1.to_be_bytes());
+    rest[40..].copy_from_slice(&key.2);
+    a
+}
+
+impl RowCipher {
+    /// Whether rows are sealed.
+    pub(crate) fn is_sealed(&self) -> bool {
+        matches!(self, RowCipher::Sealed(_))
+    }
+
+    /// The stored value of the row `key` whose plain value is `plain` (zeroized once
+    /// sealed).
+    pub(crate) fn seal(&self, key: &MessageKey, plain: Vec<u8>) -> Vec<u8> {
+        match self {
+            RowCipher::Clear => plain,
+            RowCipher::Sealed(k) => {
+                let plain = Zeroizing::new(plain);
+                let mut out = Vec::with_capacity(1 + p2p_crypto::history::OVERHEAD + plain.len());
+                out.push(SEALED_V1);
+                k.seal_into(&aad(key), &plain, &mut out);
+                out
+            }
+        }
+    }
+
+    /// The plain value of the row `key` stored as `stored`. Never panics.
+    pub(crate) fn open<'a>(
+        &self,
+        key: &MessageKey,
+        stored: &'a [u8],
+    ) -> Result<Plain<'a>, RecordError> {
+        match self {
+            RowCipher::Clear => Ok(Plain::Borrowed(stored)),
+            RowCipher::Sealed(k) => match stored.split_first() {
+                Some((&SEALED_V1, sealed)) => k
+                    .open(&aad(key), sealed)
+                    .map(Plain::Owned)
+                    .map_err(RecordError::Decrypt),
+                Some((&format, _)) => Err(RecordError::UnknownFormat(format)),
+                None => Err(RecordError::UnknownFormat(0)),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use p2p_crypto::{history::OpenError, SecretKey};
+
+    use super::*;
+
+    #[test]
+    fn a_row_opens_only_at_its_own_key() {
+        let c = RowCipher::Sealed(SecretKey::generate().history_key());
+        let key = ([1; 32], 5, [2; 16]);
+        let stored = c.seal(&key, b"record".to_vec());
+        assert_eq!(stored[0], SEALED_V1);
+        assert!(!stored.windows(6).any(|w| w == b"record"));
+        assert_eq!(&*c.open(&key, &stored).expect("opens"), b"record");
+        for other in [
+            ([9; 32], 5, [2; 16]),
+            ([1; 32], 6, [2; 16]),
+            ([1; 32], 5, [3; 16]),
+        ] {
+            assert!(matches!(
+                c.open(&other, &stored),
+                Err(RecordError::Decrypt(OpenError::Decrypt))
+            ));
+        }
+        let mut bad = stored.clone();
+        bad[0] = 7;
+        assert!(matches!(
+            c.open(&key, &bad),
+            Err(RecordError::UnknownFormat(7))
+        ));
+        assert!(c.open(&key, &[]).is_err());
+        assert!(c.open(&key, &[SEALED_V1]).is_err());
+        assert_eq!(
+            &*RowCipher::Clear.open(&key, b"clear").expect("clear"),
+            b"clear"
+        );
+    }
+}
