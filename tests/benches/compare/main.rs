@@ -24,6 +24,7 @@
 //! | `BENCH_DISC_CONC` | 32 | concurrent requests in figure 6 |
 //! | `BENCH_CONNS` | 1000 (100) | idle connections in figure 7 |
 //! | `BENCH_PEERS` | 1,10,100 (1,10) | peer counts of figure 8 |
+//! | (figure 9) | | `BENCH_SETUP_ITERS` fresh pairs per run time the move to a direct path |
 //! | `BENCH_ONLY` | all | figures to run, e.g. `1,2` or `msgs,latency` |
 //! | `BENCH_PROFILE` | unset | run one side of one figure alone (for a profiler) and print what it did: `send`, `send-mem`, `rtt`, `rtt-mem`, `bulk`, `bulk-mem`, `setup`, `setup-mem`, `raw-send`, `raw-rtt`, `history-insert`, `history-sender`, `history-read`; the workload is framed by `profile: measuring` and `profile: done` on stderr |
 //! | `BENCH_PROFILE_HOLD` | unset | `1`: after `profile: done`, wait for a line on stdin before tearing down |
@@ -35,6 +36,7 @@ mod memory;
 mod messaging;
 mod nodes;
 mod raw;
+mod relay;
 mod report;
 
 use std::{str::FromStr, time::Duration};
@@ -226,6 +228,10 @@ fn main() -> Result<()> {
         if cfg.wants(7, "memory") {
             eprintln!("figure 7: memory with idle connections");
             rows.extend(memory::run(&cfg, &mut notes).await?);
+        }
+        if cfg.wants(9, "relay") {
+            eprintln!("figure 9: through the relay");
+            rows.extend(relay::run(&cfg).await?);
         }
         Ok::<_, anyhow::Error>(())
     })?;

@@ -360,7 +360,7 @@ async fn node_setup_once(fx: &Fixture, to: &BenchNode, in_memory: bool) -> Resul
         Opts {
             discovery: Some(&fx.disco_url),
             in_memory,
-            max_connections: None,
+            ..Opts::default()
         },
         &dir,
     );

@@ -5,8 +5,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
 use p2p_crypto::{NodeId, SecretKey};
-use p2p_discovery::{AppState, ServerConfig};
-use p2p_node::{Node, NodeBuilder, NodeEvent, SendStatus};
+use p2p_discovery::{
+    relay::{Relay, RelayConfig},
+    AppState, ServerConfig,
+};
+use p2p_node::{Node, NodeBuilder, NodeEvent, PathConfig, SendStatus};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::raw::loopback;
@@ -21,17 +24,55 @@ pub struct Discovery {
 
 impl Discovery {
     pub async fn start() -> Result<Discovery> {
+        Self::start_with(false).await
+    }
+
+    /// With a relay beside it (its rate limits lifted: one machine drives it).
+    pub async fn start_with_relay() -> Result<Discovery> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(relay: bool) -> Result<Discovery> {
         let state = AppState::open(ServerConfig {
             write_rate_per_sec: 1e9,
             write_burst: u32::MAX,
             ..ServerConfig::default()
         })?;
         let listener = tokio::net::TcpListener::bind(loopback()).await?;
-        let url = format!("http://{}", listener.local_addr()?);
+        let addr = listener.local_addr()?;
+        let url = format!("http://{addr}");
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(p2p_discovery::serve(listener, state, async move {
-            let _ = stopped.await;
-        }));
+        let relay = if relay {
+            let config = RelayConfig {
+                bytes_per_sec: u64::MAX / 4,
+                packets_per_sec: u64::MAX / 4,
+                ..RelayConfig::default()
+            };
+            let relay = Relay::bind(addr, &SecretKey::generate(), config)?;
+            state.set_relay(&relay)?;
+            Some(relay)
+        } else {
+            None
+        };
+        tokio::spawn(async move {
+            let (relay_stop, relay_stopped) = oneshot::channel::<()>();
+            let http = async move {
+                let _ = p2p_discovery::serve(listener, state, async move {
+                    let _ = stopped.await;
+                })
+                .await;
+                let _ = relay_stop.send(());
+            };
+            let relay = async move {
+                if let Some(r) = relay {
+                    r.serve(async move {
+                        let _ = relay_stopped.await;
+                    })
+                    .await;
+                }
+            };
+            tokio::join!(http, relay);
+        });
         Ok(Discovery { url, _stop: stop })
     }
 }
@@ -52,6 +93,11 @@ pub struct Opts<'a> {
     pub discovery: Option<&'a str>,
     pub in_memory: bool,
     pub max_connections: Option<usize>,
+    /// Everything through the relay (no direct paths).
+    pub relay_only: bool,
+    /// Publish no direct address: peers reach the node through its relay until a
+    /// direct path is punched.
+    pub hide_addrs: bool,
 }
 
 pub fn builder(opts: Opts<'_>, dir: &tempfile::TempDir) -> NodeBuilder {
@@ -65,7 +111,13 @@ pub fn builder(opts: Opts<'_>, dir: &tempfile::TempDir) -> NodeBuilder {
     if let Some(max) = opts.max_connections {
         b = b.max_connections(max);
     }
-    b
+    if opts.relay_only {
+        b = b.paths(PathConfig {
+            direct: false,
+            ..PathConfig::default()
+        });
+    }
+    b.publish_direct_addrs(!opts.hide_addrs)
 }
 
 impl BenchNode {
