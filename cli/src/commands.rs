@@ -3,70 +3,25 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context, Result};
-use p2p_node::{Node, NodeEvent, PathKind, SendStatus};
+use p2p_node::{NodeEvent, PathKind};
 use serde_json::json;
 
 use crate::{
-    identity::{self, Paths},
-    output::{datetime, sanitize},
-    Global, DEFAULT_EMBEDDED_DISCOVERY,
+    identity::Paths,
+    output::{
+        body_text, datetime, event_json, event_line, message_json, not_the_peer_warning, sanitize,
+        send_json, send_status, status_word,
+    },
+    running::{open_node, print_embedded_hint, warn_if_not_announced, StopSignals},
+    Global,
 };
-
-/// Where discovery is for this run.
-enum Discovery {
-    Url(String),
-    Embedded(SocketAddr),
-}
-
-/// `--discovery`, `--embedded-discovery`, or the default: serve discovery ourselves on
-/// [`DEFAULT_EMBEDDED_DISCOVERY`], or use the server already on that port of this machine.
-fn discovery_choice(g: &Global) -> Discovery {
-    if let Some(url) = &g.discovery {
-        return Discovery::Url(url.clone());
-    }
-    if let Some(addr) = g.embedded_discovery {
-        return Discovery::Embedded(addr);
-    }
-    let default: SocketAddr = DEFAULT_EMBEDDED_DISCOVERY
-        .parse()
-        .expect("constant address parses");
-    match std::net::TcpListener::bind(default) {
-        Ok(probe) => {
-            drop(probe);
-            Discovery::Embedded(default)
-        }
-        Err(_) => Discovery::Url(format!("http://127.0.0.1:{}", default.port())),
-    }
-}
-
-/// Loads the identity and starts a node for this data directory.
-pub async fn open_node(g: &Global, paths: &Paths, announce: bool) -> Result<Node> {
-    let pass = identity::passphrase(g.passphrase_file.as_deref())?;
-    let (key, protected) = identity::load_or_create(paths, pass.as_ref().map(|p| p.as_slice()))?;
-    let mut builder = Node::builder(key)
-        .data_dir(paths.data_dir.clone())
-        .encrypt_history(protected)
-        .announce(announce)
-        .relay(!g.no_relay);
-    if let Some(listen) = g.listen {
-        builder = builder.listen(listen);
-    }
-    if let Some(name) = paths.registered_name()? {
-        builder = builder.name(name);
-    }
-    builder = match discovery_choice(g) {
-        Discovery::Url(url) => builder.discovery_url(url),
-        Discovery::Embedded(addr) => builder.embedded_discovery(addr),
-    };
-    Ok(builder.bind().await?)
-}
 
 /// `p2p-node register NAME`.
 pub async fn register(g: &Global, paths: &Paths, name: &str) -> Result<()> {
     let node = open_node(g, paths, false).await?;
     let id = node.node_id();
     let result = node.register(name).await;
-    node.shutdown().await?;
+    node.shutdown().await;
     result?;
     paths.set_registered_name(name)?;
     println!("registered {name} as {id}");
@@ -88,7 +43,7 @@ pub async fn peers(g: &Global, paths: &Paths, json: bool) -> Result<()> {
                 .collect()
         })
         .unwrap_or_default();
-    node.shutdown().await?;
+    node.shutdown().await;
     let peers = result?;
     if json {
         for p in &peers {
@@ -127,24 +82,20 @@ pub async fn send(g: &Global, paths: &Paths, to: &str, text: &str, json: bool) -
     let node = open_node(g, paths, false).await?;
     let mut events = node.subscribe();
     let result = node.send(to, text).await;
-    node.shutdown().await?;
+    node.shutdown().await;
     print_key_warnings(&mut events);
     let outcome = result?;
+    if let Some(warning) = outcome
+        .queued_because
+        .as_ref()
+        .and_then(not_the_peer_warning)
+    {
+        eprintln!("p2p-node: warning: {warning}");
+    }
     if json {
-        println!(
-            "{}",
-            json!({
-                "status": match outcome.status {
-                    SendStatus::Delivered => "delivered",
-                    SendStatus::Queued => "queued",
-                },
-                "path": outcome.path.map(PathKind::as_str),
-                "id": outcome.id.to_string(),
-                "to": outcome.to.to_string(),
-            })
-        );
+        println!("{}", send_json(&outcome));
     } else {
-        println!("{}", crate::chat::send_status(outcome.status, outcome.path));
+        println!("{}", send_status(outcome.status, outcome.path));
     }
     Ok(())
 }
@@ -164,16 +115,16 @@ pub async fn history(
             .history(&r.node_id.to_string(), limit)
             .await
             .map(|m| (m, r.name)),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     };
-    node.shutdown().await?;
+    node.shutdown().await;
     print_key_warnings(&mut events);
     let (messages, name) = result?;
     let peer_label = sanitize(name.as_deref().unwrap_or(peer));
     for m in &messages {
-        let text = crate::chat::body_text(&m.body);
+        let text = body_text(&m.body);
         if json {
-            println!("{}", crate::chat::message_json(m, name.as_deref()));
+            println!("{}", message_json(m, name.as_deref()));
         } else {
             let (from, to) = match m.direction {
                 p2p_node::store::Direction::Incoming => (peer_label.as_str(), "me"),
@@ -183,7 +134,7 @@ pub async fn history(
                 "{}  {from} -> {to}: {}  [{}]",
                 datetime(m.stored_at_ms),
                 sanitize(text),
-                crate::chat::status_word(&m.status)
+                status_word(&m.status)
             );
         }
     }
@@ -217,12 +168,10 @@ pub async fn listen(g: &Global, paths: &Paths, json: bool) -> Result<()> {
         );
         print_embedded_hint(&node);
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot watch SIGTERM")?;
+    let mut stop = StopSignals::new()?;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            () = stop.recv() => break,
             ev = events.recv() => match ev {
                 Ok(ev) => print_event(&ev, json),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -232,7 +181,7 @@ pub async fn listen(g: &Global, paths: &Paths, json: bool) -> Result<()> {
             },
         }
     }
-    node.shutdown().await?;
+    node.shutdown().await;
     if !json {
         println!("logged out");
     }
@@ -269,43 +218,11 @@ fn bind_relay(
     }
 }
 
-/// Tells the user how others reach the discovery server this node runs, if any.
-pub fn print_embedded_hint(node: &Node) {
-    if let Some(hint) = embedded_hint(node) {
-        println!("{hint}");
-    }
-}
-
-/// How others reach the discovery server this node runs, if it runs one.
-pub fn embedded_hint(node: &Node) -> Option<String> {
-    let addr = node.embedded_discovery_addr()?;
-    let url = node.embedded_discovery_lan_url()?;
-    let mut hint =
-        format!("serving discovery on {addr}; others on the LAN use: p2p-node --discovery {url}");
-    if let Some(relay) = node.embedded_relay_addr() {
-        hint.push_str(&format!("\nserving the relay on udp {relay}"));
-    }
-    Some(hint)
-}
-
-/// How long `listen` and the chat wait for the first announcement before going on.
-pub const LOGIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Waits for the login (the first announcement); tells the user when it is late.
-pub async fn warn_if_not_announced(node: &Node) {
-    if !node.wait_announced(LOGIN_WAIT).await {
-        eprintln!(
-            "p2p-node: warning: not logged in on discovery {} yet; retrying in the background",
-            node.discovery_url().unwrap_or_else(|| "none".into())
-        );
-    }
-}
-
 /// Prints the "key changed" warnings a one-shot command ran into on stderr.
 fn print_key_warnings(events: &mut tokio::sync::broadcast::Receiver<NodeEvent>) {
     while let Ok(ev) = events.try_recv() {
         if matches!(ev, NodeEvent::KeyChanged { .. }) {
-            if let Some(line) = crate::chat::event_line(&ev) {
+            if let Some(line) = event_line(&ev) {
                 eprintln!("p2p-node: {line}");
             }
         }
@@ -314,8 +231,8 @@ fn print_key_warnings(events: &mut tokio::sync::broadcast::Receiver<NodeEvent>) 
 
 fn print_event(ev: &NodeEvent, json: bool) {
     if json {
-        println!("{}", crate::chat::event_json(ev));
-    } else if let Some(line) = crate::chat::event_line(ev) {
+        println!("{}", event_json(ev));
+    } else if let Some(line) = event_line(ev) {
         println!("{line}");
     }
 }
@@ -377,6 +294,14 @@ pub async fn discovery(
         "discovery server listening on http://{addr} (database {})",
         db.display()
     );
+    if let Some((soft, _)) = p2p_discovery::nofile_limit() {
+        let config = p2p_discovery::ServerConfig::default();
+        println!(
+            "open-file limit {soft}: up to {} connections, {} per client address",
+            p2p_discovery::connection_cap(config.max_connections, Some(soft)),
+            config.max_connections_per_ip
+        );
+    }
     match &relay {
         Some(r) => println!(
             "relay listening on udp {} (relay id {}); --no-relay turns it off",
@@ -388,22 +313,11 @@ pub async fn discovery(
         ),
     }
     let stop = tokio_util::sync::CancellationToken::new();
+    let mut signals = StopSignals::new()?;
     let signals = {
         let stop = stop.clone();
         async move {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(t) => t,
-                    Err(_) => {
-                        let _ = tokio::signal::ctrl_c().await;
-                        stop.cancel();
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+            signals.recv().await;
             stop.cancel();
         }
     };

@@ -5,6 +5,7 @@ mod chat;
 mod commands;
 mod identity;
 mod output;
+mod running;
 mod session;
 mod tui;
 
@@ -221,9 +222,17 @@ fn main() -> std::process::ExitCode {
         init_logging(&cli.global, long_running, sink, false);
         Some(logs)
     } else {
-        init_logging(&cli.global, long_running, std::io::stderr, true);
+        init_logging(
+            &cli.global,
+            long_running,
+            std::io::stderr,
+            colour_on_stderr(),
+        );
         None
     };
+    if long_running {
+        raise_open_file_limit();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -246,7 +255,25 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Logs to `writer`; `escapes` allows terminal colour codes (where the default wants them).
+/// Raises the soft open-file limit to the hard one where allowed, so a discovery server
+/// (standalone or embedded) can hold more connections; says so in the log.
+fn raise_open_file_limit() {
+    match p2p_discovery::raise_nofile_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(before, after, "raised the open-file limit");
+        }
+        Ok((_, limit)) => tracing::info!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
+/// Whether the log on stderr may be coloured: only on a terminal, and never with a
+/// non-empty `NO_COLOR`.
+fn colour_on_stderr() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Logs to `writer`; `escapes` allows terminal colour codes.
 fn init_logging<W>(g: &Global, long_running: bool, writer: W, escapes: bool)
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
@@ -267,11 +294,7 @@ where
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
-    let _ = if escapes {
-        builder.try_init()
-    } else {
-        builder.with_ansi(false).try_init()
-    };
+    let _ = builder.with_ansi(escapes).try_init();
 }
 
 async fn run(cli: Cli, logs: Option<tokio::sync::mpsc::Receiver<String>>) -> Result<()> {

@@ -358,4 +358,47 @@ mod tests {
             Err(PeerCertError::Malformed)
         );
     }
+
+    /// The node's certificate with its SubjectPublicKeyInfo's algorithm identifier (the
+    /// ed25519 OID, no parameters) replaced by `algorithm` (the DER of an
+    /// AlgorithmIdentifier's contents), the lengths around it fixed up.
+    fn with_spki_algorithm(algorithm: &[u8]) -> (CertificateDer<'static>, NodeId) {
+        let sk = SecretKey::from_bytes(&[42; 32]);
+        let der = certify(&sk).expect("certifies").cert.to_vec();
+        let spki_head = [
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21,
+        ];
+        let at = der
+            .windows(spki_head.len())
+            .position(|w| w == spki_head)
+            .expect("the certificate holds an ed25519 SubjectPublicKeyInfo");
+        let grow = algorithm.len() - 5;
+        let mut out = der[..at].to_vec();
+        out.extend_from_slice(&[0x30, 0x2a + grow as u8, 0x30, algorithm.len() as u8]);
+        out.extend_from_slice(algorithm);
+        out.extend_from_slice(&der[at + 9..]);
+        // Certificate and TBSCertificate are SEQUENCEs with two-byte long-form lengths.
+        for len_at in [2, 6] {
+            assert_eq!(out[len_at - 1], 0x82);
+            let len = u16::from_be_bytes([out[len_at], out[len_at + 1]]) + grow as u16;
+            out[len_at..len_at + 2].copy_from_slice(&len.to_be_bytes());
+        }
+        (CertificateDer::from(out), sk.public())
+    }
+
+    #[test]
+    fn only_the_bare_ed25519_algorithm_identifier_is_accepted() {
+        // The fix-up itself: the unchanged identifier gives back the node's key.
+        let (same, id) = with_spki_algorithm(&[0x06, 0x03, 0x2b, 0x65, 0x70]);
+        assert_eq!(node_id_from_cert(&same), Ok(id));
+        // The ed25519 OID with (NULL) parameters.
+        let (with_params, _) = with_spki_algorithm(&[0x06, 0x03, 0x2b, 0x65, 0x70, 0x05, 0x00]);
+        assert_eq!(
+            node_id_from_cert(&with_params),
+            Err(PeerCertError::NotEd25519)
+        );
+        // An X25519 key (OID 1.3.101.110) of the same 32 bytes, without parameters.
+        let (x25519, _) = with_spki_algorithm(&[0x06, 0x03, 0x2b, 0x65, 0x6e]);
+        assert_eq!(node_id_from_cert(&x25519), Err(PeerCertError::NotEd25519));
+    }
 }

@@ -129,6 +129,43 @@ fn client_expecting(expected: NodeId, me: &Certified) -> (ClientConnection, Arc<
     )
 }
 
+#[test]
+fn the_acceptor_refuses_a_client_without_a_certificate() {
+    let server_key = SecretKey::generate();
+    let server_cert = certify(&server_key).expect("certifies");
+    let server = || {
+        ServerConnection::new(Arc::new(
+            server_config(&server_cert).expect("server config"),
+        ))
+        .expect("server")
+    };
+    let config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .dangerous()
+        .with_custom_certificate_verifier(ServerVerifier::new(server_key.public()))
+        .with_no_client_auth();
+    let name = ServerName::try_from(SERVER_NAME).expect("name");
+    let mut client = ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut refusing = server();
+    assert_eq!(
+        handshake(&mut client, &mut refusing),
+        Err(rustls::Error::NoCertificatesPresented)
+    );
+    assert!(refusing.peer_certificates().is_none());
+
+    // With its certificate, the same client gets through.
+    let client_key = SecretKey::generate();
+    let (mut client, _) = client_expecting(
+        server_key.public(),
+        &certify(&client_key).expect("certifies"),
+    );
+    let mut accepting = server();
+    assert_eq!(handshake(&mut client, &mut accepting), Ok(()));
+    let chain = accepting.peer_certificates().expect("client certificate");
+    assert_eq!(node_id_from_chain(chain), Ok(client_key.public()));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 

@@ -43,8 +43,13 @@ macro_rules! error_codes {
 }
 
 error_codes! {
+    MalformedRequest => ("malformed_request", BAD_REQUEST, "The request is not valid HTTP/1.1 (refused before routing)."),
+    UriTooLong => ("uri_too_long", URI_TOO_LONG, "The request line's URI is too long."),
+    HeadersTooLarge => ("headers_too_large", REQUEST_HEADER_FIELDS_TOO_LARGE, "The request's headers are too large or too many."),
+    RequestTimeout => ("request_timeout", REQUEST_TIMEOUT, "The request (its headers or body) did not arrive within the server's deadline."),
+    TooManyConnections => ("too_many_connections", SERVICE_UNAVAILABLE, "This client address, or the server as a whole, has its maximum number of open connections."),
     MalformedJson => ("malformed_json", BAD_REQUEST, "The body is not the expected JSON."),
-    UnsupportedMediaType => ("unsupported_media_type", UNSUPPORTED_MEDIA_TYPE, "The body is not `application/json`."),
+    UnsupportedMediaType => ("unsupported_media_type", UNSUPPORTED_MEDIA_TYPE, "The body is not `application/json` (with no parameter but `charset=utf-8`)."),
     BodyTooLarge => ("body_too_large", PAYLOAD_TOO_LARGE, "The request body exceeds the server's limit."),
     InvalidRecord => ("invalid_record", BAD_REQUEST, "A signed record does not decode or breaks a bound (size, addresses, TTL)."),
     InvalidName => ("invalid_name", BAD_REQUEST, "A name is not 1 to 32 characters of a-z, 0-9, '_', '-'."),

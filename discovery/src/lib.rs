@@ -63,6 +63,7 @@ pub mod api;
 mod client;
 mod clock;
 mod error;
+mod listen;
 mod presence;
 pub mod ratelimit;
 mod record;
@@ -77,6 +78,7 @@ pub use client::{
 };
 pub use clock::{now_ms, Clock, ManualClock, SystemClock};
 pub use error::{AppError, ErrorCode};
+pub use listen::{connection_cap, nofile_limit, raise_nofile_limit};
 pub use record::{
     validate_name, NameClaim, PresenceRecord, Record, RecordError, RelayRef, Signed, SignedWire,
     Withdrawal, MAX_ADDRS, MAX_NAME_LEN, MAX_RECORD_BYTES, MAX_TTL_SECS, MIN_TTL_SECS,

@@ -319,6 +319,46 @@ mod tests {
     }
 
     #[test]
+    fn oversized_records_are_refused_before_decoding() {
+        let sig = Signature([0; 64]);
+        // One byte over: refused by size, whatever the bytes.
+        assert_eq!(
+            Signed::<PresenceRecord>::verify(vec![0; MAX_RECORD_BYTES + 1], sig),
+            Err(RecordError::TooLarge {
+                len: MAX_RECORD_BYTES + 1,
+                max: MAX_RECORD_BYTES
+            })
+        );
+        // At the limit: decoded (and refused for what it is, not for its size).
+        assert!(matches!(
+            Signed::<PresenceRecord>::verify(vec![0; MAX_RECORD_BYTES], sig),
+            Err(RecordError::Decode(_) | RecordError::TrailingBytes(_))
+        ));
+        // The wire form is refused by its length before base64 is decoded: text that is
+        // not base64 at all gives the size error past the limit, the encoding error at it.
+        let limit = MAX_RECORD_BYTES * 4 / 3 + 4;
+        let over = SignedWire {
+            record: "!".repeat(limit + 1),
+            signature: sig,
+        };
+        assert_eq!(
+            Signed::<PresenceRecord>::from_wire(&over),
+            Err(RecordError::TooLarge {
+                len: (limit + 1) * 3 / 4,
+                max: MAX_RECORD_BYTES
+            })
+        );
+        let at = SignedWire {
+            record: "!".repeat(limit),
+            signature: sig,
+        };
+        assert!(matches!(
+            Signed::<PresenceRecord>::from_wire(&at),
+            Err(RecordError::Encoding(_))
+        ));
+    }
+
+    #[test]
     fn sign_and_verify_round_trip() {
         let sk = SecretKey::generate();
         let signed = Signed::sign(&sk, presence(&sk)).expect("sign");

@@ -27,7 +27,7 @@ use p2p_crypto::{Domain, NodeId, Signature};
 use rand::Rng;
 use serde::{de::DeserializeOwned, Deserialize};
 use tower::limit::GlobalConcurrencyLimitLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::{timeout::TimeoutLayer, trace::TraceLayer};
 
 use crate::{
     api::{
@@ -113,6 +113,20 @@ pub struct ServerConfig {
     pub max_replay_entries: usize,
     /// Most requests handled at once. Default: 1024.
     pub max_concurrent_requests: usize,
+    /// Most open connections. [`serve`] lowers it to leave a quarter of the process's
+    /// soft open-file limit (at least 32 descriptors) for everything else, so accepting
+    /// never runs out of descriptors. Default: 4096.
+    pub max_connections: usize,
+    /// Most open connections from one client IP; more are answered `503
+    /// too_many_connections` and closed. Default: 64.
+    pub max_connections_per_ip: usize,
+    /// Time a client has to send a request's headers, counted from the connection's
+    /// start or the end of the previous response: also how long an idle kept-alive
+    /// connection stays open. Default: 10 s.
+    pub header_timeout: Duration,
+    /// Time a request may take once its headers are in, body included (`408
+    /// request_timeout`). Default: 10 s.
+    pub request_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -133,6 +147,10 @@ impl Default for ServerConfig {
             max_rate_clients: 100_000,
             max_replay_entries: 100_000,
             max_concurrent_requests: 1024,
+            max_connections: 4096,
+            max_connections_per_ip: 64,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -289,6 +307,14 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), rate_limit))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_oversize_body,
+        ))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(GlobalConcurrencyLimitLayer::new(
             config.max_concurrent_requests,
@@ -298,17 +324,16 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves on `listener` until `shutdown` completes, then finishes in-flight requests.
-/// Runs on the caller's tokio runtime, so a node can embed it.
+/// Runs on the caller's tokio runtime, so a node can embed it. Connections are capped
+/// per client IP and in all ([`ServerConfig::max_connections`]), and each has the
+/// header, idle and request deadlines of its [`ServerConfig`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    Ok(())
+    let config = state.inner.config.clone();
+    crate::listen::serve(listener, router(state), &config, shutdown).await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -326,10 +351,42 @@ fn body_rejection(status: StatusCode, text: String) -> AppError {
     }
 }
 
+/// Whether the request says its body is JSON: `application/json`, with no parameter but
+/// `charset=utf-8` (JSON is UTF-8; `+json` types and other charsets are refused).
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mut parts = value.split(';');
+    let essence = parts.next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        && parts.all(|param| {
+            let param = param.trim();
+            param.is_empty() || {
+                let (k, v) = param.split_once('=').unwrap_or((param, ""));
+                k.trim().eq_ignore_ascii_case("charset")
+                    && v.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+            }
+        })
+}
+
+fn not_json() -> AppError {
+    AppError::new(
+        ErrorCode::UnsupportedMediaType,
+        "expected Content-Type: application/json (charset utf-8)",
+    )
+}
+
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        if !is_json(req.headers()) {
+            return Err(not_json());
+        }
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(JsonBody(v)),
             Err(rej) => {
@@ -387,9 +444,10 @@ fn client_ip(extensions: &axum::http::Extensions) -> IpAddr {
 // ---------------------------------------------------------------------------------------
 // Middleware.
 
-/// Token-bucket limit on write requests (POST) per client IP.
+/// Token-bucket limit on write requests per client IP: every method but GET and HEAD
+/// (unknown methods too, though no route takes them).
 async fn rate_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if req.method() == Method::POST {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
         let ip = client_ip(req.extensions());
         let now = state.now();
         if let Err(wait) = lock(&state.inner.limiter).check(ip, now) {
@@ -401,14 +459,83 @@ async fn rate_limit(State(state): State<AppState>, req: Request, next: Next) -> 
     next.run(req).await
 }
 
-/// Counts requests by route and status, and rejections by code.
+/// Refuses a request whose `Content-Length` is over the body limit before reading any
+/// of its body.
+async fn refuse_oversize_body(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let max = state.inner.config.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return AppError::new(
+            ErrorCode::BodyTooLarge,
+            format!("request bodies are limited to {max} bytes"),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// The methods counted by name in the metrics; any other is `other`.
+const KNOWN_METHODS: &[Method] = &[
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::PATCH,
+    Method::OPTIONS,
+];
+
+/// The method as a metrics label, from a fixed set.
+fn method_label(method: &Method) -> &'static str {
+    KNOWN_METHODS
+        .iter()
+        .find(|m| *m == method)
+        .map_or("other", Method::as_str)
+}
+
+/// The JSON error for a bodiless refusal made by a layer (the request timeout's 408).
+fn layer_refusal(status: StatusCode) -> AppError {
+    match status {
+        StatusCode::REQUEST_TIMEOUT => AppError::new(
+            ErrorCode::RequestTimeout,
+            "the request did not arrive within the server's deadline",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            AppError::new(ErrorCode::BodyTooLarge, "the request body is too large")
+        }
+        StatusCode::SERVICE_UNAVAILABLE => {
+            AppError::new(ErrorCode::ServerFull, "the server is overloaded")
+        }
+        _ => AppError::new(ErrorCode::MalformedRequest, "the request was refused"),
+    }
+}
+
+/// Counts requests by method, route and status (labels from fixed sets: known methods
+/// and routes, anything else `other` / `unmatched`), and rejections by code; gives a
+/// layer's bodiless refusal the JSON error body.
 async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
-    let resp = next.run(req).await;
+        .map_or("unmatched", |p| {
+            ROUTES
+                .iter()
+                .map(|(_, path)| *path)
+                .find(|path| *path == p.as_str())
+                .unwrap_or("unmatched")
+        });
+    let method = method_label(req.method());
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    if (status.is_client_error() || status.is_server_error())
+        && resp.extensions().get::<ErrorCode>().is_none()
+    {
+        resp = layer_refusal(status).into_response();
+    }
     let code = resp.extensions().get::<ErrorCode>().copied();
     state
         .inner
@@ -868,16 +995,8 @@ async fn delete_mailbox(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<DeleteResponse>, AppError> {
     let node = param.node_id()?;
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        return Err(AppError::new(
-            ErrorCode::UnsupportedMediaType,
-            "expected Content-Type: application/json",
-        ));
+    if !is_json(&headers) {
+        return Err(not_json());
     }
     let body = body.map_err(|e| body_rejection(e.status(), e.body_text()))?;
     authenticate(
@@ -913,12 +1032,18 @@ struct Metrics {
 
 #[derive(Debug, Default)]
 struct MetricsInner {
-    requests: BTreeMap<(String, String, u16), u64>,
+    requests: BTreeMap<(&'static str, &'static str, u16), u64>,
     rejections: BTreeMap<&'static str, u64>,
 }
 
 impl Metrics {
-    fn record(&self, method: String, route: String, status: u16, code: Option<ErrorCode>) {
+    fn record(
+        &self,
+        method: &'static str,
+        route: &'static str,
+        status: u16,
+        code: Option<ErrorCode>,
+    ) {
         let mut m = lock(&self.inner);
         *m.requests.entry((method, route, status)).or_default() += 1;
         if let Some(code) = code {

@@ -80,16 +80,6 @@ pub fn lock(dir: &Path) -> Result<File, LockError> {
     }
 }
 
-impl From<LockError> for crate::NodeError {
-    fn from(e: LockError) -> Self {
-        match e {
-            LockError::Access(e) => crate::NodeError::DataDirAccess(e),
-            LockError::Locked { dir } => crate::NodeError::DataDirLocked { dir },
-            LockError::Io { dir, source } => crate::NodeError::DataDir { dir, source },
-        }
-    }
-}
-
 /// Environment variable naming a step at which a debug build aborts, as if killed there
 /// (see [`crash_point`]).
 pub const CRASH_AT_ENV: &str = "P2P_NODE_CRASH_AT";

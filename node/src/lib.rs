@@ -17,6 +17,7 @@ pub mod wire;
 pub use endpoint::{Connection, Endpoint, TransportSettings};
 pub use net::{HomeRelay, PathConfig, PathEvent, PathKind};
 pub use node::{
-    DiscoveryError, Node, NodeBuilder, NodeError, NodeEvent, PeerInfo, Resolved, SendOutcome,
-    SendStatus, Timings, Via,
+    BindError, DiscoveryError, HistoryError, MailboxError, Node, NodeBuilder, NodeEvent,
+    NotThePeerCause, PeerInfo, PeersError, QueueReason, RegisterError, ResolveError, Resolved,
+    SendError, SendOutcome, SendStatus, StorageError, Timings, Via,
 };

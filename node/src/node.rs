@@ -2,7 +2,7 @@
 //! redb [`Store`] and a discovery server together into a chat node.
 //!
 //! ```no_run
-//! # async fn f() -> Result<(), p2p_node::NodeError> {
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! let secret = p2p_crypto::SecretKey::generate();
 //! let node = p2p_node::Node::builder(secret)
 //!     .data_dir("/tmp/alice".into())
@@ -11,7 +11,7 @@
 //!     .await?;
 //! let outcome = node.send("bob", "hello").await?;
 //! println!("{:?}", outcome.status);
-//! node.shutdown().await?;
+//! node.shutdown().await;
 //! # Ok(()) }
 //! ```
 //!
@@ -73,6 +73,7 @@
 
 mod deliver;
 mod disco;
+mod error;
 mod inbound;
 mod mailbox;
 mod outbox;
@@ -102,13 +103,18 @@ use tokio_util::{
 };
 
 use crate::{
-    endpoint::{BindError, Endpoint, TransportSettings},
+    endpoint::{Endpoint, TransportSettings},
     net::{PathConfig, PathKind},
     store::{Contact, OutboxEntry, PinOutcome, Store, StoreError, StoredMessage},
-    wire::{ChatMessage, InvalidMessage, MessageId, RejectCode},
+    wire::{ChatMessage, MessageId, RejectCode},
 };
 
+pub use deliver::{NotThePeerCause, QueueReason};
 pub use disco::DiscoveryError;
+pub use error::{
+    BindError, HistoryError, MailboxError, PeersError, RegisterError, ResolveError, SendError,
+    StorageError,
+};
 /// A node found on discovery, its records verified by the client.
 pub use p2p_discovery::PeerInfo;
 
@@ -338,101 +344,8 @@ pub struct SendOutcome {
     pub status: SendStatus,
     /// For a delivered message, the path it went on: direct, or through a relay.
     pub path: Option<PathKind>,
-}
-
-/// Errors of the node's operations.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum NodeError {
-    /// [`NodeBuilder::data_dir`] was not called.
-    #[error("no data directory given")]
-    NoDataDir,
-    /// Another process (or another node in this process) uses the data directory.
-    #[error("data directory {} is in use by another p2p-node process", dir.display())]
-    DataDirLocked {
-        /// The directory.
-        dir: PathBuf,
-    },
-    /// The data directory or one of its files may be accessed by group or others (the
-    /// message names the `chmod` that fixes it), or cannot be created.
-    #[error(transparent)]
-    DataDirAccess(#[from] p2p_crypto::owner_only::OwnerOnlyError),
-    /// The data directory or its lock file cannot be created or opened.
-    #[error("data directory {}: {source}", dir.display())]
-    DataDir {
-        /// The directory.
-        dir: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: io::Error,
-    },
-    /// The database failed.
-    #[error(transparent)]
-    Store(Arc<StoreError>),
-    /// The QUIC endpoint cannot be bound.
-    #[error(transparent)]
-    Bind(#[from] BindError),
-    /// The embedded discovery server cannot start.
-    #[error("cannot start the embedded discovery server on {addr}: {reason}")]
-    EmbeddedDiscovery {
-        /// The address it was to listen on.
-        addr: SocketAddr,
-        /// Why.
-        #[source]
-        reason: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// The operation needs a discovery server and none is configured.
-    #[error("no discovery server is configured")]
-    NoDiscovery,
-    /// The discovery server failed or refused the request.
-    #[error(transparent)]
-    Discovery(#[from] DiscoveryError),
-    /// The name is claimed by another node.
-    #[error("the name {name:?} is already taken by another node")]
-    NameTaken {
-        /// The name.
-        name: String,
-    },
-    /// `peer` is not a NodeId, not a pinned contact, and discovery does not know it.
-    #[error("unknown peer {peer:?}: not a NodeId, a known contact or a name on discovery")]
-    UnknownPeer {
-        /// What was asked for.
-        peer: String,
-    },
-    /// The message breaks the protocol's limits (e.g. too long).
-    #[error(transparent)]
-    InvalidMessage(#[from] InvalidMessage),
-    /// A frame could not be encoded (not expected for valid messages).
-    #[error(transparent)]
-    Encode(#[from] crate::wire::EncodeError),
-    /// The recipient refused the message for good.
-    #[error("{to} rejected message {id}: {code}")]
-    Rejected {
-        /// The recipient.
-        to: NodeId,
-        /// The message.
-        id: MessageId,
-        /// Why.
-        code: RejectCode,
-    },
-    /// The message cannot be sent to ourselves.
-    #[error("cannot send a message to this node itself")]
-    SelfMessage,
-    /// The node was shut down.
-    #[error("the node is shut down")]
-    Shutdown,
-    /// The writer thread cannot be started.
-    #[error("cannot start the writer thread: {0}")]
-    Thread(#[source] io::Error),
-    /// A background task failed unexpectedly.
-    #[error("internal task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
-}
-
-impl From<StoreError> for NodeError {
-    fn from(e: StoreError) -> Self {
-        NodeError::Store(Arc::new(e))
-    }
+    /// For a queued message, why it could not be delivered at once.
+    pub queued_because: Option<QueueReason>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -589,8 +502,8 @@ impl NodeBuilder {
     ///
     /// A discovery server that cannot be reached is not an error here: the node logs a
     /// warning and keeps trying in the background.
-    pub async fn bind(self) -> Result<Node, NodeError> {
-        let dir = self.data_dir.clone().ok_or(NodeError::NoDataDir)?;
+    pub async fn bind(self) -> Result<Node, BindError> {
+        let dir = self.data_dir.clone().ok_or(BindError::NoDataDir)?;
         let lock = lock_data_dir(&dir)?;
         let db_path = dir.join(DB_FILE);
         let in_memory = self.in_memory;
@@ -612,7 +525,7 @@ impl NodeBuilder {
             .bind()
             .await?;
 
-        let (writer, writer_thread) = writer::spawn(store.clone()).map_err(NodeError::Thread)?;
+        let (writer, writer_thread) = writer::spawn(store.clone()).map_err(BindError::Thread)?;
         let mut directory = peers::PeerDirectory::default();
         let contacts = {
             let store = store.clone();
@@ -718,7 +631,7 @@ impl NodeBuilder {
 }
 
 /// Creates the data directory 0700 (or refuses a too-open one) and locks it.
-fn lock_data_dir(dir: &std::path::Path) -> Result<File, NodeError> {
+fn lock_data_dir(dir: &std::path::Path) -> Result<File, BindError> {
     Ok(crate::datadir::lock(dir)?)
 }
 
@@ -898,16 +811,16 @@ impl Node {
 
     /// Claims `name` for this node on discovery, pins it to ourselves, and announces it
     /// (when this node announces).
-    pub async fn register(&self, name: &str) -> Result<(), NodeError> {
+    pub async fn register(&self, name: &str) -> Result<(), RegisterError> {
         let inner = &self.inner;
-        let disco = inner.disco.as_ref().ok_or(NodeError::NoDiscovery)?;
+        let disco = inner.disco.as_ref().ok_or(RegisterError::NoDiscovery)?;
         disco.claim_name(&inner.secret, name).await.map_err(|e| {
             if e.is_name_taken() {
-                NodeError::NameTaken {
+                RegisterError::NameTaken {
                     name: name.to_owned(),
                 }
             } else {
-                NodeError::Discovery(e)
+                RegisterError::Discovery(e)
             }
         })?;
         let contact = Contact {
@@ -933,7 +846,7 @@ impl Node {
     /// NodeId seen for a name is pinned. When discovery later returns another NodeId
     /// for a pinned name, a [`NodeEvent::KeyChanged`] warning is sent and the pinned id
     /// is kept.
-    pub async fn resolve(&self, peer: &str) -> Result<Resolved, NodeError> {
+    pub async fn resolve(&self, peer: &str) -> Result<Resolved, ResolveError> {
         self.inner.resolve(peer).await
     }
 
@@ -947,13 +860,13 @@ impl Node {
     /// Sending to a NodeId while discovery is down still succeeds with
     /// [`SendStatus::Queued`] when the peer cannot be reached: the message stays in the
     /// outbox and is delivered (or deposited) by the background task later. Sending to a
-    /// name that cannot be resolved is an error ([`NodeError::UnknownPeer`] or
-    /// [`NodeError::Discovery`]) and stores nothing.
-    pub async fn send(&self, to: &str, text: &str) -> Result<SendOutcome, NodeError> {
+    /// name that cannot be resolved is an error ([`SendError::Resolve`]) and stores
+    /// nothing.
+    pub async fn send(&self, to: &str, text: &str) -> Result<SendOutcome, SendError> {
         let resolved = self.inner.resolve(to).await?;
         let peer = resolved.node_id;
         if peer == self.inner.node_id {
-            return Err(NodeError::SelfMessage);
+            return Err(SendError::SelfMessage);
         }
         let msg = ChatMessage::text(text, stamp_ms())?;
         self.inner.send_message(peer, msg).await
@@ -961,9 +874,9 @@ impl Node {
 
     /// Sends a text message to the node `to`, like [`Node::send`] without resolving a
     /// name or parsing an id.
-    pub async fn send_to(&self, to: &NodeId, text: &str) -> Result<SendOutcome, NodeError> {
+    pub async fn send_to(&self, to: &NodeId, text: &str) -> Result<SendOutcome, SendError> {
         if *to == self.inner.node_id {
-            return Err(NodeError::SelfMessage);
+            return Err(SendError::SelfMessage);
         }
         let msg = ChatMessage::text(text, stamp_ms())?;
         self.inner.send_message(*to, msg).await
@@ -973,7 +886,11 @@ impl Node {
     ///
     /// Waits (at most [`Timings::dial_timeout`]) for the mailbox drain at start, so
     /// messages that waited in the mailbox are included.
-    pub async fn history(&self, peer: &str, limit: usize) -> Result<Vec<StoredMessage>, NodeError> {
+    pub async fn history(
+        &self,
+        peer: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, HistoryError> {
         self.history_before(peer, limit, None).await
     }
 
@@ -986,26 +903,27 @@ impl Node {
         peer: &str,
         limit: usize,
         before: Option<(u64, MessageId)>,
-    ) -> Result<Vec<StoredMessage>, NodeError> {
+    ) -> Result<Vec<StoredMessage>, HistoryError> {
         let id = self.inner.resolve(peer).await?.node_id;
         self.inner.wait_initial_drain().await;
         // Every write queued so far (e.g. the delivery mark of a message just sent) is
         // in what we read.
         self.inner.writer.sync().await?;
-        self.inner
+        Ok(self
+            .inner
             .blocking(move |s| s.history(&id, limit, before))
-            .await
+            .await?)
     }
 
     /// The messages not yet acknowledged by their recipients.
-    pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, NodeError> {
+    pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, StorageError> {
         self.inner.writer.sync().await?;
         self.inner.blocking(|s| s.outbox()).await
     }
 
     /// The nodes online now, as listed by discovery (signatures verified).
-    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
-        let disco = self.inner.disco.as_ref().ok_or(NodeError::NoDiscovery)?;
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, PeersError> {
+        let disco = self.inner.disco.as_ref().ok_or(PeersError::NoDiscovery)?;
         let peers = disco.online().await?;
         self.inner.learn_peers(&peers);
         Ok(peers)
@@ -1020,15 +938,16 @@ impl Node {
     /// Fetches the mailbox now: stores the messages (deduplicating), applies receipts,
     /// sends receipts back, then deletes what was handled. Returns the number of new
     /// messages.
-    pub async fn drain_mailbox(&self) -> Result<usize, NodeError> {
+    pub async fn drain_mailbox(&self) -> Result<usize, MailboxError> {
         mailbox::drain(&self.inner).await
     }
 
     /// Stops the node: stops the background tasks, closes every connection with
     /// [`CLOSE_SHUTDOWN`], withdraws our presence if we announced it, stops the embedded
     /// discovery server, and waits until all of it is done. Everything stored is
-    /// already durable.
-    pub async fn shutdown(self) -> Result<(), NodeError> {
+    /// already durable. Nothing here can fail: what does not stop in time is logged and
+    /// left behind.
+    pub async fn shutdown(self) {
         let inner = self.inner.clone();
         inner.cancel.cancel();
         inner.tracker.close();
@@ -1066,7 +985,6 @@ impl Node {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
         drop(self);
-        Ok(())
     }
 }
 
@@ -1147,7 +1065,7 @@ impl Inner {
     }
 
     /// Runs a store operation on a blocking thread.
-    async fn blocking<T, F>(&self, f: F) -> Result<T, NodeError>
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
         F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
@@ -1168,6 +1086,7 @@ impl Inner {
     /// another key is not shown and raises a [`NodeEvent::KeyChanged`] warning.
     async fn sender_name(&self, id: &NodeId) -> Option<String> {
         if let Some(name) = self.name_of(id) {
+            self.pin_online_name(id).await;
             return Some(name);
         }
         let disco = self.disco.as_ref()?;
@@ -1209,6 +1128,25 @@ impl Inner {
         };
         self.peers().note_claim(*id, pinned.clone(), Instant::now());
         pinned
+    }
+
+    /// Pins the name `id` has in the online list, if it is not pinned yet: a peer we
+    /// exchange messages with keeps its name (so `history NAME` works) when discovery is
+    /// down or the peer offline. The online list's names are claims the discovery client
+    /// verified, as for [`Inner::resolve`].
+    async fn pin_online_name(&self, id: &NodeId) {
+        let Some(name) = self.peers().unpinned_online_name(id) else {
+            return;
+        };
+        let (n, node) = (name.clone(), *id);
+        match self
+            .blocking(move |s| s.pin_contact(&n, &node, now_ms()))
+            .await
+        {
+            Ok(PinOutcome::New | PinOutcome::Same) => self.peers().set_name(*id, name),
+            Ok(PinOutcome::Changed { old }) => self.key_changed(&name, old, *id),
+            Err(e) => tracing::warn!(error = %e, "cannot pin a peer's name"),
+        }
     }
 
     fn current_name(&self) -> Option<String> {
@@ -1261,7 +1199,7 @@ impl Inner {
         let _ = tokio::time::timeout(self.timings.dial_timeout, rx.wait_for(|d| *d)).await;
     }
 
-    async fn resolve(&self, peer: &str) -> Result<Resolved, NodeError> {
+    async fn resolve(&self, peer: &str) -> Result<Resolved, ResolveError> {
         if peer.len() == NODE_ID_TEXT_LEN {
             if let Ok(id) = peer.parse::<NodeId>() {
                 return Ok(Resolved {
@@ -1272,7 +1210,7 @@ impl Inner {
         }
         let name = peer.to_owned();
         if p2p_discovery::validate_name(&name).is_err() {
-            return Err(NodeError::UnknownPeer { peer: name });
+            return Err(ResolveError::UnknownPeer { peer: name });
         }
         let pinned = {
             let name = name.clone();
@@ -1316,9 +1254,9 @@ impl Inner {
             });
         }
         let info = match lookup {
-            None => return Err(NodeError::UnknownPeer { peer: name }),
-            Some(Err(e)) => return Err(NodeError::Discovery(e)),
-            Some(Ok(None)) => return Err(NodeError::UnknownPeer { peer: name }),
+            None => return Err(ResolveError::UnknownPeer { peer: name }),
+            Some(Err(e)) => return Err(ResolveError::Discovery(e)),
+            Some(Ok(None)) => return Err(ResolveError::UnknownPeer { peer: name }),
             Some(Ok(Some(info))) => info,
         };
         let id = info.node_id;
@@ -1399,24 +1337,25 @@ impl Inner {
         self: &Arc<Self>,
         peer: NodeId,
         msg: ChatMessage,
-    ) -> Result<SendOutcome, NodeError> {
+    ) -> Result<SendOutcome, SendError> {
         if self.cancel.is_cancelled() {
-            return Err(NodeError::Shutdown);
+            return Err(StorageError::Shutdown.into());
         }
         let id = msg.id;
         // In flight before it is in the outbox, so the outbox task leaves it to us.
         self.delivery().start_send(id);
         // The message goes out only once it is durably stored; the connection it needs
         // is set up meanwhile.
-        let (stored, ()) = tokio::join!(
+        let (stored, prepared) = tokio::join!(
             self.writer.outgoing(peer, msg.clone()),
             deliver::prepare(self, peer)
         );
         if let Err(e) = stored {
             self.delivery().finish(&id);
-            return Err(e);
+            return Err(e.into());
         }
-        let result = self.try_send_now(peer, &msg).await;
+        self.pin_online_name(&peer).await;
+        let result = self.try_send_now(peer, &msg, prepared).await;
         self.delivery().finish(&id);
         if matches!(&result, Ok(o) if o.status == SendStatus::Queued) {
             // The outbox task takes it from here (it skipped it while it was in flight).
@@ -1425,17 +1364,22 @@ impl Inner {
         result
     }
 
+    /// Delivers a stored message now, or queues it. `prepared` is the failure of the
+    /// dial made while it was being stored, if that failed: the real reason when this
+    /// attempt only meets the backoff that failure set.
     async fn try_send_now(
         self: &Arc<Self>,
         peer: NodeId,
         msg: &ChatMessage,
-    ) -> Result<SendOutcome, NodeError> {
+        prepared: Option<deliver::DeliverError>,
+    ) -> Result<SendOutcome, SendError> {
         let id = msg.id;
         let queued = SendOutcome {
             id,
             to: peer,
             status: SendStatus::Queued,
             path: None,
+            queued_because: None,
         };
         match deliver::deliver(self, peer, msg).await {
             Ok(acked) => {
@@ -1452,10 +1396,19 @@ impl Inner {
                     crate::wire::AckStatus::Rejected(code) => code,
                     _ => RejectCode::OTHER,
                 };
-                Err(NodeError::Rejected { to: peer, id, code })
+                Err(SendError::Rejected { to: peer, id, code })
             }
             Err(e) => {
-                tracing::info!(%peer, message = %id, error = %e, "direct delivery failed; queued");
+                let e = match (e, prepared) {
+                    (deliver::DeliverError::Backoff(_), Some(first)) => first,
+                    (e, _) => e,
+                };
+                let reason = e.queue_reason(peer);
+                if let QueueReason::NotThePeer { actual, addr, .. } = reason {
+                    tracing::warn!(%peer, ?addr, ?actual, error = %e, "the node at the peer's address is not the peer; queued");
+                } else {
+                    tracing::info!(%peer, message = %id, error = %e, "direct delivery failed; queued");
+                }
                 let entry = OutboxEntry {
                     to: peer,
                     message: msg.clone(),
@@ -1465,7 +1418,10 @@ impl Inner {
                     mailbox_deposited: false,
                 };
                 outbox::after_failure(self, entry).await;
-                Ok(queued)
+                Ok(SendOutcome {
+                    queued_because: Some(reason),
+                    ..queued
+                })
             }
         }
     }

@@ -819,6 +819,100 @@ mod tests {
     // --- async stream helpers -----------------------------------------------------------
 
     /// Yields its data one byte per read, then EOF; panics if read past a limit.
+    /// Runs a test's body with a deadline of its own, so a reader that never finishes
+    /// fails the test instead of hanging it.
+    async fn within<F: std::future::Future<Output = ()>>(body: F) {
+        tokio::time::timeout(std::time::Duration::from_secs(10), body)
+            .await
+            .expect("the test finishes within 10 s");
+    }
+
+    /// A reader that fails every read with `kind`, after `interrupts` reads that fail
+    /// with `Interrupted`; counts its reads.
+    struct Failing {
+        kind: std::io::ErrorKind,
+        interrupts: usize,
+        reads: usize,
+    }
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.reads += 1;
+            assert!(
+                self.reads < 1000,
+                "a failing reader is read again and again"
+            );
+            if self.reads <= self.interrupts {
+                return Poll::Ready(Err(std::io::ErrorKind::Interrupted.into()));
+            }
+            Poll::Ready(Err(self.kind.into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_reader_is_an_io_error_after_interruptions_are_retried() {
+        within(async {
+            let mut r = Failing {
+                kind: std::io::ErrorKind::ConnectionReset,
+                interrupts: 3,
+                reads: 0,
+            };
+            let mut buf = Vec::new();
+            match read_frame(&mut r, &mut buf).await {
+                Err(ReadFrameError::Io(e)) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset)
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            assert_eq!(
+                r.reads, 4,
+                "three interrupted reads retried, then the error"
+            );
+            // The same in the middle of a payload.
+            let mut r = Failing {
+                kind: std::io::ErrorKind::BrokenPipe,
+                interrupts: 0,
+                reads: 0,
+            };
+            assert!(matches!(
+                read_frame_body(&mut r, 10, &mut buf).await,
+                Err(ReadFrameError::Io(_))
+            ));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn read_frame_body_refuses_a_length_over_the_limit_before_allocating() {
+        within(async {
+            // The reader would hand out a whole oversize payload if asked.
+            let data = vec![0u8; MAX_FRAME_LEN + 1];
+            let mut r: &[u8] = &data;
+            let mut buf = Vec::new();
+            assert!(matches!(
+                read_frame_body(&mut r, MAX_FRAME_LEN + 1, &mut buf).await,
+                Err(ReadFrameError::Decode(DecodeError::FrameTooLarge { len, max }))
+                    if len == MAX_FRAME_LEN + 1 && max == MAX_FRAME_LEN
+            ));
+            assert_eq!(buf.capacity(), 0);
+            assert_eq!(r.len(), MAX_FRAME_LEN + 1, "nothing was read");
+        })
+        .await;
+    }
+
+    #[test]
+    fn the_limits_have_their_documented_values() {
+        // PROTOCOL.md and the peers of this node rely on these numbers.
+        assert_eq!(MAX_FRAME_LEN, 65_536);
+        assert_eq!(MAX_TEXT_LEN, 16_384);
+        assert_eq!(HEADER_LEN, 4);
+        assert_eq!(ALPN, b"p2p-chat/1");
+    }
+
     struct Trickle {
         data: Vec<u8>,
         pos: usize,
@@ -842,145 +936,166 @@ mod tests {
 
     #[tokio::test]
     async fn read_write_frames_over_a_stream() {
-        let (mut a, mut b) = tokio::io::duplex(1024);
-        let frames = vec![
-            text_msg("one"),
-            ack(AckStatus::Stored),
-            text_msg(&"y".repeat(MAX_TEXT_LEN)),
-        ];
-        let sent = frames.clone();
-        let writer = tokio::spawn(async move {
-            for f in &sent {
-                write_frame(&mut a, f).await.unwrap();
+        within(async {
+            let (mut a, mut b) = tokio::io::duplex(1024);
+            let frames = vec![
+                text_msg("one"),
+                ack(AckStatus::Stored),
+                text_msg(&"y".repeat(MAX_TEXT_LEN)),
+            ];
+            let sent = frames.clone();
+            let writer = tokio::spawn(async move {
+                for f in &sent {
+                    write_frame(&mut a, f).await.unwrap();
+                }
+                // Dropping `a` closes the stream cleanly at a frame boundary.
+            });
+            let mut buf = Vec::new();
+            let mut got = Vec::new();
+            while let Some(f) = read_frame(&mut b, &mut buf).await.unwrap() {
+                got.push(f);
             }
-            // Dropping `a` closes the stream cleanly at a frame boundary.
-        });
-        let mut buf = Vec::new();
-        let mut got = Vec::new();
-        while let Some(f) = read_frame(&mut b, &mut buf).await.unwrap() {
-            got.push(f);
-        }
-        writer.await.unwrap();
-        assert_eq!(got, frames);
+            writer.await.unwrap();
+            assert_eq!(got, frames);
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn read_frame_byte_by_byte() {
-        let mut data = encode(&text_msg("trickle")).unwrap();
-        encode_into(&ack(AckStatus::Duplicate), &mut data).unwrap();
-        let mut r = Trickle {
-            max_reads: data.len(),
-            data,
-            pos: 0,
-        };
-        let mut buf = Vec::new();
-        assert_eq!(
-            read_frame(&mut r, &mut buf).await.unwrap(),
-            Some(text_msg("trickle"))
-        );
-        assert_eq!(
-            read_frame(&mut r, &mut buf).await.unwrap(),
-            Some(ack(AckStatus::Duplicate))
-        );
-        assert_eq!(read_frame(&mut r, &mut buf).await.unwrap(), None);
+        within(async {
+            let mut data = encode(&text_msg("trickle")).unwrap();
+            encode_into(&ack(AckStatus::Duplicate), &mut data).unwrap();
+            let mut r = Trickle {
+                max_reads: data.len(),
+                data,
+                pos: 0,
+            };
+            let mut buf = Vec::new();
+            assert_eq!(
+                read_frame(&mut r, &mut buf).await.unwrap(),
+                Some(text_msg("trickle"))
+            );
+            assert_eq!(
+                read_frame(&mut r, &mut buf).await.unwrap(),
+                Some(ack(AckStatus::Duplicate))
+            );
+            assert_eq!(read_frame(&mut r, &mut buf).await.unwrap(), None);
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn read_frame_refuses_oversize_before_allocating() {
-        let mut data = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec();
-        data.extend_from_slice(&[0; 16]);
-        // The reader panics if asked for anything beyond the 4 header bytes.
-        let mut r = Trickle {
-            data,
-            pos: 0,
-            max_reads: 3,
-        };
-        let mut buf = Vec::new();
-        let err = read_frame(&mut r, &mut buf).await.unwrap_err();
-        assert!(matches!(
-            err,
-            ReadFrameError::Decode(DecodeError::FrameTooLarge { .. })
-        ));
-        assert_eq!(buf.capacity(), 0);
+        within(async {
+            let mut data = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec();
+            data.extend_from_slice(&[0; 16]);
+            // The reader panics if asked for anything beyond the 4 header bytes.
+            let mut r = Trickle {
+                data,
+                pos: 0,
+                max_reads: 3,
+            };
+            let mut buf = Vec::new();
+            let err = read_frame(&mut r, &mut buf).await.unwrap_err();
+            assert!(matches!(
+                err,
+                ReadFrameError::Decode(DecodeError::FrameTooLarge { .. })
+            ));
+            assert_eq!(buf.capacity(), 0);
 
-        let mut r: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
-        let err = read_frame(&mut r, &mut buf).await.unwrap_err();
-        assert!(matches!(
-            err,
-            ReadFrameError::Decode(DecodeError::FrameTooLarge { .. })
-        ));
-        assert_eq!(buf.capacity(), 0);
+            let mut r: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+            let err = read_frame(&mut r, &mut buf).await.unwrap_err();
+            assert!(matches!(
+                err,
+                ReadFrameError::Decode(DecodeError::FrameTooLarge { .. })
+            ));
+            assert_eq!(buf.capacity(), 0);
 
-        let mut r: &[u8] = &[0, 0, 0, 0];
-        let err = read_frame(&mut r, &mut buf).await.unwrap_err();
-        assert!(matches!(err, ReadFrameError::Decode(DecodeError::Empty)));
+            let mut r: &[u8] = &[0, 0, 0, 0];
+            let err = read_frame(&mut r, &mut buf).await.unwrap_err();
+            assert!(matches!(err, ReadFrameError::Decode(DecodeError::Empty)));
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn reused_buffer_stays_within_max_frame_len() {
-        // A large garbage frame, then a larger one, through the same buffer: growing it
-        // by `resize` alone doubled the capacity (to 80 000 bytes) past MAX_FRAME_LEN.
-        let mut data = 40_000u32.to_be_bytes().to_vec();
-        data.extend(std::iter::repeat_n(0xff, 40_000));
-        data.extend_from_slice(&60_000u32.to_be_bytes());
-        data.extend(std::iter::repeat_n(0xff, 60_000));
-        let mut r: &[u8] = &data;
-        let mut buf = Vec::new();
-        for _ in 0..2 {
-            assert!(matches!(
-                read_frame(&mut r, &mut buf).await,
-                Err(ReadFrameError::Decode(DecodeError::Malformed(_)))
-            ));
-            assert!(buf.capacity() <= MAX_FRAME_LEN, "{}", buf.capacity());
-        }
-        assert!(r.is_empty());
+        within(async {
+            // A large garbage frame, then a larger one, through the same buffer: growing it
+            // by `resize` alone doubled the capacity (to 80 000 bytes) past MAX_FRAME_LEN.
+            let mut data = 40_000u32.to_be_bytes().to_vec();
+            data.extend(std::iter::repeat_n(0xff, 40_000));
+            data.extend_from_slice(&60_000u32.to_be_bytes());
+            data.extend(std::iter::repeat_n(0xff, 60_000));
+            let mut r: &[u8] = &data;
+            let mut buf = Vec::new();
+            for _ in 0..2 {
+                assert!(matches!(
+                    read_frame(&mut r, &mut buf).await,
+                    Err(ReadFrameError::Decode(DecodeError::Malformed(_)))
+                ));
+                assert!(buf.capacity() <= MAX_FRAME_LEN, "{}", buf.capacity());
+            }
+            assert!(r.is_empty());
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn read_frame_truncated() {
-        let data = encode(&text_msg("cut short")).unwrap();
-        let mut buf = Vec::new();
-        // Inside the header.
-        let mut r: &[u8] = &data[..2];
-        assert!(matches!(
-            read_frame(&mut r, &mut buf).await,
-            Err(ReadFrameError::Truncated {
-                expected: 4,
-                got: 2
-            })
-        ));
-        // Inside the payload.
-        let mut r: &[u8] = &data[..data.len() - 1];
-        match read_frame(&mut r, &mut buf).await {
-            Err(ReadFrameError::Truncated { expected, got }) => {
-                assert_eq!(expected, data.len() - 4);
-                assert_eq!(got, data.len() - 5);
+        within(async {
+            let data = encode(&text_msg("cut short")).unwrap();
+            let mut buf = Vec::new();
+            // Inside the header.
+            let mut r: &[u8] = &data[..2];
+            assert!(matches!(
+                read_frame(&mut r, &mut buf).await,
+                Err(ReadFrameError::Truncated {
+                    expected: 4,
+                    got: 2
+                })
+            ));
+            // Inside the payload.
+            let mut r: &[u8] = &data[..data.len() - 1];
+            match read_frame(&mut r, &mut buf).await {
+                Err(ReadFrameError::Truncated { expected, got }) => {
+                    assert_eq!(expected, data.len() - 4);
+                    assert_eq!(got, data.len() - 5);
+                }
+                other => panic!("unexpected {other:?}"),
             }
-            other => panic!("unexpected {other:?}"),
-        }
-        // Clean EOF.
-        let mut r: &[u8] = &[];
-        assert!(read_frame(&mut r, &mut buf).await.unwrap().is_none());
+            // Clean EOF.
+            let mut r: &[u8] = &[];
+            assert!(read_frame(&mut r, &mut buf).await.unwrap().is_none());
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn read_frame_garbage_payload() {
-        let mut r: &[u8] = &[0, 0, 0, 3, 9, 9, 9];
-        let mut buf = Vec::new();
-        assert!(matches!(
-            read_frame(&mut r, &mut buf).await,
-            Err(ReadFrameError::Decode(DecodeError::Malformed(_)))
-        ));
+        within(async {
+            let mut r: &[u8] = &[0, 0, 0, 3, 9, 9, 9];
+            let mut buf = Vec::new();
+            assert!(matches!(
+                read_frame(&mut r, &mut buf).await,
+                Err(ReadFrameError::Decode(DecodeError::Malformed(_)))
+            ));
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn write_frame_refuses_invalid() {
-        let mut out = Vec::new();
-        let err = write_frame(&mut out, &text_msg(&"z".repeat(MAX_TEXT_LEN + 1)))
-            .await
-            .unwrap_err();
-        assert!(matches!(err, WriteFrameError::Encode(_)));
-        assert!(out.is_empty());
+        within(async {
+            let mut out = Vec::new();
+            let err = write_frame(&mut out, &text_msg(&"z".repeat(MAX_TEXT_LEN + 1)))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, WriteFrameError::Encode(_)));
+            assert!(out.is_empty());
+        })
+        .await;
     }
 
     // --- properties ---------------------------------------------------------------------

@@ -13,7 +13,8 @@ use p2p_discovery::api::{ClaimEntry, PeerEntry};
 use p2p_node::{
     node::{CLOSE_BAD_FRAME, CLOSE_TOO_MANY_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, STREAM_TIMEOUT},
     wire::{self, AckStatus, Body, ChatMessage, Frame, MessageId, MAX_TEXT_LEN},
-    Node, NodeError, SendStatus, Timings, TransportSettings,
+    Node, NotThePeerCause, QueueReason, ResolveError, SendError, SendStatus, Timings,
+    TransportSettings,
 };
 use tokio::task::JoinSet;
 
@@ -82,8 +83,8 @@ impl Scene {
     }
 
     async fn stop(self) -> Result<()> {
-        self.a.shutdown().await?;
-        self.b.shutdown().await?;
+        self.a.shutdown().await;
+        self.b.shutdown().await;
         self.d.stop().await;
         Ok(())
     }
@@ -242,7 +243,7 @@ async fn frames_at_the_limit_are_accepted_and_over_it_refused() -> Result<()> {
     let too_long = format!("{longest}x");
     assert!(matches!(
         s.a.send(&bob, &too_long).await,
-        Err(NodeError::InvalidMessage(_))
+        Err(SendError::InvalidMessage(_))
     ));
 
     // A peer that writes it anyway (bypassing the encoder's check) loses its connection,
@@ -426,7 +427,7 @@ async fn a_lying_discovery_server_cannot_make_the_node_trust_its_records() -> Re
         let a = alice.start(&url).await?;
         let err = a.send("bob", "hi bob").await;
         assert!(
-            matches!(err, Err(NodeError::Discovery(_))),
+            matches!(err, Err(SendError::Resolve(ResolveError::Discovery(_)))),
             "{what}: the lookup must fail, got {err:?}"
         );
         assert!(a.outbox().await?.is_empty(), "{what}: nothing queued");
@@ -434,8 +435,102 @@ async fn a_lying_discovery_server_cannot_make_the_node_trust_its_records() -> Re
         assert_eq!(listed, 0, "{what}: nothing listed");
         let by_id = a.history(&bob.public().to_string(), 10).await?;
         assert!(by_id.is_empty(), "{what}: nothing stored");
-        a.shutdown().await?;
+        a.shutdown().await;
         server.abort();
     }
+    Ok(())
+}
+
+/// Bob's (genuine, signed) presence names an address where another node answers.
+async fn bob_published_at(
+    d: &Discovery,
+    bob: &SecretKey,
+    addr: std::net::SocketAddr,
+) -> Result<()> {
+    let client = d.client()?;
+    client.claim_name(bob, "bob").await?;
+    client
+        .announce(bob, Some("bob"), &[addr], Duration::from_secs(60))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_at_the_peers_address_with_another_key_is_reported_and_the_message_queued(
+) -> Result<()> {
+    let d = Discovery::start().await?;
+    let bob = SecretKey::generate();
+    let mallory = SecretKey::generate();
+    let impostor = raw_endpoint(&mallory).await?;
+    let at = std::net::SocketAddr::from(([127, 0, 0, 1], impostor.local_addr()?.port()));
+    let accepting = impostor.clone();
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = accepting.accept().await {
+            let _ = incoming.accept().await;
+        }
+    });
+    bob_published_at(&d, &bob, at).await?;
+    let alice = User::new()?;
+    let a = alice.start(&d.url).await?;
+    let out = tokio::time::timeout(DEADLINE, a.send("bob", "for bob only")).await??;
+    assert_eq!(out.status, SendStatus::Queued);
+    assert_eq!(
+        out.queued_because,
+        Some(QueueReason::NotThePeer {
+            addr: Some(at),
+            expected: bob.public(),
+            actual: Some(mallory.public()),
+            cause: NotThePeerCause::OtherKey,
+        })
+    );
+    // Kept for bob, and tried again later.
+    assert_eq!(a.outbox().await?.len(), 1);
+    a.shutdown().await;
+    task.abort();
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_at_the_peers_address_without_the_protocol_is_reported() -> Result<()> {
+    let d = Discovery::start().await?;
+    let bob = SecretKey::generate();
+    // A QUIC server that knows no ALPN the node speaks.
+    let other = p2p_crypto::tls::certify(&SecretKey::generate())?;
+    let mut tls = p2p_crypto::tls::server_config(&other)?;
+    tls.alpn_protocols = vec![b"something-else/1".to_vec()];
+    let server = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
+        )),
+        "127.0.0.1:0".parse()?,
+    )?;
+    let at = server.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = server.accept().await {
+            let _ = incoming.await;
+        }
+    });
+    bob_published_at(&d, &bob, at).await?;
+    let alice = User::new()?;
+    let a = alice.start(&d.url).await?;
+    let out = tokio::time::timeout(DEADLINE, a.send("bob", "for bob only")).await??;
+    assert_eq!(out.status, SendStatus::Queued);
+    assert!(
+        matches!(
+            out.queued_because,
+            Some(QueueReason::NotThePeer {
+                addr: Some(addr),
+                actual: None,
+                cause: NotThePeerCause::NoCommonProtocol,
+                ..
+            }) if addr == at
+        ),
+        "{:?}",
+        out.queued_because
+    );
+    a.shutdown().await;
+    task.abort();
+    d.stop().await;
     Ok(())
 }

@@ -14,7 +14,8 @@ use p2p_node::{
     node::{CLOSE_BAD_FRAME, CLOSE_UNEXPECTED_FRAME},
     store::{Direction, MessageStatus},
     wire::{self, Ack, AckStatus, ChatMessage, Frame, MessageId},
-    Endpoint, Node, NodeError, NodeEvent, SendStatus, Timings, Via,
+    BindError, Endpoint, Node, NodeEvent, RegisterError, ResolveError, SendError, SendStatus,
+    Timings, Via,
 };
 use sha2::Sha256;
 
@@ -33,7 +34,7 @@ async fn online_send_arrives_once_acknowledged_in_both_histories() -> Result<()>
     let mut b_ev = b.subscribe();
     assert!(matches!(
         a.register("bob").await,
-        Err(NodeError::NameTaken { name }) if name == "bob"
+        Err(RegisterError::NameTaken { name }) if name == "bob"
     ));
 
     let out = a.send("bob", "hello bob").await?;
@@ -80,8 +81,8 @@ async fn online_send_arrives_once_acknowledged_in_both_histories() -> Result<()>
     let peers = a.peers().await?;
     assert!(peers.iter().any(|p| p.node_id == bob.id()));
 
-    a.shutdown().await?;
-    b.shutdown().await?;
+    a.shutdown().await;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -92,7 +93,7 @@ async fn offline_send_goes_through_the_mailbox_and_the_receipt_marks_it_delivere
     let (alice, bob) = (User::new()?, User::new()?);
     let b = bob.start(&d.url).await?;
     b.register("bob").await?;
-    b.shutdown().await?;
+    b.shutdown().await;
 
     let a = alice.start(&d.url).await?;
     a.register("alice").await?;
@@ -101,7 +102,7 @@ async fn offline_send_goes_through_the_mailbox_and_the_receipt_marks_it_delivere
     let entries = a.outbox().await?;
     assert_eq!(entries.len(), 1);
     assert!(entries[0].mailbox_deposited, "sealed copy deposited");
-    a.shutdown().await?;
+    a.shutdown().await;
 
     // Bob starts while Alice is down: the message waits in his mailbox.
     let builder = bob.builder(&d.url);
@@ -122,7 +123,7 @@ async fn offline_send_goes_through_the_mailbox_and_the_receipt_marks_it_delivere
     let left = d.client()?.fetch_mailbox(&bob.sk).await?;
     assert!(left.items.is_empty(), "drained mailbox is deleted");
     assert_eq!(b.history(&alice.id().to_string(), 10).await?.len(), 1);
-    b.shutdown().await?;
+    b.shutdown().await;
 
     // Alice comes back: Bob's receipt in her mailbox marks the message delivered.
     let builder = alice.builder(&d.url);
@@ -133,7 +134,7 @@ async fn offline_send_goes_through_the_mailbox_and_the_receipt_marks_it_delivere
     assert_eq!(hist.len(), 1);
     assert_eq!(hist[0].status, MessageStatus::Delivered);
     assert!(a.outbox().await?.is_empty());
-    a.shutdown().await?;
+    a.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -149,7 +150,7 @@ async fn restart_keeps_history_and_outbox_and_the_outbox_delivers_when_the_peer_
     let second = a.send(&bob.id().to_string(), "second").await?;
     assert_eq!(first.status, SendStatus::Queued);
     assert_eq!(second.status, SendStatus::Queued);
-    a.shutdown().await?;
+    a.shutdown().await;
 
     let a = alice.start(&d.url).await?;
     let mut a_ev = a.subscribe();
@@ -186,8 +187,8 @@ async fn restart_keeps_history_and_outbox_and_the_outbox_delivers_when_the_peer_
         at_b.iter().map(text).collect::<Vec<_>>(),
         ["first", "second"]
     );
-    a.shutdown().await?;
-    b.shutdown().await?;
+    a.shutdown().await;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -236,7 +237,7 @@ async fn the_same_message_id_is_stored_once_whatever_the_path() -> Result<()> {
         .filter(is_received)
         .collect();
     assert_eq!(received.len(), 1, "one event for one message");
-    b.shutdown().await?;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -355,7 +356,7 @@ async fn nobody_can_get_a_message_attributed_to_another_node() -> Result<()> {
     assert_eq!(from_m.len(), 1);
     assert_eq!(text(&from_m[0]), "this is alice, honest");
 
-    b.shutdown().await?;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -426,8 +427,8 @@ async fn bad_frames_close_that_connection_and_other_peers_are_served() -> Result
         "nothing stored"
     );
     assert_eq!(b.history(&alice.id().to_string(), 10).await?.len(), 4);
-    a.shutdown().await?;
-    b.shutdown().await?;
+    a.shutdown().await;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -452,7 +453,7 @@ async fn a_receiver_killed_between_persist_and_ack_gets_a_resend_and_no_duplicat
         1,
         "persisted"
     );
-    b.shutdown().await?;
+    b.shutdown().await;
 
     // Bob restarts normally: the mailbox copy and Alice's resend are both duplicates.
     let builder = bob.builder(&d.url);
@@ -468,8 +469,8 @@ async fn a_receiver_killed_between_persist_and_ack_gets_a_resend_and_no_duplicat
     );
     let at_a = a.history("bob", 10).await?;
     assert_eq!(at_a[0].status, MessageStatus::Delivered);
-    a.shutdown().await?;
-    b.shutdown().await?;
+    a.shutdown().await;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -500,8 +501,8 @@ async fn many_concurrent_messages_are_all_stored_once() -> Result<()> {
     })
     .await?;
     assert_eq!(b.history(&alice.id().to_string(), 1000).await?.len(), 100);
-    a.shutdown().await?;
-    b.shutdown().await?;
+    a.shutdown().await;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -515,17 +516,17 @@ async fn one_process_per_data_dir() -> Result<()> {
         .start(&d.url)
         .await
         .expect_err("second node on the same dir");
-    let Some(NodeError::DataDirLocked { dir }) = err.downcast_ref::<NodeError>() else {
+    let Some(BindError::DataDirLocked { dir }) = err.downcast_ref::<BindError>() else {
         bail!("unexpected error {err:?}");
     };
     assert_eq!(dir, &alice.data_dir());
     assert!(err
         .to_string()
         .contains(&alice.data_dir().display().to_string()));
-    a.shutdown().await?;
+    a.shutdown().await;
     // Released at shutdown.
     let a = alice.start(&d.url).await?;
-    a.shutdown().await?;
+    a.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -542,7 +543,7 @@ async fn a_changed_key_for_a_pinned_name_is_a_warning_and_the_pin_holds() -> Res
         bob.id(),
         "first sight pins"
     );
-    a.shutdown().await?;
+    a.shutdown().await;
 
     // Another discovery server where Carol holds the name "bob".
     let d2 = Discovery::start().await?;
@@ -565,9 +566,9 @@ async fn a_changed_key_for_a_pinned_name_is_a_warning_and_the_pin_holds() -> Res
     assert_eq!(out.to, bob.id());
     assert!(c.history(&alice.id().to_string(), 10).await?.is_empty());
 
-    a.shutdown().await?;
-    b.shutdown().await?;
-    c.shutdown().await?;
+    a.shutdown().await;
+    b.shutdown().await;
+    c.shutdown().await;
     d1.stop().await;
     d2.stop().await;
     Ok(())
@@ -592,15 +593,18 @@ async fn discovery_down_does_not_stop_the_node_and_sends_to_ids_are_queued() -> 
         .await
         .expect_err("name cannot resolve");
     assert!(
-        matches!(err, NodeError::Discovery(_) | NodeError::UnknownPeer { .. }),
+        matches!(
+            err,
+            SendError::Resolve(ResolveError::Discovery(_) | ResolveError::UnknownPeer { .. })
+        ),
         "{err:?}"
     );
     assert!(matches!(
         a.send("Not A Name!", "x").await,
-        Err(NodeError::UnknownPeer { .. })
+        Err(SendError::Resolve(ResolveError::UnknownPeer { .. }))
     ));
     assert!(a.peers().await.is_err());
-    a.shutdown().await?;
+    a.shutdown().await;
     Ok(())
 }
 
@@ -629,8 +633,8 @@ async fn embedded_discovery_serves_a_lan_of_nodes() -> Result<()> {
     let peers = f.peers().await?;
     assert!(peers.iter().any(|p| p.node_id == eve.id()));
 
-    f.shutdown().await?;
-    e.shutdown().await?;
+    f.shutdown().await;
+    e.shutdown().await;
     Ok(())
 }
 
@@ -648,7 +652,7 @@ async fn shutdown_withdraws_and_others_see_it_go_offline() -> Result<()> {
         |e| matches!(e, NodeEvent::PeerOnline { node_id, .. } if *node_id == alice.id()),
     )
     .await?;
-    a.shutdown().await?;
+    a.shutdown().await;
     next_event(
         &mut b_ev,
         "alice offline",
@@ -661,8 +665,8 @@ async fn shutdown_withdraws_and_others_see_it_go_offline() -> Result<()> {
     let a = alice.builder(&d.url).announce(false).bind().await?;
     let _ = a.drain_mailbox().await?;
     assert!(!b.peers().await?.iter().any(|p| p.node_id == alice.id()));
-    a.shutdown().await?;
-    b.shutdown().await?;
+    a.shutdown().await;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -687,7 +691,7 @@ async fn connections_past_the_limit_are_refused() -> Result<()> {
     // The first connection still works.
     let msg = Frame::Message(ChatMessage::text("still in", 2)?);
     assert!(raw_exchange(&conn, &msg).await?.is_some());
-    b.shutdown().await?;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -707,8 +711,8 @@ async fn a_name_given_at_start_is_claimed_on_a_server_that_does_not_know_it() ->
     .await?;
     assert!(matches!(ev, NodeEvent::PeerOnline { name: Some(n), .. } if n == "alice"));
     assert_eq!(b.resolve("alice").await?.node_id, alice.id());
-    a.shutdown().await?;
-    b.shutdown().await?;
+    a.shutdown().await;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -734,12 +738,12 @@ async fn a_senders_claimed_name_is_learned_and_pinned() -> Result<()> {
     };
     assert_eq!(from_name.as_deref(), Some("alice"));
     // Pinned: the conversation is found by name, even with discovery gone.
-    a.shutdown().await?;
+    a.shutdown().await;
     d.stop().await;
     let hist = b.history("alice", 10).await?;
     assert_eq!(hist.len(), 1);
     assert_eq!(text(&hist[0]), "who am i?");
-    b.shutdown().await?;
+    b.shutdown().await;
     Ok(())
 }
 
@@ -760,7 +764,7 @@ async fn a_peer_that_left_gets_the_message_when_it_returns_at_a_new_address() ->
     a.register("alice").await?;
     let mut a_ev = a.subscribe();
     assert_eq!(b.send("alice", "hi").await?.status, SendStatus::Delivered);
-    b.shutdown().await?;
+    b.shutdown().await;
     eventually("bob is gone from alice's view", || async {
         Ok(!a.peers().await?.iter().any(|p| p.node_id == bob.id()))
     })
@@ -783,8 +787,8 @@ async fn a_peer_that_left_gets_the_message_when_it_returns_at_a_new_address() ->
         at_b.iter().map(text).collect::<Vec<_>>(),
         ["hi", "are you there?"]
     );
-    a.shutdown().await?;
-    b.shutdown().await?;
+    a.shutdown().await;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }

@@ -128,8 +128,8 @@ async fn relayed_messages_arrive_end_to_end_and_say_so() -> Result<()> {
         let h = n.history(&peer.to_string(), 10).await?;
         assert_eq!(h.len(), 2, "{h:?}");
     }
-    a.shutdown().await?;
-    b.shutdown().await?;
+    a.shutdown().await;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -219,8 +219,8 @@ async fn the_path_moves_from_relay_to_direct_without_losing_or_repeating_a_messa
     let ids: HashSet<_> = history.iter().map(|m| m.id).collect();
     assert_eq!(ids, sent.iter().copied().collect::<HashSet<_>>());
     assert!(history.iter().all(|m| m.direction == Direction::Incoming));
-    a.shutdown().await?;
-    b.shutdown().await?;
+    a.shutdown().await;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -272,8 +272,8 @@ async fn a_relay_restart_loses_nothing_and_the_link_comes_back() -> Result<()> {
     let history = b.history(&alice.id().to_string(), 10).await?;
     let texts: Vec<&str> = history.iter().map(common::text).collect();
     assert_eq!(texts, ["before", "during the outage", "after"]);
-    a.shutdown().await?;
-    b.shutdown().await?;
+    a.shutdown().await;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }
@@ -423,7 +423,7 @@ async fn a_relay_cannot_pass_another_node_off_as_the_one_dialed() -> Result<()> 
     assert!(m.history(&alice.id().to_string(), 10).await?.is_empty());
     assert!(b.history(&alice.id().to_string(), 10).await?.is_empty());
     for n in [a, b, m] {
-        n.shutdown().await?;
+        n.shutdown().await;
     }
     d.stop().await;
     Ok(())
@@ -455,7 +455,7 @@ async fn a_relayed_caller_presenting_another_key_is_refused() -> Result<()> {
     assert!(b.history(&alice.id().to_string(), 10).await?.is_empty());
     assert!(b.history(&mallory.id().to_string(), 10).await?.is_empty());
     for n in [b, m] {
-        n.shutdown().await?;
+        n.shutdown().await;
     }
     d.stop().await;
     Ok(())
@@ -477,8 +477,8 @@ async fn a_relay_only_node_sends_nothing_directly() -> Result<()> {
         (SendStatus::Delivered, Some(PathKind::Relay))
     );
     assert!(d.relayed_packets() > before);
-    a.shutdown().await?;
-    b.shutdown().await?;
+    a.shutdown().await;
+    b.shutdown().await;
     d.stop().await;
     Ok(())
 }

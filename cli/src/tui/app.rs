@@ -19,8 +19,7 @@ use super::{
     pane::{Entry, Msg, OutState, Pane, Tone},
 };
 use crate::{
-    chat::{delivered_notice, event_line, online_lines, peer_label, stored_line},
-    output::sanitize,
+    output::{delivered_notice, event_line, online_lines, peer_label, sanitize, stored_line},
     session::{self, Input, COMMAND_HELP},
 };
 
@@ -974,6 +973,7 @@ mod tests {
                 to: peer(2),
                 status: SendStatus::Queued,
                 path: None,
+                queued_because: None,
             }),
         });
         assert!(
@@ -1008,6 +1008,7 @@ mod tests {
                 to: peer(2),
                 status: SendStatus::Delivered,
                 path: Some(p2p_node::PathKind::Relay),
+                queued_because: None,
             }),
         });
         assert_eq!(
@@ -1038,6 +1039,7 @@ mod tests {
                 to: peer(2),
                 status: SendStatus::Queued,
                 path: None,
+                queued_because: None,
             }),
         });
         assert_eq!(texts(app.pane()), ["[00:00:05] me: hi  (delivered)"]);

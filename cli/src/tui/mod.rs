@@ -31,7 +31,6 @@ use futures::StreamExt;
 use p2p_node::Node;
 use ratatui::{backend::CrosstermBackend, Terminal};
 use tokio::{
-    signal::unix::{signal, SignalKind},
     sync::{broadcast::error::RecvError, mpsc, Notify},
     task::JoinSet,
 };
@@ -41,9 +40,9 @@ use self::{
     render::Theme,
 };
 use crate::{
-    commands::{embedded_hint, open_node, LOGIN_WAIT},
     identity::Paths,
     output::{one_line, sanitize},
+    running::{embedded_hint, open_node, StopSignals, LOGIN_WAIT},
     session::now_ms,
     Global,
 };
@@ -79,10 +78,9 @@ pub async fn run(g: &Global, paths: &Paths, logs: mpsc::Receiver<String>) -> Res
     let result = drive(&node, paths, &mut app, &mut screen, logs).await;
     app.login = Login::LoggingOut;
     let _ = screen.draw(&app);
-    let stopped = node.shutdown().await;
+    node.shutdown().await;
     drop(screen);
     result?;
-    stopped?;
     println!("logged out");
     Ok(())
 }
@@ -98,8 +96,7 @@ async fn drive(
     let mut events = node.subscribe();
     let mut keys = EventStream::new();
     let mut tasks: JoinSet<Done> = JoinSet::new();
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
+    let mut stop = StopSignals::new()?;
     if let Ok((cols, rows)) = crossterm::terminal::size() {
         app.resize(cols, rows);
     }
@@ -150,9 +147,7 @@ async fn drive(
                 app.on_log(&line);
                 Vec::new()
             }
-            _ = tokio::signal::ctrl_c() => vec![Action::Quit],
-            _ = term.recv() => vec![Action::Quit],
-            _ = hangup.recv() => vec![Action::Quit],
+            () = stop.recv() => vec![Action::Quit],
             _ = PANICKED.notified() => vec![Action::Quit],
         };
     }
@@ -160,7 +155,9 @@ async fn drive(
 
 /// Does one piece of work with the node; the result goes back to the [`App`].
 async fn perform(node: Node, paths: Paths, work: Work) -> Done {
-    let err = |e: p2p_node::NodeError| sanitize(&e.to_string());
+    fn err(e: impl std::fmt::Display) -> String {
+        sanitize(&e.to_string())
+    }
     match work {
         Work::Send { peer, local, text } => Done::Sent {
             peer,
@@ -181,7 +178,7 @@ async fn perform(node: Node, paths: Paths, work: Work) -> Done {
         Work::Peers => Done::Peers(
             node.peers()
                 .await
-                .map(|peers| crate::chat::others_online(&peers, node.node_id()))
+                .map(|peers| crate::output::others_online(&peers, node.node_id()))
                 .map_err(err),
         ),
         Work::History { who, n } => Done::History {

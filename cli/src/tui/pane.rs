@@ -12,7 +12,7 @@ use unicode_segmentation::UnicodeSegmentation;
 use unicode_width::UnicodeWidthStr;
 
 use crate::{
-    chat::{body_text, status_word, via_mark},
+    output::{body_text, status_word, via_mark},
     output::{sanitize, ChatLine},
 };
 
@@ -364,7 +364,7 @@ mod tests {
         assert_eq!(text(&e.pieces()), "[00:00:01] me: hi\\u{7}  (queued)");
         assert_eq!(
             text(&e.pieces()),
-            crate::chat::stored_line(&m, "bob").to_string()
+            crate::output::stored_line(&m, "bob").to_string()
         );
         let m = stored(2, Direction::Incoming, MessageStatus::Received, "yo");
         let e = Entry::Message(Msg::stored(&m, "bob", Some(Via::Mailbox)));

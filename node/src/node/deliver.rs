@@ -8,18 +8,22 @@
 //! messaging layer noticing.
 
 use std::{
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use p2p_crypto::NodeId;
 
-use super::{inbound, Inner, NodeError, NodeEvent};
+use super::{inbound, Inner, NodeEvent, StorageError};
 use crate::{
     endpoint::{ConnectError, Connection},
     net::PathKind,
     store::{MarkOutcome, MessageStatus, WriteOutcome},
-    wire::{read_frame, write_frame, AckStatus, ChatMessage, Frame, MessageId},
+    wire::{
+        read_frame, write_frame, AckStatus, ChatMessage, Frame, MessageId, ReadFrameError,
+        WriteFrameError,
+    },
 };
 
 /// Longest a dial waits for the home relay link (a node that just started).
@@ -34,18 +38,146 @@ pub(crate) enum DeliverError {
     Backoff(Duration),
     #[error("too many connections")]
     ConnectionLimit,
-    #[error("dial failed: {0}")]
-    Dial(#[source] ConnectError),
+    #[error("dial failed: {source}")]
+    Dial {
+        #[source]
+        source: ConnectError,
+        /// The direct addresses discovery published for the peer (what was dialed).
+        published: Vec<SocketAddr>,
+    },
     #[error("dial timed out")]
     DialTimeout,
     #[error("stream failed: {0}")]
-    Stream(String),
+    Stream(#[source] StreamError),
     #[error("no acknowledgement in time")]
     AckTimeout,
     #[error("the peer answered with something other than the ack of this message")]
     BadAck,
     #[error("the node is shutting down")]
     Shutdown,
+}
+
+/// What went wrong on the stream of one message.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StreamError {
+    #[error("cannot open a stream: {0}")]
+    Open(#[source] quinn::ConnectionError),
+    #[error("cannot send the message: {0}")]
+    Write(#[source] WriteFrameError),
+    #[error("cannot finish the stream: {0}")]
+    Finish(#[source] quinn::ClosedStream),
+    #[error("cannot read the acknowledgement: {0}")]
+    Read(#[source] ReadFrameError),
+    #[error("the stream ended without an acknowledgement")]
+    NoAck,
+}
+
+/// Why a message was queued instead of delivered at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueReason {
+    /// Nothing to try: discovery knows the peer offline (or not at all), and it has no
+    /// relay or last address.
+    Offline,
+    /// The node at the peer's published address is not the peer: it authenticated as
+    /// another key, presented no valid node certificate, or does not speak the chat
+    /// protocol. A possible impersonation, or a stale discovery record.
+    NotThePeer {
+        /// The first direct address discovery published for the peer, if any.
+        addr: Option<SocketAddr>,
+        /// The NodeId the message is for (the key discovery names).
+        expected: NodeId,
+        /// The NodeId the node there authenticated as, if it did.
+        actual: Option<NodeId>,
+        /// What it did instead of authenticating as the peer.
+        cause: NotThePeerCause,
+    },
+    /// The peer did not answer, or did not acknowledge, in time; or the node is at its
+    /// connection limit or shutting down.
+    Unreachable,
+}
+
+/// How a node at the peer's address failed to be the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotThePeerCause {
+    /// It authenticated as another key.
+    OtherKey,
+    /// Its certificate is not a valid node certificate (e.g. not ed25519).
+    BadCertificate,
+    /// It does not speak the chat protocol (no common ALPN).
+    NoCommonProtocol,
+}
+
+impl QueueReason {
+    /// A short stable name, for JSON output.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            QueueReason::Offline => "offline",
+            QueueReason::NotThePeer { .. } => "not_the_peer",
+            QueueReason::Unreachable => "unreachable",
+        }
+    }
+}
+
+impl NotThePeerCause {
+    /// A short stable name, for JSON output.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NotThePeerCause::OtherKey => "other_key",
+            NotThePeerCause::BadCertificate => "bad_certificate",
+            NotThePeerCause::NoCommonProtocol => "no_common_protocol",
+        }
+    }
+}
+
+impl DeliverError {
+    /// What this failure tells the user about a message to `peer`.
+    pub(crate) fn queue_reason(&self, peer: NodeId) -> QueueReason {
+        let DeliverError::Dial { source, published } = self else {
+            return match self {
+                DeliverError::NoAddress => QueueReason::Offline,
+                _ => QueueReason::Unreachable,
+            };
+        };
+        let (actual, cause) = match source {
+            ConnectError::UnexpectedPeer { actual, .. } => {
+                (Some(*actual), NotThePeerCause::OtherKey)
+            }
+            ConnectError::PeerCert { .. } => (None, NotThePeerCause::BadCertificate),
+            ConnectError::Protocol { .. } => (None, NotThePeerCause::NoCommonProtocol),
+            ConnectError::Connection { source, .. } => match not_the_peer(source) {
+                Some(cause) => (None, cause),
+                None => return QueueReason::Unreachable,
+            },
+            _ => return QueueReason::Unreachable,
+        };
+        QueueReason::NotThePeer {
+            addr: published.first().copied(),
+            expected: peer,
+            actual,
+            cause,
+        }
+    }
+}
+
+/// A handshake that failed because of what the other side presented: a certificate
+/// that is no node certificate, or no common application protocol.
+fn not_the_peer(e: &quinn::ConnectionError) -> Option<NotThePeerCause> {
+    // Raised here (our verifier refused what it saw) or sent by the other side.
+    let code = match e {
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        _ => return None,
+    };
+    // TLS alerts are CRYPTO_ERROR (0x100 + alert): 42 bad_certificate, 43
+    // unsupported_certificate, 46 certificate_unknown, 50 decode_error (a certificate
+    // that does not parse), 120 no_application_protocol.
+    match code.checked_sub(0x100)? {
+        42 | 43 | 46 | 50 => Some(NotThePeerCause::BadCertificate),
+        120 => Some(NotThePeerCause::NoCommonProtocol),
+        _ => None,
+    }
 }
 
 /// An acknowledgement and the path the message went on.
@@ -95,12 +227,12 @@ async fn send_on(
             .quic()
             .open_bi()
             .await
-            .map_err(|e| DeliverError::Stream(e.to_string()))?;
+            .map_err(|e| DeliverError::Stream(StreamError::Open(e)))?;
         write_frame(&mut send, &Frame::Message(msg.clone()))
             .await
-            .map_err(|e| DeliverError::Stream(e.to_string()))?;
+            .map_err(|e| DeliverError::Stream(StreamError::Write(e)))?;
         send.finish()
-            .map_err(|e| DeliverError::Stream(e.to_string()))?;
+            .map_err(|e| DeliverError::Stream(StreamError::Finish(e)))?;
         let mut buf = Vec::new();
         match read_frame(&mut recv, &mut buf).await {
             // The path our packets to the peer take as the ack arrives: the one the
@@ -110,8 +242,8 @@ async fn send_on(
                 path: conn.path(),
             }),
             Ok(Some(_)) => Err(DeliverError::BadAck),
-            Ok(None) => Err(DeliverError::Stream("stream ended without an ack".into())),
-            Err(e) => Err(DeliverError::Stream(e.to_string())),
+            Ok(None) => Err(DeliverError::Stream(StreamError::NoAck)),
+            Err(e) => Err(DeliverError::Stream(StreamError::Read(e))),
         }
     };
     tokio::select! {
@@ -127,8 +259,9 @@ async fn send_on(
 /// not have the peer. Returns `false` when there is nothing to try: no address, no
 /// relay, or discovery answered that the peer is offline (its last address is not tried
 /// then: its process is gone, and a dial to a dead UDP port only ends at the dial
-/// timeout), so a send to an offline peer is queued at once.
-async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> bool {
+/// timeout), so a send to an offline peer is queued at once. Returns the direct
+/// addresses discovery published, if there is something to try.
+async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<Vec<SocketAddr>> {
     let online = inner.peers().online_paths(&peer);
     let last = inner.pool().last_addr(&peer);
     let (mut addrs, relay) = match (online, &inner.disco) {
@@ -140,7 +273,7 @@ async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> bool {
                     (info.addrs, info.relay)
                 }
                 // Discovery knows the peer offline, or not at all: nothing to try.
-                Ok(Ok(_)) => return false,
+                Ok(Ok(_)) => return None,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "lookup failed");
                     (Vec::new(), None)
@@ -153,29 +286,31 @@ async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> bool {
         }
         (None, None) => (Vec::new(), None),
     };
+    let published = addrs.clone();
     if let Some(a) = last {
         if !addrs.contains(&a) {
             addrs.push(a);
         }
     }
     if addrs.is_empty() && relay.is_none() {
-        return false;
+        return None;
     }
     inner.endpoint.learn_peer(peer, &addrs, relay);
-    true
+    Some(published)
 }
 
 /// Makes sure there is a connection to `peer` (dialing if needed), so a message can go
 /// out as soon as it is durably stored: [`Node::send`](super::Node::send) runs this
-/// beside the store write. A failure is only logged (and sets the dial backoff);
-/// [`deliver`] reports it.
-pub(crate) async fn prepare(inner: &Arc<Inner>, peer: NodeId) {
+/// beside the store write. A failure sets the dial backoff and is returned, so the
+/// send can report it rather than the backoff it causes.
+pub(crate) async fn prepare(inner: &Arc<Inner>, peer: NodeId) -> Option<DeliverError> {
     let live = inner.pool().live(&peer).is_some();
-    if !live {
-        if let Err(e) = connect(inner, peer).await {
-            tracing::debug!(%peer, error = %e, "cannot connect ahead of the send");
-        }
+    if live {
+        return None;
     }
+    let e = connect(inner, peer).await.err()?;
+    tracing::debug!(%peer, error = %e, "cannot connect ahead of the send");
+    Some(e)
 }
 
 /// A live connection to `peer`: the one another sender just made, or a new one if the
@@ -199,10 +334,10 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverErr
     if let Some(left) = inner.pool().backoff_left(&peer, Instant::now()) {
         return Err(DeliverError::Backoff(left));
     }
-    if !learn_paths(inner, peer).await {
+    let Some(published) = learn_paths(inner, peer).await else {
         note_failure(inner, peer);
         return Err(DeliverError::NoAddress);
-    }
+    };
     let Ok(permit) = inner.conn_limit.clone().try_acquire_owned() else {
         return Err(DeliverError::ConnectionLimit);
     };
@@ -232,7 +367,10 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverErr
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "dial failed");
             note_failure(inner, peer);
-            Err(DeliverError::Dial(e))
+            Err(DeliverError::Dial {
+                source: e,
+                published,
+            })
         }
         Err(_) => {
             tracing::debug!(%peer, "dial timed out");
@@ -259,7 +397,7 @@ pub(crate) async fn settle(
     id: MessageId,
     status: AckStatus,
     path: Option<PathKind>,
-) -> Result<(), NodeError> {
+) -> Result<(), StorageError> {
     let status = match status {
         AckStatus::Stored | AckStatus::Duplicate => MessageStatus::Delivered,
         AckStatus::Rejected(code) => {

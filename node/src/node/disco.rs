@@ -10,7 +10,7 @@ use p2p_discovery::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{loopback_for, NodeError, PeerInfo};
+use super::{loopback_for, BindError, PeerInfo};
 
 /// A discovery request failed.
 #[derive(Debug, thiserror::Error)]
@@ -86,13 +86,12 @@ pub(crate) struct Disco {
 }
 
 impl Disco {
-    pub(crate) fn new(url: &str, timeout: Duration) -> Result<Self, NodeError> {
-        let client = Client::with_timeout(url, timeout).map_err(|source| {
-            NodeError::Discovery(DiscoveryError::Client {
+    pub(crate) fn new(url: &str, timeout: Duration) -> Result<Self, DiscoveryError> {
+        let client =
+            Client::with_timeout(url, timeout).map_err(|source| DiscoveryError::Client {
                 url: url.to_owned(),
                 source,
-            })
-        })?;
+            })?;
         Ok(Self {
             client,
             url: url.to_owned(),
@@ -219,8 +218,8 @@ pub(crate) async fn start_embedded(
     db_path: PathBuf,
     relay_key: Option<PathBuf>,
     cancel: &CancellationToken,
-) -> Result<Embedded, NodeError> {
-    let fail = |reason: Box<dyn std::error::Error + Send + Sync>| NodeError::EmbeddedDiscovery {
+) -> Result<Embedded, BindError> {
+    let fail = |reason: Box<dyn std::error::Error + Send + Sync>| BindError::EmbeddedDiscovery {
         addr,
         reason,
     };

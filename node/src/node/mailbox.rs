@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use p2p_crypto::{seal, MailboxPublicKey, NodeId};
 
-use super::{deliver, Inner, NodeError, NodeEvent, Via};
+use super::{deliver, Inner, MailboxError, NodeEvent, StorageError, Via};
 use crate::{
     store::{Direction, Inserted, MessageStatus, OutboxEntry, StoredMessage},
     wire::{self, Ack, DecodeError, Frame, HEADER_LEN},
@@ -76,8 +76,8 @@ fn decode_payload(payload: &[u8]) -> Result<Frame, PayloadError> {
 
 /// Fetches, stores, acknowledges and deletes until the mailbox is empty (or
 /// [`MAX_FETCHES`] batches were handled). Returns the number of new messages.
-pub(super) async fn drain(inner: &Arc<Inner>) -> Result<usize, NodeError> {
-    let disco = inner.disco.as_ref().ok_or(NodeError::NoDiscovery)?;
+pub(super) async fn drain(inner: &Arc<Inner>) -> Result<usize, MailboxError> {
+    let disco = inner.disco.as_ref().ok_or(MailboxError::NoDiscovery)?;
     let _one_at_a_time = inner.drain_lock.lock().await;
     let mut total = 0;
     for _ in 0..MAX_FETCHES {
@@ -156,7 +156,7 @@ pub(super) async fn drain(inner: &Arc<Inner>) -> Result<usize, NodeError> {
                 Ok(Err(e)) => {
                     tracing::warn!(item = item_id, error = %e, "cannot store a mailbox message; keeping it")
                 }
-                Err(_) => return Err(NodeError::Shutdown),
+                Err(_) => return Err(StorageError::Shutdown.into()),
             }
         }
         if !delete.is_empty() {
@@ -176,24 +176,22 @@ pub(super) async fn drain(inner: &Arc<Inner>) -> Result<usize, NodeError> {
 
 /// The mailbox key of `peer`: known from discovery records or a pinned contact, else
 /// looked up.
-async fn mailbox_key(inner: &Arc<Inner>, peer: NodeId) -> Result<MailboxPublicKey, NodeError> {
+async fn mailbox_key(inner: &Arc<Inner>, peer: NodeId) -> Result<MailboxPublicKey, MailboxError> {
     if let Some(k) = inner.peers().mailbox_key(&peer) {
         return Ok(k);
     }
-    let disco = inner.disco.as_ref().ok_or(NodeError::NoDiscovery)?;
+    let disco = inner.disco.as_ref().ok_or(MailboxError::NoDiscovery)?;
     let info = tokio::time::timeout(inner.timings.dial_timeout, disco.lookup_id(&peer))
         .await
         .unwrap_or_else(|_| Err(super::DiscoveryError::timeout(disco.url())))?
-        .ok_or(NodeError::UnknownPeer {
-            peer: peer.to_string(),
-        })?;
+        .ok_or(MailboxError::UnknownPeer { peer })?;
     inner.learn_peers(std::slice::from_ref(&info));
     Ok(info.mailbox_key)
 }
 
 /// Seals `frame` to `to` and deposits it in its mailbox.
-async fn deposit_frame(inner: &Arc<Inner>, to: NodeId, frame: &Frame) -> Result<(), NodeError> {
-    let disco = inner.disco.as_ref().ok_or(NodeError::NoDiscovery)?;
+async fn deposit_frame(inner: &Arc<Inner>, to: NodeId, frame: &Frame) -> Result<(), MailboxError> {
+    let disco = inner.disco.as_ref().ok_or(MailboxError::NoDiscovery)?;
     let key = mailbox_key(inner, to).await?;
     let payload = wire::encode(frame)?;
     let envelope = seal::seal(&inner.secret, &to, &key, &payload);
@@ -205,7 +203,7 @@ async fn deposit_frame(inner: &Arc<Inner>, to: NodeId, frame: &Frame) -> Result<
 pub(super) async fn deposit_message(
     inner: &Arc<Inner>,
     entry: &OutboxEntry,
-) -> Result<(), NodeError> {
+) -> Result<(), MailboxError> {
     deposit_frame(inner, entry.to, &Frame::Message(entry.message.clone())).await?;
     tracing::debug!(peer = %entry.to, message = %entry.message.id, "deposited in the mailbox");
     Ok(())

@@ -47,7 +47,7 @@ pub(super) async fn run(inner: Arc<Inner>) {
 }
 
 /// One pass over the outbox. Returns when the next entry is due, if any remain.
-async fn round(inner: &Arc<Inner>) -> Result<Option<u64>, super::NodeError> {
+async fn round(inner: &Arc<Inner>) -> Result<Option<u64>, super::StorageError> {
     let entries = inner.blocking(|s| s.outbox()).await?;
     if entries.is_empty() {
         inner.delivery().clear_wakes();

@@ -57,6 +57,14 @@ impl PeerDirectory {
             .or_else(|| self.online.get(id).and_then(|p| p.name.clone()))
     }
 
+    /// The name `id` has in the online list, if it has one and no pinned name.
+    pub(super) fn unpinned_online_name(&self, id: &NodeId) -> Option<String> {
+        if self.names.contains_key(id) {
+            return None;
+        }
+        self.online.get(id).and_then(|p| p.name.clone())
+    }
+
     /// Pins `name` for `id` in the in-memory view (the store holds the pin).
     pub(super) fn set_name(&mut self, id: NodeId, name: String) {
         self.names.insert(id, name);

@@ -16,7 +16,7 @@ use std::{
 
 use p2p_discovery::Announcement;
 
-use super::{Inner, NodeError, NodeEvent, PeerInfo};
+use super::{Inner, NodeEvent, PeerInfo, RegisterError};
 
 /// Announces until the node stops.
 pub(super) async fn announce_loop(inner: Arc<Inner>) {
@@ -80,8 +80,8 @@ async fn relay_changed(home: &mut tokio::sync::watch::Receiver<crate::net::HomeR
 }
 
 /// Announces once; returns when to announce again.
-pub(super) async fn announce_once(inner: &Inner) -> Result<Duration, NodeError> {
-    let disco = inner.disco.as_ref().ok_or(NodeError::NoDiscovery)?;
+pub(super) async fn announce_once(inner: &Inner) -> Result<Duration, RegisterError> {
+    let disco = inner.disco.as_ref().ok_or(RegisterError::NoDiscovery)?;
     let home = inner.endpoint.net().home().borrow().clone();
     let mut addrs = our_addrs(inner);
     if !inner.publish_addrs {

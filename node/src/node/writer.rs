@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use p2p_crypto::NodeId;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{lock, stamp_ms, NodeError, MAX_WRITE_BATCH};
+use super::{lock, stamp_ms, StorageError, MAX_WRITE_BATCH};
 use crate::{
     store::{Inserted, MarkOutcome, MessageStatus, Store, StoreError, WriteOp, WriteOutcome},
     wire::{ChatMessage, MessageId},
@@ -75,12 +75,12 @@ impl Writer {
         &self,
         peer: NodeId,
         msg: ChatMessage,
-    ) -> Result<(Inserted, u64), NodeError> {
+    ) -> Result<(Inserted, u64), StorageError> {
         let rx = self.submit(peer, msg).await?;
         match rx.await {
             Ok(Ok((outcome, at))) => Ok((outcome.inserted(), at)),
-            Ok(Err(e)) => Err(NodeError::Store(e)),
-            Err(_) => Err(NodeError::Shutdown),
+            Ok(Err(e)) => Err(StorageError::Store(e)),
+            Err(_) => Err(StorageError::Shutdown),
         }
     }
 
@@ -90,7 +90,7 @@ impl Writer {
         &self,
         peer: NodeId,
         msg: ChatMessage,
-    ) -> Result<oneshot::Receiver<WriteResult>, NodeError> {
+    ) -> Result<oneshot::Receiver<WriteResult>, StorageError> {
         self.queue(Op::Incoming { peer, msg }).await
     }
 
@@ -100,7 +100,7 @@ impl Writer {
         &self,
         to: NodeId,
         msg: ChatMessage,
-    ) -> Result<(Inserted, u64), NodeError> {
+    ) -> Result<(Inserted, u64), StorageError> {
         let (outcome, at) = self.wait(Op::Outgoing { to, msg }).await?;
         Ok((outcome.inserted(), at))
     }
@@ -112,29 +112,29 @@ impl Writer {
         peer: NodeId,
         id: MessageId,
         status: MessageStatus,
-    ) -> Result<oneshot::Receiver<WriteResult>, NodeError> {
+    ) -> Result<oneshot::Receiver<WriteResult>, StorageError> {
         self.queue(Op::Finish { peer, id, status }).await
     }
 
     /// Waits until every write queued so far is committed (reads after it see them).
-    pub(crate) async fn sync(&self) -> Result<(), NodeError> {
+    pub(crate) async fn sync(&self) -> Result<(), StorageError> {
         self.wait(Op::Barrier).await.map(|_| ())
     }
 
-    async fn wait(&self, op: Op) -> Result<(WriteOutcome, u64), NodeError> {
+    async fn wait(&self, op: Op) -> Result<(WriteOutcome, u64), StorageError> {
         match self.queue(op).await?.await {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(NodeError::Store(e)),
-            Err(_) => Err(NodeError::Shutdown),
+            Ok(Err(e)) => Err(StorageError::Store(e)),
+            Err(_) => Err(StorageError::Shutdown),
         }
     }
 
-    async fn queue(&self, op: Op) -> Result<oneshot::Receiver<WriteResult>, NodeError> {
-        let tx = lock(&self.tx).clone().ok_or(NodeError::Shutdown)?;
+    async fn queue(&self, op: Op) -> Result<oneshot::Receiver<WriteResult>, StorageError> {
+        let tx = lock(&self.tx).clone().ok_or(StorageError::Shutdown)?;
         let (reply, rx) = oneshot::channel();
         tx.send(WriteReq { op, reply })
             .await
-            .map_err(|_| NodeError::Shutdown)?;
+            .map_err(|_| StorageError::Shutdown)?;
         Ok(rx)
     }
 
