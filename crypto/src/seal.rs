@@ -85,7 +85,23 @@ pub fn seal(
     recipient_key: &MailboxPublicKey,
     payload: &[u8],
 ) -> Vec<u8> {
-    let eph_secret = x25519_dalek::EphemeralSecret::random_from_rng(rand::rngs::OsRng);
+    let mut ephemeral = Zeroizing::new([0u8; 32]);
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, ephemeral.as_mut());
+    seal_with_ephemeral(sender, recipient, recipient_key, payload, &ephemeral)
+}
+
+/// [`seal`] with a given ephemeral x25519 secret instead of a fresh random one: for the
+/// test vectors of PROTOCOL.md. An envelope must never reuse an ephemeral secret (the
+/// nonce is fixed), so everything else calls [`seal`].
+#[doc(hidden)]
+pub fn seal_with_ephemeral(
+    sender: &SecretKey,
+    recipient: &NodeId,
+    recipient_key: &MailboxPublicKey,
+    payload: &[u8],
+    ephemeral: &[u8; 32],
+) -> Vec<u8> {
+    let eph_secret = x25519_dalek::StaticSecret::from(*ephemeral);
     let eph = x25519_dalek::PublicKey::from(&eph_secret).to_bytes();
     let shared = eph_secret.diffie_hellman(&x25519_dalek::PublicKey::from(recipient_key.0));
     let sig = sender.sign(

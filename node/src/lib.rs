@@ -14,6 +14,9 @@ pub mod node;
 pub mod store;
 pub mod wire;
 
+#[cfg(test)]
+mod protocol_vectors;
+
 pub use endpoint::{Connection, Endpoint, TransportSettings};
 pub use net::{HomeRelay, PathConfig, PathEvent, PathKind};
 pub use node::{
