@@ -246,6 +246,14 @@ pub struct RelayOptions {
     pub key: Option<PathBuf>,
 }
 
+/// The per-address limit on write requests of a standalone server.
+pub struct WriteLimits {
+    /// Sustained writes per second.
+    pub per_sec: f64,
+    /// Burst of writes.
+    pub burst: u32,
+}
+
 /// `p2p-node discovery --listen ADDR [--db PATH] [--relay-listen ADDR | --no-relay]`: a
 /// standalone discovery server and its relay. Its database is created with mode 0600
 /// (and a missing directory for it with mode 0700), and refused if group or others may
@@ -255,7 +263,11 @@ pub async fn discovery(
     listen: SocketAddr,
     db: Option<PathBuf>,
     relay: Option<RelayOptions>,
+    limits: WriteLimits,
 ) -> Result<()> {
+    if !(limits.per_sec.is_finite() && limits.per_sec > 0.0) || limits.burst == 0 {
+        anyhow::bail!("--write-rate and --write-burst must be positive");
+    }
     let db = match db {
         Some(db) => {
             let parent = p2p_crypto::owner_only::parent_dir(&db);
@@ -271,6 +283,8 @@ pub async fn discovery(
     };
     let state = p2p_discovery::AppState::open(p2p_discovery::ServerConfig {
         db_path: Some(db.clone()),
+        write_rate_per_sec: limits.per_sec,
+        write_burst: limits.burst,
         ..Default::default()
     })
     .with_context(|| format!("cannot open discovery database {}", db.display()))?;

@@ -200,6 +200,12 @@ enum Command {
         /// Default: relay.key beside the database.
         #[arg(long, value_name = "PATH")]
         relay_key: Option<PathBuf>,
+        /// Sustained write requests per second allowed from one client address.
+        #[arg(long, value_name = "N", default_value_t = 5.0)]
+        write_rate: f64,
+        /// Burst of write requests allowed from one client address.
+        #[arg(long, value_name = "N", default_value_t = 60)]
+        write_burst: u32,
     },
 }
 
@@ -340,12 +346,18 @@ async fn run(cli: Cli, logs: Option<tokio::sync::mpsc::Receiver<String>>) -> Res
             db,
             relay_listen,
             relay_key,
+            write_rate,
+            write_burst,
         }) => {
             let relay = (!g.no_relay).then_some(commands::RelayOptions {
                 listen: relay_listen.unwrap_or(listen),
                 key: relay_key,
             });
-            commands::discovery(&paths, listen, db, relay).await
+            let limits = commands::WriteLimits {
+                per_sec: write_rate,
+                burst: write_burst,
+            };
+            commands::discovery(&paths, listen, db, relay, limits).await
         }
         None => match logs {
             Some(logs) => tui::run(&g, &paths, logs).await,

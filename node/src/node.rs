@@ -835,7 +835,15 @@ impl Node {
         inner.peers().set_name(inner.node_id, name.to_owned());
         *lock(&inner.name) = Some(name.to_owned());
         if inner.announce {
-            presence::announce_once(inner).await?;
+            // The background announce may have raced this one with a newer record made
+            // before the name was set: announce again, newer still, with the name.
+            let mut raced = 0;
+            loop {
+                match presence::announce_once(inner).await {
+                    Err(RegisterError::Discovery(e)) if e.is_stale() && raced < 3 => raced += 1,
+                    other => break other.map(|_| ())?,
+                }
+            }
         }
         Ok(())
     }
@@ -1400,7 +1408,7 @@ impl Inner {
             }
             Err(e) => {
                 let e = match (e, prepared) {
-                    (deliver::DeliverError::Backoff(_), Some(first)) => first,
+                    (deliver::DeliverError::Backoff { .. }, Some(first)) => first,
                     (e, _) => e,
                 };
                 let reason = e.queue_reason(peer);

@@ -483,8 +483,11 @@ async fn a_node_at_the_peers_address_with_another_key_is_reported_and_the_messag
             cause: NotThePeerCause::OtherKey,
         })
     );
+    // A second message meets the dial backoff the first one set, and says why too.
+    let again = tokio::time::timeout(DEADLINE, a.send("bob", "again")).await??;
+    assert_eq!(again.queued_because, out.queued_because);
     // Kept for bob, and tried again later.
-    assert_eq!(a.outbox().await?.len(), 1);
+    assert_eq!(a.outbox().await?.len(), 2);
     a.shutdown().await;
     task.abort();
     d.stop().await;

@@ -34,8 +34,12 @@ const RELAY_WAIT: Duration = Duration::from_secs(2);
 pub(crate) enum DeliverError {
     #[error("no known address or relay for the peer")]
     NoAddress,
-    #[error("not dialing the peer again before {0:?} from now")]
-    Backoff(Duration),
+    #[error("not dialing the peer again before {left:?} from now{}", cause.map_or(String::new(), |c| format!(" (last dial: {})", c.as_str())))]
+    Backoff {
+        left: Duration,
+        /// Why the dial that set the backoff failed, if known.
+        cause: Option<QueueReason>,
+    },
     #[error("too many connections")]
     ConnectionLimit,
     #[error("dial failed: {source}")]
@@ -137,6 +141,7 @@ impl DeliverError {
         let DeliverError::Dial { source, published } = self else {
             return match self {
                 DeliverError::NoAddress => QueueReason::Offline,
+                DeliverError::Backoff { cause: Some(c), .. } => *c,
                 _ => QueueReason::Unreachable,
             };
         };
@@ -331,11 +336,16 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverErr
     if let Some(conn) = inner.pool().live(&peer) {
         return Ok(conn);
     }
-    if let Some(left) = inner.pool().backoff_left(&peer, Instant::now()) {
-        return Err(DeliverError::Backoff(left));
+    let backoff = {
+        let pool = inner.pool();
+        pool.backoff_left(&peer, Instant::now())
+            .map(|left| (left, pool.backoff_cause(&peer)))
+    };
+    if let Some((left, cause)) = backoff {
+        return Err(DeliverError::Backoff { left, cause });
     }
     let Some(published) = learn_paths(inner, peer).await else {
-        note_failure(inner, peer);
+        note_failure(inner, peer, Some(QueueReason::Offline));
         return Err(DeliverError::NoAddress);
     };
     let Ok(permit) = inner.conn_limit.clone().try_acquire_owned() else {
@@ -366,25 +376,26 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverErr
         }
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "dial failed");
-            note_failure(inner, peer);
-            Err(DeliverError::Dial {
+            let failed = DeliverError::Dial {
                 source: e,
                 published,
-            })
+            };
+            note_failure(inner, peer, Some(failed.queue_reason(peer)));
+            Err(failed)
         }
         Err(_) => {
             tracing::debug!(%peer, "dial timed out");
-            note_failure(inner, peer);
+            note_failure(inner, peer, None);
             Err(DeliverError::DialTimeout)
         }
     }
 }
 
-fn note_failure(inner: &Inner, peer: NodeId) {
+fn note_failure(inner: &Inner, peer: NodeId, cause: Option<QueueReason>) {
     let timings = &inner.timings;
     inner
         .pool()
-        .note_failure(peer, Instant::now(), |n| timings.backoff(n));
+        .note_failure(peer, Instant::now(), |n| timings.backoff(n), cause);
 }
 
 /// Records the recipient's answer, delivered or rejected. Returns once the mark is

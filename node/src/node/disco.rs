@@ -64,6 +64,18 @@ impl DiscoveryError {
         )
     }
 
+    /// Whether the server already holds a record at least as new from this node (an
+    /// announce that raced with another one).
+    pub fn is_stale(&self) -> bool {
+        matches!(
+            self,
+            DiscoveryError::Client {
+                source: ClientError::Server { code, .. },
+                ..
+            } if code == "stale_record"
+        )
+    }
+
     /// Whether the server could not be reached at all (as opposed to refusing).
     pub fn is_unreachable(&self) -> bool {
         matches!(

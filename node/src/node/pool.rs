@@ -10,7 +10,7 @@ use std::{
 
 use p2p_crypto::NodeId;
 
-use super::{bounded_insert, MAX_CONNECTIONS_PER_PEER};
+use super::{bounded_insert, QueueReason, MAX_CONNECTIONS_PER_PEER};
 use crate::endpoint::Connection;
 
 /// Per-peer dial backoff.
@@ -18,6 +18,8 @@ use crate::endpoint::Connection;
 struct DialBackoff {
     failures: u32,
     until: Instant,
+    /// What the last failed dial tells the user, if it tells more than "unreachable".
+    cause: Option<QueueReason>,
 }
 
 /// Connections to peers and the bookkeeping around dialing them.
@@ -93,16 +95,28 @@ impl ConnectionPool {
             .map(|b| b.until - now)
     }
 
-    /// Counts a failed dial; `delay(failures)` says how long to wait.
+    /// Counts a failed dial; `delay(failures)` says how long to wait, `cause` why it
+    /// failed (kept for the sends that meet the backoff).
     pub(super) fn note_failure(
         &mut self,
         peer: NodeId,
         now: Instant,
         delay: impl Fn(u32) -> Duration,
+        cause: Option<QueueReason>,
     ) {
         let failures = self.backoff.get(&peer).map_or(0, |b| b.failures) + 1;
         let until = now + delay(failures);
-        bounded_insert(&mut self.backoff, peer, DialBackoff { failures, until });
+        let backoff = DialBackoff {
+            failures,
+            until,
+            cause,
+        };
+        bounded_insert(&mut self.backoff, peer, backoff);
+    }
+
+    /// Why the last dial of `peer` failed, while it is in backoff.
+    pub(super) fn backoff_cause(&self, peer: &NodeId) -> Option<QueueReason> {
+        self.backoff.get(peer).and_then(|b| b.cause)
     }
 
     /// Lets `peer` be dialed at once.
@@ -150,9 +164,9 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(p.backoff_left(&peer, t0), None);
         let delay = |n: u32| Duration::from_secs(u64::from(n));
-        p.note_failure(peer, t0, delay);
+        p.note_failure(peer, t0, delay, None);
         assert_eq!(p.backoff_left(&peer, t0), Some(Duration::from_secs(1)));
-        p.note_failure(peer, t0, delay);
+        p.note_failure(peer, t0, delay, None);
         assert_eq!(p.backoff_left(&peer, t0), Some(Duration::from_secs(2)));
         assert_eq!(p.backoff_left(&peer, t0 + Duration::from_secs(2)), None);
         p.clear_backoff(&peer);

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Mutation testing of the security-critical code with cargo-mutants: every mutant of
+# these files must be caught by its crate's tests, or be listed, with the reason it
+# cannot be caught, in scripts/mutants-equivalent.txt. Fails on any other missed or
+# timed-out mutant, and on a listed one that no longer exists (so the list stays true).
+#
+# Usage: scripts/mutants.sh [fast|all]
+#   fast: the key file, the TLS binding, sealed envelopes, discovery records and the
+#         discovery server's request verification (crates whose tests take seconds).
+#   all:  also the node's wire codec and inbound path (each mutant rebuilds the node
+#         and runs its unit tests: about an hour on two cores).
+# Needs cargo-mutants 27 (`cargo install cargo-mutants --version '^27' --locked`).
+# Results: target/mutants/<group>/mutants.out/{caught,missed,timeout,unviable}.txt
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scope=${1:-fast}
+case "$scope" in fast | all) ;; *) echo "usage: $0 [fast|all]" >&2; exit 2 ;; esac
+
+# group | package | files | test arguments (after `--`)
+groups=(
+  "crypto|p2p-crypto|crypto/src/tls.rs crypto/src/seal.rs crypto/src/keyfile.rs|"
+  "discovery|p2p-discovery|discovery/src/record.rs discovery/src/server.rs|--lib --test router --test proptest_records --test client"
+)
+if [ "$scope" = all ]; then
+  groups+=("node|p2p-node|node/src/wire.rs node/src/node/inbound.rs|--lib")
+fi
+# Of the server, only its verification: signed requests, replay, timestamps, body and
+# content-type checks.
+server_re='authenticate|ReplayCache|check_not_future|is_json|refuse_oversize_body|method_label|JsonBody'
+
+list=scripts/mutants-equivalent.txt
+# "file: description" without line and column, as listed.
+normalize() { sed -E 's/^([^:]+):[0-9]+:[0-9]+: /\1: /'; }
+
+summary=()
+status=0
+for g in "${groups[@]}"; do
+  IFS='|' read -r name pkg files test_args <<<"$g"
+  out=target/mutants/$name
+  mkdir -p "$out"
+  args=(mutants --no-shuffle --package "$pkg" --output "$out" --timeout 120 --build-timeout 600)
+  for f in $files; do args+=(--file "$f"); done
+  if [ "$name" = discovery ]; then
+    # Every mutant of record.rs; of server.rs, the verification only.
+    args+=(--re "^discovery/src/record\.rs|^discovery/src/server\.rs:.*($server_re)")
+  fi
+  echo "== cargo mutants: $name ($files)"
+  set +e
+  # shellcheck disable=SC2086
+  cargo "${args[@]}" -- $test_args
+  rc=$?
+  set -e
+  # 0: all caught; 2: some missed; 3: some timed out. Anything else is a failure of
+  # the run itself.
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ] && [ "$rc" -ne 3 ]; then
+    echo "cargo mutants failed for $name (exit $rc)" >&2
+    exit "$rc"
+  fi
+  res=$out/mutants.out
+  caught=$(wc -l <"$res/caught.txt")
+  missed=$(cat "$res/missed.txt" "$res/timeout.txt" 2>/dev/null | wc -l)
+  unviable=$(wc -l <"$res/unviable.txt")
+  for f in $files; do
+    c=$(grep -c "^$f:" "$res/caught.txt" || true)
+    m=$(cat "$res/missed.txt" "$res/timeout.txt" 2>/dev/null | grep -c "^$f:" || true)
+    summary+=("| $f | $c of $((c + m)) | $m |")
+  done
+  echo "$name: $caught caught, $missed missed or timed out, $unviable unviable"
+  while IFS= read -r mutant; do
+    key=$(printf '%s\n' "$mutant" | normalize)
+    if ! grep -Fq -- "$key #" "$list"; then
+      echo "NOT CAUGHT and not listed as equivalent: $mutant" >&2
+      status=1
+    fi
+  done < <(cat "$res/missed.txt" "$res/timeout.txt" 2>/dev/null)
+  # A listed mutant of these files that cargo-mutants no longer generates is stale.
+  all_mutants=$(cat "$res"/{caught,missed,timeout,unviable}.txt 2>/dev/null | normalize)
+  while IFS= read -r entry; do
+    key=${entry%% #*}
+    file=${key%%: *}
+    case " $files " in *" $file "*) ;; *) continue ;; esac
+    if ! grep -Fxq -- "$key" <<<"$all_mutants"; then
+      echo "listed in $list but not generated any more: $key" >&2
+      status=1
+    fi
+  done < <(grep -v '^#' "$list" | grep -v '^[[:space:]]*$')
+done
+
+echo
+echo "| file | viable mutants caught | missed (listed as equivalent) |"
+echo "|---|---:|---:|"
+printf '%s\n' "${summary[@]}"
+exit "$status"
