@@ -718,6 +718,42 @@ async fn a_name_given_at_start_is_claimed_on_a_server_that_does_not_know_it() ->
 }
 
 #[tokio::test]
+async fn names_from_the_online_list_are_pinned_once_messages_are_exchanged() -> Result<()> {
+    let d = Discovery::start().await?;
+    let (alice, bob, carol) = (User::new()?, User::new()?, User::new()?);
+    let a = alice.start(&d.url).await?;
+    a.register("alice").await?;
+    let b = bob.start(&d.url).await?;
+    b.register("bob").await?;
+    let c = carol.start(&d.url).await?;
+    c.register("carol").await?;
+    let mut a_ev = a.subscribe();
+    // Alice knows bob and carol from the online list only.
+    eventually("alice's online list names bob and carol", || async {
+        Ok(a.name_of(&bob.id()).as_deref() == Some("bob")
+            && a.name_of(&carol.id()).as_deref() == Some("carol"))
+    })
+    .await?;
+    // She writes to bob by his NodeId (as the full-screen chat does); carol writes to her.
+    let out = a.send_to(&bob.id(), "to bob by id").await?;
+    assert_eq!(out.status, SendStatus::Delivered);
+    c.send("alice", "from carol").await?;
+    next_event(&mut a_ev, "carol's message at alice", is_received).await?;
+    // With discovery gone, both conversations are still found by name.
+    d.stop().await;
+    let with_bob = a.history("bob", 10).await?;
+    assert_eq!(with_bob.len(), 1);
+    assert_eq!(text(&with_bob[0]), "to bob by id");
+    let with_carol = a.history("carol", 10).await?;
+    assert_eq!(with_carol.len(), 1);
+    assert_eq!(text(&with_carol[0]), "from carol");
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_senders_claimed_name_is_learned_and_pinned() -> Result<()> {
     let d = Discovery::start().await?;
     let (alice, bob) = (User::new()?, User::new()?);
