@@ -359,6 +359,43 @@ mod tests {
         );
     }
 
+    /// The `PeerCertError` inside a verifier's refusal.
+    fn peer_cert_error(e: rustls::Error) -> PeerCertError {
+        match e {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => inner
+                .downcast_ref::<PeerCertError>()
+                .cloned()
+                .expect("a PeerCertError"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn both_verifiers_refuse_a_chain_and_count_it() {
+        let sk = SecretKey::generate();
+        let cert = certify(&sk).expect("certifies").cert;
+        let now = UnixTime::now();
+        let name = ServerName::try_from(SERVER_NAME).expect("name");
+        for extra in 1..=2usize {
+            let intermediates = vec![cert.clone(); extra];
+            let server = ServerVerifier::new(sk.public())
+                .verify_server_cert(&cert, &intermediates, &name, &[], now)
+                .expect_err("a chain");
+            assert_eq!(peer_cert_error(server), PeerCertError::Chain(1 + extra));
+            let client = ClientVerifier::new()
+                .verify_client_cert(&cert, &intermediates, now)
+                .expect_err("a chain");
+            assert_eq!(peer_cert_error(client), PeerCertError::Chain(1 + extra));
+        }
+        // A single certificate passes both.
+        assert!(ServerVerifier::new(sk.public())
+            .verify_server_cert(&cert, &[], &name, &[], now)
+            .is_ok());
+        assert!(ClientVerifier::new()
+            .verify_client_cert(&cert, &[], now)
+            .is_ok());
+    }
+
     /// The node's certificate with its SubjectPublicKeyInfo's algorithm identifier (the
     /// ed25519 OID, no parameters) replaced by `algorithm` (the DER of an
     /// AlgorithmIdentifier's contents), the lengths around it fixed up.

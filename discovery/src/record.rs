@@ -319,6 +319,19 @@ mod tests {
     }
 
     #[test]
+    fn an_invalid_name_is_echoed_at_most_forty_characters_long() {
+        let long = "X".repeat(100);
+        match validate_name(&long) {
+            Err(RecordError::InvalidName { name }) => assert_eq!(name, "X".repeat(40)),
+            other => panic!("unexpected {other:?}"),
+        }
+        match validate_name("No") {
+            Err(RecordError::InvalidName { name }) => assert_eq!(name, "No"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
     fn oversized_records_are_refused_before_decoding() {
         let sig = Signature([0; 64]);
         // One byte over: refused by size, whatever the bytes.

@@ -1116,3 +1116,25 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, AppError> {
     )
         .into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replay_cache_refuses_repeats_and_makes_room_only_from_expired_entries() {
+        let sig = |b: u8| Signature([b; 64]);
+        let mut c = ReplayCache::default();
+        assert_eq!(c.insert(&sig(1), 100, 0, 2), Ok(()));
+        assert_eq!(c.insert(&sig(1), 100, 0, 2), Err(true), "a repeat");
+        assert_eq!(c.insert(&sig(2), 100, 0, 2), Ok(()));
+        // Full, and nothing expired yet (entries are kept while forget_at > now).
+        assert_eq!(c.insert(&sig(3), 200, 99, 2), Err(false));
+        assert_eq!(c.seen.len(), 2);
+        // At forget_at the old entries go, and make room.
+        assert_eq!(c.insert(&sig(3), 200, 100, 2), Ok(()));
+        assert_eq!(c.seen.len(), 1);
+        assert_eq!(c.insert(&sig(1), 200, 100, 2), Ok(()), "forgotten, so new");
+        assert_eq!(c.insert(&sig(3), 300, 150, 2), Err(true));
+    }
+}

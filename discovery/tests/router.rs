@@ -117,11 +117,16 @@ async fn claim_name_endpoint() {
     h.post_json("/v1/names", &wire(&w))
         .await
         .expect(400, Some("invalid_record"));
-    // Timestamp too far in the future.
-    let future = claim(&mallory, "mallory", h.now() + 61_000);
+    // Timestamp too far in the future: a millisecond past the 60 s window is refused,
+    // the window's edge accepted.
+    let future = claim(&mallory, "mallory", h.now() + 60_001);
     h.post_json("/v1/names", &wire(&future))
         .await
         .expect(400, Some("timestamp_out_of_window"));
+    let edge = SecretKey::generate();
+    h.post_json("/v1/names", &wire(&claim(&edge, "edge", h.now() + 60_000)))
+        .await
+        .expect(200, None);
     // Invalid name, signed correctly.
     let bad = NameClaim {
         name: "Not Valid".into(),
@@ -510,6 +515,17 @@ async fn fetch_and_delete_need_fresh_signatures() {
     h.send(h.signed(&bob, Method::GET, &path, b"", h.now() + 61_000))
         .await
         .expect(400, Some("timestamp_out_of_window"));
+    // The window's edges: 60 s either way is in, a millisecond more is out.
+    for ts in [h.now() - 60_001, h.now() + 60_001] {
+        h.send(h.signed(&bob, Method::GET, &path, b"", ts))
+            .await
+            .expect(400, Some("timestamp_out_of_window"));
+    }
+    for ts in [h.now() - 60_000, h.now() + 60_000] {
+        h.send(h.signed(&bob, Method::GET, &path, b"", ts))
+            .await
+            .expect(200, None);
+    }
     // Valid, then replayed.
     let ts = h.now();
     let r = h.send(h.signed(&bob, Method::GET, &path, b"", ts)).await;

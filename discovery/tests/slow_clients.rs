@@ -174,6 +174,25 @@ async fn an_oversize_content_length_is_refused_before_the_body() {
 }
 
 #[tokio::test]
+async fn a_content_length_at_the_limit_is_read() {
+    let server = Server::start(ServerConfig {
+        max_body_bytes: 100,
+        ..ServerConfig::default()
+    })
+    .await;
+    for (len, status, code) in [(100, 400, "malformed_json"), (101, 413, "body_too_large")] {
+        let req = format!(
+            "POST /v1/names HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n{}",
+            "x".repeat(len)
+        );
+        let (got, body) = exchange(server.addr, req.as_bytes(), Duration::from_secs(2)).await;
+        assert_eq!(got, status, "{len}: {body}");
+        assert_eq!(error_code(&body), code);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_stalled_body_gets_408_and_healthz_keeps_answering() {
     let server = Server::start(fast_config()).await;
     let mut stalled = Vec::new();
