@@ -24,7 +24,7 @@
 
 mod mapped;
 pub mod paths;
-mod probe;
+pub mod probe;
 mod relay;
 mod socket;
 
