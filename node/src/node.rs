@@ -1215,15 +1215,17 @@ impl Inner {
         lock(&self.name).clone()
     }
 
-    /// Records what an online list or lookup told us about peers: mailbox keys, and
-    /// for the path layer their direct addresses and relays.
+    /// Records what an online list or lookup told us about peers: mailbox keys, and for
+    /// the path layer the direct addresses and relays of peers it tracks (a dial tells
+    /// it of the others, see `deliver::learn_paths`).
     fn learn_peers(&self, peers: &[PeerInfo]) {
         self.peers().learn(peers);
+        let net = self.endpoint.net();
         for p in peers
             .iter()
             .filter(|p| p.online && p.node_id != self.node_id)
         {
-            self.endpoint.learn_peer(p.node_id, &p.addrs, p.relay);
+            net.update_peer_info(p.node_id, &p.addrs, p.relay);
         }
     }
 

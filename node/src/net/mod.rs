@@ -192,6 +192,17 @@ impl Shared {
             .set_peer_info(peer, addrs, relay, Instant::now());
     }
 
+    /// Like [`Shared::set_peer_info`], only for a peer the path layer tracks already.
+    pub(crate) fn update_peer_info(
+        &self,
+        peer: NodeId,
+        addrs: &[SocketAddr],
+        relay: Option<RelayRef>,
+    ) {
+        self.paths()
+            .update_peer_info(peer, addrs, relay, Instant::now());
+    }
+
     /// Our direct addresses, offered to peers when punching.
     pub(crate) fn set_own_candidates(&self, addrs: Vec<SocketAddr>) {
         self.paths().set_own_candidates(addrs);

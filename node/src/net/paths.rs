@@ -469,10 +469,25 @@ impl Paths {
         relay: Option<RelayRef>,
         now: Instant,
     ) {
+        if self.ensure_peer(node, now).is_some() {
+            self.update_peer_info(node, addrs, relay, now);
+        }
+    }
+
+    /// Like [`Paths::set_peer_info`] for a peer already tracked; others are left out
+    /// (an online list of thousands must not fill the table).
+    pub(crate) fn update_peer_info(
+        &mut self,
+        node: NodeId,
+        addrs: &[SocketAddr],
+        relay: Option<RelayRef>,
+        now: Instant,
+    ) {
         let direct = self.config.direct;
-        let Some(peer) = self.ensure_peer(node, now) else {
+        let Some(peer) = self.peers.get_mut(node.as_bytes()) else {
             return;
         };
+        peer.touched = peer.touched.max(now);
         let mut changed = false;
         if relay.is_some() && peer.relay != relay {
             peer.relay = relay;
