@@ -957,9 +957,12 @@ impl Paths {
             Some(b) => {
                 let old = peer.candidate(b);
                 let stale = !peer.trusted(b, now, &self.config);
-                let faster = old
-                    .and_then(|o| o.rtt)
-                    .is_some_and(|old_rtt| rtt.saturating_mul(4) < old_rtt.saturating_mul(3));
+                // Clearly faster only (half the round trip, and 2 ms less), so two
+                // addresses of one host do not take turns on measurement noise.
+                let faster = old.and_then(|o| o.rtt).is_some_and(|old_rtt| {
+                    rtt.saturating_mul(2) < old_rtt
+                        && old_rtt.saturating_sub(rtt) >= Duration::from_millis(2)
+                });
                 stale || faster
             }
         };
@@ -972,13 +975,15 @@ impl Paths {
                     self.stats.successes = self.stats.successes.saturating_add(1);
                 }
                 peer.punch = Punch::default();
+                out.push(Action::PathChanged {
+                    peer: node,
+                    path: Some(PathKind::Direct),
+                    addr: Some(addr),
+                    rtt: Some(rtt),
+                });
+            } else {
+                tracing::debug!(peer = %node, %addr, ?rtt, "direct path moves to another address");
             }
-            out.push(Action::PathChanged {
-                peer: node,
-                path: Some(PathKind::Direct),
-                addr: Some(addr),
-                rtt: Some(rtt),
-            });
         }
         self.claim(addr, key, true, now);
         if usable(&observed) && !self.own.contains(&observed) && self.own.len() < MAX_CANDIDATES {
