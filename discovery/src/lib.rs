@@ -76,12 +76,14 @@ pub use client::{
     DEFAULT_TIMEOUT, MAX_PAGES, MAX_RESPONSE_BYTES,
 };
 pub use clock::{now_ms, Clock, ManualClock, SystemClock};
-pub use error::{AppError, ErrorCode};
+pub use error::{AppError, ErrorCode, STORE_RETRY_AFTER};
 pub use record::{
     validate_name, NameClaim, PresenceRecord, Record, RecordError, RelayRef, Signed, SignedWire,
     Withdrawal, MAX_ADDRS, MAX_NAME_LEN, MAX_RECORD_BYTES, MAX_TTL_SECS, MIN_TTL_SECS,
 };
 pub use server::{paths, router, serve, AppState, ServerConfig, ServerError, ROUTES};
 pub use store::{
-    ClaimOutcome, DepositOutcome, Fetched, MemoryStore, RedbStore, Store, StoreError, StoreStats,
+    describe_url, is_postgres_url, open_store, Announced, ClaimOutcome, DepositOutcome, Fetched,
+    LivePresence, LocalStore, MemoryStore, OnlinePage, PeerState, PgOptions, PgStore, RedbStore,
+    RequestSeen, Store, StoreError, StoreStats, Withdrawn,
 };

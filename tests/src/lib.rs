@@ -234,3 +234,5 @@ impl Drop for Proc {
         }
     }
 }
+
+pub mod postgres;

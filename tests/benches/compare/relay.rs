@@ -52,8 +52,9 @@ async fn round_trips(
     let mut lat: [Option<Load>; 2] = [None, None];
     for phase in order(run, 2) {
         let (from, to) = if phase == 0 { direct } else { relayed };
-        lat[phase] =
-            Some(one_at_a_time(dur, usize::MAX, || send_delivered(&from.node, &to.to, text)).await?);
+        lat[phase] = Some(
+            one_at_a_time(dur, usize::MAX, || send_delivered(&from.node, &to.to, text)).await?,
+        );
     }
     match lat {
         [Some(d), Some(r)] => Ok((d, r)),
