@@ -287,22 +287,32 @@ async fn the_mailbox_bound_holds_across_instances(pg: &PgServer) {
     b.kill().await;
 }
 
-async fn users_continue_on_one_instance_when_the_other_dies(pg: &PgServer) {
-    let (a, b) = pair(pg, "failover", config()).await;
+/// Alice (claimed on A) and bob (claimed on B); alice deposits `text` for bob on A.
+async fn alice_writes_to_bob(
+    a: &Instance,
+    b: &Instance,
+    text: &[u8],
+) -> (SecretKey, SecretKey, p2p_discovery::PeerInfo) {
     let (alice, bob) = (SecretKey::generate(), SecretKey::generate());
     a.client().claim_name(&alice, "alice").await.expect("claim");
-    a.client().claim_name(&bob, "bob").await.expect("claim");
+    b.client().claim_name(&bob, "bob").await.expect("claim");
     let bob_info = a
         .client()
         .lookup_name("bob")
         .await
         .expect("lookup")
         .expect("bob");
-    let envelope = seal::seal(&alice, &bob.public(), &bob_info.mailbox_key, b"before");
+    let envelope = seal::seal(&alice, &bob.public(), &bob_info.mailbox_key, text);
     a.client()
         .deposit(&bob.public(), envelope)
         .await
         .expect("deposit on A");
+    (alice, bob, bob_info)
+}
+
+async fn users_continue_on_one_instance_when_the_other_dies(pg: &PgServer) {
+    let (a, b) = pair(pg, "failover", config()).await;
+    let (alice, bob, bob_info) = alice_writes_to_bob(&a, &b, b"before").await;
     let a_client = a.client();
     a.kill().await;
     assert!(matches!(
@@ -339,20 +349,8 @@ async fn users_continue_on_one_instance_when_the_other_dies(pg: &PgServer) {
 
 async fn a_database_restart_is_a_503_then_the_service_resumes(pg: &mut PgServer) {
     let (a, b) = pair(pg, "restart", config()).await;
-    let (alice, bob) = (SecretKey::generate(), SecretKey::generate());
-    a.client().claim_name(&alice, "alice").await.expect("claim");
-    b.client().claim_name(&bob, "bob").await.expect("claim");
-    let bob_info = a
-        .client()
-        .lookup_name("bob")
-        .await
-        .expect("lookup")
-        .expect("bob");
-    let envelope = seal::seal(&alice, &bob.public(), &bob_info.mailbox_key, b"kept");
-    a.client()
-        .deposit(&bob.public(), envelope.clone())
-        .await
-        .expect("deposit");
+    let (alice, bob, bob_info) = alice_writes_to_bob(&a, &b, b"kept").await;
+    let envelope = seal::seal(&alice, &bob.public(), &bob_info.mailbox_key, b"again");
 
     pg.stop();
     let http = reqwest::Client::new();

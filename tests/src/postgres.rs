@@ -156,6 +156,14 @@ impl PgServer {
         cmd
     }
 
+    /// A client program (`createdb`, `pg_isready`) aimed at the server as `postgres`.
+    fn client_command(&self, name: &str) -> Command {
+        let mut cmd = self.command(name);
+        let port = self.port.to_string();
+        cmd.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"]);
+        cmd
+    }
+
     /// Starts `postgres` on a free port (another one if the port was taken meanwhile)
     /// and waits until it accepts connections.
     fn launch(&mut self) {
@@ -209,15 +217,7 @@ impl PgServer {
                 }
             }
             let ready = self
-                .command("pg_isready")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &self.port.to_string(),
-                    "-U",
-                    "postgres",
-                ])
+                .client_command("pg_isready")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
@@ -256,16 +256,8 @@ impl PgServer {
     /// Creates database `name` and returns its URL.
     pub fn create_database(&self, name: &str) -> String {
         let out = self
-            .command("createdb")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                name,
-            ])
+            .client_command("createdb")
+            .arg(name)
             .output()
             .expect("run createdb");
         assert!(
