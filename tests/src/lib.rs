@@ -235,4 +235,5 @@ impl Drop for Proc {
     }
 }
 
+pub mod dht;
 pub mod postgres;

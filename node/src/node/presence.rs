@@ -157,7 +157,7 @@ fn announce_addrs(inner: &Inner) -> Vec<SocketAddr> {
 
 /// Our direct addresses: those [`announce_addrs`] finds, and first the address the relay
 /// sees us at (the public side of our NAT, a hole-punching candidate for peers).
-fn our_addrs(inner: &Inner) -> Vec<SocketAddr> {
+pub(super) fn our_addrs(inner: &Inner) -> Vec<SocketAddr> {
     let reflexive = inner.endpoint.net().home().borrow().reflexive;
     let mut addrs = announce_addrs(inner);
     if let Some(r) = reflexive.filter(|a| !addrs.contains(a)) {
