@@ -70,6 +70,13 @@ pub struct Global {
     #[arg(long, global = true)]
     pub no_relay: bool,
 
+    /// Use the BitTorrent Mainline DHT: publish this node's addresses and relay there
+    /// (signed with its key), and look peers up there by NodeId when discovery does not
+    /// know them or is down. Off by default: it publishes your addresses in a public
+    /// table and needs the internet, which a LAN-only setup has no use for.
+    #[arg(long, global = true, env = "P2P_DHT")]
+    pub dht: bool,
+
     /// File whose first line is the passphrase protecting the identity key.
     /// The passphrase may also be given in the environment as P2P_PASSPHRASE.
     #[arg(long, global = true, env = "P2P_PASSPHRASE_FILE", value_name = "FILE")]
