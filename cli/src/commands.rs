@@ -413,6 +413,9 @@ pub async fn discovery(
     store: StoreChoice,
     relay: Option<RelayOptions>,
 ) -> Result<()> {
+    // Handled from before the server says it listens: a SIGTERM right after that line
+    // is a clean stop.
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let (store, described, default_key) = open_discovery_store(paths, store).await?;
     let state = p2p_discovery::AppState::new(
         p2p_discovery::ServerConfig::default(),
@@ -453,15 +456,11 @@ pub async fn discovery(
     let signals = {
         let stop = stop.clone();
         async move {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(t) => t,
-                    Err(_) => {
-                        let _ = tokio::signal::ctrl_c().await;
-                        stop.cancel();
-                        return;
-                    }
-                };
+            let Some(mut term) = term else {
+                let _ = tokio::signal::ctrl_c().await;
+                stop.cancel();
+                return;
+            };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
