@@ -704,6 +704,7 @@ impl NodeBuilder {
             cancel: cancel.clone(),
             tracker: TaskTracker::new(),
             drain_lock: tokio::sync::Mutex::new(()),
+            announce_lock: tokio::sync::Mutex::new(()),
             drained: drained_tx,
             drop_acks: self.drop_acks,
             _lock: lock,
@@ -805,6 +806,9 @@ pub(crate) struct Inner {
     cancel: CancellationToken,
     tracker: TaskTracker,
     drain_lock: tokio::sync::Mutex<()>,
+    /// One announce at a time: a record signed later is never sent beside an earlier one,
+    /// which the server would then refuse as stale.
+    announce_lock: tokio::sync::Mutex<()>,
     drained: watch::Sender<bool>,
     drop_acks: bool,
     _lock: File,

@@ -82,6 +82,7 @@ async fn relay_changed(home: &mut tokio::sync::watch::Receiver<crate::net::HomeR
 /// Announces once; returns when to announce again.
 pub(super) async fn announce_once(inner: &Inner) -> Result<Duration, NodeError> {
     let disco = inner.disco.as_ref().ok_or(NodeError::NoDiscovery)?;
+    let _one_at_a_time = inner.announce_lock.lock().await;
     let home = inner.endpoint.net().home().borrow().clone();
     let mut addrs = our_addrs(inner);
     if !inner.publish_addrs {
