@@ -17,6 +17,6 @@ pub mod wire;
 pub use endpoint::{Connection, Endpoint, TransportSettings};
 pub use net::{HomeRelay, PathConfig, PathEvent, PathKind};
 pub use node::{
-    DiscoveryError, Node, NodeBuilder, NodeError, NodeEvent, PeerInfo, Resolved, SendOutcome,
-    SendStatus, Timings, Via,
+    DhtConfig, DhtError, DhtRecord, DiscoveryError, Node, NodeBuilder, NodeError, NodeEvent,
+    PeerInfo, Resolved, SendOutcome, SendStatus, Timings, Via,
 };

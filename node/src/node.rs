@@ -72,6 +72,7 @@
 //! connections are not affected.
 
 mod deliver;
+mod dht;
 mod disco;
 mod inbound;
 mod mailbox;
@@ -108,6 +109,7 @@ use crate::{
     wire::{ChatMessage, InvalidMessage, MessageId, RejectCode},
 };
 
+pub use dht::{DhtConfig, DhtError, DhtRecord};
 pub use disco::DiscoveryError;
 /// A node found on discovery, its records verified by the client.
 pub use p2p_discovery::PeerInfo;
@@ -372,6 +374,12 @@ pub enum NodeError {
     /// The QUIC endpoint cannot be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// The DHT client cannot start, or a DHT operation failed.
+    #[error(transparent)]
+    Dht(#[from] DhtError),
+    /// The operation needs the DHT and this node does not use it.
+    #[error("this node does not use the DHT")]
+    NoDht,
     /// The embedded discovery server cannot start.
     #[error("cannot start the embedded discovery server on {addr}: {reason}")]
     EmbeddedDiscovery {
@@ -464,6 +472,7 @@ pub struct NodeBuilder {
     paths: PathConfig,
     use_relay: bool,
     publish_addrs: bool,
+    dht: Option<DhtConfig>,
     events: broadcast::Sender<NodeEvent>,
 }
 
@@ -539,6 +548,16 @@ impl NodeBuilder {
     /// this node directly (NATs, firewalls) reach it through the relay. Default `true`.
     pub fn relay(mut self, relay: bool) -> Self {
         self.use_relay = relay;
+        self
+    }
+
+    /// Uses the BitTorrent Mainline DHT: publishes this node's addresses and home relay
+    /// there, signed with its key (unless [`DhtConfig::publish`] is off), and looks a
+    /// peer up there by NodeId when discovery does not know it or cannot be reached.
+    /// Default: off (publishing puts the addresses in a public table, and a LAN without
+    /// internet cannot reach the DHT). See [`DhtConfig`].
+    pub fn dht(mut self, config: DhtConfig) -> Self {
+        self.dht = Some(config);
         self
     }
 
@@ -646,6 +665,13 @@ impl NodeBuilder {
             }
         };
 
+        let dht = match self.dht.clone() {
+            Some(config) => {
+                let secret = self.secret.clone();
+                Some(tokio::task::spawn_blocking(move || dht::Dht::start(&secret, config)).await??)
+            }
+            None => None,
+        };
         let (drained_tx, _) = watch::channel(false);
         let cancel = CancellationToken::new();
         let inner = Arc::new(Inner {
@@ -658,6 +684,7 @@ impl NodeBuilder {
             events: self.events,
             timings: self.timings,
             disco,
+            dht,
             embedded_addr: embedded.as_ref().map(|e| e.addr),
             embedded_relay: embedded.as_ref().and_then(|e| e.relay_addr),
             embedded: Mutex::new(embedded.map(|e| e.task)),
@@ -677,6 +704,7 @@ impl NodeBuilder {
             cancel: cancel.clone(),
             tracker: TaskTracker::new(),
             drain_lock: tokio::sync::Mutex::new(()),
+            announce_lock: tokio::sync::Mutex::new(()),
             drained: drained_tx,
             drop_acks: self.drop_acks,
             _lock: lock,
@@ -700,6 +728,9 @@ impl NodeBuilder {
                 .spawn(relaying::home_relay_loop(inner.clone()));
         }
         inner.tracker.spawn(inbound::accept_loop(inner.clone()));
+        if inner.dht.is_some() {
+            inner.tracker.spawn(dht::publish_loop(inner.clone()));
+        }
         inner.tracker.spawn(outbox::run(inner.clone()));
         inner.tracker.spawn(mailbox::run(inner.clone()));
         if inner.disco.is_some() {
@@ -746,6 +777,8 @@ pub(crate) struct Inner {
     events: broadcast::Sender<NodeEvent>,
     timings: Timings,
     disco: Option<disco::Disco>,
+    /// The DHT client, when the node uses the DHT.
+    dht: Option<dht::Dht>,
     embedded_addr: Option<SocketAddr>,
     embedded_relay: Option<SocketAddr>,
     embedded: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -773,6 +806,9 @@ pub(crate) struct Inner {
     cancel: CancellationToken,
     tracker: TaskTracker,
     drain_lock: tokio::sync::Mutex<()>,
+    /// One announce at a time: a record signed later is never sent beside an earlier one,
+    /// which the server would then refuse as stale.
+    announce_lock: tokio::sync::Mutex<()>,
     drained: watch::Sender<bool>,
     drop_acks: bool,
     _lock: File,
@@ -815,6 +851,7 @@ impl Node {
             paths: PathConfig::default(),
             use_relay: true,
             publish_addrs: true,
+            dht: None,
             events,
         }
     }
@@ -967,6 +1004,26 @@ impl Node {
         }
         let msg = ChatMessage::text(text, stamp_ms())?;
         self.inner.send_message(*to, msg).await
+    }
+
+    /// Publishes this node's DHT record now (the node also does so by itself when it
+    /// starts, when its home relay changes, and every [`DhtConfig::republish`]).
+    pub async fn dht_publish(&self) -> Result<(), NodeError> {
+        let inner = &self.inner;
+        let dht = inner.dht.as_ref().ok_or(NodeError::NoDht)?;
+        let addrs = if inner.publish_addrs {
+            presence::our_addrs(inner)
+        } else {
+            Vec::new()
+        };
+        let relay = inner.endpoint.net().home().borrow().relay;
+        Ok(dht.publish(&addrs, relay).await?)
+    }
+
+    /// Looks `node` up on the DHT: its verified record (addresses, home relay).
+    pub async fn dht_lookup(&self, node: &NodeId) -> Result<DhtRecord, NodeError> {
+        let dht = self.inner.dht.as_ref().ok_or(NodeError::NoDht)?;
+        Ok(dht.lookup(node).await?)
     }
 
     /// The last `limit` messages with `peer` (a NodeId or a name), oldest first.

@@ -8,11 +8,13 @@
 //! messaging layer noticing.
 
 use std::{
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use p2p_crypto::NodeId;
+use p2p_discovery::RelayRef;
 
 use super::{inbound, Inner, NodeError, NodeEvent};
 use crate::{
@@ -139,19 +141,21 @@ async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> bool {
                     inner.learn_peers(std::slice::from_ref(&info));
                     (info.addrs, info.relay)
                 }
-                // Discovery knows the peer offline, or not at all: nothing to try.
-                Ok(Ok(_)) => return false,
+                // Discovery knows the peer and says it is offline: nothing to try.
+                Ok(Ok(Some(_))) => return false,
+                // Discovery does not know the peer.
+                Ok(Ok(None)) => dht_paths(inner, peer).await,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "lookup failed");
-                    (Vec::new(), None)
+                    dht_paths(inner, peer).await
                 }
                 Err(_) => {
                     tracing::debug!(%peer, "lookup timed out");
-                    (Vec::new(), None)
+                    dht_paths(inner, peer).await
                 }
             }
         }
-        (None, None) => (Vec::new(), None),
+        (None, None) => dht_paths(inner, peer).await,
     };
     if let Some(a) = last {
         if !addrs.contains(&a) {
@@ -163,6 +167,24 @@ async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> bool {
     }
     inner.endpoint.learn_peer(peer, &addrs, relay);
     true
+}
+
+/// The addresses and relay `peer` published on the DHT, when this node uses it and the
+/// record verifies (see [`super::dht`]); nothing otherwise.
+async fn dht_paths(inner: &Inner, peer: NodeId) -> (Vec<SocketAddr>, Option<RelayRef>) {
+    let Some(dht) = inner.dht.as_ref() else {
+        return (Vec::new(), None);
+    };
+    match dht.lookup(&peer).await {
+        Ok(record) => {
+            tracing::debug!(%peer, addrs = record.addrs.len(), relay = record.relay.is_some(), "found on the DHT");
+            (record.addrs, record.relay)
+        }
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "not found on the DHT");
+            (Vec::new(), None)
+        }
+    }
 }
 
 /// Makes sure there is a connection to `peer` (dialing if needed), so a message can go

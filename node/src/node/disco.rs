@@ -64,13 +64,16 @@ impl DiscoveryError {
         )
     }
 
-    /// Whether the server could not be reached at all (as opposed to refusing).
+    /// Whether the service could not answer at all (as opposed to refusing): the server
+    /// is unreachable, timed out, or its database is down.
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
             DiscoveryError::Timeout { .. }
                 | DiscoveryError::Client {
-                    source: ClientError::Unreachable(_) | ClientError::Timeout,
+                    source: ClientError::Unreachable(_)
+                        | ClientError::Timeout
+                        | ClientError::Unavailable { .. },
                     ..
                 }
         )
