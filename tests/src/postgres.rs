@@ -130,6 +130,9 @@ impl PgServer {
             "UTF8",
             "--locale=C",
             "-N",
+            // 1 MiB WAL segments instead of 16: a test server writes little, and the
+            // disk of a CI machine is shared.
+            "--wal-segsize=1",
         ]);
         let out = initdb.output().expect("run initdb");
         assert!(
@@ -188,6 +191,7 @@ impl PgServer {
                 .args(["-p", &port.to_string()])
                 .args(["-c", "unix_socket_directories="])
                 .args(["-c", "max_connections=200"])
+                .args(["-c", "min_wal_size=4MB", "-c", "max_wal_size=32MB"])
                 .stdout(log.try_clone().expect("log"))
                 .stderr(log);
             if !self.durable {
