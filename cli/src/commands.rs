@@ -1,6 +1,6 @@
 //! The one-shot commands and the headless `listen`.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result};
 use p2p_node::{NodeEvent, PathKind};
@@ -195,21 +195,42 @@ fn bind_relay(
     key: &std::path::Path,
     listen: SocketAddr,
     http: SocketAddr,
-) -> Result<p2p_discovery::relay::Relay> {
+) -> Result<(p2p_discovery::relay::Relay, std::fs::File)> {
     let (secret, created) = p2p_crypto::keyfile::load_or_create(key, None)
         .with_context(|| format!("cannot load the relay key {}", key.display()))?;
     if created {
         println!("created relay identity in {}", key.display());
     }
+    // Two relays with one key would be taken for one: peers of the other would be
+    // unreachable. The lock goes when the process does.
+    let lock = std::fs::File::open(key)
+        .with_context(|| format!("cannot open the relay key {}", key.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(
+            "the relay key {} is in use by another discovery server; give this one its own with --relay-key",
+            key.display()
+        );
+    }
+    let relay = bind_relay_socket(opts, &secret, listen, http)?;
+    Ok((relay, lock))
+}
+
+/// Binds the relay's UDP socket (see [`bind_relay`]).
+fn bind_relay_socket(
+    opts: &RelayOptions,
+    secret: &p2p_crypto::SecretKey,
+    listen: SocketAddr,
+    http: SocketAddr,
+) -> Result<p2p_discovery::relay::Relay> {
     let config = p2p_discovery::relay::RelayConfig::default;
     let same = opts.listen == listen;
     let first = if same { http } else { opts.listen };
-    match p2p_discovery::relay::Relay::bind(first, &secret, config()) {
+    match p2p_discovery::relay::Relay::bind(first, secret, config()) {
         Ok(r) => Ok(r),
         // Any port was asked for: the HTTP port number was only a preference.
         Err(_) if same && listen.port() == 0 => Ok(p2p_discovery::relay::Relay::bind(
             SocketAddr::new(http.ip(), 0),
-            &secret,
+            secret,
             config(),
         )?),
         Err(e) => Err(anyhow::Error::new(e).context(
@@ -244,6 +265,8 @@ pub struct RelayOptions {
     /// Its identity key file (created mode 0600). Default: relay.key beside the
     /// database.
     pub key: Option<PathBuf>,
+    /// The address to advertise for it, if not the server's own host.
+    pub advertise: Option<SocketAddr>,
 }
 
 /// The per-address limit on write requests of a standalone server.
@@ -254,62 +277,100 @@ pub struct WriteLimits {
     pub burst: u32,
 }
 
-/// `p2p-node discovery --listen ADDR [--db PATH] [--relay-listen ADDR | --no-relay]`: a
-/// standalone discovery server and its relay. Its database is created with mode 0600
-/// (and a missing directory for it with mode 0700), and refused if group or others may
-/// access it; without `--db` it is in the data directory, whose rules apply.
+/// Where the standalone server keeps its state.
+pub enum StoreChoice {
+    /// A redb file (default: discovery.redb in the data directory).
+    Redb(Option<PathBuf>),
+    /// A PostgreSQL database, by URL.
+    Postgres(String),
+}
+
+/// Opens the store; returns it, how to name it to the user, and the default relay key.
+async fn open_discovery_store(
+    paths: &Paths,
+    choice: StoreChoice,
+) -> Result<(Arc<dyn p2p_discovery::Store>, String, PathBuf)> {
+    match choice {
+        StoreChoice::Redb(db) => {
+            let db = match db {
+                Some(db) => {
+                    let parent = p2p_crypto::owner_only::parent_dir(&db);
+                    if !parent.exists() {
+                        p2p_crypto::owner_only::create_dir(&parent)?;
+                    }
+                    db
+                }
+                None => {
+                    paths.prepare()?;
+                    paths.discovery_db()
+                }
+            };
+            let store = p2p_discovery::open_store(&db.to_string_lossy())
+                .await
+                .with_context(|| format!("cannot open discovery database {}", db.display()))?;
+            let key = db.with_file_name("relay.key");
+            Ok((store, format!("database {}", db.display()), key))
+        }
+        StoreChoice::Postgres(url) => {
+            let target = p2p_discovery::describe_url(&url)?;
+            let store = p2p_discovery::open_store(&url)
+                .await
+                .with_context(|| format!("cannot use the discovery database {target}"))?;
+            paths.prepare()?;
+            let key = paths.data_dir.join("relay.key");
+            Ok((store, format!("database {target}"), key))
+        }
+    }
+}
+
+/// `p2p-node discovery --listen ADDR [--db PATH | --store URL|PATH] [--relay-listen ADDR |
+/// --no-relay]`: a standalone discovery server and its relay. A redb database is created
+/// with mode 0600 (and a missing directory for it with mode 0700), and refused if group
+/// or others may access it; without `--db` it is in the data directory, whose rules
+/// apply. A PostgreSQL database gets its schema on first use; any number of servers may
+/// share it.
 pub async fn discovery(
     paths: &Paths,
     listen: SocketAddr,
-    db: Option<PathBuf>,
+    store: StoreChoice,
     relay: Option<RelayOptions>,
     limits: WriteLimits,
 ) -> Result<()> {
     if !(limits.per_sec.is_finite() && limits.per_sec > 0.0) || limits.burst == 0 {
         anyhow::bail!("--write-rate and --write-burst must be positive");
     }
-    let db = match db {
-        Some(db) => {
-            let parent = p2p_crypto::owner_only::parent_dir(&db);
-            if !parent.exists() {
-                p2p_crypto::owner_only::create_dir(&parent)?;
-            }
-            db
-        }
-        None => {
-            paths.prepare()?;
-            paths.discovery_db()
-        }
-    };
-    let state = p2p_discovery::AppState::open(p2p_discovery::ServerConfig {
-        db_path: Some(db.clone()),
+    // Watched from before the server says it listens: a SIGTERM right after that line
+    // is a clean stop.
+    let mut signals = StopSignals::new()?;
+    let (store, described, default_key) = open_discovery_store(paths, store).await?;
+    let config = p2p_discovery::ServerConfig {
         write_rate_per_sec: limits.per_sec,
         write_burst: limits.burst,
         ..Default::default()
-    })
-    .with_context(|| format!("cannot open discovery database {}", db.display()))?;
+    };
+    let state =
+        p2p_discovery::AppState::new(config.clone(), store, Arc::new(p2p_discovery::SystemClock));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
+    // Held while the server runs: one instance per relay key.
+    let mut _key_lock = None;
     let relay = match relay {
         Some(opts) => {
-            let key = opts
-                .key
-                .clone()
-                .unwrap_or_else(|| db.with_file_name("relay.key"));
-            let relay = bind_relay(&opts, &key, listen, addr)?;
-            state.set_relay(&relay)?;
+            let key = opts.key.clone().unwrap_or(default_key);
+            let (relay, lock) = bind_relay(&opts, &key, listen, addr)?;
+            _key_lock = Some(lock);
+            match opts.advertise {
+                Some(public) => state.set_relay_at(&relay, public)?,
+                None => state.set_relay(&relay)?,
+            }
             Some(relay)
         }
         None => None,
     };
-    println!(
-        "discovery server listening on http://{addr} (database {})",
-        db.display()
-    );
+    println!("discovery server listening on http://{addr} ({described})");
     if let Some((soft, _)) = p2p_discovery::nofile_limit() {
-        let config = p2p_discovery::ServerConfig::default();
         println!(
             "open-file limit {soft}: up to {} connections, {} per client address",
             p2p_discovery::connection_cap(config.max_connections, Some(soft)),
@@ -327,7 +388,6 @@ pub async fn discovery(
         ),
     }
     let stop = tokio_util::sync::CancellationToken::new();
-    let mut signals = StopSignals::new()?;
     let signals = {
         let stop = stop.clone();
         async move {

@@ -71,6 +71,13 @@ pub struct Global {
     #[arg(long, global = true)]
     pub no_relay: bool,
 
+    /// Use the BitTorrent Mainline DHT: publish this node's addresses and relay there
+    /// (signed with its key), and look peers up there by NodeId when discovery does not
+    /// know them or is down. Off by default: it publishes your addresses in a public
+    /// table and needs the internet, which a LAN-only setup has no use for.
+    #[arg(long, global = true, env = "P2P_DHT")]
+    pub dht: bool,
+
     /// File whose first line is the passphrase protecting the identity key.
     /// The passphrase may also be given in the environment as P2P_PASSPHRASE.
     #[arg(long, global = true, env = "P2P_PASSPHRASE_FILE", value_name = "FILE")]
@@ -185,19 +192,30 @@ enum Command {
     /// only ciphertext. It listens on UDP at the same address and port as the HTTP
     /// server (e.g. UDP 7117 beside TCP 7117), or at --relay-listen; --no-relay turns it
     /// off.
+    ///
+    /// With --store postgres://..., any number of servers on one database serve the same
+    /// users at once (put them behind any HTTP load balancer); each runs its own relay,
+    /// with its own key.
     Discovery {
         /// TCP address to serve HTTP on, e.g. 0.0.0.0:7117.
         #[arg(long, value_name = "ADDR")]
         listen: SocketAddr,
         /// redb database for names and mailboxes (kept across restarts).
         /// Default: discovery.redb in the data directory.
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, value_name = "PATH", conflicts_with = "store")]
         db: Option<PathBuf>,
+        /// Where to keep names, mailboxes and presence: a PostgreSQL URL
+        /// (postgres://USER:PASSWORD@HOST:PORT/DBNAME, shared by every instance on it), or
+        /// the path of a redb file (as --db). Give a password in the environment
+        /// (P2P_DISCOVERY_STORE) rather than on the command line.
+        #[arg(long, env = "P2P_DISCOVERY_STORE", value_name = "URL|PATH")]
+        store: Option<String>,
         /// UDP address of the relay. Default: the --listen address, on UDP.
         #[arg(long, value_name = "ADDR", conflicts_with = "no_relay")]
         relay_listen: Option<SocketAddr>,
-        /// The relay's identity key (created on first start, mode 0600).
-        /// Default: relay.key beside the database.
+        /// The relay's identity key (created on first start, mode 0600; one instance
+        /// at a time may use it). Default: relay.key beside the redb database, or in the
+        /// data directory with PostgreSQL.
         #[arg(long, value_name = "PATH")]
         relay_key: Option<PathBuf>,
         /// Sustained write requests per second allowed from one client address.
@@ -206,6 +224,11 @@ enum Command {
         /// Burst of write requests allowed from one client address.
         #[arg(long, value_name = "N", default_value_t = 60)]
         write_burst: u32,
+        /// The UDP address nodes reach this server's relay at, when it is not this
+        /// server's own address as nodes see it (an instance behind an HTTP load
+        /// balancer: give its own public address and relay port).
+        #[arg(long, value_name = "ADDR", conflicts_with = "no_relay")]
+        relay_advertise: Option<SocketAddr>,
     },
 }
 
@@ -344,20 +367,30 @@ async fn run(cli: Cli, logs: Option<tokio::sync::mpsc::Receiver<String>>) -> Res
         Some(Command::Discovery {
             listen,
             db,
+            store,
             relay_listen,
             relay_key,
             write_rate,
             write_burst,
+            relay_advertise,
         }) => {
             let relay = (!g.no_relay).then_some(commands::RelayOptions {
                 listen: relay_listen.unwrap_or(listen),
                 key: relay_key,
+                advertise: relay_advertise,
             });
             let limits = commands::WriteLimits {
                 per_sec: write_rate,
                 burst: write_burst,
             };
-            commands::discovery(&paths, listen, db, relay, limits).await
+            let store = match (store, db) {
+                (Some(s), _) if p2p_discovery::is_postgres_url(&s) => {
+                    commands::StoreChoice::Postgres(s)
+                }
+                (Some(path), _) => commands::StoreChoice::Redb(Some(PathBuf::from(path))),
+                (None, db) => commands::StoreChoice::Redb(db),
+            };
+            commands::discovery(&paths, listen, store, relay, limits).await
         }
         None => match logs {
             Some(logs) => tui::run(&g, &paths, logs).await,

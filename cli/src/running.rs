@@ -52,6 +52,9 @@ pub async fn open_node(g: &Global, paths: &Paths, announce: bool) -> Result<Node
     if let Some(listen) = g.listen {
         builder = builder.listen(listen);
     }
+    if g.dht {
+        builder = builder.dht(p2p_node::DhtConfig::default());
+    }
     if let Some(name) = paths.registered_name()? {
         builder = builder.name(name);
     }

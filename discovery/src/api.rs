@@ -78,8 +78,12 @@ pub struct AnnounceResponse {
 pub struct RelayResponse {
     /// The relay's identity: the key its certificate presents.
     pub node_id: NodeId,
-    /// Its UDP port, on the same host as this HTTP server.
+    /// Its UDP port, on the same host as this HTTP server (unless `addr` says where).
     pub port: u16,
+    /// Where nodes reach it, when the server advertises an address of its own (an
+    /// instance behind an HTTP load balancer); absent: this server's host at `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<std::net::SocketAddr>,
 }
 
 /// Response to `POST /v1/presence/withdraw`.

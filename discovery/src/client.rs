@@ -57,6 +57,9 @@ pub enum ClientError {
     RateLimited { retry_after: Option<Duration> },
     #[error("the recipient's mailbox is full")]
     MailboxFull,
+    /// The server is up but its database is not: nothing was changed; retry later.
+    #[error("the discovery server's database is unavailable (retry after {retry_after:?})")]
+    Unavailable { retry_after: Option<Duration> },
     #[error("discovery server error {status}: {code}: {message}")]
     Server {
         status: u16,
@@ -404,6 +407,7 @@ impl Client {
             "not_found" => ClientError::NotFound,
             "name_not_claimed" => ClientError::NameNotClaimed,
             "mailbox_full" => ClientError::MailboxFull,
+            "store_unavailable" => ClientError::Unavailable { retry_after },
             _ if status == StatusCode::TOO_MANY_REQUESTS => {
                 ClientError::RateLimited { retry_after }
             }
@@ -433,12 +437,19 @@ impl Client {
         }
     }
 
-    /// The relay this server runs, at the address of this server's host (resolved if
-    /// the URL names a host): what a node connects to and names as its home relay.
+    /// The relay this server runs, at the address the server advertises for it, else at
+    /// this server's host (resolved if the URL names a host): what a node connects to
+    /// and names as its home relay.
     pub async fn relay_ref(&self) -> Result<Option<RelayRef>, ClientError> {
         let Some(info) = self.relay().await? else {
             return Ok(None);
         };
+        if let Some(addr) = info.addr {
+            return Ok(Some(RelayRef {
+                node_id: info.node_id,
+                addr,
+            }));
+        }
         let host = self.base.host_str().unwrap_or_default();
         let literal = host
             .trim_start_matches('[')

@@ -70,6 +70,7 @@ error_codes! {
     MailboxFull => ("mailbox_full", TOO_MANY_REQUESTS, "The recipient's mailbox holds its maximum number of envelopes."),
     RateLimited => ("rate_limited", TOO_MANY_REQUESTS, "Too many write requests from this client; see Retry-After."),
     ServerFull => ("server_full", SERVICE_UNAVAILABLE, "The server holds its maximum number of live records."),
+    StoreUnavailable => ("store_unavailable", SERVICE_UNAVAILABLE, "The server's database cannot be reached now; nothing was changed, retry after Retry-After."),
     Internal => ("internal", INTERNAL_SERVER_ERROR, "A storage failure on the server (never caused by input)."),
 }
 
@@ -109,10 +110,22 @@ impl From<RecordError> for AppError {
     }
 }
 
+/// `Retry-After` of a `503 store_unavailable`.
+pub const STORE_RETRY_AFTER: Duration = Duration::from_secs(2);
+
 impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
-        tracing::error!(error = %e, "discovery storage failure");
-        AppError::new(ErrorCode::Internal, "storage failure")
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "discovery store unavailable");
+            AppError::new(
+                ErrorCode::StoreUnavailable,
+                "the discovery database cannot be reached; retry shortly",
+            )
+            .with_retry_after(STORE_RETRY_AFTER)
+        } else {
+            tracing::error!(error = %e, "discovery storage failure");
+            AppError::new(ErrorCode::Internal, "storage failure")
+        }
     }
 }
 

@@ -13,9 +13,13 @@
 //!
 //! | Record | Domain | Holds | Kept |
 //! |---|---|---|---|
-//! | [`NameClaim`] | `NameClaim` | name, NodeId, mailbox key, timestamp | redb, forever |
-//! | [`PresenceRecord`] | `PeerRecord` | NodeId, name, ≤16 addrs, mailbox key, timestamp, TTL | memory, until TTL |
-//! | [`Withdrawal`] | `Withdraw` | NodeId, timestamp | memory (tombstone) |
+//! | [`NameClaim`] | `NameClaim` | name, NodeId, mailbox key, timestamp | the store, forever |
+//! | [`PresenceRecord`] | `PeerRecord` | NodeId, name, ≤16 addrs, mailbox key, timestamp, TTL | the store, until TTL |
+//! | [`Withdrawal`] | `Withdraw` | NodeId, timestamp | the store (tombstone) |
+//!
+//! The store ([`Store`]) is redb with presence in memory ([`RedbStore`], one instance),
+//! memory ([`MemoryStore`]), or PostgreSQL ([`PgStore`]), where any number of server
+//! instances on one database serve the same users at once.
 //!
 //! **Ordering.** Timestamps are milliseconds since the Unix epoch and strictly
 //! increase per node: the server keeps a record only if it is newer than the last one
@@ -48,13 +52,15 @@
 //! clock and a signature is accepted once (replays are `401 replayed_request`). The
 //! recipient persists what it fetched, then deletes by id.
 //!
-//! **Errors** are `{"error": "<code>", "message": "..."}`, codes in [`ErrorCode`].
+//! **Errors** are `{"error": "<code>", "message": "..."}`, codes in [`ErrorCode`]. A store
+//! that cannot be reached is `503 store_unavailable` with `Retry-After`.
 //! Writes (POST) are rate limited per client IP by a token bucket (`429 rate_limited`
 //! with `Retry-After`). The full API is described in `discovery/openapi.json`.
 //!
 //! # Use
 //!
-//! - Server: [`AppState::open`] with a [`ServerConfig`], then [`serve`] on a listener
+//! - Server: [`AppState::open`] with a [`ServerConfig`] (or [`AppState::new`] with a
+//!   store from [`open_store`]), then [`serve`] on a listener
 //!   with a shutdown future (runs on the caller's runtime, so a node can embed it), or
 //!   [`router`] for tests.
 //! - Client: [`Client::new`] with the server's URL.
@@ -77,7 +83,7 @@ pub use client::{
     DEFAULT_TIMEOUT, MAX_PAGES, MAX_RESPONSE_BYTES,
 };
 pub use clock::{now_ms, Clock, ManualClock, SystemClock};
-pub use error::{AppError, ErrorCode};
+pub use error::{AppError, ErrorCode, STORE_RETRY_AFTER};
 pub use listen::{connection_cap, nofile_limit, raise_nofile_limit};
 pub use record::{
     validate_name, NameClaim, PresenceRecord, Record, RecordError, RelayRef, Signed, SignedWire,
@@ -85,5 +91,7 @@ pub use record::{
 };
 pub use server::{paths, router, serve, AppState, ServerConfig, ServerError, ROUTES};
 pub use store::{
-    ClaimOutcome, DepositOutcome, Fetched, MemoryStore, RedbStore, Store, StoreError, StoreStats,
+    describe_url, is_postgres_url, open_store, Announced, ClaimOutcome, DepositOutcome, Fetched,
+    LivePresence, LocalStore, MemoryStore, OnlinePage, PeerState, PgOptions, PgStore, RedbStore,
+    RequestSeen, Store, StoreError, StoreStats, Withdrawn,
 };

@@ -1,4 +1,5 @@
-//! The in-memory presence table: a plain state machine that takes `now` as an argument.
+//! The in-memory presence table of the single-instance stores: a plain state machine
+//! that takes `now` as an argument. [`crate::PgStore`] keeps the same rules in SQL.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -8,15 +9,10 @@ use std::{
 
 use p2p_crypto::NodeId;
 
-use crate::record::{PresenceRecord, Signed, Withdrawal, MAX_TTL_SECS};
-
-/// A live presence record.
-#[derive(Debug, Clone)]
-pub(crate) struct Live {
-    pub signed: Signed<PresenceRecord>,
-    pub observed_ip: IpAddr,
-    pub expires_at_ms: u64,
-}
+use crate::{
+    record::{PresenceRecord, Signed, Withdrawal, MAX_TTL_SECS},
+    store::LivePresence as Live,
+};
 
 /// Why a record was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,21 +30,21 @@ pub(crate) struct PresenceTable {
     live: BTreeMap<NodeId, Live>,
     /// NodeId -> (last timestamp, forget at).
     tombstones: HashMap<NodeId, (u64, u64)>,
-    max_live: usize,
     last_prune_ms: u64,
 }
 
 /// How long a tombstone is kept: any older record has expired by then.
-const TOMBSTONE_MS: u64 = (MAX_TTL_SECS as u64 + 120) * 1000;
+pub(crate) const TOMBSTONE_MS: u64 = (MAX_TTL_SECS as u64 + 120) * 1000;
+
+/// When a record announced at `now` expires: its TTL after `min(timestamp, now)`.
+pub(crate) fn expiry(record: &PresenceRecord, now: u64) -> u64 {
+    record
+        .timestamp_ms
+        .min(now)
+        .saturating_add(u64::from(record.ttl_secs) * 1000)
+}
 
 impl PresenceTable {
-    pub fn new(max_live: usize) -> Self {
-        Self {
-            max_live,
-            ..Self::default()
-        }
-    }
-
     fn last_timestamp(&self, node: &NodeId) -> Option<u64> {
         self.live
             .get(node)
@@ -56,20 +52,19 @@ impl PresenceTable {
             .or_else(|| self.tombstones.get(node).map(|t| t.0))
     }
 
-    /// Takes a verified record if it is newer than anything seen from its node.
+    /// Takes a verified record if it is newer than anything seen from its node; at most
+    /// `max_live` live records.
     pub fn announce(
         &mut self,
         signed: Signed<PresenceRecord>,
         observed_ip: IpAddr,
         now: u64,
+        max_live: usize,
     ) -> Result<u64, Refused> {
-        self.maybe_prune(now);
+        self.maybe_prune(now, max_live);
         let rec = signed.record();
         let node = rec.node_id;
-        let expires_at_ms = rec
-            .timestamp_ms
-            .min(now)
-            .saturating_add(u64::from(rec.ttl_secs) * 1000);
+        let expires_at_ms = expiry(rec, now);
         if expires_at_ms <= now
             || self
                 .last_timestamp(&node)
@@ -77,9 +72,9 @@ impl PresenceTable {
         {
             return Err(Refused::Stale);
         }
-        if !self.live.contains_key(&node) && self.live.len() >= self.max_live {
-            self.prune(now);
-            if self.live.len() >= self.max_live {
+        if !self.live.contains_key(&node) && self.live.len() >= max_live {
+            self.prune_bounded(now, max_live);
+            if self.live.len() >= max_live {
                 return Err(Refused::Full);
             }
         }
@@ -95,18 +90,19 @@ impl PresenceTable {
         Ok(expires_at_ms)
     }
 
-    /// Applies a verified withdrawal; `Ok(true)` if a live record was removed.
-    pub fn withdraw(&mut self, w: &Withdrawal, now: u64) -> Result<bool, Refused> {
-        self.maybe_prune(now);
+    /// Applies a verified withdrawal; `Ok(true)` if a live record was removed. At most
+    /// `max` tombstones.
+    pub fn withdraw(&mut self, w: &Withdrawal, now: u64, max: usize) -> Result<bool, Refused> {
+        self.maybe_prune(now, max);
         if self
             .last_timestamp(&w.node_id)
             .is_some_and(|last| w.timestamp_ms <= last)
         {
             return Err(Refused::Stale);
         }
-        if !self.tombstones.contains_key(&w.node_id) && self.tombstones.len() >= self.max_live {
-            self.prune(now);
-            if self.tombstones.len() >= self.max_live {
+        if !self.tombstones.contains_key(&w.node_id) && self.tombstones.len() >= max {
+            self.prune_bounded(now, max);
+            if self.tombstones.len() >= max {
                 return Err(Refused::Full);
             }
         }
@@ -150,14 +146,19 @@ impl PresenceTable {
     }
 
     /// Prunes at most once a second.
-    fn maybe_prune(&mut self, now: u64) {
+    fn maybe_prune(&mut self, now: u64, max_tombstones: usize) {
         if now.saturating_sub(self.last_prune_ms) >= 1000 {
-            self.prune(now);
+            self.prune_bounded(now, max_tombstones);
         }
     }
 
     /// Drops expired records (keeping a tombstone) and forgotten tombstones.
     pub fn prune(&mut self, now: u64) {
+        self.prune_bounded(now, usize::MAX);
+    }
+
+    /// [`PresenceTable::prune`], keeping at most `max_tombstones` tombstones.
+    fn prune_bounded(&mut self, now: u64, max_tombstones: usize) {
         self.last_prune_ms = now;
         let expired: Vec<(NodeId, u64)> = self
             .live
@@ -168,7 +169,7 @@ impl PresenceTable {
         self.tombstones.retain(|_, (_, forget_at)| *forget_at > now);
         for (node, ts) in expired {
             self.live.remove(&node);
-            if self.tombstones.len() < self.max_live {
+            if self.tombstones.len() < max_tombstones {
                 self.tombstones
                     .insert(node, (ts, now.saturating_add(TOMBSTONE_MS)));
             }
@@ -201,12 +202,15 @@ mod tests {
     fn newer_wins_and_expiry() {
         let sk = SecretKey::generate();
         let ip = IpAddr::from([127, 0, 0, 1]);
-        let mut t = PresenceTable::new(10);
+        let mut t = PresenceTable::default();
         let now = 1_000_000;
-        t.announce(rec(&sk, now, 30), ip, now).expect("first");
-        assert_eq!(t.announce(rec(&sk, now, 30), ip, now), Err(Refused::Stale));
+        t.announce(rec(&sk, now, 30), ip, now, 10).expect("first");
         assert_eq!(
-            t.announce(rec(&sk, now - 1, 30), ip, now),
+            t.announce(rec(&sk, now, 30), ip, now, 10),
+            Err(Refused::Stale)
+        );
+        assert_eq!(
+            t.announce(rec(&sk, now - 1, 30), ip, now, 10),
             Err(Refused::Stale)
         );
         assert!(t.get(&sk.public(), now + 29_999).is_some());
@@ -215,7 +219,7 @@ mod tests {
         assert_eq!(t.live_count(now + 30_000), 0);
         // The expired record cannot be replayed.
         assert_eq!(
-            t.announce(rec(&sk, now, 30), ip, now + 30_000),
+            t.announce(rec(&sk, now, 30), ip, now + 30_000, 10),
             Err(Refused::Stale)
         );
     }
@@ -223,10 +227,13 @@ mod tests {
     #[test]
     fn capacity() {
         let ip = IpAddr::from([127, 0, 0, 1]);
-        let mut t = PresenceTable::new(1);
+        let mut t = PresenceTable::default();
         let a = SecretKey::generate();
         let b = SecretKey::generate();
-        t.announce(rec(&a, 5000, 30), ip, 5000).expect("a");
-        assert_eq!(t.announce(rec(&b, 5000, 30), ip, 5000), Err(Refused::Full));
+        t.announce(rec(&a, 5000, 30), ip, 5000, 1).expect("a");
+        assert_eq!(
+            t.announce(rec(&b, 5000, 30), ip, 5000, 1),
+            Err(Refused::Full)
+        );
     }
 }

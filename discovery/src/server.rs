@@ -1,7 +1,7 @@
 //! The axum discovery server: state, router, handlers and middleware.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     fmt::{self, Write as _},
     future::Future,
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -26,6 +26,7 @@ use axum::{
 use p2p_crypto::{Domain, NodeId, Signature};
 use rand::Rng;
 use serde::{de::DeserializeOwned, Deserialize};
+use tokio_util::sync::CancellationToken;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::{timeout::TimeoutLayer, trace::TraceLayer};
 
@@ -38,14 +39,16 @@ use crate::{
     },
     clock::{Clock, SystemClock},
     error::{AppError, ErrorCode},
-    presence::{Live, PresenceTable, Refused},
     ratelimit::RateLimiter,
     record::{
         b64_decode, b64_encode, validate_name, NameClaim, PresenceRecord, Signed, SignedWire,
         Withdrawal,
     },
     relay::{Relay, RelayMetrics},
-    store::{ClaimOutcome, DepositOutcome, MemoryStore, RedbStore, Store, StoreError},
+    store::{
+        Announced, ClaimOutcome, DepositOutcome, LivePresence, MemoryStore, PeerState, RedbStore,
+        RequestSeen, Store, StoreError, Withdrawn,
+    },
 };
 
 /// The routes the server serves, as (method, path template). The OpenAPI document is
@@ -82,7 +85,8 @@ pub mod paths {
 /// Limits and settings of a server. Every field has a documented default.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// redb file for names and mailboxes; `None` keeps them in memory. Default: `None`.
+    /// redb file for names and mailboxes, used by [`AppState::open`]; `None` keeps them
+    /// in memory. Default: `None`. (A PostgreSQL store is given to [`AppState::new`].)
     pub db_path: Option<PathBuf>,
     /// Largest request body, in bytes. Default: 256 KiB.
     pub max_body_bytes: usize,
@@ -127,6 +131,9 @@ pub struct ServerConfig {
     /// Time a request may take once its headers are in, body included (`408
     /// request_timeout`). Default: 10 s.
     pub request_timeout: Duration,
+    /// How often [`serve`] drops expired presence, old tombstones and old request
+    /// signatures from the store. Default: 10 s.
+    pub cleanup_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -151,6 +158,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: 64,
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            cleanup_interval: Duration::from_secs(10),
         }
     }
 }
@@ -175,9 +183,7 @@ struct Inner {
     config: ServerConfig,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    presence: Mutex<PresenceTable>,
     limiter: Mutex<RateLimiter>,
-    replay: Mutex<ReplayCache>,
     metrics: Metrics,
     relay: std::sync::OnceLock<RelayAdvert>,
 }
@@ -186,6 +192,8 @@ struct Inner {
 struct RelayAdvert {
     node_id: NodeId,
     port: u16,
+    /// The address nodes reach it at, when it is not this server's host at `port`.
+    addr: Option<SocketAddr>,
     metrics: Arc<RelayMetrics>,
 }
 
@@ -217,13 +225,11 @@ impl AppState {
     /// State over a given store and clock (`config.db_path` is ignored).
     pub fn new(config: ServerConfig, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
         let inner = Inner {
-            presence: Mutex::new(PresenceTable::new(config.max_presence)),
             limiter: Mutex::new(RateLimiter::new(
                 config.write_rate_per_sec,
                 config.write_burst,
                 config.max_rate_clients,
             )),
-            replay: Mutex::new(ReplayCache::default()),
             metrics: Metrics::default(),
             relay: std::sync::OnceLock::new(),
             config,
@@ -249,8 +255,24 @@ impl AppState {
         let _ = self.inner.relay.set(RelayAdvert {
             node_id,
             port,
+            addr: None,
             metrics,
         });
+    }
+
+    /// Announces the relay running beside this server at an address of its own: where
+    /// nodes reach it when that is not this server's host (an instance behind an HTTP
+    /// load balancer, whose relay is reached directly). Only the first call of this and
+    /// [`AppState::set_relay`] takes effect.
+    pub fn set_relay_at(&self, relay: &Relay, public: SocketAddr) -> Result<(), ServerError> {
+        let port = relay.local_addr()?.port();
+        let _ = self.inner.relay.set(RelayAdvert {
+            node_id: relay.node_id(),
+            port,
+            addr: Some(public),
+            metrics: relay.metrics(),
+        });
+        Ok(())
     }
 
     fn now(&self) -> u64 {
@@ -261,17 +283,27 @@ impl AppState {
         u64::try_from(self.inner.config.time_window.as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Runs store work on the blocking pool, so no transaction lives across an await.
-    async fn store<T, F>(&self, f: F) -> Result<T, AppError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
-    {
-        let store = Arc::clone(&self.inner.store);
-        let result = tokio::task::spawn_blocking(move || f(&*store))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?;
-        Ok(result?)
+    /// The store.
+    fn store(&self) -> &dyn Store {
+        &*self.inner.store
+    }
+
+    /// Drops what expired from the store, every `cleanup_interval`, until `stop`.
+    async fn cleanup_loop(self, stop: CancellationToken) {
+        let every = self
+            .inner
+            .config
+            .cleanup_interval
+            .max(Duration::from_millis(10));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.store().cleanup(self.now()).await {
+                tracing::warn!(error = %e, "discovery store cleanup failed; retrying later");
+            }
+        }
     }
 
     /// Refuses timestamps too far in the future.
@@ -333,7 +365,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let config = state.inner.config.clone();
-    crate::listen::serve(listener, router(state), &config, shutdown).await
+    let stop = CancellationToken::new();
+    let cleanup = tokio::spawn(state.clone().cleanup_loop(stop.clone()));
+    let served = crate::listen::serve(listener, router(state), &config, shutdown).await;
+    stop.cancel();
+    let _ = cleanup.await;
+    served
 }
 
 // ---------------------------------------------------------------------------------------
@@ -558,8 +595,14 @@ async fn method_not_allowed() -> AppError {
 // ---------------------------------------------------------------------------------------
 // Handlers.
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
+/// `GET /healthz`: `200 {"status": "ok", "store": KIND}` when the store answers (for
+/// PostgreSQL, a round trip to the database), else `503 store_unavailable`.
+async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
+    state.store().health().await?;
+    Ok(Json(serde_json::json!({
+        "status": "ok",
+        "store": state.store().kind(),
+    })))
 }
 
 /// `GET /v1/relay`: the relay this server runs (404 when it runs none).
@@ -571,7 +614,8 @@ async fn relay_info(State(state): State<AppState>) -> Result<Json<RelayResponse>
         .map(|r| {
             Json(RelayResponse {
                 node_id: r.node_id,
-                port: r.port,
+                port: r.addr.map_or(r.port, |a| a.port()),
+                addr: r.addr,
             })
         })
         .ok_or_else(|| AppError::new(ErrorCode::NotFound, "this discovery server runs no relay"))
@@ -586,7 +630,7 @@ fn claim_entry(c: &Signed<NameClaim>) -> ClaimEntry {
     }
 }
 
-fn presence_entry(live: &Live, now: u64) -> PresenceEntry {
+fn presence_entry(live: &LivePresence, now: u64) -> PresenceEntry {
     let wire = live.signed.to_wire();
     let rec = live.signed.record();
     let needs_ip = rec.addrs.iter().any(|a| a.ip().is_unspecified());
@@ -606,8 +650,7 @@ async fn claim_name(
 ) -> Result<Json<ClaimResponse>, AppError> {
     let claim = Signed::<NameClaim>::from_wire(&wire)?;
     state.check_not_future(claim.record().timestamp_ms)?;
-    let to_store = claim.clone();
-    let outcome = state.store(move |s| s.claim(&to_store)).await?;
+    let outcome = state.store().claim(&claim).await?;
     let name = claim.record().name.clone();
     match outcome {
         ClaimOutcome::Stored | ClaimOutcome::Unchanged => Ok(Json(ClaimResponse {
@@ -625,28 +668,16 @@ async fn claim_name(
     }
 }
 
-/// The entry for `node`, with `claim` if known; `None` if the server knows nothing.
-async fn peer_entry(
-    state: &AppState,
-    node: NodeId,
-    claim: Option<Signed<NameClaim>>,
-) -> Result<Option<PeerEntry>, AppError> {
-    let claim = match claim {
-        Some(c) => Some(c),
-        None => state.store(move |s| s.claim_by_node(&node)).await?,
-    };
-    let now = state.now();
-    let presence = lock(&state.inner.presence)
-        .get(&node, now)
-        .map(|l| presence_entry(l, now));
-    if claim.is_none() && presence.is_none() {
-        return Ok(None);
+/// The entry for `node` from what the store knows; `None` if it knows nothing.
+fn peer_entry(node: NodeId, state: &PeerState, now: u64) -> Option<PeerEntry> {
+    if state.claim.is_none() && state.presence.is_none() {
+        return None;
     }
-    Ok(Some(PeerEntry {
+    Some(PeerEntry {
         node_id: node,
-        claim: claim.as_ref().map(claim_entry),
-        presence,
-    }))
+        claim: state.claim.as_ref().map(claim_entry),
+        presence: state.presence.as_ref().map(|l| presence_entry(l, now)),
+    })
 }
 
 /// `GET /v1/names/{name}`.
@@ -655,16 +686,15 @@ async fn lookup_name(
     PathParam(name): PathParam,
 ) -> Result<Json<PeerEntry>, AppError> {
     validate_name(&name)?;
-    let lookup = name.clone();
-    let claim = state
-        .store(move |s| s.claim_by_name(&lookup))
-        .await?
-        .ok_or_else(|| AppError::new(ErrorCode::NotFound, format!("no claim on {name:?}")))?;
-    let node = claim.record().node_id;
-    peer_entry(&state, node, Some(claim))
-        .await?
+    let now = state.now();
+    let found = state.store().lookup_name(&name, now).await?;
+    found
+        .and_then(|s| {
+            let node = s.claim.as_ref()?.record().node_id;
+            peer_entry(node, &s, now)
+        })
         .map(Json)
-        .ok_or_else(|| AppError::new(ErrorCode::NotFound, "unknown name"))
+        .ok_or_else(|| AppError::new(ErrorCode::NotFound, format!("no claim on {name:?}")))
 }
 
 /// `GET /v1/peers/{node_id}`.
@@ -673,8 +703,9 @@ async fn lookup_peer(
     param: PathParam,
 ) -> Result<Json<PeerEntry>, AppError> {
     let node = param.node_id()?;
-    peer_entry(&state, node, None)
-        .await?
+    let now = state.now();
+    let found = state.store().peer(&node, now).await?;
+    peer_entry(node, &found, now)
         .map(Json)
         .ok_or_else(|| AppError::new(ErrorCode::NotFound, format!("unknown node {node}")))
 }
@@ -688,8 +719,12 @@ async fn announce(
     let signed = Signed::<PresenceRecord>::from_wire(&wire)?;
     let rec = signed.record().clone();
     state.check_not_future(rec.timestamp_ms)?;
-    if let Some(name) = rec.name.clone() {
-        let claim = state.store(move |s| s.claim_by_name(&name)).await?;
+    if let Some(name) = rec.name.as_deref() {
+        let claim = state
+            .store()
+            .lookup_name(name, state.now())
+            .await?
+            .and_then(|s| s.claim);
         match claim {
             Some(c) if c.record().node_id == rec.node_id => {}
             Some(_) => {
@@ -707,9 +742,12 @@ async fn announce(
         }
     }
     let now = state.now();
-    let result = lock(&state.inner.presence).announce(signed, ip, now);
+    let result = state
+        .store()
+        .announce(&signed, ip, now, state.inner.config.max_presence)
+        .await?;
     match result {
-        Ok(_) => {
+        Announced::Live { .. } => {
             let ttl = u64::from(rec.ttl_secs);
             let reannounce_after_secs = rand::thread_rng().gen_range(ttl / 2..=ttl * 3 / 4);
             Ok(Json(AnnounceResponse {
@@ -717,11 +755,11 @@ async fn announce(
                 observed_ip: ip,
             }))
         }
-        Err(Refused::Stale) => Err(AppError::new(
+        Announced::Stale => Err(AppError::new(
             ErrorCode::StaleRecord,
             "record is not newer than the last one from this node, or already expired",
         )),
-        Err(Refused::Full) => Err(AppError::new(
+        Announced::Full => Err(AppError::new(
             ErrorCode::ServerFull,
             "the server holds its maximum number of live records",
         )),
@@ -747,14 +785,19 @@ async fn withdraw(
     let signed = Signed::<Withdrawal>::from_wire(&wire)?;
     state.check_not_future(signed.record().timestamp_ms)?;
     let now = state.now();
-    let result = lock(&state.inner.presence).withdraw(signed.record(), now);
+    let result = state
+        .store()
+        .withdraw(&signed, now, state.inner.config.max_presence)
+        .await?;
     match result {
-        Ok(withdrawn) => Ok(Json(WithdrawResponse { withdrawn })),
-        Err(Refused::Stale) => Err(AppError::new(
+        Withdrawn::Applied { was_live } => Ok(Json(WithdrawResponse {
+            withdrawn: was_live,
+        })),
+        Withdrawn::Stale => Err(AppError::new(
             ErrorCode::StaleRecord,
             "withdrawal is not newer than the last record from this node",
         )),
-        Err(Refused::Full) => Err(AppError::new(
+        Withdrawn::Full => Err(AppError::new(
             ErrorCode::ServerFull,
             "the server holds its maximum number of records",
         )),
@@ -788,19 +831,9 @@ async fn online(
         })?),
     };
     let now = state.now();
-    let (page, next) = lock(&state.inner.presence).page(cursor, limit, now);
-    let nodes: Vec<NodeId> = page.iter().map(|l| l.signed.record().node_id).collect();
-    let claims = state
-        .store(move |s| {
-            nodes
-                .iter()
-                .map(|n| s.claim_by_node(n))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await?;
+    let (page, next) = state.store().online_page(cursor, limit, now).await?;
     let peers = page
         .iter()
-        .zip(claims)
         .map(|(live, claim)| PeerEntry {
             node_id: live.signed.record().node_id,
             claim: claim.as_ref().map(claim_entry),
@@ -844,62 +877,27 @@ async fn deposit(
             ),
         ));
     }
-    let online = lock(&state.inner.presence).get(&to, state.now()).is_some();
-    let max = config.max_mailbox_count;
-    let outcome = state
-        .store(move |s| {
-            if !online && s.claim_by_node(&to)?.is_none() {
-                return Ok(None);
-            }
-            s.deposit(&to, &envelope, max).map(Some)
-        })
-        .await?;
-    match outcome {
-        None => Err(AppError::new(
+    let known = state.store().peer(&to, state.now()).await?;
+    if known.claim.is_none() && known.presence.is_none() {
+        return Err(AppError::new(
             ErrorCode::NotFound,
             format!("unknown recipient {to}"),
-        )),
-        Some(DepositOutcome::Stored(id)) => Ok((StatusCode::CREATED, Json(DepositResponse { id }))),
-        Some(DepositOutcome::Full) => Err(AppError::new(
+        ));
+    }
+    let max = config.max_mailbox_count;
+    match state.store().deposit(&to, envelope, max).await? {
+        DepositOutcome::Stored(id) => Ok((StatusCode::CREATED, Json(DepositResponse { id }))),
+        DepositOutcome::Full => Err(AppError::new(
             ErrorCode::MailboxFull,
             format!("the mailbox of {to} is full ({max} envelopes)"),
         )),
     }
 }
 
-/// Remembered signatures of mailbox requests, until their timestamps leave the window.
-#[derive(Debug, Default)]
-struct ReplayCache {
-    seen: HashMap<[u8; 64], u64>,
-}
-
-impl ReplayCache {
-    /// Records a signature; `Err(true)` if it was seen, `Err(false)` if the cache is full.
-    fn insert(
-        &mut self,
-        sig: &Signature,
-        forget_at: u64,
-        now: u64,
-        max: usize,
-    ) -> Result<(), bool> {
-        if self.seen.contains_key(&sig.0) {
-            return Err(true);
-        }
-        if self.seen.len() >= max {
-            self.seen.retain(|_, f| *f > now);
-            if self.seen.len() >= max {
-                return Err(false);
-            }
-        }
-        self.seen.insert(sig.0, forget_at);
-        Ok(())
-    }
-}
-
 /// Checks a signed mailbox request for `node`: headers present, timestamp within the
 /// window, signature by `node` over method, path and query, body hash and timestamp,
 /// not seen before.
-fn authenticate(
+async fn authenticate(
     state: &AppState,
     node: &NodeId,
     method: &Method,
@@ -943,13 +941,17 @@ fn authenticate(
     })?;
     let forget_at = ts.saturating_add(window).saturating_add(1);
     let max = state.inner.config.max_replay_entries;
-    match lock(&state.inner.replay).insert(&sig, forget_at, now, max) {
-        Ok(()) => Ok(()),
-        Err(true) => Err(AppError::new(
+    match state
+        .store()
+        .check_request(&sig, forget_at, now, max)
+        .await?
+    {
+        RequestSeen::Fresh => Ok(()),
+        RequestSeen::Replayed => Err(AppError::new(
             ErrorCode::ReplayedRequest,
             "this signed request was already used",
         )),
-        Err(false) => Err(AppError::new(
+        RequestSeen::Full => Err(AppError::new(
             ErrorCode::RateLimited,
             "too many signed requests in flight; retry shortly",
         )
@@ -970,9 +972,9 @@ async fn fetch_mailbox(
     headers: HeaderMap,
 ) -> Result<Json<MailboxResponse>, AppError> {
     let node = param.node_id()?;
-    authenticate(&state, &node, &method, path_and_query(&uri), &headers, b"")?;
+    authenticate(&state, &node, &method, path_and_query(&uri), &headers, b"").await?;
     let batch = state.inner.config.mailbox_fetch_batch;
-    let (items, more) = state.store(move |s| s.fetch(&node, batch)).await?;
+    let (items, more) = state.store().fetch(&node, batch).await?;
     Ok(Json(MailboxResponse {
         items: items
             .into_iter()
@@ -1006,7 +1008,8 @@ async fn delete_mailbox(
         path_and_query(&uri),
         &headers,
         &body,
-    )?;
+    )
+    .await?;
     let req: DeleteRequest = serde_json::from_slice(&body)
         .map_err(|e| AppError::new(ErrorCode::MalformedJson, e.to_string()))?;
     if req.ids.len() > state.inner.config.max_delete_ids {
@@ -1018,7 +1021,7 @@ async fn delete_mailbox(
             ),
         ));
     }
-    let deleted = state.store(move |s| s.delete(&node, &req.ids)).await?;
+    let deleted = state.store().delete(&node, &req.ids).await?;
     Ok(Json(DeleteResponse { deleted }))
 }
 
@@ -1052,11 +1055,15 @@ impl Metrics {
     }
 }
 
-/// `GET /metrics`: Prometheus text format.
-async fn metrics(State(state): State<AppState>) -> Result<Response, AppError> {
-    let stats = state.store(|s| s.stats()).await?;
-    let now = state.now();
-    let live = lock(&state.inner.presence).live_count(now);
+/// `GET /metrics`: Prometheus text format. The request and rejection counters, the rate
+/// limiter and the relay are this instance's; the store's counts (names, mailboxes, live
+/// records) are the shared database's, so every instance on it shows the same. While the
+/// store is unreachable, `discovery_store_up` is 0 and its counts are left out.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let stats = state.store().stats(state.now()).await;
+    if let Err(e) = &stats {
+        tracing::warn!(error = %e, "metrics without the store's counts");
+    }
     let clients = lock(&state.inner.limiter).clients();
     let mut out = String::new();
     // Writing to a String cannot fail.
@@ -1082,24 +1089,44 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, AppError> {
             let _ = writeln!(out, "discovery_rejections_total{{reason=\"{code}\"}} {n}");
         }
     }
-    for (name, help, value) in [
+    let _ = writeln!(
+        out,
+        "# HELP discovery_store_info The kind of store this instance uses."
+    );
+    let _ = writeln!(out, "# TYPE discovery_store_info gauge");
+    let _ = writeln!(
+        out,
+        "discovery_store_info{{kind=\"{}\"}} 1",
+        state.store().kind()
+    );
+    let mut gauges = vec![
         (
-            "discovery_live_records",
-            "Live presence records.",
-            live as u64,
-        ),
-        ("discovery_names", "Claimed names.", stats.names),
-        (
-            "discovery_mailbox_envelopes",
-            "Envelopes waiting in all mailboxes.",
-            stats.envelopes,
+            "discovery_store_up",
+            "Whether the store answered this scrape (1) or not (0).",
+            u64::from(stats.is_ok()),
         ),
         (
             "discovery_rate_limited_clients",
             "Client IPs tracked by the rate limiter.",
             clients as u64,
         ),
-    ] {
+    ];
+    if let Ok(stats) = stats {
+        gauges.extend([
+            (
+                "discovery_live_records",
+                "Live presence records.",
+                stats.live,
+            ),
+            ("discovery_names", "Claimed names.", stats.names),
+            (
+                "discovery_mailbox_envelopes",
+                "Envelopes waiting in all mailboxes.",
+                stats.envelopes,
+            ),
+        ]);
+    }
+    for (name, help, value) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name} {value}");
@@ -1107,34 +1134,12 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, AppError> {
     if let Some(relay) = state.inner.relay.get() {
         relay.metrics.render(&mut out);
     }
-    Ok((
+    (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         out,
     )
-        .into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_replay_cache_refuses_repeats_and_makes_room_only_from_expired_entries() {
-        let sig = |b: u8| Signature([b; 64]);
-        let mut c = ReplayCache::default();
-        assert_eq!(c.insert(&sig(1), 100, 0, 2), Ok(()));
-        assert_eq!(c.insert(&sig(1), 100, 0, 2), Err(true), "a repeat");
-        assert_eq!(c.insert(&sig(2), 100, 0, 2), Ok(()));
-        // Full, and nothing expired yet (entries are kept while forget_at > now).
-        assert_eq!(c.insert(&sig(3), 200, 99, 2), Err(false));
-        assert_eq!(c.seen.len(), 2);
-        // At forget_at the old entries go, and make room.
-        assert_eq!(c.insert(&sig(3), 200, 100, 2), Ok(()));
-        assert_eq!(c.seen.len(), 1);
-        assert_eq!(c.insert(&sig(1), 200, 100, 2), Ok(()), "forgotten, so new");
-        assert_eq!(c.insert(&sig(3), 300, 150, 2), Err(true));
-    }
+        .into_response()
 }

@@ -1,15 +1,15 @@
-//! A real server on 127.0.0.1:0 driven by the client, and the client's refusal of
-//! records a lying server makes up.
+//! A real server on 127.0.0.1:0 driven by the client, on every store (memory, redb,
+//! PostgreSQL), and the client's refusal of records a lying server makes up.
 
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{routing::get, Json, Router};
 use p2p_crypto::{seal, SecretKey};
 use p2p_discovery::{
     api::{ClaimEntry, PeerEntry, PresenceEntry},
-    AppState, Client, ClientError, RecordError, ServerConfig,
+    AppState, Client, ClientError, RecordError, ServerConfig, Store, SystemClock,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
@@ -20,6 +20,12 @@ struct Running {
 }
 
 impl Running {
+    /// A real server on `store`, with the system clock.
+    async fn on(store: Arc<dyn Store>) -> Self {
+        let state = AppState::new(ServerConfig::default(), store, Arc::new(SystemClock));
+        Self::start(Some(p2p_discovery::router(state))).await
+    }
+
     async fn start(app: Option<Router>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -33,6 +39,7 @@ impl Running {
                 tokio::spawn(p2p_discovery::serve(listener, state, shutdown))
             }
             Some(app) => tokio::spawn(async move {
+                let app = app.into_make_service_with_connect_info::<SocketAddr>();
                 axum::serve(listener, app)
                     .with_graceful_shutdown(shutdown)
                     .await
@@ -54,9 +61,9 @@ impl Running {
     }
 }
 
-#[tokio::test]
-async fn client_round_trip_against_a_real_server() {
-    let server = Running::start(None).await;
+async fn client_round_trip_against_a_real_server(b: &common::Backend<'_>) {
+    let (store, _dir) = b.store().await;
+    let server = Running::on(store).await;
     let client = Client::new(&server.url).expect("client");
     client.health().await.expect("health");
     let alice = SecretKey::generate();
@@ -364,5 +371,17 @@ async fn oversized_responses_are_refused() {
         client.lookup_id(&SecretKey::generate().public()).await,
         Err(ClientError::ResponseTooLarge { .. })
     ));
+    server.stop().await;
+}
+
+backend_suite!(client_round_trip_against_a_real_server);
+
+/// The default server (`AppState::open`, in memory) answers the client too.
+#[tokio::test]
+async fn the_default_server_answers() {
+    let server = Running::start(None).await;
+    let client = Client::new(&server.url).expect("client");
+    client.health().await.expect("health");
+    assert!(client.online().await.expect("online").is_empty());
     server.stop().await;
 }

@@ -379,6 +379,36 @@ async fn the_relay_refuses_nodes_past_its_cap() {
 }
 
 #[tokio::test]
+async fn idle_nodes_are_dropped_and_punch_reports_are_counted() {
+    let relay = Running::start(RelayConfig {
+        idle_timeout: Duration::from_millis(500),
+        ..RelayConfig::default()
+    });
+    // This client sends no keep-alives: it goes silent after its first frame.
+    let mut idle = Client::connect(&relay).await;
+    idle.write(Frame::PunchReport {
+        attempts: 3,
+        successes: 1,
+    })
+    .await;
+    assert!(matches!(idle.next().await, Some(Frame::Observed { .. })));
+    tokio::time::timeout(WAIT, idle.conn.closed())
+        .await
+        .expect("the idle connection is closed");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while relay.metrics.clients() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(relay.metrics.clients(), 0);
+    assert_eq!(relay.metrics.punch_successes(), 1);
+    let mut text = String::new();
+    relay.metrics.render(&mut text);
+    assert!(text.contains("relay_punch_attempts_total 3"), "{text}");
+    assert!(text.contains("relay_clients 0"), "{text}");
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn a_node_sending_relay_frames_is_disconnected() {
     let relay = Running::start(RelayConfig::default());
     let mut mallory = Client::connect(&relay).await;

@@ -1,4 +1,5 @@
-//! Router tests (`oneshot`): every endpoint, success and each documented error.
+//! Router tests (`oneshot`): every endpoint, success and each documented error, on
+//! every store: memory, redb, and PostgreSQL (a throwaway server started by the test).
 
 mod common;
 
@@ -31,9 +32,8 @@ async fn body_errors(h: &Harness, uri: &str) {
         .expect(413, Some("body_too_large"));
 }
 
-#[tokio::test]
-async fn healthz_metrics_and_unknown_routes() {
-    let h = Harness::new();
+async fn healthz_metrics_and_unknown_routes(b: &Backend<'_>) {
+    let h = b.harness(ServerConfig::default()).await;
     let r = h.get("/healthz").await;
     r.expect(200, None);
     assert_eq!(r.json["status"], "ok");
@@ -75,9 +75,8 @@ async fn healthz_metrics_and_unknown_routes() {
     }
 }
 
-#[tokio::test]
-async fn claim_name_endpoint() {
-    let h = Harness::new();
+async fn claim_name_endpoint(b: &Backend<'_>) {
+    let h = b.harness(ServerConfig::default()).await;
     let alice = SecretKey::generate();
     let mallory = SecretKey::generate();
     let c1 = claim(&alice, "alice", h.now());
@@ -164,9 +163,8 @@ async fn claim_name_endpoint() {
     h.claim(&mallory, "alice").await;
 }
 
-#[tokio::test]
-async fn lookup_name_endpoint() {
-    let h = Harness::new();
+async fn lookup_name_endpoint(b: &Backend<'_>) {
+    let h = b.harness(ServerConfig::default()).await;
     let alice = SecretKey::generate();
     h.claim(&alice, "alice").await;
     let r = h.get("/v1/names/alice").await;
@@ -186,9 +184,8 @@ async fn lookup_name_endpoint() {
     h.get("/v1/names/%FF").await.expect(400, None);
 }
 
-#[tokio::test]
-async fn announce_endpoint() {
-    let h = Harness::new();
+async fn announce_endpoint(b: &Backend<'_>) {
+    let h = b.harness(ServerConfig::default()).await;
     let alice = SecretKey::generate();
     let mallory = SecretKey::generate();
     h.claim(&alice, "alice").await;
@@ -280,9 +277,8 @@ async fn announce_endpoint() {
     body_errors(&h, "/v1/presence").await;
 }
 
-#[tokio::test]
-async fn withdraw_endpoint() {
-    let h = Harness::new();
+async fn withdraw_endpoint(b: &Backend<'_>) {
+    let h = b.harness(ServerConfig::default()).await;
     let alice = SecretKey::generate();
     let old = presence(&alice, None, h.now(), 600);
     h.post_json("/v1/presence", &wire(&old))
@@ -340,9 +336,8 @@ async fn withdraw_endpoint() {
     body_errors(&h, "/v1/presence/withdraw").await;
 }
 
-#[tokio::test]
-async fn online_list_is_paginated() {
-    let h = Harness::new();
+async fn online_list_is_paginated(b: &Backend<'_>) {
+    let h = b.harness(ServerConfig::default()).await;
     let mut ids = Vec::new();
     for _ in 0..5 {
         let sk = SecretKey::generate();
@@ -385,9 +380,8 @@ async fn online_list_is_paginated() {
         .expect(400, Some("invalid_parameter"));
 }
 
-#[tokio::test]
-async fn lookup_peer_endpoint() {
-    let h = Harness::new();
+async fn lookup_peer_endpoint(b: &Backend<'_>) {
+    let h = b.harness(ServerConfig::default()).await;
     let alice = SecretKey::generate();
     h.claim(&alice, "alice").await;
     // Offline but claimed: known, with the claim's mailbox key.
@@ -403,9 +397,8 @@ async fn lookup_peer_endpoint() {
         .expect(400, Some("invalid_node_id"));
 }
 
-#[tokio::test]
-async fn presence_expires_after_ttl() {
-    let h = Harness::new();
+async fn presence_expires_after_ttl(b: &Backend<'_>) {
+    let h = b.harness(ServerConfig::default()).await;
     let alice = SecretKey::generate();
     h.announce(&alice, None, 30).await.expect(200, None);
     let path = format!("/v1/peers/{}", alice.public());
@@ -434,12 +427,13 @@ fn envelope(n: usize) -> Value {
     json!({ "envelope": data_encoding::BASE64URL_NOPAD.encode(&vec![7u8; n]) })
 }
 
-#[tokio::test]
-async fn deposit_endpoint() {
-    let h = Harness::with_config(ServerConfig {
-        max_mailbox_count: 3,
-        ..ServerConfig::default()
-    });
+async fn deposit_endpoint(b: &Backend<'_>) {
+    let h = b
+        .harness(ServerConfig {
+            max_mailbox_count: 3,
+            ..ServerConfig::default()
+        })
+        .await;
     let bob = SecretKey::generate();
     h.claim(&bob, "bob").await;
     let path = format!("/v1/mailbox/{}", bob.public());
@@ -486,9 +480,8 @@ async fn deposit_endpoint() {
     body_errors(&h, &path).await;
 }
 
-#[tokio::test]
-async fn fetch_and_delete_need_fresh_signatures() {
-    let h = Harness::new();
+async fn fetch_and_delete_need_fresh_signatures(b: &Backend<'_>) {
+    let h = b.harness(ServerConfig::default()).await;
     let bob = SecretKey::generate();
     let mallory = SecretKey::generate();
     h.claim(&bob, "bob").await;
@@ -591,13 +584,14 @@ async fn fetch_and_delete_need_fresh_signatures() {
         .expect(400, Some("invalid_node_id"));
 }
 
-#[tokio::test]
-async fn writes_are_rate_limited_per_client() {
-    let h = Harness::with_config(ServerConfig {
-        write_rate_per_sec: 1.0,
-        write_burst: 2,
-        ..ServerConfig::default()
-    });
+async fn writes_are_rate_limited_per_client(b: &Backend<'_>) {
+    let h = b
+        .harness(ServerConfig {
+            write_rate_per_sec: 1.0,
+            write_burst: 2,
+            ..ServerConfig::default()
+        })
+        .await;
     let a = "192.0.2.1:1000".parse().expect("addr");
     let b = "192.0.2.2:1000".parse().expect("addr");
     let body = json!({});
@@ -627,9 +621,8 @@ async fn writes_are_rate_limited_per_client() {
         .expect(400, Some("malformed_json"));
 }
 
-#[tokio::test]
-async fn garbage_never_gets_a_500() {
-    let h = Harness::new();
+async fn garbage_never_gets_a_500(b: &Backend<'_>) {
+    let h = b.harness(ServerConfig::default()).await;
     let node = SecretKey::generate().public();
     let posts = [
         "/v1/names".to_owned(),
@@ -672,3 +665,18 @@ async fn garbage_never_gets_a_500() {
         StatusCode::INTERNAL_SERVER_ERROR
     );
 }
+
+backend_suite!(
+    healthz_metrics_and_unknown_routes,
+    claim_name_endpoint,
+    lookup_name_endpoint,
+    announce_endpoint,
+    withdraw_endpoint,
+    online_list_is_paginated,
+    lookup_peer_endpoint,
+    presence_expires_after_ttl,
+    deposit_endpoint,
+    fetch_and_delete_need_fresh_signatures,
+    writes_are_rate_limited_per_client,
+    garbage_never_gets_a_500
+);

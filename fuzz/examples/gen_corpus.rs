@@ -30,6 +30,8 @@ fn main() -> Result<()> {
         ("discovery_record", record_seeds()?),
         ("seal_open", seal_seeds()?),
         ("keyfile_decode", keyfile_seeds()?),
+        ("relay_frame", relay_seeds()?),
+        ("path_probe", probe_seeds()?),
     ] {
         let dir = root.join(target);
         fs::create_dir_all(&dir)?;
@@ -371,5 +373,96 @@ fn keyfile_seeds() -> Result<Seeds> {
         ));
     }
     structured_seeds(&mut seeds, keyfile_mode::STRUCTURED, 300, 96, 32);
+    Ok(seeds)
+}
+
+/// Relay frames of every kind, as one stream and one by one (mode 0, a chunk byte), and
+/// structured inputs (mode 1).
+fn relay_seeds() -> Result<Seeds> {
+    use p2p_discovery::relay::proto::Frame;
+    let key = *fixed_key().public().as_bytes();
+    let frames = [
+        (
+            "send",
+            Frame::Send {
+                dst: key,
+                packet: bytes::Bytes::from_static(&[0xc3; 40]),
+            },
+        ),
+        (
+            "recv",
+            Frame::Recv {
+                src: key,
+                packet: bytes::Bytes::from_static(&[0x41; 1200]),
+            },
+        ),
+        (
+            "observed",
+            Frame::Observed {
+                addr: "198.51.100.7:4000".parse()?,
+            },
+        ),
+        (
+            "observed6",
+            Frame::Observed {
+                addr: "[2001:db8::7]:4000".parse()?,
+            },
+        ),
+        ("gone", Frame::PeerGone { node: key }),
+        (
+            "report",
+            Frame::PunchReport {
+                attempts: 3,
+                successes: 1,
+            },
+        ),
+    ];
+    let mut seeds = Seeds::new();
+    let mut all = bytes::BytesMut::new();
+    for (name, f) in &frames {
+        let mut one = bytes::BytesMut::new();
+        f.encode(&mut one)?;
+        f.encode(&mut all)?;
+        let mut input = vec![0u8, 5];
+        input.extend_from_slice(&one);
+        seeds.push((format!("frame-{name}"), input));
+    }
+    let mut input = vec![0u8, 3];
+    input.extend_from_slice(&all);
+    seeds.push(("stream".into(), input));
+    structured_seeds(&mut seeds, 1, 61, 48, 64);
+    Ok(seeds)
+}
+
+/// Probes of every kind signed by the fixed key (mode 0), and structured inputs (mode 1).
+fn probe_seeds() -> Result<Seeds> {
+    use p2p_node::net::probe::{Probe, ProbeKind};
+    let (me, other) = (fixed_key(), p2p_fuzz::other_key());
+    let kinds = [
+        ("ping", ProbeKind::Ping),
+        (
+            "pong",
+            ProbeKind::Pong {
+                observed: "198.51.100.7:4000".parse()?,
+            },
+        ),
+        (
+            "call-me-maybe",
+            ProbeKind::CallMeMaybe {
+                candidates: vec!["198.51.100.7:4000".parse()?, "[2001:db8::7]:4001".parse()?],
+            },
+        ),
+    ];
+    let mut seeds = Seeds::new();
+    for (name, kind) in kinds {
+        let p = Probe {
+            from: me.public(),
+            to: other.public(),
+            tx: [7; 12],
+            kind,
+        };
+        seeds.push((format!("probe-{name}"), with_mode(0, &p.encode(&me))));
+    }
+    structured_seeds(&mut seeds, 1, 67, 32, 48);
     Ok(seeds)
 }

@@ -20,7 +20,7 @@ mod protocol_vectors;
 pub use endpoint::{Connection, Endpoint, TransportSettings};
 pub use net::{HomeRelay, PathConfig, PathEvent, PathKind};
 pub use node::{
-    BindError, DiscoveryError, HistoryError, MailboxError, Node, NodeBuilder, NodeEvent,
-    NotThePeerCause, PeerInfo, PeersError, QueueReason, RegisterError, ResolveError, Resolved,
-    SendError, SendOutcome, SendStatus, StorageError, Timings, Via,
+    BindError, DhtConfig, DhtError, DhtRecord, DiscoveryError, HistoryError, MailboxError, Node,
+    NodeBuilder, NodeEvent, NotThePeerCause, PeerInfo, PeersError, QueueReason, RegisterError,
+    ResolveError, Resolved, SendError, SendOutcome, SendStatus, StorageError, Timings, Via,
 };

@@ -72,6 +72,7 @@
 //! connections are not affected.
 
 mod deliver;
+mod dht;
 mod disco;
 mod error;
 mod inbound;
@@ -110,6 +111,7 @@ use crate::{
 };
 
 pub use deliver::{NotThePeerCause, QueueReason};
+pub use dht::{DhtConfig, DhtError, DhtRecord};
 pub use disco::DiscoveryError;
 pub use error::{
     BindError, HistoryError, MailboxError, PeersError, RegisterError, ResolveError, SendError,
@@ -377,6 +379,7 @@ pub struct NodeBuilder {
     paths: PathConfig,
     use_relay: bool,
     publish_addrs: bool,
+    dht: Option<DhtConfig>,
     events: broadcast::Sender<NodeEvent>,
 }
 
@@ -452,6 +455,16 @@ impl NodeBuilder {
     /// this node directly (NATs, firewalls) reach it through the relay. Default `true`.
     pub fn relay(mut self, relay: bool) -> Self {
         self.use_relay = relay;
+        self
+    }
+
+    /// Uses the BitTorrent Mainline DHT: publishes this node's addresses and home relay
+    /// there, signed with its key (unless [`DhtConfig::publish`] is off), and looks a
+    /// peer up there by NodeId when discovery does not know it or cannot be reached.
+    /// Default: off (publishing puts the addresses in a public table, and a LAN without
+    /// internet cannot reach the DHT). See [`DhtConfig`].
+    pub fn dht(mut self, config: DhtConfig) -> Self {
+        self.dht = Some(config);
         self
     }
 
@@ -559,6 +572,13 @@ impl NodeBuilder {
             }
         };
 
+        let dht = match self.dht.clone() {
+            Some(config) => {
+                let secret = self.secret.clone();
+                Some(tokio::task::spawn_blocking(move || dht::Dht::start(&secret, config)).await??)
+            }
+            None => None,
+        };
         let (drained_tx, _) = watch::channel(false);
         let cancel = CancellationToken::new();
         let inner = Arc::new(Inner {
@@ -571,6 +591,7 @@ impl NodeBuilder {
             events: self.events,
             timings: self.timings,
             disco,
+            dht,
             embedded_addr: embedded.as_ref().map(|e| e.addr),
             embedded_relay: embedded.as_ref().and_then(|e| e.relay_addr),
             embedded: Mutex::new(embedded.map(|e| e.task)),
@@ -590,6 +611,7 @@ impl NodeBuilder {
             cancel: cancel.clone(),
             tracker: TaskTracker::new(),
             drain_lock: tokio::sync::Mutex::new(()),
+            announce_lock: tokio::sync::Mutex::new(()),
             drained: drained_tx,
             drop_acks: self.drop_acks,
             _lock: lock,
@@ -613,6 +635,9 @@ impl NodeBuilder {
                 .spawn(relaying::home_relay_loop(inner.clone()));
         }
         inner.tracker.spawn(inbound::accept_loop(inner.clone()));
+        if inner.dht.is_some() {
+            inner.tracker.spawn(dht::publish_loop(inner.clone()));
+        }
         inner.tracker.spawn(outbox::run(inner.clone()));
         inner.tracker.spawn(mailbox::run(inner.clone()));
         if inner.disco.is_some() {
@@ -659,6 +684,8 @@ pub(crate) struct Inner {
     events: broadcast::Sender<NodeEvent>,
     timings: Timings,
     disco: Option<disco::Disco>,
+    /// The DHT client, when the node uses the DHT.
+    dht: Option<dht::Dht>,
     embedded_addr: Option<SocketAddr>,
     embedded_relay: Option<SocketAddr>,
     embedded: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -686,6 +713,9 @@ pub(crate) struct Inner {
     cancel: CancellationToken,
     tracker: TaskTracker,
     drain_lock: tokio::sync::Mutex<()>,
+    /// One announce at a time: a record signed later is never sent beside an earlier one,
+    /// which the server would then refuse as stale.
+    announce_lock: tokio::sync::Mutex<()>,
     drained: watch::Sender<bool>,
     drop_acks: bool,
     _lock: File,
@@ -728,6 +758,7 @@ impl Node {
             paths: PathConfig::default(),
             use_relay: true,
             publish_addrs: true,
+            dht: None,
             events,
         }
     }
@@ -835,15 +866,7 @@ impl Node {
         inner.peers().set_name(inner.node_id, name.to_owned());
         *lock(&inner.name) = Some(name.to_owned());
         if inner.announce {
-            // The background announce may have raced this one with a newer record made
-            // before the name was set: announce again, newer still, with the name.
-            let mut raced = 0;
-            loop {
-                match presence::announce_once(inner).await {
-                    Err(RegisterError::Discovery(e)) if e.is_stale() && raced < 3 => raced += 1,
-                    other => break other.map(|_| ())?,
-                }
-            }
+            presence::announce_once(inner).await?;
         }
         Ok(())
     }
@@ -888,6 +911,26 @@ impl Node {
         }
         let msg = ChatMessage::text(text, stamp_ms())?;
         self.inner.send_message(*to, msg).await
+    }
+
+    /// Publishes this node's DHT record now (the node also does so by itself when it
+    /// starts, when its home relay changes, and every [`DhtConfig::republish`]).
+    pub async fn dht_publish(&self) -> Result<(), DhtError> {
+        let inner = &self.inner;
+        let dht = inner.dht.as_ref().ok_or(DhtError::NotUsed)?;
+        let addrs = if inner.publish_addrs {
+            presence::our_addrs(inner)
+        } else {
+            Vec::new()
+        };
+        let relay = inner.endpoint.net().home().borrow().relay;
+        dht.publish(&addrs, relay).await
+    }
+
+    /// Looks `node` up on the DHT: its verified record (addresses, home relay).
+    pub async fn dht_lookup(&self, node: &NodeId) -> Result<DhtRecord, DhtError> {
+        let dht = self.inner.dht.as_ref().ok_or(DhtError::NotUsed)?;
+        dht.lookup(node).await
     }
 
     /// The last `limit` messages with `peer` (a NodeId or a name), oldest first.
@@ -1161,15 +1204,17 @@ impl Inner {
         lock(&self.name).clone()
     }
 
-    /// Records what an online list or lookup told us about peers: mailbox keys, and
-    /// for the path layer their direct addresses and relays.
+    /// Records what an online list or lookup told us about peers: mailbox keys, and for
+    /// the path layer the direct addresses and relays of peers it tracks (a dial tells
+    /// it of the others, see `deliver::learn_paths`).
     fn learn_peers(&self, peers: &[PeerInfo]) {
         self.peers().learn(peers);
+        let net = self.endpoint.net();
         for p in peers
             .iter()
             .filter(|p| p.online && p.node_id != self.node_id)
         {
-            self.endpoint.learn_peer(p.node_id, &p.addrs, p.relay);
+            net.update_peer_info(p.node_id, &p.addrs, p.relay);
         }
     }
 

@@ -46,7 +46,9 @@ pub fn p2p_node_bin() -> PathBuf {
 }
 
 /// Environment variables that change what `p2p-node` does; the tests clear them.
-pub const NODE_ENV: [&str; 5] = [
+pub const NODE_ENV: [&str; 7] = [
+    "P2P_DHT",
+    "P2P_DISCOVERY_STORE",
     "P2P_DATA_DIR",
     "P2P_DISCOVERY",
     "P2P_PASSPHRASE",
@@ -234,3 +236,6 @@ impl Drop for Proc {
         }
     }
 }
+
+pub mod dht;
+pub mod postgres;

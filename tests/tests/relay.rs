@@ -1,5 +1,6 @@
 //! Reaching peers through the relay, on loopback: relayed delivery, the move to a direct
-//! path, a relay restart, and relays that lie.
+//! path, a relay restart, relays that lie, and nodes on two discovery instances (one
+//! PostgreSQL database, a relay each) reaching each other through each other's relay.
 //!
 //! Relay-only nodes (`PathConfig { direct: false }`) stand for nodes behind NATs that
 //! cannot punch through; nodes that publish no direct addresses stand for nodes behind
@@ -480,5 +481,67 @@ async fn a_relay_only_node_sends_nothing_directly() -> Result<()> {
     a.shutdown().await;
     b.shutdown().await;
     d.stop().await;
+    Ok(())
+}
+
+/// Two discovery instances on one PostgreSQL database, each with its own relay: a
+/// relay-only node on one reaches a relay-only node on the other through the other's
+/// relay (its home relay, named in its presence record), and is answered.
+#[tokio::test]
+async fn relay_only_nodes_on_two_instances_reach_each_other() -> Result<()> {
+    let Some(pg) = p2p_tests::postgres::PgServer::start() else {
+        return Ok(());
+    };
+    let db = pg.create_database("relays");
+    let store = || async { p2p_discovery::PgStore::connect(&db).await };
+    let d1 = Discovery::start_with_relay_on(Arc::new(store().await?)).await?;
+    let d2 = Discovery::start_with_relay_on(Arc::new(store().await?)).await?;
+
+    // Each instance reports its own relay.
+    let r1 = d1
+        .client()?
+        .relay()
+        .await?
+        .expect("instance 1 runs a relay");
+    let r2 = d2
+        .client()?
+        .relay()
+        .await?
+        .expect("instance 2 runs a relay");
+    assert_eq!(Some(r1.port), d1.relay_addr.map(|a| a.port()));
+    assert_eq!(Some(r2.port), d2.relay_addr.map(|a| a.port()));
+    assert_ne!(r1.node_id, r2.node_id);
+
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = node(&bob, &d2).paths(relay_only()).bind().await?;
+    b.register("bob").await?;
+    let mut b_ev = b.subscribe();
+    let a = node(&alice, &d1).paths(relay_only()).bind().await?;
+    let mut a_ev = a.subscribe();
+    assert!(a.wait_announced(DEADLINE).await && b.wait_announced(DEADLINE).await);
+    assert_eq!(a.home_relay().relay.map(|r| r.node_id), Some(r1.node_id));
+    assert_eq!(b.home_relay().relay.map(|r| r.node_id), Some(r2.node_id));
+
+    let out = a.send("bob", "across instances").await?;
+    assert_eq!(
+        (out.status, out.path),
+        (SendStatus::Delivered, Some(PathKind::Relay))
+    );
+    let (from, via, text) = received(&mut b_ev).await?;
+    assert_eq!(
+        (from, via, text.as_str()),
+        (alice.id(), Via::Relay, "across instances")
+    );
+    let back = b.send_to(&alice.id(), "and back").await?;
+    assert_eq!(back.status, SendStatus::Delivered);
+    let (from, via, _) = received(&mut a_ev).await?;
+    assert_eq!((from, via), (bob.id(), Via::Relay));
+    // Alice reached bob through bob's home relay (instance 2), where she opened a link
+    // of her own; his answers came back that way, on the same connection.
+    assert!(d2.relayed_packets() > 0, "bob's home relay carried it");
+    a.shutdown().await;
+    b.shutdown().await;
+    d1.stop().await;
+    d2.stop().await;
     Ok(())
 }

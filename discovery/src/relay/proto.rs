@@ -126,8 +126,9 @@ impl Frame {
     }
 
     /// Takes the next whole frame from the front of `buf`: `Ok(None)` when more bytes
-    /// are needed (nothing is consumed then). Frames of unknown kinds are consumed and
-    /// skipped. Never panics and never allocates beyond what `buf` holds.
+    /// are needed (nothing of the incomplete frame is consumed then). Whole frames of
+    /// unknown kinds are consumed and skipped. Never panics and never allocates beyond
+    /// what `buf` holds.
     pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
         loop {
             if buf.len() < HEADER_LEN {
@@ -304,6 +305,18 @@ mod tests {
             Frame::decode(&mut buf).expect("decodes"),
             Some(Frame::PeerGone { node: [2; 32] })
         );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn skipped_frames_before_a_partial_one_are_consumed_and_the_partial_one_kept() {
+        // Regression (fuzz target relay_frame): two empty frames of an unknown kind,
+        // then the first byte of a third.
+        let mut buf = BytesMut::from(&[0, 0, 0, 0, 0, 0, 0, 0, 1][..]);
+        assert_eq!(Frame::decode(&mut buf), Ok(None));
+        assert_eq!(&buf[..], &[0, 0, 1]);
+        buf.put_u8(9);
+        assert_eq!(Frame::decode(&mut buf), Ok(None));
         assert!(buf.is_empty());
     }
 

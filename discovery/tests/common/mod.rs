@@ -1,7 +1,13 @@
 //! Helpers shared by the discovery integration tests.
 #![allow(dead_code)]
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
 use axum::{
     body::Body,
@@ -13,9 +19,10 @@ use http_body_util::BodyExt;
 use p2p_crypto::{Domain, NodeId, SecretKey};
 use p2p_discovery::{
     api::{request_signing_bytes, HEADER_SIGNATURE, HEADER_TIMESTAMP},
-    AppState, ManualClock, MemoryStore, NameClaim, PresenceRecord, ServerConfig, Signed,
-    SignedWire, Store, Withdrawal,
+    AppState, ManualClock, MemoryStore, NameClaim, PgStore, PresenceRecord, RedbStore,
+    ServerConfig, Signed, SignedWire, Store, Withdrawal,
 };
+use p2p_tests::postgres::PgServer;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -26,6 +33,81 @@ pub struct Harness {
     pub app: Router,
     pub clock: ManualClock,
     pub state: AppState,
+    /// Keeps a redb store's directory.
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The store a test runs on.
+pub enum Backend<'a> {
+    Memory,
+    Redb,
+    /// A fresh database on this server for each harness.
+    Postgres(&'a PgServer),
+}
+
+/// Names the databases a test binary creates on its PostgreSQL server.
+static DATABASES: AtomicUsize = AtomicUsize::new(0);
+
+impl Backend<'_> {
+    /// A new, empty store of this kind (and the directory of a redb one).
+    pub async fn store(&self) -> (Arc<dyn Store>, Option<tempfile::TempDir>) {
+        match self {
+            Backend::Memory => (Arc::new(MemoryStore::new()), None),
+            Backend::Redb => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let store = RedbStore::open(&dir.path().join("discovery.redb")).expect("redb");
+                (Arc::new(store), Some(dir))
+            }
+            Backend::Postgres(pg) => (pg_store(pg).await, None),
+        }
+    }
+
+    /// A harness on a new, empty store of this kind.
+    pub async fn harness(&self, config: ServerConfig) -> Harness {
+        let (store, dir) = self.store().await;
+        let mut h = Harness::with_store(config, store);
+        h._dir = dir;
+        h
+    }
+}
+
+/// A store on a new database of `pg`.
+pub async fn pg_store(pg: &PgServer) -> Arc<dyn Store> {
+    let n = DATABASES.fetch_add(1, Ordering::SeqCst);
+    let url = pg.create_database(&format!("test{n}"));
+    Arc::new(PgStore::connect(&url).await.expect("connect to PostgreSQL"))
+}
+
+/// Runs each of the given `async fn(&Backend)` tests on memory and redb (a test each),
+/// and all of them on one throwaway PostgreSQL server (one test, a database each),
+/// skipped with a message when PostgreSQL is not installed (unless
+/// `P2P_REQUIRE_POSTGRES=1`).
+#[macro_export]
+macro_rules! backend_suite {
+    ($($test:ident),* $(,)?) => {
+        mod on_memory {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(&$crate::common::Backend::Memory).await
+            })*
+        }
+        mod on_redb {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(&$crate::common::Backend::Redb).await
+            })*
+        }
+        #[tokio::test]
+        async fn on_postgres() {
+            let Some(pg) = p2p_tests::postgres::PgServer::start() else {
+                return;
+            };
+            $(
+                eprintln!("postgres: {}", stringify!($test));
+                $test(&$crate::common::Backend::Postgres(&pg)).await;
+            )*
+        }
+    };
 }
 
 impl Harness {
@@ -44,6 +126,7 @@ impl Harness {
             app: p2p_discovery::router(state.clone()),
             clock,
             state,
+            _dir: None,
         }
     }
 

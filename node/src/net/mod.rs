@@ -24,7 +24,7 @@
 
 mod mapped;
 pub mod paths;
-pub(crate) mod probe;
+pub mod probe;
 mod relay;
 mod socket;
 
@@ -190,6 +190,17 @@ impl Shared {
     ) {
         self.paths()
             .set_peer_info(peer, addrs, relay, Instant::now());
+    }
+
+    /// Like [`Shared::set_peer_info`], only for a peer the path layer tracks already.
+    pub(crate) fn update_peer_info(
+        &self,
+        peer: NodeId,
+        addrs: &[SocketAddr],
+        relay: Option<RelayRef>,
+    ) {
+        self.paths()
+            .update_peer_info(peer, addrs, relay, Instant::now());
     }
 
     /// Our direct addresses, offered to peers when punching.

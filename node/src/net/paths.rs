@@ -469,10 +469,25 @@ impl Paths {
         relay: Option<RelayRef>,
         now: Instant,
     ) {
+        if self.ensure_peer(node, now).is_some() {
+            self.update_peer_info(node, addrs, relay, now);
+        }
+    }
+
+    /// Like [`Paths::set_peer_info`] for a peer already tracked; others are left out
+    /// (an online list of thousands must not fill the table).
+    pub(crate) fn update_peer_info(
+        &mut self,
+        node: NodeId,
+        addrs: &[SocketAddr],
+        relay: Option<RelayRef>,
+        now: Instant,
+    ) {
         let direct = self.config.direct;
-        let Some(peer) = self.ensure_peer(node, now) else {
+        let Some(peer) = self.peers.get_mut(node.as_bytes()) else {
             return;
         };
+        peer.touched = peer.touched.max(now);
         let mut changed = false;
         if relay.is_some() && peer.relay != relay {
             peer.relay = relay;
@@ -942,9 +957,12 @@ impl Paths {
             Some(b) => {
                 let old = peer.candidate(b);
                 let stale = !peer.trusted(b, now, &self.config);
-                let faster = old
-                    .and_then(|o| o.rtt)
-                    .is_some_and(|old_rtt| rtt.saturating_mul(4) < old_rtt.saturating_mul(3));
+                // Clearly faster only (half the round trip, and 2 ms less), so two
+                // addresses of one host do not take turns on measurement noise.
+                let faster = old.and_then(|o| o.rtt).is_some_and(|old_rtt| {
+                    rtt.saturating_mul(2) < old_rtt
+                        && old_rtt.saturating_sub(rtt) >= Duration::from_millis(2)
+                });
                 stale || faster
             }
         };
@@ -957,13 +975,15 @@ impl Paths {
                     self.stats.successes = self.stats.successes.saturating_add(1);
                 }
                 peer.punch = Punch::default();
+                out.push(Action::PathChanged {
+                    peer: node,
+                    path: Some(PathKind::Direct),
+                    addr: Some(addr),
+                    rtt: Some(rtt),
+                });
+            } else {
+                tracing::debug!(peer = %node, %addr, ?rtt, "direct path moves to another address");
             }
-            out.push(Action::PathChanged {
-                peer: node,
-                path: Some(PathKind::Direct),
-                addr: Some(addr),
-                rtt: Some(rtt),
-            });
         }
         self.claim(addr, key, true, now);
         if usable(&observed) && !self.own.contains(&observed) && self.own.len() < MAX_CANDIDATES {

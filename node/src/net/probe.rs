@@ -32,39 +32,53 @@ use p2p_crypto::{Domain, NodeId, SecretKey, Signature};
 use serde::{Deserialize, Serialize};
 
 /// First bytes of every probe.
-pub(crate) const MAGIC: [u8; 8] = *b"\x00p2p-prb";
+pub const MAGIC: [u8; 8] = *b"\x00p2p-prb";
 
 /// Largest probe accepted.
-pub(crate) const MAX_PROBE_LEN: usize = 1024;
+pub const MAX_PROBE_LEN: usize = 1024;
 
 /// Most candidate addresses in one `CallMeMaybe`.
-pub(crate) const MAX_CANDIDATES: usize = 16;
+pub const MAX_CANDIDATES: usize = 16;
 
 const SIG_LEN: usize = 64;
 
 /// A transaction id, echoed by the pong.
-pub(crate) type TxId = [u8; 12];
+pub type TxId = [u8; 12];
 
 /// What a probe says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum ProbeKind {
+pub enum ProbeKind {
+    /// Are you there, at the address this reaches?
     Ping,
-    Pong { observed: SocketAddr },
-    CallMeMaybe { candidates: Vec<SocketAddr> },
+    /// Yes: the answer to the ping with the same `tx`.
+    Pong {
+        /// The address the ping came from.
+        observed: SocketAddr,
+    },
+    /// Ping me at these addresses now (sent through the relay).
+    CallMeMaybe {
+        /// The sender's candidate addresses (at most [`MAX_CANDIDATES`]).
+        candidates: Vec<SocketAddr>,
+    },
 }
 
 /// One probe, as signed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Probe {
+pub struct Probe {
+    /// The sender, whose key signs the probe.
     pub from: NodeId,
+    /// The node it is for; others ignore it.
     pub to: NodeId,
+    /// Chosen by the pinger, echoed by the pong.
     pub tx: TxId,
+    /// What it says.
     pub kind: ProbeKind,
 }
 
 /// Why a datagram is not a valid probe.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum ProbeError {
+#[allow(missing_docs)]
+pub enum ProbeError {
     #[error("not a probe")]
     NotProbe,
     #[error("probe of {0} bytes is outside the allowed size")]
@@ -78,13 +92,13 @@ pub(crate) enum ProbeError {
 }
 
 /// Whether a datagram is a probe (by its magic; not yet verified).
-pub(crate) fn is_probe(datagram: &[u8]) -> bool {
+pub fn is_probe(datagram: &[u8]) -> bool {
     datagram.starts_with(&MAGIC)
 }
 
 impl Probe {
     /// Encodes and signs. `secret` must be the key of `self.from`.
-    pub(crate) fn encode(&self, secret: &SecretKey) -> Vec<u8> {
+    pub fn encode(&self, secret: &SecretKey) -> Vec<u8> {
         // A probe of bounded fields always encodes.
         let body = postcard::to_stdvec(self).unwrap_or_default();
         let sig = secret.sign(Domain::PathProbe, &body);
@@ -96,7 +110,7 @@ impl Probe {
     }
 
     /// Decodes and verifies a datagram from anyone. Never panics.
-    pub(crate) fn decode(datagram: &[u8]) -> Result<Probe, ProbeError> {
+    pub fn decode(datagram: &[u8]) -> Result<Probe, ProbeError> {
         let rest = datagram.strip_prefix(&MAGIC).ok_or(ProbeError::NotProbe)?;
         if datagram.len() > MAX_PROBE_LEN || rest.len() <= SIG_LEN {
             return Err(ProbeError::Size(datagram.len()));

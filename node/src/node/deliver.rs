@@ -14,6 +14,7 @@ use std::{
 };
 
 use p2p_crypto::NodeId;
+use p2p_discovery::RelayRef;
 
 use super::{inbound, Inner, NodeEvent, StorageError};
 use crate::{
@@ -261,11 +262,11 @@ async fn send_on(
 
 /// Tells the path layer how to reach `peer`: the addresses and relay it announced, and
 /// the address it last connected to us from. Asks discovery when the online list does
-/// not have the peer. Returns `false` when there is nothing to try: no address, no
-/// relay, or discovery answered that the peer is offline (its last address is not tried
-/// then: its process is gone, and a dial to a dead UDP port only ends at the dial
-/// timeout), so a send to an offline peer is queued at once. Returns the direct
-/// addresses discovery published, if there is something to try.
+/// not have the peer, then the DHT when discovery does not know it. Returns `None` when
+/// there is nothing to try: no address, no relay, or discovery answered that the peer
+/// is offline (its last address is not tried then: its process is gone, and a dial to
+/// a dead UDP port only ends at the dial timeout), so a send to an offline peer is
+/// queued at once. Otherwise returns the direct addresses the peer published.
 async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<Vec<SocketAddr>> {
     let online = inner.peers().online_paths(&peer);
     let last = inner.pool().last_addr(&peer);
@@ -277,19 +278,21 @@ async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<Vec<SocketAddr>
                     inner.learn_peers(std::slice::from_ref(&info));
                     (info.addrs, info.relay)
                 }
-                // Discovery knows the peer offline, or not at all: nothing to try.
-                Ok(Ok(_)) => return None,
+                // Discovery knows the peer and says it is offline: nothing to try.
+                Ok(Ok(Some(_))) => return None,
+                // Discovery does not know the peer.
+                Ok(Ok(None)) => dht_paths(inner, peer).await,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "lookup failed");
-                    (Vec::new(), None)
+                    dht_paths(inner, peer).await
                 }
                 Err(_) => {
                     tracing::debug!(%peer, "lookup timed out");
-                    (Vec::new(), None)
+                    dht_paths(inner, peer).await
                 }
             }
         }
-        (None, None) => (Vec::new(), None),
+        (None, None) => dht_paths(inner, peer).await,
     };
     let published = addrs.clone();
     if let Some(a) = last {
@@ -302,6 +305,24 @@ async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<Vec<SocketAddr>
     }
     inner.endpoint.learn_peer(peer, &addrs, relay);
     Some(published)
+}
+
+/// The addresses and relay `peer` published on the DHT, when this node uses it and the
+/// record verifies (see [`super::dht`]); nothing otherwise.
+async fn dht_paths(inner: &Inner, peer: NodeId) -> (Vec<SocketAddr>, Option<RelayRef>) {
+    let Some(dht) = inner.dht.as_ref() else {
+        return (Vec::new(), None);
+    };
+    match dht.lookup(&peer).await {
+        Ok(record) => {
+            tracing::debug!(%peer, addrs = record.addrs.len(), relay = record.relay.is_some(), "found on the DHT");
+            (record.addrs, record.relay)
+        }
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "not found on the DHT");
+            (Vec::new(), None)
+        }
+    }
 }
 
 /// Makes sure there is a connection to `peer` (dialing if needed), so a message can go

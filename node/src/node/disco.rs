@@ -64,25 +64,16 @@ impl DiscoveryError {
         )
     }
 
-    /// Whether the server already holds a record at least as new from this node (an
-    /// announce that raced with another one).
-    pub fn is_stale(&self) -> bool {
-        matches!(
-            self,
-            DiscoveryError::Client {
-                source: ClientError::Server { code, .. },
-                ..
-            } if code == "stale_record"
-        )
-    }
-
-    /// Whether the server could not be reached at all (as opposed to refusing).
+    /// Whether the service could not answer at all (as opposed to refusing): the server
+    /// is unreachable, timed out, or its database is down.
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
             DiscoveryError::Timeout { .. }
                 | DiscoveryError::Client {
-                    source: ClientError::Unreachable(_) | ClientError::Timeout,
+                    source: ClientError::Unreachable(_)
+                        | ClientError::Timeout
+                        | ClientError::Unavailable { .. },
                     ..
                 }
         )
@@ -248,7 +239,7 @@ pub(crate) async fn start_embedded(
     let local = listener.local_addr().map_err(|e| fail(Box::new(e)))?;
     let relay = match relay_key {
         Some(key) => {
-            let relay = start_relay(local, addr.port() == 0, &key).map_err(fail)?;
+            let relay = start_relay(local, &key).map_err(fail)?;
             state.set_relay(&relay).map_err(|e| fail(Box::new(e)))?;
             Some(relay)
         }
@@ -280,21 +271,22 @@ pub(crate) async fn start_embedded(
     })
 }
 
-/// Binds the embedded relay on the HTTP server's UDP port, or on any port when that one
-/// is taken and any port would do.
+/// Binds the embedded relay on the HTTP server's port number (UDP), or on any port when
+/// that one is taken (nodes learn the relay's port from `GET /v1/relay`).
 fn start_relay(
     http: SocketAddr,
-    any_port: bool,
     key: &std::path::Path,
 ) -> Result<Relay, Box<dyn std::error::Error + Send + Sync>> {
     let (secret, _) = p2p_crypto::keyfile::load_or_create(key, None)?;
     match Relay::bind(http, &secret, RelayConfig::default()) {
         Ok(r) => Ok(r),
-        Err(_) if any_port => Ok(Relay::bind(
-            SocketAddr::new(http.ip(), 0),
-            &secret,
-            RelayConfig::default(),
-        )?),
-        Err(e) => Err(Box::new(e)),
+        Err(e) => {
+            tracing::warn!(error = %e, "the relay takes another UDP port");
+            Ok(Relay::bind(
+                SocketAddr::new(http.ip(), 0),
+                &secret,
+                RelayConfig::default(),
+            )?)
+        }
     }
 }

@@ -76,6 +76,9 @@ pub enum BindError {
     /// The discovery URL is not usable.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    /// The DHT client cannot start.
+    #[error(transparent)]
+    Dht(#[from] super::DhtError),
     /// The embedded discovery server cannot start.
     #[error("cannot start the embedded discovery server on {addr}: {reason}")]
     EmbeddedDiscovery {
@@ -126,8 +129,8 @@ pub enum RegisterError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ResolveError {
-    /// `peer` is not a NodeId, not a pinned contact, not a name on discovery, and not a
-    /// name in this node's history.
+    /// `peer` is not a NodeId, not a pinned contact (names this node exchanged messages
+    /// with are pinned), and not a name on discovery.
     #[error("unknown peer {peer:?}: not a NodeId, a known contact or a name on discovery")]
     UnknownPeer {
         /// What was asked for.

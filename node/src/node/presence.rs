@@ -82,6 +82,7 @@ async fn relay_changed(home: &mut tokio::sync::watch::Receiver<crate::net::HomeR
 /// Announces once; returns when to announce again.
 pub(super) async fn announce_once(inner: &Inner) -> Result<Duration, RegisterError> {
     let disco = inner.disco.as_ref().ok_or(RegisterError::NoDiscovery)?;
+    let _one_at_a_time = inner.announce_lock.lock().await;
     let home = inner.endpoint.net().home().borrow().clone();
     let mut addrs = our_addrs(inner);
     if !inner.publish_addrs {
@@ -157,7 +158,7 @@ fn announce_addrs(inner: &Inner) -> Vec<SocketAddr> {
 
 /// Our direct addresses: those [`announce_addrs`] finds, and first the address the relay
 /// sees us at (the public side of our NAT, a hole-punching candidate for peers).
-fn our_addrs(inner: &Inner) -> Vec<SocketAddr> {
+pub(super) fn our_addrs(inner: &Inner) -> Vec<SocketAddr> {
     let reflexive = inner.endpoint.net().home().borrow().reflexive;
     let mut addrs = announce_addrs(inner);
     if let Some(r) = reflexive.filter(|a| !addrs.contains(a)) {

@@ -30,14 +30,20 @@ const TTL: Duration = Duration::from_secs(600);
 
 /// Our discovery server on a runtime (two worker threads) of its own, as if it were its
 /// own process, with the per-IP write rate limit lifted: the load comes from one IP.
-struct OwnServer {
-    url: String,
+pub struct OwnServer {
+    pub url: String,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl OwnServer {
     fn start() -> Result<OwnServer> {
+        Self::start_on(None)
+    }
+
+    /// A server on the store `spec` names (`p2p_discovery::open_store`: a PostgreSQL URL
+    /// or a redb path), or in memory.
+    pub fn start_on(spec: Option<String>) -> Result<OwnServer> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let url = format!("http://{}", listener.local_addr()?);
@@ -51,11 +57,19 @@ impl OwnServer {
                         .enable_all()
                         .build()?;
                     rt.block_on(async move {
-                        let state = AppState::open(ServerConfig {
+                        let config = ServerConfig {
                             write_rate_per_sec: 1e9,
                             write_burst: u32::MAX,
                             ..ServerConfig::default()
-                        })?;
+                        };
+                        let state = match spec {
+                            None => AppState::open(config)?,
+                            Some(spec) => AppState::new(
+                                config,
+                                p2p_discovery::open_store(&spec).await?,
+                                Arc::new(p2p_discovery::SystemClock),
+                            ),
+                        };
                         let listener = tokio::net::TcpListener::from_std(listener)?;
                         p2p_discovery::serve(listener, state, async move {
                             let _ = stopped.await;
@@ -209,7 +223,7 @@ fn url_escape(s: &str) -> String {
 }
 
 /// Polls `url` until the server answers at all (any HTTP status), for at most `timeout`.
-async fn wait_http(http: &reqwest::Client, url: &str, timeout: Duration) -> Result<()> {
+pub async fn wait_http(http: &reqwest::Client, url: &str, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if http.get(url).send().await.is_ok() {
@@ -254,7 +268,7 @@ async fn syncthing_lookup(http: &reqwest::Client, url: &str, d: &Device) -> Resu
 
 /// Runs `op(i)` (i counting up) with `conc` workers for `dur`; failed operations are
 /// counted, not fatal. Returns (successes per second, failures).
-async fn rate<F, Fut>(conc: usize, dur: Duration, op: F) -> Result<(f64, u64)>
+pub async fn rate<F, Fut>(conc: usize, dur: Duration, op: F) -> Result<(f64, u64)>
 where
     F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send + 'static,

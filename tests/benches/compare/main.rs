@@ -25,6 +25,7 @@
 //! | `BENCH_CONNS` | 1000 (100) | idle connections in figure 7 |
 //! | `BENCH_PEERS` | 1,10,100 (1,10) | peer counts of figure 8 |
 //! | (figure 9) | | `BENCH_SETUP_ITERS` fresh pairs per run time the move to a direct path |
+//! | (figure 10) | | PostgreSQL (started by the bench when installed) 1 vs 2 instances vs redb; DHT times on a local testnet |
 //! | `BENCH_ONLY` | all | figures to run, e.g. `1,2` or `msgs,latency` |
 //! | `BENCH_PROFILE` | unset | run one side of one figure alone (for a profiler) and print what it did: `send`, `send-mem`, `rtt`, `rtt-mem`, `bulk`, `bulk-mem`, `setup`, `setup-mem`, `raw-send`, `raw-rtt`, `history-insert`, `history-sender`, `history-read`; the workload is framed by `profile: measuring` and `profile: done` on stderr |
 //! | `BENCH_PROFILE_HOLD` | unset | `1`: after `profile: done`, wait for a line on stdin before tearing down |
@@ -38,6 +39,7 @@ mod nodes;
 mod raw;
 mod relay;
 mod report;
+mod scale_out;
 
 use std::{str::FromStr, time::Duration};
 
@@ -232,6 +234,10 @@ fn main() -> Result<()> {
         if cfg.wants(9, "relay") {
             eprintln!("figure 9: through the relay");
             rows.extend(relay::run(&cfg).await?);
+        }
+        if cfg.wants(10, "scale-out") {
+            eprintln!("figure 10: discovery on PostgreSQL, instances, and the DHT");
+            rows.extend(scale_out::run(&cfg, &mut notes).await?);
         }
         Ok::<_, anyhow::Error>(())
     })?;

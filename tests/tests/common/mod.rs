@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use p2p_crypto::{NodeId, SecretKey};
 use p2p_discovery::{
     relay::{Relay, RelayConfig, RelayMetrics},
-    AppState, ServerConfig,
+    AppState, MemoryStore, ServerConfig, Store, SystemClock,
 };
 use p2p_node::{
     wire::{self, Frame, MessageId},
@@ -62,14 +62,29 @@ impl Discovery {
         Ok(d)
     }
 
+    /// A server with its own relay (its own key) on `store`: several of them on one
+    /// PostgreSQL database are instances of one discovery service.
+    pub async fn start_with_relay_on(store: Arc<dyn Store>) -> Result<Discovery> {
+        Self::start_on(loopback(), Some(SecretKey::generate()), store).await
+    }
+
     async fn start_at(http: SocketAddr, relay_key: Option<SecretKey>) -> Result<Discovery> {
+        Self::start_on(http, relay_key, Arc::new(MemoryStore::new())).await
+    }
+
+    async fn start_on(
+        http: SocketAddr,
+        relay_key: Option<SecretKey>,
+        store: Arc<dyn Store>,
+    ) -> Result<Discovery> {
         init_tracing();
         // Every test node shares 127.0.0.1: lift the per-IP write rate limit.
-        let state = AppState::open(ServerConfig {
+        let config = ServerConfig {
             write_rate_per_sec: 100_000.0,
             write_burst: 100_000,
             ..Default::default()
-        })?;
+        };
+        let state = AppState::new(config, store, Arc::new(SystemClock));
         let served = state.clone();
         let listener = tokio::net::TcpListener::bind(http).await?;
         let addr = listener.local_addr()?;

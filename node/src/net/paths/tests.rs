@@ -197,6 +197,50 @@ fn a_direct_path_that_stops_answering_gets_relay_copies_within_a_second() {
 }
 
 #[test]
+fn a_path_moves_to_another_address_only_when_clearly_faster_and_says_nothing() {
+    let mut f = fixture(&["198.18.0.12:4000", "192.168.1.2:4000"], true);
+    let t = f.t0;
+    f.paths.route(f.index, t);
+    let sent = pings(&f.paths.poll(t));
+    let (public, tx_pub) = sent[0];
+    let (lan, tx_lan) = sent[1];
+    // The public address answers first (20 ms): the path, with one event.
+    let out = f.paths.on_probe(
+        pong(&f, tx_pub),
+        ProbeSource::Udp(public),
+        t + Duration::from_millis(20),
+    );
+    assert_eq!(out.len(), 1);
+    // The LAN address answers at 15 ms: not clearly faster, the path stays.
+    let out = f.paths.on_probe(
+        pong(&f, tx_lan),
+        ProbeSource::Udp(lan),
+        t + Duration::from_millis(15),
+    );
+    assert!(out.is_empty());
+    assert_eq!(
+        f.paths.route(f.index, t + Duration::from_millis(20)),
+        Route::Direct(public)
+    );
+    // A later ping of the LAN address answered in 1 ms: clearly faster, the path moves,
+    // and no event (the path is still direct).
+    let t1 = t + Duration::from_millis(100);
+    let mut out = Vec::new();
+    f.paths.ping(*f.peer.public().as_bytes(), lan, t1, &mut out);
+    let (_, tx) = pings(&out)[0];
+    let out = f.paths.on_probe(
+        pong(&f, tx),
+        ProbeSource::Udp(lan),
+        t1 + Duration::from_millis(1),
+    );
+    assert!(out.is_empty());
+    assert_eq!(
+        f.paths.route(f.index, t1 + Duration::from_millis(1)),
+        Route::Direct(lan)
+    );
+}
+
+#[test]
 fn a_peer_asking_to_punch_makes_a_proven_path_doubtful_until_proven_again() {
     let (mut f, old) = proven_direct();
     let t = f.t0;

@@ -1,129 +1,288 @@
-//! Persistent state of the server: name claims and mailboxes.
+//! The single-instance stores: names and mailboxes in redb ([`RedbStore`]) or in memory
+//! ([`MemoryStore`]), presence and the replay guard in this process's memory.
 //!
-//! [`Store`] is synchronous; the server calls it from `spawn_blocking`, so no redb
-//! transaction is ever held across an `.await`. [`RedbStore`] persists to a file,
-//! [`MemoryStore`] keeps everything in memory (tests, throwaway servers).
+//! Both are a [`LocalStore`] over a [`Durable`] part, which is synchronous and runs on
+//! the blocking pool.
 
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
+    net::IpAddr,
     path::Path,
-    sync::Mutex,
+    sync::{Arc, Mutex, MutexGuard},
 };
 
+use async_trait::async_trait;
 use p2p_crypto::{NodeId, Signature};
 use redb::{ReadableTable, ReadableTableMetadata};
 
-use crate::record::{NameClaim, Signed};
-
-/// A storage failure. Never caused by request input.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Db(#[source] Box<redb::Error>),
-    #[error("corrupt stored data: {0}")]
-    Corrupt(String),
-    #[error("storage task failed: {0}")]
-    Task(String),
-    /// The database file is open to group or others, or cannot be created.
-    #[error(transparent)]
-    File(#[from] p2p_crypto::owner_only::OwnerOnlyError),
-}
+use super::{
+    decide, decode_signed, encode_signed, Announced, ClaimOutcome, DepositOutcome, Fetched,
+    OnlinePage, PeerState, RequestSeen, Store, StoreError, StoreStats, Withdrawn,
+};
+use crate::{
+    presence::{PresenceTable, Refused},
+    record::{NameClaim, PresenceRecord, Signed, Withdrawal},
+};
 
 fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(Box::new(e.into()))
 }
 
-/// Result of storing a name claim.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClaimOutcome {
-    /// Stored (new name, newer re-claim, or a rename by the same key).
-    Stored,
-    /// The identical claim was already stored.
-    Unchanged,
-    /// The name belongs to another key.
-    Taken,
-    /// The node already has a claim at least as new.
-    Stale,
-}
-
-/// Result of a deposit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DepositOutcome {
-    /// Stored under this id.
-    Stored(u64),
-    /// The recipient's mailbox already holds the maximum count; nothing changed.
-    Full,
-}
-
-/// Envelopes `(id, bytes)` oldest first, and whether more remain.
-pub type Fetched = (Vec<(u64, Vec<u8>)>, bool);
-
-/// Counts for metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StoreStats {
-    pub names: u64,
-    pub envelopes: u64,
-}
-
-/// Names and mailboxes, behind one trait so tests can use memory.
-pub trait Store: Send + Sync + fmt::Debug + 'static {
-    /// Stores a verified claim, first come first served; one name per node (a newer
-    /// claim for another name renames the node and frees the old name).
+/// The persistent part of a single-instance store: names and mailboxes. Synchronous;
+/// [`LocalStore`] calls it on the blocking pool.
+pub trait Durable: Send + Sync + fmt::Debug + 'static {
+    /// `"redb"` or `"memory"`.
+    const KIND: &'static str;
+    /// See [`Store::claim`].
     fn claim(&self, claim: &Signed<NameClaim>) -> Result<ClaimOutcome, StoreError>;
     /// The claim on `name`.
     fn claim_by_name(&self, name: &str) -> Result<Option<Signed<NameClaim>>, StoreError>;
     /// The claim made by `node`.
     fn claim_by_node(&self, node: &NodeId) -> Result<Option<Signed<NameClaim>>, StoreError>;
-    /// Appends an envelope unless the recipient already has `max_count`.
+    /// See [`Store::deposit`].
     fn deposit(
         &self,
         to: &NodeId,
         envelope: &[u8],
         max_count: usize,
     ) -> Result<DepositOutcome, StoreError>;
-    /// Up to `max` envelopes, oldest first, and whether more remain.
+    /// See [`Store::fetch`].
     fn fetch(&self, to: &NodeId, max: usize) -> Result<Fetched, StoreError>;
-    /// Deletes the given ids from `to`'s mailbox; unknown ids are ignored.
+    /// See [`Store::delete`].
     fn delete(&self, to: &NodeId, ids: &[u64]) -> Result<u64, StoreError>;
-    /// Counts for metrics.
-    fn stats(&self) -> Result<StoreStats, StoreError>;
+    /// Names and envelopes stored.
+    fn counts(&self) -> Result<(u64, u64), StoreError>;
 }
 
-/// What to do with a new claim given what is stored.
-fn decide(
-    name_owner: Option<NodeId>,
-    node_claim: Option<&Signed<NameClaim>>,
-    new: &Signed<NameClaim>,
-) -> ClaimOutcome {
-    if name_owner.is_some_and(|owner| owner != new.record().node_id) {
-        return ClaimOutcome::Taken;
-    }
-    match node_claim {
-        Some(old) if old.bytes() == new.bytes() => ClaimOutcome::Unchanged,
-        Some(old) if old.record().timestamp_ms >= new.record().timestamp_ms => ClaimOutcome::Stale,
-        _ => ClaimOutcome::Stored,
+/// A single-instance store: a [`Durable`] part for names and mailboxes, presence and the
+/// replay guard in memory (they need not outlive the process: nodes announce again).
+pub struct LocalStore<D> {
+    durable: Arc<D>,
+    presence: Mutex<PresenceTable>,
+    replay: Mutex<ReplayCache>,
+}
+
+/// Names and mailboxes in a redb file; presence in memory.
+pub type RedbStore = LocalStore<RedbTables>;
+
+/// Everything in memory; lost when dropped.
+pub type MemoryStore = LocalStore<MemoryTables>;
+
+impl<D: Durable> fmt::Debug for LocalStore<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalStore")
+            .field("kind", &D::KIND)
+            .finish_non_exhaustive()
     }
 }
 
-/// Stored form of a signed claim: signature (64 bytes) then the signed bytes.
-fn encode_claim(c: &Signed<NameClaim>) -> Vec<u8> {
-    let mut v = c.signature().to_bytes().to_vec();
-    v.extend_from_slice(c.bytes());
-    v
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update under these locks is a single step, so a poisoned lock is consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn decode_claim(blob: &[u8]) -> Result<Signed<NameClaim>, StoreError> {
-    if blob.len() < 64 {
-        return Err(StoreError::Corrupt("claim blob too short".into()));
+impl<D: Durable> LocalStore<D> {
+    fn with_durable(durable: D) -> Self {
+        Self {
+            durable: Arc::new(durable),
+            presence: Mutex::new(PresenceTable::default()),
+            replay: Mutex::new(ReplayCache::default()),
+        }
     }
-    let (sig, bytes) = blob.split_at(64);
-    let sig: [u8; 64] = sig
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("claim signature".into()))?;
-    Signed::verify(bytes.to_vec(), Signature(sig))
-        .map_err(|e| StoreError::Corrupt(format!("stored claim: {e}")))
+
+    /// Runs `f` on the blocking pool.
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&D) -> Result<T, StoreError> + Send + 'static,
+    {
+        let durable = Arc::clone(&self.durable);
+        tokio::task::spawn_blocking(move || f(&durable))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+impl RedbStore {
+    /// Opens (or creates) the database file and its tables. A new file is created with
+    /// mode 0600; an existing one that group or others may access is refused.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self::with_durable(RedbTables::open(path)?))
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::with_durable(MemoryTables::default())
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait]
+impl<D: Durable> Store for LocalStore<D> {
+    fn kind(&self) -> &'static str {
+        D::KIND
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn claim(&self, claim: &Signed<NameClaim>) -> Result<ClaimOutcome, StoreError> {
+        let claim = claim.clone();
+        self.run(move |d| d.claim(&claim)).await
+    }
+
+    async fn lookup_name(&self, name: &str, now: u64) -> Result<Option<PeerState>, StoreError> {
+        let name = name.to_owned();
+        let Some(claim) = self.run(move |d| d.claim_by_name(&name)).await? else {
+            return Ok(None);
+        };
+        let presence = lock(&self.presence)
+            .get(&claim.record().node_id, now)
+            .cloned();
+        Ok(Some(PeerState {
+            claim: Some(claim),
+            presence,
+        }))
+    }
+
+    async fn peer(&self, node: &NodeId, now: u64) -> Result<PeerState, StoreError> {
+        let node = *node;
+        let claim = self.run(move |d| d.claim_by_node(&node)).await?;
+        let presence = lock(&self.presence).get(&node, now).cloned();
+        Ok(PeerState { claim, presence })
+    }
+
+    async fn online_page(
+        &self,
+        cursor: Option<NodeId>,
+        limit: usize,
+        now: u64,
+    ) -> Result<OnlinePage, StoreError> {
+        let (page, next) = lock(&self.presence).page(cursor, limit, now);
+        let nodes: Vec<NodeId> = page.iter().map(|l| l.signed.record().node_id).collect();
+        let claims = self
+            .run(move |d| {
+                nodes
+                    .iter()
+                    .map(|n| d.claim_by_node(n))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        Ok((page.into_iter().zip(claims).collect(), next))
+    }
+
+    async fn announce(
+        &self,
+        record: &Signed<PresenceRecord>,
+        observed_ip: IpAddr,
+        now: u64,
+        max_live: usize,
+    ) -> Result<Announced, StoreError> {
+        let result = lock(&self.presence).announce(record.clone(), observed_ip, now, max_live);
+        Ok(match result {
+            Ok(expires_at_ms) => Announced::Live { expires_at_ms },
+            Err(Refused::Stale) => Announced::Stale,
+            Err(Refused::Full) => Announced::Full,
+        })
+    }
+
+    async fn withdraw(
+        &self,
+        withdrawal: &Signed<Withdrawal>,
+        now: u64,
+        max_records: usize,
+    ) -> Result<Withdrawn, StoreError> {
+        let result = lock(&self.presence).withdraw(withdrawal.record(), now, max_records);
+        Ok(match result {
+            Ok(was_live) => Withdrawn::Applied { was_live },
+            Err(Refused::Stale) => Withdrawn::Stale,
+            Err(Refused::Full) => Withdrawn::Full,
+        })
+    }
+
+    async fn deposit(
+        &self,
+        to: &NodeId,
+        envelope: Vec<u8>,
+        max_count: usize,
+    ) -> Result<DepositOutcome, StoreError> {
+        let to = *to;
+        self.run(move |d| d.deposit(&to, &envelope, max_count))
+            .await
+    }
+
+    async fn fetch(&self, to: &NodeId, max: usize) -> Result<Fetched, StoreError> {
+        let to = *to;
+        self.run(move |d| d.fetch(&to, max)).await
+    }
+
+    async fn delete(&self, to: &NodeId, ids: &[u64]) -> Result<u64, StoreError> {
+        let (to, ids) = (*to, ids.to_vec());
+        self.run(move |d| d.delete(&to, &ids)).await
+    }
+
+    async fn check_request(
+        &self,
+        signature: &Signature,
+        forget_at: u64,
+        now: u64,
+        max: usize,
+    ) -> Result<RequestSeen, StoreError> {
+        Ok(lock(&self.replay).insert(signature, forget_at, now, max))
+    }
+
+    async fn cleanup(&self, now: u64) -> Result<(), StoreError> {
+        lock(&self.presence).prune(now);
+        lock(&self.replay).forget(now);
+        Ok(())
+    }
+
+    async fn stats(&self, now: u64) -> Result<StoreStats, StoreError> {
+        let (names, envelopes) = self.run(|d| d.counts()).await?;
+        let live = lock(&self.presence).live_count(now) as u64;
+        Ok(StoreStats {
+            names,
+            envelopes,
+            live,
+        })
+    }
+}
+
+/// Remembered signatures of signed requests, until their timestamps leave the window.
+#[derive(Debug, Default)]
+struct ReplayCache {
+    seen: HashMap<[u8; 64], u64>,
+}
+
+impl ReplayCache {
+    /// Records a signature unless it was seen, or the cache holds `max` live ones.
+    fn insert(&mut self, sig: &Signature, forget_at: u64, now: u64, max: usize) -> RequestSeen {
+        if self.seen.contains_key(&sig.0) {
+            return RequestSeen::Replayed;
+        }
+        if self.seen.len() >= max {
+            self.forget(now);
+            if self.seen.len() >= max {
+                return RequestSeen::Full;
+            }
+        }
+        self.seen.insert(sig.0, forget_at);
+        RequestSeen::Fresh
+    }
+
+    /// Forgets signatures whose time is up.
+    fn forget(&mut self, now: u64) {
+        self.seen.retain(|_, f| *f > now);
+    }
 }
 
 /// The redb tables, all in one place.
@@ -156,18 +315,18 @@ fn mailbox_id(key: &[u8]) -> Result<u64, StoreError> {
         .ok_or_else(|| StoreError::Corrupt("mailbox key".into()))
 }
 
-/// Names and mailboxes in a redb file.
-pub struct RedbStore {
+/// The redb tables of a [`RedbStore`].
+pub struct RedbTables {
     db: redb::Database,
 }
 
-impl fmt::Debug for RedbStore {
+impl fmt::Debug for RedbTables {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedbStore").finish_non_exhaustive()
+        f.debug_struct("RedbTables").finish_non_exhaustive()
     }
 }
 
-impl RedbStore {
+impl RedbTables {
     /// Opens (or creates) the database file and its tables. A new file is created with
     /// mode 0600; an existing one that group or others may access is refused.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -185,7 +344,9 @@ impl RedbStore {
     }
 }
 
-impl Store for RedbStore {
+impl Durable for RedbTables {
+    const KIND: &'static str = "redb";
+
     fn claim(&self, claim: &Signed<NameClaim>) -> Result<ClaimOutcome, StoreError> {
         let new = claim.record();
         let tx = self.db.begin_write().map_err(dberr)?;
@@ -203,7 +364,7 @@ impl Store for RedbStore {
                 .get(new.node_id.as_bytes().as_slice())
                 .map_err(dberr)?
             {
-                Some(g) => Some(decode_claim(g.value())?),
+                Some(g) => Some(decode_signed(g.value())?),
                 None => None,
             };
             let outcome = decide(owner, old.as_ref(), claim);
@@ -217,7 +378,7 @@ impl Store for RedbStore {
                 claims
                     .insert(
                         new.node_id.as_bytes().as_slice(),
-                        encode_claim(claim).as_slice(),
+                        encode_signed(claim).as_slice(),
                     )
                     .map_err(dberr)?;
             }
@@ -239,7 +400,7 @@ impl Store for RedbStore {
         };
         let claims = tx.open_table(tables::CLAIMS).map_err(dberr)?;
         let claim = match claims.get(owner.value()).map_err(dberr)? {
-            Some(g) => Some(decode_claim(g.value())?),
+            Some(g) => Some(decode_signed(g.value())?),
             None => None,
         };
         Ok(claim)
@@ -249,7 +410,7 @@ impl Store for RedbStore {
         let tx = self.db.begin_read().map_err(dberr)?;
         let claims = tx.open_table(tables::CLAIMS).map_err(dberr)?;
         let claim = match claims.get(node.as_bytes().as_slice()).map_err(dberr)? {
-            Some(g) => Some(decode_claim(g.value())?),
+            Some(g) => Some(decode_signed(g.value())?),
             None => None,
         };
         Ok(claim)
@@ -339,7 +500,7 @@ impl Store for RedbStore {
         Ok(deleted)
     }
 
-    fn stats(&self) -> Result<StoreStats, StoreError> {
+    fn counts(&self) -> Result<(u64, u64), StoreError> {
         let tx = self.db.begin_read().map_err(dberr)?;
         let names = tx
             .open_table(tables::NAMES)
@@ -351,13 +512,13 @@ impl Store for RedbStore {
             .map_err(dberr)?
             .len()
             .map_err(dberr)?;
-        Ok(StoreStats { names, envelopes })
+        Ok((names, envelopes))
     }
 }
 
-/// Names and mailboxes in memory; lost when dropped.
+/// The in-memory tables of a [`MemoryStore`].
 #[derive(Debug, Default)]
-pub struct MemoryStore {
+pub struct MemoryTables {
     inner: Mutex<MemoryInner>,
 }
 
@@ -369,19 +530,15 @@ struct MemoryInner {
     next_id: u64,
 }
 
-impl MemoryStore {
-    /// An empty store.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
-        // The data stays consistent even if a holder panicked: every update is one step.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+impl MemoryTables {
+    fn lock(&self) -> MutexGuard<'_, MemoryInner> {
+        lock(&self.inner)
     }
 }
 
-impl Store for MemoryStore {
+impl Durable for MemoryTables {
+    const KIND: &'static str = "memory";
+
     fn claim(&self, claim: &Signed<NameClaim>) -> Result<ClaimOutcome, StoreError> {
         let mut inner = self.lock();
         let new = claim.record();
@@ -447,11 +604,34 @@ impl Store for MemoryStore {
             .count() as u64)
     }
 
-    fn stats(&self) -> Result<StoreStats, StoreError> {
+    fn counts(&self) -> Result<(u64, u64), StoreError> {
         let inner = self.lock();
-        Ok(StoreStats {
-            names: inner.names.len() as u64,
-            envelopes: inner.mailbox.len() as u64,
-        })
+        Ok((inner.names.len() as u64, inner.mailbox.len() as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replay_cache_refuses_repeats_and_makes_room_only_from_expired_entries() {
+        let sig = |b: u8| Signature([b; 64]);
+        let mut c = ReplayCache::default();
+        assert_eq!(c.insert(&sig(1), 100, 0, 2), RequestSeen::Fresh);
+        assert_eq!(c.insert(&sig(1), 100, 0, 2), RequestSeen::Replayed);
+        assert_eq!(c.insert(&sig(2), 100, 0, 2), RequestSeen::Fresh);
+        // Full, and nothing expired yet (entries are kept while forget_at > now).
+        assert_eq!(c.insert(&sig(3), 200, 99, 2), RequestSeen::Full);
+        assert_eq!(c.seen.len(), 2);
+        // At forget_at the old entries go, and make room.
+        assert_eq!(c.insert(&sig(3), 200, 100, 2), RequestSeen::Fresh);
+        assert_eq!(c.seen.len(), 1);
+        assert_eq!(
+            c.insert(&sig(1), 200, 100, 2),
+            RequestSeen::Fresh,
+            "forgotten"
+        );
+        assert_eq!(c.insert(&sig(3), 300, 150, 2), RequestSeen::Replayed);
     }
 }
