@@ -5,12 +5,16 @@
 # timed-out mutant, and on a listed one that no longer exists (so the list stays true).
 #
 # Usage: scripts/mutants.sh [fast|all|GROUP...]
-#   fast: the TLS binding and sealed envelopes (group crypto; about 3 minutes).
+#   fast: the TLS binding and sealed envelopes (group crypto; about 5 minutes).
 #   all:  every group: crypto; discovery (records and the server's request
 #         verification, ~25 minutes); keyfile; node (the wire codec and the inbound
 #         path: each mutant rebuilds the node and runs its unit tests, hours on 2 cores).
-# Mutants are built in place, in this tree's target/ (so nothing is built twice); the
-# sources are restored after each mutant. Do not edit the tree while it runs.
+# MUTANTS_ONLY=REGEX tests only the mutants of the groups' files whose names match
+# (e.g. one file, or the functions just changed); the check for stale list entries is
+# skipped then.
+# cargo-mutants mutates a copy of the tree in a temporary directory, never the sources
+# here; the copies build into target/mutants/build, which is deleted at the end, or into
+# MUTANTS_TARGET_DIR when that is set (kept).
 # Needs cargo-mutants 27 (`cargo install cargo-mutants --version '^27' --locked`).
 # Results: target/mutants/<group>/mutants.out/{caught,missed,timeout,unviable}.txt
 set -euo pipefail
@@ -20,7 +24,7 @@ cd "$(dirname "$0")/.."
 # group | package | files | test arguments (after `--`)
 all_groups=(
   "crypto|p2p-crypto|crypto/src/tls.rs crypto/src/seal.rs|"
-  "discovery|p2p-discovery|discovery/src/record.rs discovery/src/server.rs|--lib --test router --test slow_clients --test proptest_records --test client"
+  "discovery|p2p-discovery|discovery/src/record.rs discovery/src/server.rs discovery/src/store/local.rs|--lib --test router --test slow_clients --test proptest_records --test client"
   "keyfile|p2p-crypto|crypto/src/keyfile.rs|"
   "node|p2p-node|node/src/wire.rs node/src/node/inbound.rs|--lib"
 )
@@ -36,9 +40,23 @@ for want in "$@"; do
   done
   [ -n "$found" ] || { echo "usage: $0 [fast|all|crypto|discovery|keyfile|node...]" >&2; exit 2; }
 done
-# Of the server, only its verification: signed requests, replay, timestamps, body and
-# content-type checks.
-server_re='authenticate|ReplayCache|check_not_future|is_json|refuse_oversize_body|method_label|JsonBody'
+# Of the server, only its verification: signed requests, timestamps, body and
+# content-type checks; of the local store, its replay guard.
+server_re='authenticate|check_not_future|is_json|refuse_oversize_body|method_label|JsonBody'
+
+if [ -n "${MUTANTS_TARGET_DIR:-}" ]; then
+  # A build directory of the caller's (e.g. this tree's target/, to reuse what it has
+  # built), kept.
+  export CARGO_TARGET_DIR=$MUTANTS_TARGET_DIR
+else
+  # One build directory for every group's copies, outside the copies (so it outlives
+  # each of them), with line tables only, deleted when done.
+  build=$PWD/target/mutants/build
+  trap 'rm -rf "$build"' EXIT
+  export CARGO_TARGET_DIR=$build
+  export CARGO_PROFILE_DEV_DEBUG=${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}
+  export CARGO_PROFILE_TEST_DEBUG=${CARGO_PROFILE_TEST_DEBUG:-line-tables-only}
+fi
 
 list=scripts/mutants-equivalent.txt
 # "file: description" without line and column, as listed.
@@ -50,11 +68,14 @@ for g in "${groups[@]}"; do
   IFS='|' read -r name pkg files test_args <<<"$g"
   out=target/mutants/$name
   mkdir -p "$out"
-  args=(mutants --in-place --no-shuffle --package "$pkg" --output "$out" --timeout 120 --build-timeout 600)
+  args=(mutants --no-shuffle --package "$pkg" --output "$out" --timeout 120 --build-timeout 600)
   for f in $files; do args+=(--file "$f"); done
-  if [ "$name" = discovery ]; then
-    # Every mutant of record.rs; of server.rs, the verification only.
-    args+=(--re "^discovery/src/record\.rs|^discovery/src/server\.rs:.*($server_re)")
+  if [ -n "${MUTANTS_ONLY:-}" ]; then
+    args+=(--re "$MUTANTS_ONLY")
+  elif [ "$name" = discovery ]; then
+    # Every mutant of record.rs; of server.rs, the verification only; of the local
+    # store, the replay guard.
+    args+=(--re "^discovery/src/record\.rs|^discovery/src/server\.rs:.*($server_re)|^discovery/src/store/local\.rs:.*ReplayCache")
   fi
   echo "== cargo mutants: $name ($files)"
   set +e
@@ -86,6 +107,7 @@ for g in "${groups[@]}"; do
     fi
   done < <(cat "$res/missed.txt" "$res/timeout.txt" 2>/dev/null)
   # A listed mutant of these files that cargo-mutants no longer generates is stale.
+  [ -z "${MUTANTS_ONLY:-}" ] || continue
   all_mutants=$(cat "$res"/{caught,missed,timeout,unviable}.txt 2>/dev/null | normalize)
   while IFS= read -r entry; do
     key=${entry%% #*}
