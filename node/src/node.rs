@@ -72,7 +72,7 @@
 //! connections are not affected.
 
 mod deliver;
-mod dht;
+pub(crate) mod dht;
 mod disco;
 mod error;
 mod inbound;

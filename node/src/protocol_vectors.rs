@@ -294,6 +294,20 @@ fn computed() -> BTreeMap<String, String> {
         })),
     );
 
+    // Alice's record on the DHT, signed at T: the address above and bob as her relay.
+    let relay_ref = RelayRef {
+        node_id: bob().public(),
+        addr: "192.0.2.1:7117".parse().unwrap(),
+    };
+    let keypair = pkarr::Keypair::from_secret_key(&alice().to_bytes());
+    let packet = node::dht::build_packet(&keypair, &[observed], Some(relay_ref), T).unwrap();
+    put("dht.alice", hex(packet.as_bytes()));
+    let read = node::dht::verify(&alice().public(), packet.as_bytes(), T).unwrap();
+    assert_eq!(
+        (read.addrs, read.relay, read.timestamp_ms),
+        (vec![observed], Some(relay_ref), T)
+    );
+
     // Codes and limits.
     let codes: [(&str, u64); 12] = [
         ("code.close.shutdown", node::CLOSE_SHUTDOWN.into_inner()),

@@ -27,7 +27,7 @@ use p2p_crypto::{NodeId, SecretKey};
 use p2p_discovery::{RelayRef, MAX_ADDRS};
 use pkarr::{
     dns::{rdata::RData, Name},
-    Keypair, PublicKey, ResolvePolicy, SignedPacket,
+    Keypair, PublicKey, ResolvePolicy, SignedPacket, Timestamp,
 };
 
 use super::Inner;
@@ -159,7 +159,7 @@ impl Dht {
         addrs: &[SocketAddr],
         relay: Option<RelayRef>,
     ) -> Result<(), DhtError> {
-        let packet = build_packet(&self.keypair, addrs, relay)?;
+        let packet = build_packet(&self.keypair, addrs, relay, p2p_discovery::now_ms())?;
         self.client
             .publish(&packet)
             .await
@@ -182,11 +182,13 @@ impl Dht {
     }
 }
 
-/// Our record as a signed packet, dropping addresses from the end until it fits.
-fn build_packet(
+/// Our record as a packet signed at `at_ms`, dropping addresses from the end until it
+/// fits.
+pub(crate) fn build_packet(
     keypair: &Keypair,
     addrs: &[SocketAddr],
     relay: Option<RelayRef>,
+    at_ms: u64,
 ) -> Result<SignedPacket, DhtError> {
     let name = |n: &'static str| Name::new(n).map_err(|e| DhtError::Build(e.to_string()));
     let mut entries: Vec<String> = vec!["v=1".into()];
@@ -199,7 +201,7 @@ fn build_packet(
         .take(MAX_ADDRS)
         .collect();
     for keep in (0..=usable.len()).rev() {
-        let mut builder = SignedPacket::builder();
+        let mut builder = SignedPacket::builder().timestamp(Timestamp::from(at_ms * 1000));
         let texts: Vec<String> = entries
             .iter()
             .cloned()
@@ -338,7 +340,7 @@ mod tests {
 
     fn record_bytes(sk: &SecretKey, addrs: &[SocketAddr], relay: Option<RelayRef>) -> Vec<u8> {
         let kp = Keypair::from_secret_key(&sk.to_bytes());
-        build_packet(&kp, addrs, relay)
+        build_packet(&kp, addrs, relay, p2p_discovery::now_ms())
             .expect("build")
             .as_bytes()
             .to_vec()
