@@ -299,7 +299,15 @@ fn raise_open_file_limit() {
 /// Whether the log on stderr may be coloured: only on a terminal, and never with a
 /// non-empty `NO_COLOR`.
 fn colour_on_stderr() -> bool {
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
+/// Colour on a terminal unless `NO_COLOR` is set and not empty (no-color.org).
+fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Logs to `writer`; `escapes` allows terminal colour codes.
@@ -396,5 +404,24 @@ async fn run(cli: Cli, logs: Option<tokio::sync::mpsc::Receiver<String>>) -> Res
             Some(logs) => tui::run(&g, &paths, logs).await,
             None => chat::run(&g, &paths).await,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::colour;
+
+    #[test]
+    fn the_log_is_coloured_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(
+            colour(true, Some(OsStr::new(""))),
+            "an empty NO_COLOR does not count"
+        );
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(false, None), "a file or a pipe");
+        assert!(!colour(false, Some(OsStr::new("1"))));
     }
 }

@@ -444,6 +444,52 @@ mod tests {
     use crate::tui::pane::test_support::{peer, stored};
 
     #[test]
+    fn a_node_that_is_not_the_peer_is_named_with_both_fingerprints() {
+        let expected = p2p_crypto::SecretKey::generate().public();
+        let actual = p2p_crypto::SecretKey::generate().public();
+        let addr: std::net::SocketAddr = "192.0.2.7:7000".parse().expect("addr");
+        let reason = QueueReason::NotThePeer {
+            addr: Some(addr),
+            expected,
+            actual: Some(actual),
+            cause: NotThePeerCause::OtherKey,
+        };
+        let warning = not_the_peer_warning(&reason).expect("a warning");
+        assert!(warning.contains("192.0.2.7:7000"), "{warning}");
+        assert!(warning.contains(&expected.fingerprint()), "{warning}");
+        assert!(warning.contains(&actual.fingerprint()), "{warning}");
+        assert!(warning.contains("impersonation"), "{warning}");
+        assert_eq!(not_the_peer_warning(&QueueReason::Offline), None);
+
+        let outcome = p2p_node::SendOutcome {
+            id: MessageId::random(),
+            to: expected,
+            status: SendStatus::Queued,
+            path: None,
+            queued_because: Some(reason),
+        };
+        let v = send_json(&outcome);
+        assert_eq!(v["status"], "queued");
+        assert_eq!(v["reason"]["code"], "not_the_peer");
+        assert_eq!(v["reason"]["cause"], "other_key");
+        assert_eq!(v["reason"]["addr"], "192.0.2.7:7000");
+        assert_eq!(v["reason"]["expected"], expected.to_string());
+        assert_eq!(v["reason"]["actual"], actual.to_string());
+        assert_eq!(v["reason"]["message"], warning.as_str());
+        let offline = p2p_node::SendOutcome {
+            queued_because: Some(QueueReason::Offline),
+            ..outcome
+        };
+        assert_eq!(send_json(&offline)["reason"], json!({"code": "offline"}));
+        let delivered = p2p_node::SendOutcome {
+            status: SendStatus::Delivered,
+            queued_because: None,
+            ..offline
+        };
+        assert_eq!(send_json(&delivered)["reason"], serde_json::Value::Null);
+    }
+
+    #[test]
     fn formats_dates() {
         assert_eq!(datetime(0), "1970-01-01 00:00:00");
         assert_eq!(datetime(1_795_551_001_000), "2026-11-24 20:10:01");

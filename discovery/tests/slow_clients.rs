@@ -332,6 +332,7 @@ async fn odd_methods_are_rate_limited_and_counted_as_other() {
         limited,
         "100 writes with odd methods from one address are limited"
     );
+    assert_healthy(server.addr).await;
     let (status, metrics) = exchange(
         server.addr,
         b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",

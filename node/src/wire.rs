@@ -818,7 +818,6 @@ mod tests {
 
     // --- async stream helpers -----------------------------------------------------------
 
-    /// Yields its data one byte per read, then EOF; panics if read past a limit.
     /// Runs a test's body with a deadline of its own, so a reader that never finishes
     /// fails the test instead of hanging it.
     async fn within<F: std::future::Future<Output = ()>>(body: F) {
@@ -913,6 +912,7 @@ mod tests {
         assert_eq!(ALPN, b"p2p-chat/1");
     }
 
+    /// Yields its data one byte per read, then EOF; panics if read past `max_reads`.
     struct Trickle {
         data: Vec<u8>,
         pos: usize,

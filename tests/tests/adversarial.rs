@@ -455,21 +455,30 @@ async fn bob_published_at(
     Ok(())
 }
 
+/// Mallory's endpoint, accepting every connection, at the address bob's genuine presence
+/// names; returns her key, that address and the task accepting for her.
+async fn impostor_at_bobs_address(
+    d: &Discovery,
+    bob: &SecretKey,
+) -> Result<(SecretKey, std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let mallory = SecretKey::generate();
+    let impostor = raw_endpoint(&mallory).await?;
+    let at = std::net::SocketAddr::from(([127, 0, 0, 1], impostor.local_addr()?.port()));
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = impostor.accept().await {
+            let _ = incoming.accept().await;
+        }
+    });
+    bob_published_at(d, bob, at).await?;
+    Ok((mallory, at, task))
+}
+
 #[tokio::test]
 async fn a_node_at_the_peers_address_with_another_key_is_reported_and_the_message_queued(
 ) -> Result<()> {
     let d = Discovery::start().await?;
     let bob = SecretKey::generate();
-    let mallory = SecretKey::generate();
-    let impostor = raw_endpoint(&mallory).await?;
-    let at = std::net::SocketAddr::from(([127, 0, 0, 1], impostor.local_addr()?.port()));
-    let accepting = impostor.clone();
-    let task = tokio::spawn(async move {
-        while let Some(incoming) = accepting.accept().await {
-            let _ = incoming.accept().await;
-        }
-    });
-    bob_published_at(&d, &bob, at).await?;
+    let (mallory, at, task) = impostor_at_bobs_address(&d, &bob).await?;
     let alice = User::new()?;
     let a = alice.start(&d.url).await?;
     let out = tokio::time::timeout(DEADLINE, a.send("bob", "for bob only")).await??;
@@ -489,6 +498,52 @@ async fn a_node_at_the_peers_address_with_another_key_is_reported_and_the_messag
     // Kept for bob, and tried again later.
     assert_eq!(a.outbox().await?.len(), 2);
     a.shutdown().await;
+    task.abort();
+    d.stop().await;
+    Ok(())
+}
+
+/// `p2p-node send`, at the default log level, tells the user on stderr that the node at
+/// bob's address is not bob, with both fingerprints; `--json` carries the reason; the
+/// message is queued and the exit status is 0.
+#[tokio::test]
+async fn the_cli_warns_when_the_node_at_the_peers_address_is_another_key() -> Result<()> {
+    let d = Discovery::start().await?;
+    let bob = SecretKey::generate();
+    let (mallory, at, task) = impostor_at_bobs_address(&d, &bob).await?;
+    let dir = p2p_tests::private_tempdir();
+    let mut cmd = p2p_tests::p2p_node();
+    cmd.arg("--data-dir").arg(dir.path()).args([
+        "--discovery",
+        &d.url,
+        "--no-relay",
+        "send",
+        "bob",
+        "hi",
+        "--json",
+    ]);
+    let out =
+        tokio::task::spawn_blocking(move || p2p_tests::run_with_deadline(cmd, DEADLINE)).await?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("is not who discovery says"))
+        .with_context(|| format!("no warning on stderr: {stderr}"))?;
+    assert!(warning.contains(&at.to_string()), "{warning}");
+    assert!(warning.contains(&bob.public().fingerprint()), "{warning}");
+    assert!(
+        warning.contains(&mallory.public().fingerprint()),
+        "{warning}"
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim())?;
+    assert_eq!(v["status"], "queued", "{stdout}");
+    assert_eq!(v["reason"]["code"], "not_the_peer", "{stdout}");
+    assert_eq!(v["reason"]["expected"], bob.public().to_string());
+    assert_eq!(v["reason"]["actual"], mallory.public().to_string());
     task.abort();
     d.stop().await;
     Ok(())
