@@ -96,7 +96,9 @@ for g in "${groups[@]}"; do
   for f in $files; do
     c=$(grep -c "^$f:" "$res/caught.txt" || true)
     m=$(cat "$res/missed.txt" "$res/timeout.txt" 2>/dev/null | grep -c "^$f:" || true)
-    summary+=("| $f | $c of $((c + m)) | $m |")
+    l=$(cat "$res/missed.txt" "$res/timeout.txt" 2>/dev/null | { grep "^$f:" || true; } |
+      normalize | { grep -Fxf <(grep -v '^#' "$list" | sed -n 's/ # .*//p') || true; } | wc -l)
+    summary+=("| $f | $c of $((c + m)) | $l of $m |")
   done
   echo "$name: $caught caught, $missed missed or timed out, $unviable unviable"
   while IFS= read -r mutant; do
@@ -121,7 +123,7 @@ for g in "${groups[@]}"; do
 done
 
 echo
-echo "| file | viable mutants caught | missed (listed as equivalent) |"
+echo "| file | viable mutants caught | missed, listed as equivalent |"
 echo "|---|---:|---:|"
 printf '%s\n' "${summary[@]}"
 exit "$status"

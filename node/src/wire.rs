@@ -903,6 +903,27 @@ mod tests {
         .await;
     }
 
+    #[tokio::test]
+    async fn read_frame_body_reads_a_length_at_the_limit() {
+        within(async {
+            // Not a valid frame, but not too large either: it is read, then refused by
+            // the decoder.
+            let data = vec![0u8; MAX_FRAME_LEN];
+            let mut r: &[u8] = &data;
+            let mut buf = Vec::new();
+            let res = read_frame_body(&mut r, MAX_FRAME_LEN, &mut buf).await;
+            assert!(
+                !matches!(
+                    res,
+                    Err(ReadFrameError::Decode(DecodeError::FrameTooLarge { .. }))
+                ),
+                "{res:?}"
+            );
+            assert!(r.is_empty(), "the whole payload was read");
+        })
+        .await;
+    }
+
     #[test]
     fn the_limits_have_their_documented_values() {
         // PROTOCOL.md and the peers of this node rely on these numbers.
