@@ -9,6 +9,7 @@
 
 pub mod datadir;
 pub mod endpoint;
+pub mod lan;
 pub mod net;
 pub mod node;
 pub mod store;
