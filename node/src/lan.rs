@@ -147,7 +147,10 @@ pub enum AdvertError {
 
 /// Checks a TXT record found for a server on `port`: the NodeId, the start time and the
 /// signature over them.
-fn verify_txt(get: impl Fn(&str) -> Option<String>, port: u16) -> Result<(NodeId, u64), AdvertError> {
+fn verify_txt(
+    get: impl Fn(&str) -> Option<String>,
+    port: u16,
+) -> Result<(NodeId, u64), AdvertError> {
     let version = get("v");
     if version.as_deref() != Some(TXT_VERSION) {
         return Err(AdvertError::Version(version));
@@ -194,7 +197,12 @@ impl LanServer {
 
 impl fmt::Display for LanServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.node_id.fingerprint(), self.urls().join(", "))
+        write!(
+            f,
+            "{} ({})",
+            self.node_id.fingerprint(),
+            self.urls().join(", ")
+        )
     }
 }
 
@@ -402,7 +410,8 @@ impl Browser {
                                 continue;
                             }
                             addrs.sort_by_key(|ip| (ip.is_ipv6(), *ip));
-                            self.names.insert(service.get_fullname().to_owned(), node_id);
+                            self.names
+                                .insert(service.get_fullname().to_owned(), node_id);
                             return Some(LanEvent::Found(LanServer {
                                 node_id,
                                 port,
@@ -432,7 +441,11 @@ mod tests {
     use super::*;
 
     fn lookup<'a>(txt: &'a [(&'static str, String)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |k| txt.iter().find(|(key, _)| *key == k).map(|(_, v)| v.clone())
+        move |k| {
+            txt.iter()
+                .find(|(key, _)| *key == k)
+                .map(|(_, v)| v.clone())
+        }
     }
 
     #[test]
@@ -493,7 +506,10 @@ mod tests {
 
     #[test]
     fn urls_bracket_ipv6() {
-        let ips: Vec<IpAddr> = vec!["10.0.0.1".parse().expect("ip"), "fd00::1".parse().expect("ip")];
+        let ips: Vec<IpAddr> = vec![
+            "10.0.0.1".parse().expect("ip"),
+            "fd00::1".parse().expect("ip"),
+        ];
         assert_eq!(
             urls(ips, 7117),
             vec!["http://10.0.0.1:7117", "http://[fd00::1]:7117"]
