@@ -8,8 +8,8 @@
 //! - [`node`]: the messaging runtime ([`Node`]) that ties them together with discovery.
 
 pub mod datadir;
+pub mod discovery;
 pub mod endpoint;
-pub mod lan;
 pub mod net;
 pub mod node;
 pub mod store;
