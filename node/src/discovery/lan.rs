@@ -203,7 +203,9 @@ async fn start(
         .0,
         nudge: Notify::new(),
     });
-    let stop = ctx.cancel.child_token();
+    // Not tied to the node's tasks: the server keeps serving until the node has
+    // withdrawn its presence, then `close` stops it.
+    let stop = CancellationToken::new();
     let mut supervisor = Supervisor {
         mdns: mdns.0,
         browser: mdns.1,

@@ -61,10 +61,8 @@ pub enum DiscoveryError {
 }
 
 impl DiscoveryError {
-    pub(crate) fn timeout(url: &str) -> Self {
-        DiscoveryError::Timeout {
-            url: url.to_owned(),
-        }
+    pub(crate) fn timeout(url: impl Into<String>) -> Self {
+        DiscoveryError::Timeout { url: url.into() }
     }
 
     fn source(&self) -> Option<&ClientError> {
@@ -173,7 +171,8 @@ pub struct DiscoveryContext {
     pub relay: bool,
     /// How long one request may take.
     pub timeout: Duration,
-    /// Cancelled when the node stops.
+    /// Cancelled when the node's background tasks stop, before it withdraws its presence
+    /// and closes the discovery ([`Discovery::close`]).
     pub cancel: CancellationToken,
 }
 
