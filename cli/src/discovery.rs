@@ -222,8 +222,8 @@ mod tests {
     #[test]
     fn a_served_lan_server_is_described_with_urls_others_can_use() {
         let serving = Serving {
-            addr: "0.0.0.0:7117".parse().unwrap(),
-            relay: Some("0.0.0.0:7117".parse().unwrap()),
+            addr: "0.0.0.0:7117".parse().expect("address"),
+            relay: Some("0.0.0.0:7117".parse().expect("address")),
             urls: vec!["http://10.0.0.2:7117".into()],
             advertised: true,
         };
@@ -244,7 +244,7 @@ mod tests {
     #[test]
     fn a_server_nobody_else_can_reach_is_said_to_be_so() {
         let serving = Serving {
-            addr: "0.0.0.0:7117".parse().unwrap(),
+            addr: "0.0.0.0:7117".parse().expect("address"),
             relay: None,
             urls: Vec::new(),
             advertised: false,

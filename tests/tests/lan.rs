@@ -166,18 +166,18 @@ fn three_nodes_started_together_on_a_lan_find_each_other_with_no_url() {
     assert!(stderr.contains(&expected), "{stderr}");
 
     // Each writes to the next; each reads what the previous one wrote.
-    for i in 0..3 {
+    for (i, chat) in chats.iter_mut().enumerate() {
         let next = (i + 1) % 3;
-        chats[i].send_line(&format!("/chat {}", ids[next]));
-        chats[i].send_line(&format!("hello from host {i}"));
-        chats[i].expect_line(T, |l| {
+        chat.send_line(&format!("/chat {}", ids[next]));
+        chat.send_line(&format!("hello from host {i}"));
+        chat.expect_line(T, |l| {
             l.contains(&format!("hello from host {i}")) && l.contains("(delivered")
         });
     }
-    for i in 0..3 {
+    for (i, chat) in chats.iter_mut().enumerate() {
         let prev = (i + 2) % 3;
-        chats[i].send_line(&format!("/chat {}", ids[prev]));
-        chats[i].expect_line(T, |l| l.contains(&format!("hello from host {prev}")));
+        chat.send_line(&format!("/chat {}", ids[prev]));
+        chat.expect_line(T, |l| l.contains(&format!("hello from host {prev}")));
     }
     for chat in &mut chats {
         chat.send_line("/quit");
@@ -195,7 +195,7 @@ fn when_the_serving_node_dies_another_takes_over_and_queued_mail_arrives() {
         private_tempdir(),
     ];
     let ids: Vec<String> = (0..4).map(|i| id_of(&lab, i, dirs[i].path())).collect();
-    let mut procs = vec![
+    let mut procs = [
         Some(listen(&lab, 0, dirs[0].path())),
         Some(listen(&lab, 1, dirs[1].path())),
     ];

@@ -305,16 +305,11 @@ impl Supervisor {
     async fn look(&mut self) -> Result<(), DiscoveryStartError> {
         let start = tokio::time::Instant::now();
         let mut deadline = start + self.config.wait;
-        loop {
-            match tokio::time::timeout_at(deadline, self.browser.next()).await {
-                Ok(Some(event)) => {
-                    let found = matches!(event, LanEvent::Found(_));
-                    self.seen(event);
-                    if found && !self.candidates.is_empty() {
-                        deadline = deadline.min(tokio::time::Instant::now() + SETTLE);
-                    }
-                }
-                Ok(None) | Err(_) => break,
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.browser.next()).await {
+            let found = matches!(event, LanEvent::Found(_));
+            self.seen(event);
+            if found && !self.candidates.is_empty() {
+                deadline = deadline.min(tokio::time::Instant::now() + SETTLE);
             }
         }
         self.choose().await
