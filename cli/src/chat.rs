@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::{
     commands::open_node,
+    discovery::Need,
     identity::Paths,
     output::{sanitize, ChatLine},
     session::{self, now_ms, Input, COMMAND_HELP},
@@ -44,8 +45,9 @@ struct Shown {
 }
 
 pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
-    let node = open_node(g, paths, true).await?;
+    let node = open_node(g, paths, Need::Serve).await?;
     let mut events = node.subscribe();
+    crate::commands::print_discovery(&node);
     crate::commands::warn_if_not_announced(&node).await;
     let me = paths.registered_name()?;
     println!(
@@ -56,7 +58,6 @@ pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
         node.node_id().fingerprint(),
         node.discovery_url().unwrap_or_else(|| "none".into()),
     );
-    crate::commands::print_embedded_hint(&node);
     println!("type /help for commands");
     let mut shown = Shown::default();
     show_peers(&node, &mut shown).await;
@@ -391,6 +392,9 @@ pub fn event_line(ev: &NodeEvent) -> Option<String> {
             sanitize(name),
             sanitize(name)
         ),
+        NodeEvent::DiscoveryChanged(status) => {
+            format!("* {}", crate::discovery::status_text(status))
+        }
         #[allow(unreachable_patterns)]
         _ => return None,
     })
@@ -455,6 +459,7 @@ pub fn event_json(ev: &NodeEvent) -> serde_json::Value {
             "pinned": pinned.to_string(),
             "announced": announced.to_string(),
         }),
+        NodeEvent::DiscoveryChanged(status) => crate::discovery::status_json(status),
         #[allow(unreachable_patterns)]
         _ => json!({ "event": "other" }),
     }

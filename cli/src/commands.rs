@@ -7,40 +7,16 @@ use p2p_node::{Node, NodeEvent, PathKind, SendStatus};
 use serde_json::json;
 
 use crate::{
+    discovery::{self, Choice, Need},
     identity::{self, Paths},
     output::{datetime, sanitize},
-    Global, DEFAULT_EMBEDDED_DISCOVERY,
+    Global,
 };
 
-/// Where discovery is for this run.
-enum Discovery {
-    Url(String),
-    Embedded(SocketAddr),
-}
-
-/// `--discovery`, `--embedded-discovery`, or the default: serve discovery ourselves on
-/// [`DEFAULT_EMBEDDED_DISCOVERY`], or use the server already on that port of this machine.
-fn discovery_choice(g: &Global) -> Discovery {
-    if let Some(url) = &g.discovery {
-        return Discovery::Url(url.clone());
-    }
-    if let Some(addr) = g.embedded_discovery {
-        return Discovery::Embedded(addr);
-    }
-    let default: SocketAddr = DEFAULT_EMBEDDED_DISCOVERY
-        .parse()
-        .expect("constant address parses");
-    match std::net::TcpListener::bind(default) {
-        Ok(probe) => {
-            drop(probe);
-            Discovery::Embedded(default)
-        }
-        Err(_) => Discovery::Url(format!("http://127.0.0.1:{}", default.port())),
-    }
-}
-
-/// Loads the identity and starts a node for this data directory.
-pub async fn open_node(g: &Global, paths: &Paths, announce: bool) -> Result<Node> {
+/// Loads the identity and starts a node for this data directory, with the discovery
+/// the command needs (see [`discovery::choose`]); long-running commands announce.
+pub async fn open_node(g: &Global, paths: &Paths, need: Need) -> Result<Node> {
+    let announce = need == Need::Serve;
     let pass = identity::passphrase(g.passphrase_file.as_deref())?;
     let (key, protected) = identity::load_or_create(paths, pass.as_ref().map(|p| p.as_slice()))?;
     let mut builder = Node::builder(key)
@@ -57,16 +33,18 @@ pub async fn open_node(g: &Global, paths: &Paths, announce: bool) -> Result<Node
     if let Some(name) = paths.registered_name()? {
         builder = builder.name(name);
     }
-    builder = match discovery_choice(g) {
-        Discovery::Url(url) => builder.discovery_url(url),
-        Discovery::Embedded(addr) => builder.embedded_discovery(addr),
+    builder = match discovery::choose(g, need).await {
+        Choice::Url(url) => builder.discovery_url(url),
+        Choice::Embedded(addr) => builder.embedded_discovery(addr),
+        Choice::Lan(config) => builder.lan_discovery(config),
+        Choice::None => builder,
     };
     Ok(builder.bind().await?)
 }
 
 /// `p2p-node register NAME`.
 pub async fn register(g: &Global, paths: &Paths, name: &str) -> Result<()> {
-    let node = open_node(g, paths, false).await?;
+    let node = open_node(g, paths, Need::Use).await?;
     let id = node.node_id();
     let result = node.register(name).await;
     node.shutdown().await?;
@@ -78,7 +56,7 @@ pub async fn register(g: &Global, paths: &Paths, name: &str) -> Result<()> {
 
 /// `p2p-node peers [--json]`.
 pub async fn peers(g: &Global, paths: &Paths, json: bool) -> Result<()> {
-    let node = open_node(g, paths, false).await?;
+    let node = open_node(g, paths, Need::Use).await?;
     let result = node.peers().await;
     // The path to each peer this node is connected to (a one-shot node is connected to
     // nobody: `null` unless a peer connected to it meanwhile).
@@ -127,7 +105,7 @@ pub async fn peers(g: &Global, paths: &Paths, json: bool) -> Result<()> {
 
 /// `p2p-node send TO TEXT [--json]`.
 pub async fn send(g: &Global, paths: &Paths, to: &str, text: &str, json: bool) -> Result<()> {
-    let node = open_node(g, paths, false).await?;
+    let node = open_node(g, paths, Need::Use).await?;
     let mut events = node.subscribe();
     let result = node.send(to, text).await;
     node.shutdown().await?;
@@ -160,9 +138,17 @@ pub async fn history(
     limit: usize,
     json: bool,
 ) -> Result<()> {
-    let node = open_node(g, paths, false).await?;
+    // A NodeId or a name this node already knows needs no discovery; any other name is
+    // looked up (and the LAN searched) only then.
+    let mut node = open_node(g, paths, Need::Nothing).await?;
+    let mut resolved = node.resolve(peer).await;
+    if resolved.is_err() && node.discovery_url().is_none() {
+        node.shutdown().await?;
+        node = open_node(g, paths, Need::Use).await?;
+        resolved = node.resolve(peer).await;
+    }
     let mut events = node.subscribe();
-    let result = match node.resolve(peer).await {
+    let result = match resolved {
         Ok(r) => node
             .history(&r.node_id.to_string(), limit)
             .await
@@ -198,8 +184,15 @@ pub async fn history(
 
 /// `p2p-node listen [--json]`: prints events until SIGINT or SIGTERM, then logs out.
 pub async fn listen(g: &Global, paths: &Paths, json: bool) -> Result<()> {
-    let node = open_node(g, paths, true).await?;
+    let node = open_node(g, paths, Need::Serve).await?;
     let mut events = node.subscribe();
+    if json {
+        if let Some(status) = node.discovery_status() {
+            println!("{}", discovery::status_json(&status.borrow()));
+        }
+    } else {
+        print_discovery(&node);
+    }
     warn_if_not_announced(&node).await;
     let quic = node.local_addr()?;
     if json {
@@ -213,12 +206,7 @@ pub async fn listen(g: &Global, paths: &Paths, json: bool) -> Result<()> {
             })
         );
     } else {
-        println!(
-            "listening as {} on {quic} (discovery {}); Ctrl-C to stop",
-            node.node_id(),
-            node.discovery_url().unwrap_or_else(|| "none".into())
-        );
-        print_embedded_hint(&node);
+        println!("listening as {} on {quic}; Ctrl-C to stop", node.node_id());
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch SIGTERM")?;
@@ -293,23 +281,11 @@ fn bind_relay_socket(
     }
 }
 
-/// Tells the user how others reach the discovery server this node runs, if any.
-pub fn print_embedded_hint(node: &Node) {
-    if let Some(hint) = embedded_hint(node) {
-        println!("{hint}");
+/// Tells the user which discovery server is in use (or served), if any.
+pub fn print_discovery(node: &Node) {
+    if let Some(status) = node.discovery_status() {
+        println!("{}", discovery::status_text(&status.borrow()));
     }
-}
-
-/// How others reach the discovery server this node runs, if it runs one.
-pub fn embedded_hint(node: &Node) -> Option<String> {
-    let addr = node.embedded_discovery_addr()?;
-    let url = node.embedded_discovery_lan_url()?;
-    let mut hint =
-        format!("serving discovery on {addr}; others on the LAN use: p2p-node --discovery {url}");
-    if let Some(relay) = node.embedded_relay_addr() {
-        hint.push_str(&format!("\nserving the relay on udp {relay}"));
-    }
-    Some(hint)
 }
 
 /// How long `listen` and the chat wait for the first announcement before going on.

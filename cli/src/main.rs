@@ -3,6 +3,7 @@
 
 mod chat;
 mod commands;
+mod discovery;
 mod identity;
 mod output;
 mod session;
@@ -13,16 +14,24 @@ use std::{io::IsTerminal, net::SocketAddr, path::PathBuf};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-/// Address the embedded discovery server takes when no discovery option is given.
+/// Address a node serves discovery on for the LAN when no discovery option is given
+/// (another port if this one is taken).
 pub const DEFAULT_EMBEDDED_DISCOVERY: &str = "0.0.0.0:7117";
 
 /// Peer-to-peer chat over QUIC, where who you are is an ed25519 key.
 ///
 /// Run with no command for the interactive chat: full-screen when standard input and output
-/// are a terminal, else line by line (for scripts). With neither --discovery nor
-/// --embedded-discovery, the node serves discovery itself on 0.0.0.0:7117 (others on the
-/// LAN use `--discovery http://THIS-HOST:7117`); if that port is already taken on this
-/// machine, it uses the discovery server there, at http://127.0.0.1:7117.
+/// are a terminal, else line by line (for scripts).
+///
+/// With neither --discovery nor --embedded-discovery, nodes on one LAN find each other by
+/// themselves: the chat and `listen` look for the LAN's discovery server with mDNS
+/// (DNS-SD service _p2p-discovery._tcp) and use it; when there is none, they serve it
+/// themselves on 0.0.0.0:7117 and advertise it. When two serve at once, the one with the
+/// lower NodeId stays and the other hands its names and mailboxes over to it; when the
+/// serving node leaves, another takes over. One-shot commands (send, peers, register,
+/// history) look for 2 s and use what they find, or say that none was found. Every
+/// advertisement is signed by the serving node's key; the server in use is shown with its
+/// fingerprint. --no-mdns keeps to this machine instead.
 #[derive(Debug, Parser)]
 #[command(name = "p2p-node", version, about, long_about, max_term_width = 100)]
 struct Cli {
@@ -56,9 +65,15 @@ pub struct Global {
     pub discovery: Option<String>,
 
     /// Run the discovery server inside this node on ADDR (TCP) and use it; others on the
-    /// LAN point --discovery at it.
+    /// LAN point --discovery at it (it is not advertised with mDNS).
     #[arg(long, global = true, value_name = "ADDR")]
     pub embedded_discovery: Option<SocketAddr>,
+
+    /// Do not look for (or advertise) a discovery server on the LAN with mDNS: serve
+    /// discovery on 0.0.0.0:7117, or use the server already on that port of this machine
+    /// (http://127.0.0.1:7117).
+    #[arg(long, global = true, env = "P2P_NO_MDNS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_mdns: bool,
 
     /// UDP address for QUIC connections with other nodes. Default: 0.0.0.0:0 (any port).
     #[arg(long, global = true, value_name = "ADDR")]
@@ -74,7 +89,7 @@ pub struct Global {
     /// (signed with its key), and look peers up there by NodeId when discovery does not
     /// know them or is down. Off by default: it publishes your addresses in a public
     /// table and needs the internet, which a LAN-only setup has no use for.
-    #[arg(long, global = true, env = "P2P_DHT")]
+    #[arg(long, global = true, env = "P2P_DHT", value_parser = clap::builder::BoolishValueParser::new())]
     pub dht: bool,
 
     /// File whose first line is the passphrase protecting the identity key.

@@ -503,6 +503,13 @@ impl Client {
             },
         )
         .map_err(ClientError::InvalidRequest)?;
+        self.publish_claim(&claim).await
+    }
+
+    /// Publishes a claim signed earlier, by this key or another (a server handing its
+    /// names over to another one). Returns whether the server changed anything.
+    /// Errors: [`ClientError::NameTaken`] if another key holds the name there.
+    pub async fn publish_claim(&self, claim: &Signed<NameClaim>) -> Result<bool, ClientError> {
         let resp: ClaimResponse = self.post_json("/v1/names", &claim.to_wire()).await?;
         Ok(resp.changed)
     }

@@ -270,6 +270,15 @@ impl AppState {
         &*self.inner.store
     }
 
+    /// Hands this server's names and mailboxes over to the server of `to` (see
+    /// [`crate::handover`]). Call it once this server no longer serves requests.
+    pub async fn hand_over(
+        &self,
+        to: &crate::Client,
+    ) -> Result<crate::handover::HandoverReport, crate::handover::HandoverError> {
+        crate::handover::hand_over(self.store(), to).await
+    }
+
     /// Drops what expired from the store, every `cleanup_interval`, until `stop`.
     async fn cleanup_loop(self, stop: CancellationToken) {
         let every = self

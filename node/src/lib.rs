@@ -8,6 +8,7 @@
 //! - [`node`]: the messaging runtime ([`Node`]) that ties them together with discovery.
 
 pub mod datadir;
+pub mod discovery;
 pub mod endpoint;
 pub mod net;
 pub mod node;

@@ -73,7 +73,6 @@
 
 mod deliver;
 mod dht;
-mod disco;
 mod inbound;
 mod mailbox;
 mod outbox;
@@ -88,7 +87,7 @@ use std::{
     collections::HashMap,
     fs::File,
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{atomic::Ordering, Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -103,14 +102,18 @@ use tokio_util::{
 };
 
 use crate::{
+    discovery::{
+        Discovery, DiscoveryContext, DiscoveryStartError, DiscoveryStatus, DiscoveryUrl,
+        EmbeddedDiscovery, IntoDiscovery, LanConfig, LanDiscovery, Serving,
+    },
     endpoint::{BindError, Endpoint, TransportSettings},
     net::{PathConfig, PathKind},
     store::{Contact, OutboxEntry, PinOutcome, Store, StoreError, StoredMessage},
     wire::{ChatMessage, InvalidMessage, MessageId, RejectCode},
 };
 
+pub use crate::discovery::DiscoveryError;
 pub use dht::{DhtConfig, DhtError, DhtRecord};
-pub use disco::DiscoveryError;
 /// A node found on discovery, its records verified by the client.
 pub use p2p_discovery::PeerInfo;
 
@@ -308,6 +311,9 @@ pub enum NodeEvent {
         /// The NodeId discovery now returns for it.
         announced: NodeId,
     },
+    /// The discovery server in use changed (the LAN's server moved, this node started or
+    /// stopped serving it), or there is none for now (`url` is `None`).
+    DiscoveryChanged(DiscoveryStatus),
 }
 
 /// The result of [`Node::resolve`].
@@ -380,15 +386,9 @@ pub enum NodeError {
     /// The operation needs the DHT and this node does not use it.
     #[error("this node does not use the DHT")]
     NoDht,
-    /// The embedded discovery server cannot start.
-    #[error("cannot start the embedded discovery server on {addr}: {reason}")]
-    EmbeddedDiscovery {
-        /// The address it was to listen on.
-        addr: SocketAddr,
-        /// Why.
-        #[source]
-        reason: Box<dyn std::error::Error + Send + Sync>,
-    },
+    /// The discovery could not start (for example the embedded server's port is taken).
+    #[error(transparent)]
+    DiscoveryStart(#[from] DiscoveryStartError),
     /// The operation needs a discovery server and none is configured.
     #[error("no discovery server is configured")]
     NoDiscovery,
@@ -447,19 +447,12 @@ impl From<StoreError> for NodeError {
 // Builder
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone)]
-enum DiscoveryChoice {
-    None,
-    Url(String),
-    Embedded(SocketAddr),
-}
-
 /// Builder for [`Node`]; see [`Node::builder`].
 #[derive(Debug)]
 pub struct NodeBuilder {
     secret: SecretKey,
     data_dir: Option<PathBuf>,
-    discovery: DiscoveryChoice,
+    discovery: Option<Box<dyn IntoDiscovery>>,
     listen: SocketAddr,
     name: Option<String>,
     announce: bool,
@@ -484,18 +477,28 @@ impl NodeBuilder {
         self
     }
 
-    /// Use the discovery server at this URL (e.g. `http://192.168.1.10:7117`).
-    pub fn discovery_url(mut self, url: impl Into<String>) -> Self {
-        self.discovery = DiscoveryChoice::Url(url.into());
+    /// The discovery this node uses (see [`crate::discovery`]); none by default.
+    pub fn discovery(mut self, discovery: impl IntoDiscovery) -> Self {
+        self.discovery = Some(Box::new(discovery));
         self
+    }
+
+    /// Use the discovery server at this URL (e.g. `http://192.168.1.10:7117`).
+    pub fn discovery_url(self, url: impl Into<String>) -> Self {
+        self.discovery(DiscoveryUrl(url.into()))
     }
 
     /// Run the discovery server inside this node on this TCP address (its database is
     /// `<data-dir>/discovery.redb`) and use it. When `addr` is an unspecified address
     /// (`0.0.0.0`/`::`), the node talks to it over loopback.
-    pub fn embedded_discovery(mut self, addr: SocketAddr) -> Self {
-        self.discovery = DiscoveryChoice::Embedded(addr);
-        self
+    pub fn embedded_discovery(self, addr: SocketAddr) -> Self {
+        self.discovery(EmbeddedDiscovery::config(addr))
+    }
+
+    /// Use the LAN's discovery server, found with mDNS, or serve one here when there is
+    /// none (see [`LanDiscovery`]).
+    pub fn lan_discovery(self, config: LanConfig) -> Self {
+        self.discovery(LanDiscovery::config(config))
     }
 
     /// The UDP address for QUIC. Default `0.0.0.0:0`.
@@ -643,26 +646,21 @@ impl NodeBuilder {
             }
             directory.set_name(c.node_id, name);
         }
-        let server_cancel = CancellationToken::new();
-        // Stops the embedded server if anything below fails.
-        let server_guard = server_cancel.clone().drop_guard();
-        let (disco, embedded) = match &self.discovery {
-            DiscoveryChoice::None => (None, None),
-            DiscoveryChoice::Url(url) => (
-                Some(disco::Disco::new(url, self.timings.dial_timeout)?),
-                None,
+        let cancel = CancellationToken::new();
+        // Stops what the discovery runs if anything below fails.
+        let start_guard = cancel.clone().drop_guard();
+        let disco = match self.discovery {
+            None => None,
+            Some(d) => Some(
+                d.into_discovery(DiscoveryContext {
+                    secret: self.secret.clone(),
+                    data_dir: dir.clone(),
+                    relay: self.use_relay,
+                    timeout: self.timings.dial_timeout,
+                    cancel: cancel.clone(),
+                })
+                .await?,
             ),
-            DiscoveryChoice::Embedded(addr) => {
-                let server = disco::start_embedded(
-                    *addr,
-                    dir.join(DISCOVERY_DB_FILE),
-                    self.use_relay.then(|| dir.join(RELAY_KEY_FILE)),
-                    &server_cancel,
-                )
-                .await?;
-                let client = disco::Disco::new(&server.url, self.timings.dial_timeout)?;
-                (Some(client), Some(server))
-            }
         };
 
         let dht = match self.dht.clone() {
@@ -673,7 +671,6 @@ impl NodeBuilder {
             None => None,
         };
         let (drained_tx, _) = watch::channel(false);
-        let cancel = CancellationToken::new();
         let inner = Arc::new(Inner {
             node_id: self.secret.public(),
             secret: self.secret,
@@ -685,10 +682,6 @@ impl NodeBuilder {
             timings: self.timings,
             disco,
             dht,
-            embedded_addr: embedded.as_ref().map(|e| e.addr),
-            embedded_relay: embedded.as_ref().and_then(|e| e.relay_addr),
-            embedded: Mutex::new(embedded.map(|e| e.task)),
-            server_cancel,
             announce: self.announce,
             announced: watch::channel(false).0,
             name: Mutex::new(self.name),
@@ -710,7 +703,7 @@ impl NodeBuilder {
             _lock: lock,
         });
 
-        server_guard.disarm();
+        start_guard.disarm();
         inner.tracker.spawn(crate::net::drive(
             inner.endpoint.net().clone(),
             inner.endpoint.clone(),
@@ -733,6 +726,11 @@ impl NodeBuilder {
         }
         inner.tracker.spawn(outbox::run(inner.clone()));
         inner.tracker.spawn(mailbox::run(inner.clone()));
+        if let Some(status) = inner.discovery_status() {
+            inner
+                .tracker
+                .spawn(report_discovery_changes(inner.clone(), status));
+        }
         if inner.disco.is_some() {
             if inner.announce {
                 inner.tracker.spawn(presence::announce_loop(inner.clone()));
@@ -776,13 +774,9 @@ pub(crate) struct Inner {
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     events: broadcast::Sender<NodeEvent>,
     timings: Timings,
-    disco: Option<disco::Disco>,
+    disco: Option<Arc<dyn Discovery>>,
     /// The DHT client, when the node uses the DHT.
     dht: Option<dht::Dht>,
-    embedded_addr: Option<SocketAddr>,
-    embedded_relay: Option<SocketAddr>,
-    embedded: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    server_cancel: CancellationToken,
     announce: bool,
     /// Whether our presence is announced on discovery (true after the first success).
     announced: watch::Sender<bool>,
@@ -816,8 +810,8 @@ pub(crate) struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Dropped without `shutdown`: stop the embedded server too.
-        self.server_cancel.cancel();
+        // Dropped without `shutdown`: stop what the discovery runs too.
+        self.cancel.cancel();
     }
 }
 
@@ -838,7 +832,7 @@ impl Node {
         NodeBuilder {
             secret,
             data_dir: None,
-            discovery: DiscoveryChoice::None,
+            discovery: None,
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             name: None,
             announce: true,
@@ -873,12 +867,12 @@ impl Node {
 
     /// The TCP address of the embedded discovery server, if this node runs one.
     pub fn embedded_discovery_addr(&self) -> Option<SocketAddr> {
-        self.inner.embedded_addr
+        Some(self.serving_discovery()?.addr)
     }
 
     /// The UDP address of the embedded discovery server's relay, if it runs one.
     pub fn embedded_relay_addr(&self) -> Option<SocketAddr> {
-        self.inner.embedded_relay
+        self.serving_discovery()?.relay
     }
 
     /// This node's home relay: which one, whether the link to it is up, and the address
@@ -900,17 +894,17 @@ impl Node {
         self.inner.endpoint.net().direct_of(peer)
     }
 
-    /// The URL other machines use to reach the embedded discovery server, if this node
-    /// runs one: for a server bound to an unspecified address, the address of the
-    /// interface that routes outwards (asked of the routing table; no packet is sent).
-    pub fn embedded_discovery_lan_url(&self) -> Option<String> {
-        let addr = self.inner.embedded_addr?;
-        let ip = if addr.ip().is_unspecified() {
-            presence::outward_ip(addr).unwrap_or(addr.ip())
-        } else {
-            addr.ip()
-        };
-        Some(format!("http://{}", SocketAddr::new(ip, addr.port())))
+    /// Which discovery server this node uses, and its changes (`None` without
+    /// discovery).
+    pub fn discovery_status(&self) -> Option<watch::Receiver<DiscoveryStatus>> {
+        self.inner.disco.as_ref().map(|d| d.status())
+    }
+
+    /// The discovery server this node runs now, if it runs one: where it listens and the
+    /// URLs other machines reach it at (every address of this machine that is up and not
+    /// loopback, when it listens on all of them).
+    pub fn serving_discovery(&self) -> Option<Serving> {
+        self.inner.disco.as_ref()?.status().borrow().serving.clone()
     }
 
     /// Waits until this node is announced online on discovery ("logged in"), at most
@@ -1109,11 +1103,9 @@ impl Node {
                 }
             }
         }
-        inner.server_cancel.cancel();
-        let server = lock(&inner.embedded).take();
-        if let Some(task) = server {
-            if tokio::time::timeout(grace, task).await.is_err() {
-                tracing::warn!("embedded discovery server did not stop in time");
+        if let Some(disco) = &inner.disco {
+            if tokio::time::timeout(grace, disco.close()).await.is_err() {
+                tracing::warn!("discovery did not stop in time");
             }
         }
         let _ = tokio::time::timeout(grace, inner.endpoint.wait_idle()).await;
@@ -1172,20 +1164,46 @@ pub(crate) fn stamp_ms() -> u64 {
     now.max(prev.saturating_add(1))
 }
 
-/// Turns an unspecified bind address into the loopback address of the same family.
-fn loopback_for(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+/// Waits until the discovery server in use changes to another one (the LAN's server
+/// moved); never returns for a discovery that does not change, or none.
+pub(crate) async fn server_changed(status: &mut Option<watch::Receiver<DiscoveryStatus>>) {
+    if let Some(rx) = status {
+        let before = rx.borrow_and_update().generation;
+        while rx.changed().await.is_ok() {
+            let now = rx.borrow_and_update();
+            if now.generation != before && now.url.is_some() {
+                return;
+            }
         }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::from((Ipv6Addr::LOCALHOST, addr.port()))
+    }
+    *status = None;
+    std::future::pending().await
+}
+
+/// Emits [`NodeEvent::DiscoveryChanged`] for every change of the discovery's status after
+/// the one the node started with.
+async fn report_discovery_changes(inner: Arc<Inner>, mut status: watch::Receiver<DiscoveryStatus>) {
+    status.borrow_and_update();
+    loop {
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = status.borrow_and_update().clone();
+                inner.emit(NodeEvent::DiscoveryChanged(now));
+            }
         }
-        _ => addr,
     }
 }
 
 impl Inner {
+    /// The discovery's status, to wait on with [`server_changed`].
+    pub(crate) fn discovery_status(&self) -> Option<watch::Receiver<DiscoveryStatus>> {
+        self.disco.as_ref().map(|d| d.status())
+    }
+
     fn peers(&self) -> MutexGuard<'_, peers::PeerDirectory> {
         lock(&self.peers)
     }
@@ -1561,15 +1579,5 @@ mod tests {
             assert!(s > last);
             last = s;
         }
-    }
-
-    #[test]
-    fn unspecified_addresses_map_to_loopback() {
-        let v4: SocketAddr = "0.0.0.0:7117".parse().expect("addr");
-        assert_eq!(loopback_for(v4), "127.0.0.1:7117".parse().expect("addr"));
-        let v6: SocketAddr = "[::]:7117".parse().expect("addr");
-        assert_eq!(loopback_for(v6), "[::1]:7117".parse().expect("addr"));
-        let lan: SocketAddr = "192.168.1.2:7117".parse().expect("addr");
-        assert_eq!(loopback_for(lan), lan);
     }
 }

@@ -660,6 +660,10 @@ impl App {
                     self.notice(delivered_notice(&label, id), Tone::Info);
                 }
             }
+            NodeEvent::DiscoveryChanged(status) => {
+                self.me.discovery = crate::discovery::short_label(status);
+                self.notice_home(crate::discovery::status_text(status), Tone::Info);
+            }
             other => {
                 if let Some(line) = event_line(other) {
                     let tone = if matches!(other, NodeEvent::KeyChanged { .. }) {

@@ -41,7 +41,8 @@ use self::{
     render::Theme,
 };
 use crate::{
-    commands::{embedded_hint, open_node, LOGIN_WAIT},
+    commands::{open_node, LOGIN_WAIT},
+    discovery::{self, Need},
     identity::Paths,
     output::{one_line, sanitize},
     session::now_ms,
@@ -56,14 +57,15 @@ const LOG_BACKLOG: usize = 256;
 /// Runs the full-screen chat until the user quits, then logs out.
 pub async fn run(g: &Global, paths: &Paths, logs: mpsc::Receiver<String>) -> Result<()> {
     let name = paths.registered_name()?;
-    let node = open_node(g, paths, true).await?;
+    let node = open_node(g, paths, Need::Serve).await?;
+    let status = node.discovery_status().map(|s| s.borrow().clone());
     let mut app = App::new(Me {
         name,
         id: node.node_id(),
-        discovery: node.discovery_url(),
+        discovery: status.as_ref().and_then(discovery::short_label),
     });
-    if let Some(hint) = embedded_hint(&node) {
-        app.notice(hint, pane::Tone::Info);
+    if let Some(status) = &status {
+        app.notice(discovery::status_text(status), pane::Tone::Info);
     }
     app.notice(
         "type /help for commands and keys; Ctrl+N/Ctrl+P switch conversations, PgUp/PgDn scroll",

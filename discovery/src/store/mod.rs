@@ -253,7 +253,25 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Counts for metrics.
     async fn stats(&self, now: u64) -> Result<StoreStats, StoreError>;
+
+    /// Up to `limit` claims of the nodes after `after` in NodeId byte order: what a
+    /// server hands over when another takes its place ([`crate::handover`]).
+    async fn claims_after(
+        &self,
+        after: Option<NodeId>,
+        limit: usize,
+    ) -> Result<Vec<Signed<NameClaim>>, StoreError>;
+
+    /// Up to `limit` envelopes after `after`, by recipient and then id.
+    async fn envelopes_after(
+        &self,
+        after: Option<(NodeId, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredEnvelope>, StoreError>;
 }
+
+/// An envelope as stored: its recipient, its id in that mailbox, its bytes.
+pub type StoredEnvelope = (NodeId, u64, Vec<u8>);
 
 /// What to do with a new claim given what is stored.
 fn decide(

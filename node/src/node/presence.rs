@@ -18,10 +18,15 @@ use p2p_discovery::Announcement;
 
 use super::{Inner, NodeError, NodeEvent, PeerInfo};
 
+/// How long the poll waits after the discovery server changed, so that the others have
+/// announced themselves there before the online list is read.
+const SETTLE_AFTER_MOVE: Duration = Duration::from_secs(1);
+
 /// Announces until the node stops.
 pub(super) async fn announce_loop(inner: Arc<Inner>) {
     let mut failures = 0u32;
     let mut home = inner.endpoint.net().home();
+    let mut status = inner.discovery_status();
     loop {
         home.mark_unchanged();
         let wait = match announce_once(&inner).await {
@@ -45,6 +50,8 @@ pub(super) async fn announce_loop(inner: Arc<Inner>) {
         tokio::select! {
             _ = inner.cancel.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
+            // Another server: announce there at once (claiming our name there first).
+            _ = super::server_changed(&mut status) => failures = 0,
             changed = relay_changed(&mut home) => {
                 if !changed {
                     // The path layer is gone (shutting down): keep the timer only.
@@ -142,10 +149,18 @@ fn announce_addrs(inner: &Inner) -> Vec<SocketAddr> {
             targets.push(a);
         }
     }
+    // The routes to the server and to the internet first, then every other interface
+    // (a LAN with no default route, or a node that reaches its own server on loopback).
+    let interfaces = crate::discovery::mdns::local_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| a.ip)
+        .filter(|ip| local.is_ipv6() || ip.is_ipv4());
     let routed = targets
         .into_iter()
         .filter_map(|t| route_ip(local, t))
-        .chain(outward_ip(local));
+        .chain(outward_ip(local))
+        .chain(interfaces);
     for ip in routed {
         let a = SocketAddr::new(ip, local.port());
         if !ip.is_loopback() && !ip.is_unspecified() && !out.contains(&a) {
@@ -161,7 +176,8 @@ fn announce_addrs(inner: &Inner) -> Vec<SocketAddr> {
 pub(super) fn our_addrs(inner: &Inner) -> Vec<SocketAddr> {
     let reflexive = inner.endpoint.net().home().borrow().reflexive;
     let mut addrs = announce_addrs(inner);
-    if let Some(r) = reflexive.filter(|a| !addrs.contains(a)) {
+    // A relay on loopback (this machine's own server) sees only 127.0.0.1.
+    if let Some(r) = reflexive.filter(|a| !addrs.contains(a) && !a.ip().is_loopback()) {
         addrs.insert(0, r);
     }
     addrs.truncate(p2p_discovery::MAX_ADDRS);
@@ -208,6 +224,7 @@ pub(super) async fn poll_loop(inner: Arc<Inner>) {
         return;
     };
     let mut failing = false;
+    let mut status = inner.discovery_status();
     loop {
         match disco.online().await {
             Ok(peers) => {
@@ -227,6 +244,13 @@ pub(super) async fn poll_loop(inner: Arc<Inner>) {
         tokio::select! {
             _ = inner.cancel.cancelled() => break,
             _ = tokio::time::sleep(inner.timings.presence_poll) => {}
+            _ = super::server_changed(&mut status) => {
+                // Another server: give the others a moment to announce themselves there.
+                tokio::select! {
+                    _ = inner.cancel.cancelled() => break,
+                    _ = tokio::time::sleep(SETTLE_AFTER_MOVE.min(inner.timings.presence_poll)) => {}
+                }
+            }
         }
     }
 }
