@@ -47,6 +47,8 @@ struct Shown {
 pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
     let node = open_node(g, paths, Need::Serve).await?;
     let mut events = node.subscribe();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let control = crate::commands::serve_control(&node, paths, crate::control::Kind::Chat, &stop);
     crate::commands::print_discovery(&node);
     crate::commands::warn_if_not_announced(&node).await;
     let me = paths.registered_name()?;
@@ -90,6 +92,7 @@ pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
             _ = term.recv() => break,
         }
     }
+    drop(control);
     node.shutdown().await?;
     println!("logged out");
     Ok(())

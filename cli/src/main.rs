@@ -3,8 +3,10 @@
 
 mod chat;
 mod commands;
+mod control;
 mod discovery;
 mod identity;
+mod ops;
 mod output;
 mod session;
 mod tui;
@@ -167,17 +169,20 @@ enum Command {
     /// Send TEXT to a peer, by name or NodeId.
     ///
     /// Prints `delivered` when the peer acknowledged it (`delivered via relay` when the
-    /// connection went through the relay), or `queued` when the peer cannot be reached:
-    /// the message then waits in this node's outbox and, sealed to the peer's key, in
-    /// its mailbox on the discovery server, and is delivered by whichever path reaches
-    /// the peer first.
+    /// connection went through the relay), or where the message waits when the peer
+    /// cannot be reached: `queued in the recipient's mailbox` (sealed to the peer's key
+    /// on the discovery server: it arrives when the peer next starts, whether this node
+    /// runs or not) or `queued in your outbox only` (it travels only while a node runs on
+    /// this data directory: the chat, listen, or `p2p-node daemon`).
+    ///
+    /// While a node runs on the data directory, the message goes through it.
     Send {
         /// The peer's name or NodeId.
         to: String,
         /// The message text (quote it).
         text: String,
-        /// Print one JSON object: {"status": "delivered"|"queued", "path":
-        /// "direct"|"relay"|null, "id": ...}.
+        /// Print one JSON object: {"status": "delivered"|"queued", "queued":
+        /// "mailbox"|"outbox"|null, "path": "direct"|"relay"|null, "id": ..., "to": ...}.
         #[arg(long)]
         json: bool,
     },
@@ -196,6 +201,26 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
         /// One JSON object per message, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep a node running in the background, so that messages queued in its outbox
+    /// travel and others reach you while no chat or listen runs.
+    ///
+    /// It logs in as `listen` does, with no terminal (its log goes to daemon.log in the
+    /// data directory), and answers the other commands on this data directory (send,
+    /// history, peers, register, status) through its control socket. `p2p-node stop`
+    /// stops it.
+    Daemon {
+        /// Run in this process instead of in the background (for a service manager).
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop the background node (or `listen`) running on this data directory.
+    Stop,
+    /// Whether a node runs on this data directory, its discovery, connections and outbox.
+    Status {
+        /// One JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -246,7 +271,9 @@ fn main() -> std::process::ExitCode {
     // (and a one-line error), so background retries stay quiet unless -v is given.
     let long_running = matches!(
         cli.command,
-        None | Some(Command::Listen { .. }) | Some(Command::Discovery { .. })
+        None | Some(Command::Listen { .. })
+            | Some(Command::Discovery { .. })
+            | Some(Command::Daemon { .. })
     );
     // The full-screen chat shows the log on its screen; anything on stderr would land in
     // the middle of it.
@@ -347,6 +374,10 @@ async fn run(cli: Cli, logs: Option<tokio::sync::mpsc::Receiver<String>>) -> Res
             commands::send(&g, &paths, &to, &text, json).await
         }
         Some(Command::Listen { json }) => commands::listen(&g, &paths, json).await,
+        Some(Command::Daemon { foreground: false }) => commands::daemon(&paths).await,
+        Some(Command::Daemon { foreground: true }) => commands::daemon_foreground(&g, &paths).await,
+        Some(Command::Stop) => commands::stop(&paths).await,
+        Some(Command::Status { json }) => commands::status(&g, &paths, json).await,
         Some(Command::History { peer, limit, json }) => {
             commands::history(&g, &paths, &peer, limit, json).await
         }

@@ -19,5 +19,5 @@ pub use endpoint::{Connection, Endpoint, TransportSettings};
 pub use net::{HomeRelay, PathConfig, PathEvent, PathKind};
 pub use node::{
     DhtConfig, DhtError, DhtRecord, DiscoveryError, Node, NodeBuilder, NodeError, NodeEvent,
-    PeerInfo, Resolved, SendOutcome, SendStatus, Timings, Via,
+    OutboxReport, PeerInfo, Queued, Resolved, SendOutcome, SendStatus, Timings, Via,
 };

@@ -346,6 +346,39 @@ pub struct SendOutcome {
     pub status: SendStatus,
     /// For a delivered message, the path it went on: direct, or through a relay.
     pub path: Option<PathKind>,
+    /// For a queued message, where it waits.
+    pub queued: Option<Queued>,
+}
+
+/// Where a queued message waits for its recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Queued {
+    /// Sealed in the recipient's mailbox on discovery (and in the outbox): it arrives
+    /// when the recipient next starts, whether this node runs or not.
+    Mailbox,
+    /// Only in this node's outbox (the mailbox could not take it yet): it travels only
+    /// while this node runs.
+    Outbox,
+}
+
+impl Queued {
+    /// `"mailbox"` or `"outbox"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Queued::Mailbox => "mailbox",
+            Queued::Outbox => "outbox",
+        }
+    }
+}
+
+/// What [`Node::flush_outbox`] left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxReport {
+    /// Messages still in the outbox.
+    pub queued: usize,
+    /// Of those, messages that are only in the outbox (not in their recipient's mailbox):
+    /// they travel only while this node runs.
+    pub only_here: usize,
 }
 
 /// Errors of the node's operations.
@@ -888,6 +921,12 @@ impl Node {
         conn.path()
     }
 
+    /// The peers this node has an open connection with, and the path each takes.
+    pub fn connections(&self) -> Vec<(NodeId, Option<PathKind>)> {
+        let peers = self.inner.pool().live_peers();
+        peers.into_iter().map(|p| (p, self.path_of(&p))).collect()
+    }
+
     /// The direct address in use for `peer` and its round-trip time, if a direct path
     /// is proven.
     pub fn direct_path_of(&self, peer: &NodeId) -> Option<(SocketAddr, Option<Duration>)> {
@@ -1052,6 +1091,22 @@ impl Node {
     pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, NodeError> {
         self.inner.writer.sync().await?;
         self.inner.blocking(|s| s.outbox()).await
+    }
+
+    /// Tries every message of the outbox that is not yet in its recipient's mailbox
+    /// once, now, whatever its schedule (direct delivery, else a deposit in the mailbox),
+    /// for up to `within`; says what is left. For short-lived nodes (one-shot commands), whose outbox task would
+    /// not get to it: the attempts go on in the background until the node shuts down.
+    pub async fn flush_outbox(&self, within: Duration) -> Result<OutboxReport, NodeError> {
+        let round = tokio::spawn(outbox::flush(self.inner.clone()));
+        if let Ok(Err(e)) = tokio::time::timeout(within, round).await {
+            tracing::debug!(error = %e, "outbox flush ended early");
+        }
+        let left = self.outbox().await?;
+        Ok(OutboxReport {
+            queued: left.len(),
+            only_here: left.iter().filter(|e| !e.mailbox_deposited).count(),
+        })
     }
 
     /// The nodes online now, as listed by discovery (signatures verified).
@@ -1513,6 +1568,7 @@ impl Inner {
             to: peer,
             status: SendStatus::Queued,
             path: None,
+            queued: None,
         };
         match deliver::deliver(self, peer, msg).await {
             Ok(acked) => {
@@ -1541,8 +1597,15 @@ impl Inner {
                     created_ms: now_ms(),
                     mailbox_deposited: false,
                 };
-                outbox::after_failure(self, entry).await;
-                Ok(queued)
+                let (_, in_mailbox) = outbox::after_failure(self, entry).await;
+                Ok(SendOutcome {
+                    queued: Some(if in_mailbox {
+                        Queued::Mailbox
+                    } else {
+                        Queued::Outbox
+                    }),
+                    ..queued
+                })
             }
         }
     }

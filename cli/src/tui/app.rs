@@ -978,6 +978,7 @@ mod tests {
                 to: peer(2),
                 status: SendStatus::Queued,
                 path: None,
+                queued: Some(p2p_node::Queued::Mailbox),
             }),
         });
         assert!(
@@ -1012,6 +1013,7 @@ mod tests {
                 to: peer(2),
                 status: SendStatus::Delivered,
                 path: Some(p2p_node::PathKind::Relay),
+                queued: None,
             }),
         });
         assert_eq!(
@@ -1042,6 +1044,7 @@ mod tests {
                 to: peer(2),
                 status: SendStatus::Queued,
                 path: None,
+                queued: Some(p2p_node::Queued::Mailbox),
             }),
         });
         assert_eq!(texts(app.pane()), ["[00:00:05] me: hi  (delivered)"]);

@@ -58,6 +58,8 @@ const LOG_BACKLOG: usize = 256;
 pub async fn run(g: &Global, paths: &Paths, logs: mpsc::Receiver<String>) -> Result<()> {
     let name = paths.registered_name()?;
     let node = open_node(g, paths, Need::Serve).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let control = crate::commands::serve_control(&node, paths, crate::control::Kind::Chat, &stop);
     let status = node.discovery_status().map(|s| s.borrow().clone());
     let mut app = App::new(Me {
         name,
@@ -81,6 +83,7 @@ pub async fn run(g: &Global, paths: &Paths, logs: mpsc::Receiver<String>) -> Res
     let result = drive(&node, paths, &mut app, &mut screen, logs).await;
     app.login = Login::LoggingOut;
     let _ = screen.draw(&app);
+    drop(control);
     let stopped = node.shutdown().await;
     drop(screen);
     result?;

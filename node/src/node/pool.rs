@@ -44,6 +44,15 @@ impl ConnectionPool {
             .cloned()
     }
 
+    /// The peers with an open connection.
+    pub(super) fn live_peers(&self) -> Vec<NodeId> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.quic().close_reason().is_none())
+            .map(|(peer, _)| *peer)
+            .collect()
+    }
+
     /// The cached connection to `peer`, open or not.
     pub(super) fn cached(&self, peer: &NodeId) -> Option<Connection> {
         self.conns.get(peer).cloned()
