@@ -210,15 +210,15 @@ where
 {
     let allowed = same_user(&stream)?;
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
+    let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(MAX_LINE);
-    tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line))
+    tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line))
         .await
         .context("no request in time")??;
     let answer = if !allowed {
         Answer::Error("the control socket answers only the user running the node".into())
     } else {
-        match serde_json::from_str::<Request>(&line) {
+        match serde_json::from_slice::<Request>(&line) {
             Ok(request) => match handle(request).await {
                 Ok(output) => Answer::Ok(output),
                 Err(e) => Answer::Error(crate::output::one_line(&e)),
