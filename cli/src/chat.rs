@@ -398,6 +398,12 @@ pub fn event_line(ev: &NodeEvent) -> Option<String> {
         NodeEvent::DiscoveryChanged(status) => {
             format!("* {}", crate::discovery::status_text(status))
         }
+        NodeEvent::StorageFailing { error } => format!(
+            "WARNING: cannot store messages ({}); refusing them until the disk takes \
+             writes again",
+            sanitize(error)
+        ),
+        NodeEvent::StorageRecovered => "* storing messages again".to_owned(),
         #[allow(unreachable_patterns)]
         _ => return None,
     })
@@ -463,6 +469,11 @@ pub fn event_json(ev: &NodeEvent) -> serde_json::Value {
             "announced": announced.to_string(),
         }),
         NodeEvent::DiscoveryChanged(status) => crate::discovery::status_json(status),
+        NodeEvent::StorageFailing { error } => json!({
+            "event": "storage_failing",
+            "error": error,
+        }),
+        NodeEvent::StorageRecovered => json!({ "event": "storage_recovered" }),
         #[allow(unreachable_patterns)]
         _ => json!({ "event": "other" }),
     }

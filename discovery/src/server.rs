@@ -35,7 +35,7 @@ use crate::{
         request_signing_bytes, AnnounceResponse, ClaimEntry, ClaimResponse, DeleteRequest,
         DeleteResponse, DepositRequest, DepositResponse, MailboxItemWire, MailboxResponse,
         OnlineResponse, PeerEntry, PresenceEntry, RelayResponse, WithdrawResponse,
-        HEADER_SIGNATURE, HEADER_TIMESTAMP,
+        HEADER_PRESENCE_EPOCH, HEADER_SIGNATURE, HEADER_TIMESTAMP,
     },
     clock::{Clock, SystemClock},
     error::{AppError, ErrorCode},
@@ -168,6 +168,9 @@ struct Inner {
     limiter: Mutex<RateLimiter>,
     metrics: Metrics,
     relay: std::sync::OnceLock<RelayAdvert>,
+    /// The value of [`HEADER_PRESENCE_EPOCH`] on every response, when presence lives in
+    /// this process only.
+    presence_epoch: Option<header::HeaderValue>,
 }
 
 /// The relay served beside this HTTP server, as `GET /v1/relay` announces it.
@@ -214,6 +217,8 @@ impl AppState {
             )),
             metrics: Metrics::default(),
             relay: std::sync::OnceLock::new(),
+            presence_epoch: (!store.keeps_presence())
+                .then(|| header::HeaderValue::from(rand::thread_rng().gen::<u64>())),
             config,
             store,
             clock,
@@ -454,7 +459,11 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().as_str().to_owned();
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    if let Some(epoch) = &state.inner.presence_epoch {
+        resp.headers_mut()
+            .insert(HEADER_PRESENCE_EPOCH, epoch.clone());
+    }
     let code = resp.extensions().get::<ErrorCode>().copied();
     state
         .inner

@@ -80,6 +80,7 @@ mod peers;
 mod pool;
 mod presence;
 mod relaying;
+mod storage;
 mod tracker;
 mod writer;
 
@@ -143,6 +144,10 @@ pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
 /// yet acknowledged), across all its streams: 16 frames of the maximum size. A stream
 /// whose frame does not fit waits (within its read timeout) until others are done.
 pub const CONNECTION_FRAME_BUDGET: usize = 16 * crate::wire::MAX_FRAME_LEN;
+
+/// Longest [`Node::shutdown`] waits for closed connections to finish draining once their
+/// close frames are out: well under a second, however slow or lossy the path.
+pub const CLOSE_GRACE: Duration = Duration::from_millis(150);
 
 /// Most incoming messages written in one group commit.
 pub const MAX_WRITE_BATCH: usize = 1024;
@@ -314,6 +319,16 @@ pub enum NodeEvent {
     /// The discovery server in use changed (the LAN's server moved, this node started or
     /// stopped serving it), or there is none for now (`url` is `None`).
     DiscoveryChanged(DiscoveryStatus),
+    /// The database cannot be written (a full disk, a file system turned read-only):
+    /// incoming messages are refused, not acknowledged (their senders keep them and
+    /// retry), and sends fail, until [`NodeEvent::StorageRecovered`]. The node opens
+    /// the database again by itself, with backoff.
+    StorageFailing {
+        /// What the database reported.
+        error: String,
+    },
+    /// The database takes writes again after [`NodeEvent::StorageFailing`].
+    StorageRecovered,
 }
 
 /// The result of [`Node::resolve`].
@@ -667,7 +682,15 @@ impl NodeBuilder {
             .bind()
             .await?;
 
-        let (writer, writer_thread) = writer::spawn(store.clone()).map_err(NodeError::Thread)?;
+        let health = Arc::new(storage::Health::default());
+        let (writer, writer_thread) = writer::spawn(
+            store.clone(),
+            writer::Report {
+                health: health.clone(),
+                events: self.events.clone(),
+            },
+        )
+        .map_err(NodeError::Thread)?;
         let mut directory = peers::PeerDirectory::default();
         let contacts = {
             let store = store.clone();
@@ -711,6 +734,7 @@ impl NodeBuilder {
             store,
             writer,
             writer_thread: Mutex::new(Some(writer_thread)),
+            health,
             events: self.events,
             timings: self.timings,
             disco,
@@ -726,6 +750,7 @@ impl NodeBuilder {
             use_relay: self.use_relay,
             publish_addrs: self.publish_addrs,
             outbox_wake: Notify::new(),
+            discovery_back: Notify::new(),
             conn_limit: Arc::new(Semaphore::new(self.max_connections)),
             cancel: cancel.clone(),
             tracker: TaskTracker::new(),
@@ -757,6 +782,7 @@ impl NodeBuilder {
         if inner.dht.is_some() {
             inner.tracker.spawn(dht::publish_loop(inner.clone()));
         }
+        inner.tracker.spawn(storage::heal_loop(inner.clone()));
         inner.tracker.spawn(outbox::run(inner.clone()));
         inner.tracker.spawn(mailbox::run(inner.clone()));
         if let Some(status) = inner.discovery_status() {
@@ -805,6 +831,8 @@ pub(crate) struct Inner {
     store: Arc<Store>,
     writer: writer::Writer,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Whether the database takes writes (see [`storage`]).
+    health: Arc<storage::Health>,
     events: broadcast::Sender<NodeEvent>,
     timings: Timings,
     disco: Option<Arc<dyn Discovery>>,
@@ -829,6 +857,9 @@ pub(crate) struct Inner {
     /// Whether presence records list our direct addresses.
     publish_addrs: bool,
     outbox_wake: Notify,
+    /// The discovery server answers again after an outage (the announce task stops its
+    /// backoff).
+    discovery_back: Notify,
     conn_limit: Arc<Semaphore>,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -1136,6 +1167,7 @@ impl Node {
     /// already durable.
     pub async fn shutdown(self) -> Result<(), NodeError> {
         let inner = self.inner.clone();
+        let started = Instant::now();
         inner.cancel.cancel();
         inner.tracker.close();
         inner
@@ -1163,12 +1195,16 @@ impl Node {
                 tracing::warn!("discovery did not stop in time");
             }
         }
-        let _ = tokio::time::timeout(grace, inner.endpoint.wait_idle()).await;
+        // The close frames leave with the next run of each connection's driver; waiting
+        // for the draining period (three probe timeouts: seconds for a connection whose
+        // handshake never measured a round trip) would only delay the exit.
+        let _ = tokio::time::timeout(CLOSE_GRACE, inner.endpoint.wait_idle()).await;
         inner.writer.close();
         let thread = lock(&inner.writer_thread).take();
         if let Some(t) = thread {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+        tracing::debug!(ms = duration_ms(started.elapsed()), "node stopped");
         drop(self);
         Ok(())
     }

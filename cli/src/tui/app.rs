@@ -666,7 +666,10 @@ impl App {
             }
             other => {
                 if let Some(line) = event_line(other) {
-                    let tone = if matches!(other, NodeEvent::KeyChanged { .. }) {
+                    let tone = if matches!(
+                        other,
+                        NodeEvent::KeyChanged { .. } | NodeEvent::StorageFailing { .. }
+                    ) {
                         Tone::Warning
                     } else {
                         Tone::Info

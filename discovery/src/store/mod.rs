@@ -182,6 +182,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// `"redb"`, `"memory"` or `"postgres"`.
     fn kind(&self) -> &'static str;
 
+    /// Whether presence records outlive the server process (they live in the database).
+    /// A server whose store forgets them at a restart tells its clients so (see
+    /// [`crate::api::HEADER_PRESENCE_EPOCH`]), so that they announce again at once.
+    fn keeps_presence(&self) -> bool {
+        false
+    }
+
     /// Checks that the store can serve requests (for PostgreSQL: a round trip).
     async fn health(&self) -> Result<(), StoreError>;
 

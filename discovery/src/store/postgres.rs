@@ -661,6 +661,10 @@ impl Store for PgStore {
         "postgres"
     }
 
+    fn keeps_presence(&self) -> bool {
+        true
+    }
+
     async fn health(&self) -> Result<(), StoreError> {
         self.timed(async {
             let client = self.client().await?;

@@ -76,6 +76,10 @@ impl Discovery for HttpDiscovery {
         self.url.clone()
     }
 
+    fn presence_resets(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.client.presence_resets())
+    }
+
     async fn claim_name(&self, secret: &SecretKey, name: &str) -> Result<(), DiscoveryError> {
         self.client
             .claim_name(secret, name)

@@ -199,6 +199,14 @@ pub trait Discovery: Send + Sync + fmt::Debug + 'static {
         rest.split('/').next()?.parse().ok()
     }
 
+    /// Counts the restarts of the server in use in which it forgot every presence record
+    /// (seen on its responses, see [`p2p_discovery::api::HEADER_PRESENCE_EPOCH`]): the
+    /// node announces itself again at once when it changes. `None` when this discovery
+    /// cannot tell.
+    fn presence_resets(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+
     /// Claims `name` for the node of `secret`.
     async fn claim_name(&self, secret: &SecretKey, name: &str) -> Result<(), DiscoveryError>;
 

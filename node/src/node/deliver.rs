@@ -27,6 +27,13 @@ use crate::{
 /// Longest a dial waits for the home relay link (a node that just started).
 const RELAY_WAIT: Duration = Duration::from_secs(2);
 
+/// A peer whose connection to us closed this recently is tried once even when discovery
+/// says it is offline: the server may have restarted and not heard from it yet.
+pub(crate) const RECENT_CONNECTION: Duration = Duration::from_secs(120);
+
+/// Longest that one try of a peer discovery calls offline may take.
+pub(crate) const QUICK_DIAL: Duration = Duration::from_secs(1);
+
 /// Why a message could not be delivered directly (it stays queued).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DeliverError {
@@ -126,13 +133,17 @@ async fn send_on(
 
 /// Tells the path layer how to reach `peer`: the addresses and relay it announced, and
 /// the address it last connected to us from. Asks discovery when the online list does
-/// not have the peer. Returns `false` when there is nothing to try: no address, no
-/// relay, or discovery answered that the peer is offline (its last address is not tried
-/// then: its process is gone, and a dial to a dead UDP port only ends at the dial
-/// timeout), so a send to an offline peer is queued at once.
-async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> bool {
+/// not have the peer. Returns how long a dial may take, or `None` when there is nothing
+/// to try: no address, no relay, or discovery answered that the peer is offline (its
+/// last address is not tried then: its process is most likely gone, and a dial to a dead
+/// UDP port only ends at the dial timeout), so a send to an offline peer is queued at
+/// once. The exception is a peer whose connection with us closed within
+/// [`RECENT_CONNECTION`]: the server may have restarted and not heard from it yet, so
+/// its last paths are tried once, for at most [`QUICK_DIAL`].
+async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<Duration> {
     let online = inner.peers().online_paths(&peer);
     let last = inner.pool().last_addr(&peer);
+    let mut timeout = inner.timings.dial_timeout;
     let (mut addrs, relay) = match (online, &inner.disco) {
         (Some(paths), _) => paths,
         (None, Some(d)) => {
@@ -141,8 +152,20 @@ async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> bool {
                     inner.learn_peers(std::slice::from_ref(&info));
                     (info.addrs, info.relay)
                 }
-                // Discovery knows the peer and says it is offline: nothing to try.
-                Ok(Ok(Some(_))) => return false,
+                // Discovery knows the peer and says it is offline: nothing to try, unless
+                // we were connected to it a moment ago.
+                Ok(Ok(Some(_))) => {
+                    let recent =
+                        inner
+                            .pool()
+                            .take_recently_closed(&peer, Instant::now(), RECENT_CONNECTION);
+                    if !recent {
+                        return None;
+                    }
+                    tracing::debug!(%peer, "offline on discovery but connected recently; trying it once");
+                    timeout = QUICK_DIAL.min(timeout);
+                    inner.peers().last_paths(&peer).unwrap_or_default()
+                }
                 // Discovery does not know the peer.
                 Ok(Ok(None)) => dht_paths(inner, peer).await,
                 Ok(Err(e)) => {
@@ -163,10 +186,10 @@ async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> bool {
         }
     }
     if addrs.is_empty() && relay.is_none() {
-        return false;
+        return None;
     }
     inner.endpoint.learn_peer(peer, &addrs, relay);
-    true
+    Some(timeout)
 }
 
 /// The addresses and relay `peer` published on the DHT, when this node uses it and the
@@ -221,20 +244,15 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverErr
     if let Some(left) = inner.pool().backoff_left(&peer, Instant::now()) {
         return Err(DeliverError::Backoff(left));
     }
-    if !learn_paths(inner, peer).await {
+    let Some(timeout) = learn_paths(inner, peer).await else {
         note_failure(inner, peer);
         return Err(DeliverError::NoAddress);
-    }
+    };
     let Ok(permit) = inner.conn_limit.clone().try_acquire_owned() else {
         return Err(DeliverError::ConnectionLimit);
     };
-    inner
-        .relay_ready(RELAY_WAIT.min(inner.timings.dial_timeout))
-        .await;
-    let attempt = tokio::time::timeout(
-        inner.timings.dial_timeout,
-        inner.endpoint.connect_peer(peer),
-    );
+    inner.relay_ready(RELAY_WAIT.min(timeout)).await;
+    let attempt = tokio::time::timeout(timeout, inner.endpoint.connect_peer(peer));
     let result = tokio::select! {
         _ = inner.cancel.cancelled() => return Err(DeliverError::Shutdown),
         r = attempt => r,

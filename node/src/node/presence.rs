@@ -2,11 +2,14 @@
 //!
 //! - The announce task announces this node at start and again when the server's hint
 //!   says (before the TTL runs out), and at once when its home relay or the address the
-//!   relay sees it at changes; after a failure it retries with backoff.
+//!   relay sees it at changes, when the server restarted and forgot who is online (a new
+//!   presence epoch on any of its responses), or when the server answers again after
+//!   an outage; after a failure it retries with backoff.
 //! - The poll task fetches the online list every
-//!   [`Timings::presence_poll`](super::Timings::presence_poll), reports who came and
-//!   went, retries the outbox of peers that came online (or moved), and warns when a
-//!   pinned name is announced by another key.
+//!   [`Timings::presence_poll`](super::Timings::presence_poll) (every
+//!   [`POLL_WHILE_FAILING`] while the server does not answer, so a restart is noticed
+//!   soon after it), reports who came and went, retries the outbox of peers that came
+//!   online (or moved), and warns when a pinned name is announced by another key.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -22,11 +25,27 @@ use super::{Inner, NodeError, NodeEvent, PeerInfo};
 /// announced themselves there before the online list is read.
 const SETTLE_AFTER_MOVE: Duration = Duration::from_secs(1);
 
+/// How often the online list is asked for while the server does not answer.
+pub(super) const POLL_WHILE_FAILING: Duration = Duration::from_secs(1);
+
+/// Waits until the server in use says it forgot every presence record (it restarted);
+/// never returns for a discovery that cannot tell.
+async fn presence_lost(resets: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    if let Some(rx) = resets {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    *resets = None;
+    std::future::pending().await
+}
+
 /// Announces until the node stops.
 pub(super) async fn announce_loop(inner: Arc<Inner>) {
     let mut failures = 0u32;
     let mut home = inner.endpoint.net().home();
     let mut status = inner.discovery_status();
+    let mut resets = inner.disco.as_ref().and_then(|d| d.presence_resets());
     loop {
         home.mark_unchanged();
         let wait = match announce_once(&inner).await {
@@ -52,6 +71,13 @@ pub(super) async fn announce_loop(inner: Arc<Inner>) {
             _ = tokio::time::sleep(wait) => {}
             // Another server: announce there at once (claiming our name there first).
             _ = super::server_changed(&mut status) => failures = 0,
+            // The server restarted and forgot us: announce again at once.
+            _ = presence_lost(&mut resets) => {
+                tracing::info!("discovery forgot our presence (it restarted); announcing again");
+                failures = 0;
+            }
+            // The server answers again after an outage: do not wait out the backoff.
+            _ = inner.discovery_back.notified(), if failures > 0 => failures = 0,
             changed = relay_changed(&mut home) => {
                 if !changed {
                     // The path layer is gone (shutting down): keep the timer only.
@@ -225,11 +251,13 @@ pub(super) async fn poll_loop(inner: Arc<Inner>) {
     };
     let mut failing = false;
     let mut status = inner.discovery_status();
+    let mut resets = disco.presence_resets();
     loop {
         match disco.online().await {
             Ok(peers) => {
                 if failing {
                     tracing::info!("discovery is reachable again");
+                    inner.discovery_back.notify_one();
                 }
                 failing = false;
                 apply_online(&inner, peers);
@@ -241,11 +269,22 @@ pub(super) async fn poll_loop(inner: Arc<Inner>) {
                 failing = true;
             }
         }
+        let every = if failing {
+            POLL_WHILE_FAILING.min(inner.timings.presence_poll)
+        } else {
+            inner.timings.presence_poll
+        };
         tokio::select! {
             _ = inner.cancel.cancelled() => break,
-            _ = tokio::time::sleep(inner.timings.presence_poll) => {}
-            _ = super::server_changed(&mut status) => {
-                // Another server: give the others a moment to announce themselves there.
+            _ = tokio::time::sleep(every) => {}
+            // Another server, or this one restarted: give the others a moment to announce
+            // themselves there.
+            _ = async {
+                tokio::select! {
+                    _ = super::server_changed(&mut status) => {}
+                    _ = presence_lost(&mut resets) => {}
+                }
+            } => {
                 tokio::select! {
                     _ = inner.cancel.cancelled() => break,
                     _ = tokio::time::sleep(SETTLE_AFTER_MOVE.min(inner.timings.presence_poll)) => {}
