@@ -98,6 +98,35 @@ impl LanLab {
         }
     }
 
+    /// Drops incoming UDP on host `i` with `probability` (0 to 1), as a lossy link does
+    /// (iptables' statistic match; this kernel has no netem).
+    pub fn drop_udp(&self, i: usize, probability: f64) {
+        let p = format!("{probability}");
+        let ns = self.ns(i);
+        let args = [
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "iptables",
+            "-A",
+            "INPUT",
+            "-p",
+            "udp",
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            &p,
+            "-j",
+            "DROP",
+        ];
+        if let Err(e) = run(&args) {
+            panic!("cannot add the loss rule: {e}");
+        }
+    }
+
     /// Cuts host `i` off the switch (or connects it again), as a pulled cable.
     pub fn set_connected(&self, i: usize, connected: bool) {
         let sw = format!("{}sw", self.prefix);
