@@ -10,12 +10,13 @@ use p2p_node::{wire::MessageId, Node, NodeEvent, SendStatus};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::{
+    discovery::Need,
     identity::Paths,
     output::{
         delivered_notice, event_line, marked, online_lines, others_online, peer_label,
         received_line, sanitize, send_status, stored_line, ChatLine,
     },
-    running::{open_node, print_embedded_hint, warn_if_not_announced, StopSignals},
+    running::{open_node, print_discovery, warn_if_not_announced, StopSignals},
     session::{self, now_ms, Input, COMMAND_HELP},
     Global,
 };
@@ -41,8 +42,11 @@ struct Shown {
 }
 
 pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
-    let node = open_node(g, paths, true).await?;
+    let node = open_node(g, paths, Need::Serve).await?;
     let mut events = node.subscribe();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let control = crate::commands::serve_control(&node, paths, crate::control::Kind::Chat, &stop);
+    print_discovery(&node);
     warn_if_not_announced(&node).await;
     let me = paths.registered_name()?;
     println!(
@@ -53,7 +57,6 @@ pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
         node.node_id().fingerprint(),
         node.discovery_url().unwrap_or_else(|| "none".into()),
     );
-    print_embedded_hint(&node);
     println!("type /help for commands");
     let mut shown = Shown::default();
     show_peers(&node, &mut shown).await;
@@ -85,6 +88,7 @@ pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
             () = stop.recv() => break,
         }
     }
+    drop(control);
     node.shutdown().await;
     println!("logged out");
     Ok(())

@@ -1,106 +1,57 @@
-//! The one-shot commands and the headless `listen`.
+//! The one-shot commands, the background node and the headless `listen`.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    net::SocketAddr,
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
-use p2p_node::{NodeEvent, PathKind};
+use p2p_node::{Node, NodeEvent};
 use serde_json::json;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
+    control::{self, Kind, Request},
+    discovery::{self, Need},
     identity::Paths,
-    output::{
-        body_text, datetime, event_json, event_line, message_json, not_the_peer_warning, sanitize,
-        send_json, send_status, status_word,
-    },
-    running::{open_node, print_embedded_hint, warn_if_not_announced, StopSignals},
+    ops,
+    output::{event_json, event_line},
+    running::{open_node, print_discovery, warn_if_not_announced, StopSignals},
     Global,
 };
 
 /// `p2p-node register NAME`.
 pub async fn register(g: &Global, paths: &Paths, name: &str) -> Result<()> {
-    let node = open_node(g, paths, false).await?;
-    let id = node.node_id();
-    let result = node.register(name).await;
-    node.shutdown().await;
-    result?;
-    paths.set_registered_name(name)?;
-    println!("registered {name} as {id}");
+    let request = Request::Register { name: name.into() };
+    ops::run(g, paths, request, Need::Use).await?.print(false);
     Ok(())
 }
 
 /// `p2p-node peers [--json]`.
 pub async fn peers(g: &Global, paths: &Paths, json: bool) -> Result<()> {
-    let node = open_node(g, paths, false).await?;
-    let result = node.peers().await;
-    // The path to each peer this node is connected to (a one-shot node is connected to
-    // nobody: `null` unless a peer connected to it meanwhile).
-    let paths_now: std::collections::HashMap<_, _> = result
-        .as_ref()
-        .map(|peers| {
-            peers
-                .iter()
-                .map(|p| (p.node_id, node.path_of(&p.node_id)))
-                .collect()
-        })
-        .unwrap_or_default();
-    node.shutdown().await;
-    let peers = result?;
-    if json {
-        for p in &peers {
-            println!(
-                "{}",
-                json!({
-                    "name": p.name,
-                    "node_id": p.node_id.to_string(),
-                    "addrs": p.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                    "relay": p.relay.map(|r| json!({
-                        "node_id": r.node_id.to_string(),
-                        "addr": r.addr.to_string(),
-                    })),
-                    "path": paths_now.get(&p.node_id).copied().flatten().map(PathKind::as_str),
-                })
-            );
-        }
-    } else if peers.is_empty() {
-        println!("nobody is online");
-    } else {
-        for p in &peers {
-            let addrs: Vec<String> = p.addrs.iter().map(|a| a.to_string()).collect();
-            println!(
-                "{:<20} {}  {}",
-                sanitize(p.name.as_deref().unwrap_or("-")),
-                p.node_id,
-                addrs.join(",")
-            );
-        }
-    }
+    ops::run(g, paths, Request::Peers, Need::Use)
+        .await?
+        .print(json);
     Ok(())
 }
 
 /// `p2p-node send TO TEXT [--json]`.
 pub async fn send(g: &Global, paths: &Paths, to: &str, text: &str, json: bool) -> Result<()> {
-    let node = open_node(g, paths, false).await?;
-    let mut events = node.subscribe();
-    let result = node.send(to, text).await;
-    node.shutdown().await;
-    print_key_warnings(&mut events);
-    let outcome = result?;
-    if let Some(warning) = outcome
-        .queued_because
-        .as_ref()
-        .and_then(not_the_peer_warning)
-    {
-        eprintln!("p2p-node: warning: {warning}");
-    }
-    if json {
-        println!("{}", send_json(&outcome));
-    } else {
-        println!("{}", send_status(outcome.status, outcome.path));
-    }
+    let request = Request::Send {
+        to: to.into(),
+        text: text.into(),
+    };
+    ops::run(g, paths, request, Need::Use).await?.print(json);
     Ok(())
 }
 
-/// `p2p-node history PEER [--limit N] [--json]`.
+/// `p2p-node history PEER [--limit N] [--json]`. A NodeId or a name this node already
+/// knows needs no discovery; any other name is looked up (and the LAN searched) only
+/// then.
 pub async fn history(
     g: &Global,
     paths: &Paths,
@@ -108,46 +59,180 @@ pub async fn history(
     limit: usize,
     json: bool,
 ) -> Result<()> {
-    let node = open_node(g, paths, false).await?;
-    let mut events = node.subscribe();
-    let result = match node.resolve(peer).await {
-        Ok(r) => node
-            .history(&r.node_id.to_string(), limit)
-            .await
-            .map(|m| (m, r.name)),
-        Err(e) => Err(e.into()),
+    let request = Request::History {
+        peer: peer.into(),
+        limit,
     };
-    node.shutdown().await;
-    print_key_warnings(&mut events);
-    let (messages, name) = result?;
-    let peer_label = sanitize(name.as_deref().unwrap_or(peer));
-    for m in &messages {
-        let text = body_text(&m.body);
-        if json {
-            println!("{}", message_json(m, name.as_deref()));
-        } else {
-            let (from, to) = match m.direction {
-                p2p_node::store::Direction::Incoming => (peer_label.as_str(), "me"),
-                p2p_node::store::Direction::Outgoing => ("me", peer_label.as_str()),
-            };
-            println!(
-                "{}  {from} -> {to}: {}  [{}]",
-                datetime(m.stored_at_ms),
-                sanitize(text),
-                status_word(&m.status)
+    ops::run(g, paths, request, Need::Nothing)
+        .await?
+        .print(json);
+    Ok(())
+}
+
+/// `p2p-node status [--json]`.
+pub async fn status(g: &Global, paths: &Paths, json: bool) -> Result<()> {
+    ops::run(g, paths, Request::Status, Need::Nothing)
+        .await?
+        .print(json);
+    Ok(())
+}
+
+/// `p2p-node stop`: asks the daemon (or `listen`) running on the data directory to log
+/// out, and waits until it has.
+pub async fn stop(paths: &Paths) -> Result<()> {
+    let Some(output) = control::ask(&paths.data_dir, &Request::Stop).await? else {
+        println!("no node is running on {}", paths.data_dir.display());
+        return Ok(());
+    };
+    output.print(false);
+    // Logged out once the data directory's lock is free.
+    let deadline = Instant::now() + STOP_WAIT;
+    loop {
+        match p2p_node::datadir::lock(&paths.data_dir) {
+            Ok(_) => break,
+            Err(p2p_node::datadir::LockError::Locked { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "the node did not stop within {} s; it may still be logging out",
+                STOP_WAIT.as_secs()
             );
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if messages.is_empty() && !json {
-        println!("no messages with {peer_label}");
-    }
+    println!("stopped");
     Ok(())
+}
+
+/// How long `stop` waits for the node to log out.
+const STOP_WAIT: Duration = Duration::from_secs(20);
+
+/// How long `daemon` waits for the node it started to answer.
+const DAEMON_START_WAIT: Duration = Duration::from_secs(30);
+
+/// `p2p-node daemon`: starts `daemon --foreground` in the background, detached from the
+/// terminal, its log in `daemon.log` in the data directory, and waits until it answers.
+pub async fn daemon(paths: &Paths) -> Result<()> {
+    if let Some(output) = control::ask(&paths.data_dir, &Request::Status).await? {
+        output.print(false);
+        anyhow::bail!("a node is already running on {}", paths.data_dir.display());
+    }
+    p2p_node::datadir::prepare(&paths.data_dir)?;
+    let log_path = paths.data_dir.join("daemon.log");
+    p2p_crypto::owner_only::check(&log_path)?;
+    let log = p2p_crypto::owner_only::open_options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    args.push("--foreground".into());
+    let exe = std::env::current_exe().context("cannot find this program")?;
+    let mut child = std::process::Command::new(exe)
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: Ctrl-C in this terminal does not reach it.
+        .process_group(0)
+        .spawn()
+        .context("cannot start the background node")?;
+    let deadline = Instant::now() + DAEMON_START_WAIT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let last = tail
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            anyhow::bail!("the background node exited ({status}): {last}");
+        }
+        if let Ok(Some(_)) = control::ask(&paths.data_dir, &Request::Status).await {
+            break;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "the background node (pid {}) did not answer within {} s; see {}",
+                child.id(),
+                DAEMON_START_WAIT.as_secs(),
+                log_path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "node running in the background (pid {}), log in {}; p2p-node status shows it, \
+         p2p-node stop stops it",
+        child.id(),
+        log_path.display()
+    );
+    Ok(())
+}
+
+/// `p2p-node daemon --foreground`: a node with no terminal: logged in, answering the
+/// other commands on its control socket, until SIGINT, SIGTERM or `p2p-node stop`.
+pub async fn daemon_foreground(g: &Global, paths: &Paths) -> Result<()> {
+    let node = open_node(g, paths, Need::Serve).await?;
+    let stop = CancellationToken::new();
+    let control = serve_control(&node, paths, Kind::Daemon, &stop);
+    eprintln!(
+        "node {} running in the background (pid {})",
+        node.node_id(),
+        std::process::id()
+    );
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            // No terminal to lose: a hang-up is ignored.
+            _ = hangup.recv() => continue,
+            _ = stop.cancelled() => break,
+        }
+    }
+    drop(control);
+    node.shutdown().await;
+    eprintln!("logged out");
+    Ok(())
+}
+
+/// Serves the control socket for a running node; logs (and goes on without) when it
+/// cannot.
+pub fn serve_control(
+    node: &Node,
+    paths: &Paths,
+    kind: Kind,
+    stop: &CancellationToken,
+) -> Option<control::Server> {
+    let handler = ops::handler(node.clone(), paths.clone(), kind, stop.clone());
+    match control::serve(&paths.data_dir, handler) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            tracing::warn!(
+                error = %crate::output::one_line(&e),
+                "other commands cannot reach this node"
+            );
+            None
+        }
+    }
 }
 
 /// `p2p-node listen [--json]`: prints events until SIGINT or SIGTERM, then logs out.
 pub async fn listen(g: &Global, paths: &Paths, json: bool) -> Result<()> {
-    let node = open_node(g, paths, true).await?;
+    let node = open_node(g, paths, Need::Serve).await?;
     let mut events = node.subscribe();
+    let stop = CancellationToken::new();
+    let control = serve_control(&node, paths, Kind::Listen, &stop);
+    if json {
+        if let Some(status) = node.discovery_status() {
+            println!("{}", discovery::status_json(&status.borrow()));
+        }
+    } else {
+        print_discovery(&node);
+    }
     warn_if_not_announced(&node).await;
     let quic = node.local_addr()?;
     if json {
@@ -161,17 +246,13 @@ pub async fn listen(g: &Global, paths: &Paths, json: bool) -> Result<()> {
             })
         );
     } else {
-        println!(
-            "listening as {} on {quic} (discovery {}); Ctrl-C to stop",
-            node.node_id(),
-            node.discovery_url().unwrap_or_else(|| "none".into())
-        );
-        print_embedded_hint(&node);
+        println!("listening as {} on {quic}; Ctrl-C to stop", node.node_id());
     }
-    let mut stop = StopSignals::new()?;
+    let mut signals = StopSignals::new()?;
     loop {
         tokio::select! {
-            () = stop.recv() => break,
+            () = signals.recv() => break,
+            _ = stop.cancelled() => break,
             ev = events.recv() => match ev {
                 Ok(ev) => print_event(&ev, json),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -181,6 +262,7 @@ pub async fn listen(g: &Global, paths: &Paths, json: bool) -> Result<()> {
             },
         }
     }
+    drop(control);
     node.shutdown().await;
     if !json {
         println!("logged out");
@@ -240,16 +322,6 @@ fn bind_relay_socket(
 }
 
 /// Prints the "key changed" warnings a one-shot command ran into on stderr.
-fn print_key_warnings(events: &mut tokio::sync::broadcast::Receiver<NodeEvent>) {
-    while let Ok(ev) = events.try_recv() {
-        if matches!(ev, NodeEvent::KeyChanged { .. }) {
-            if let Some(line) = event_line(&ev) {
-                eprintln!("p2p-node: {line}");
-            }
-        }
-    }
-}
-
 fn print_event(ev: &NodeEvent, json: bool) {
     if json {
         println!("{}", event_json(ev));

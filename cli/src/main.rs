@@ -3,7 +3,10 @@
 
 mod chat;
 mod commands;
+mod control;
+mod discovery;
 mod identity;
+mod ops;
 mod output;
 mod running;
 mod session;
@@ -14,16 +17,24 @@ use std::{io::IsTerminal, net::SocketAddr, path::PathBuf};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-/// Address the embedded discovery server takes when no discovery option is given.
+/// Address a node serves discovery on for the LAN when no discovery option is given
+/// (another port if this one is taken).
 pub const DEFAULT_EMBEDDED_DISCOVERY: &str = "0.0.0.0:7117";
 
 /// Peer-to-peer chat over QUIC, where who you are is an ed25519 key.
 ///
 /// Run with no command for the interactive chat: full-screen when standard input and output
-/// are a terminal, else line by line (for scripts). With neither --discovery nor
-/// --embedded-discovery, the node serves discovery itself on 0.0.0.0:7117 (others on the
-/// LAN use `--discovery http://THIS-HOST:7117`); if that port is already taken on this
-/// machine, it uses the discovery server there, at http://127.0.0.1:7117.
+/// are a terminal, else line by line (for scripts).
+///
+/// With neither --discovery nor --embedded-discovery, nodes on one LAN find each other by
+/// themselves: the chat and `listen` look for the LAN's discovery server with mDNS
+/// (DNS-SD service _p2p-discovery._tcp) and use it; when there is none, they serve it
+/// themselves on 0.0.0.0:7117 and advertise it. When two serve at once, the one with the
+/// lower NodeId stays and the other hands its names and mailboxes over to it; when the
+/// serving node leaves, another takes over. One-shot commands (send, peers, register,
+/// history) look for 2 s and use what they find, or say that none was found. Every
+/// advertisement is signed by the serving node's key; the server in use is shown with its
+/// fingerprint. --no-mdns keeps to this machine instead.
 #[derive(Debug, Parser)]
 #[command(name = "p2p-node", version, about, long_about, max_term_width = 100)]
 struct Cli {
@@ -57,9 +68,15 @@ pub struct Global {
     pub discovery: Option<String>,
 
     /// Run the discovery server inside this node on ADDR (TCP) and use it; others on the
-    /// LAN point --discovery at it.
+    /// LAN point --discovery at it (it is not advertised with mDNS).
     #[arg(long, global = true, value_name = "ADDR")]
     pub embedded_discovery: Option<SocketAddr>,
+
+    /// Do not look for (or advertise) a discovery server on the LAN with mDNS: serve
+    /// discovery on 0.0.0.0:7117, or use the server already on that port of this machine
+    /// (http://127.0.0.1:7117).
+    #[arg(long, global = true, env = "P2P_NO_MDNS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_mdns: bool,
 
     /// UDP address for QUIC connections with other nodes. Default: 0.0.0.0:0 (any port).
     #[arg(long, global = true, value_name = "ADDR")]
@@ -75,7 +92,7 @@ pub struct Global {
     /// (signed with its key), and look peers up there by NodeId when discovery does not
     /// know them or is down. Off by default: it publishes your addresses in a public
     /// table and needs the internet, which a LAN-only setup has no use for.
-    #[arg(long, global = true, env = "P2P_DHT")]
+    #[arg(long, global = true, env = "P2P_DHT", value_parser = clap::builder::BoolishValueParser::new())]
     pub dht: bool,
 
     /// File whose first line is the passphrase protecting the identity key.
@@ -153,17 +170,20 @@ enum Command {
     /// Send TEXT to a peer, by name or NodeId.
     ///
     /// Prints `delivered` when the peer acknowledged it (`delivered via relay` when the
-    /// connection went through the relay), or `queued` when the peer cannot be reached:
-    /// the message then waits in this node's outbox and, sealed to the peer's key, in
-    /// its mailbox on the discovery server, and is delivered by whichever path reaches
-    /// the peer first.
+    /// connection went through the relay), or where the message waits when the peer
+    /// cannot be reached: `queued in the recipient's mailbox` (sealed to the peer's key
+    /// on the discovery server: it arrives when the peer next starts, whether this node
+    /// runs or not) or `queued in your outbox only` (it travels only while a node runs on
+    /// this data directory: the chat, listen, or `p2p-node daemon`).
+    ///
+    /// While a node runs on the data directory, the message goes through it.
     Send {
         /// The peer's name or NodeId.
         to: String,
         /// The message text (quote it).
         text: String,
-        /// Print one JSON object: {"status": "delivered"|"queued", "path":
-        /// "direct"|"relay"|null, "id": ...}.
+        /// Print one JSON object: {"status": "delivered"|"queued", "queued":
+        /// "mailbox"|"outbox"|null, "path": "direct"|"relay"|null, "id": ..., "to": ...}.
         #[arg(long)]
         json: bool,
     },
@@ -182,6 +202,26 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
         /// One JSON object per message, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep a node running in the background, so that messages queued in its outbox
+    /// travel and others reach you while no chat or listen runs.
+    ///
+    /// It logs in as `listen` does, with no terminal (its log goes to daemon.log in the
+    /// data directory), and answers the other commands on this data directory (send,
+    /// history, peers, register, status) through its control socket. `p2p-node stop`
+    /// stops it.
+    Daemon {
+        /// Run in this process instead of in the background (for a service manager).
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop the background node (or `listen`) running on this data directory.
+    Stop,
+    /// Whether a node runs on this data directory, its discovery, connections and outbox.
+    Status {
+        /// One JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -238,7 +278,9 @@ fn main() -> std::process::ExitCode {
     // (and a one-line error), so background retries stay quiet unless -v is given.
     let long_running = matches!(
         cli.command,
-        None | Some(Command::Listen { .. }) | Some(Command::Discovery { .. })
+        None | Some(Command::Listen { .. })
+            | Some(Command::Discovery { .. })
+            | Some(Command::Daemon { .. })
     );
     // The full-screen chat shows the log on its screen; anything on stderr would land in
     // the middle of it.
@@ -369,6 +411,10 @@ async fn run(cli: Cli, logs: Option<tokio::sync::mpsc::Receiver<String>>) -> Res
             commands::send(&g, &paths, &to, &text, json).await
         }
         Some(Command::Listen { json }) => commands::listen(&g, &paths, json).await,
+        Some(Command::Daemon { foreground: false }) => commands::daemon(&paths).await,
+        Some(Command::Daemon { foreground: true }) => commands::daemon_foreground(&g, &paths).await,
+        Some(Command::Stop) => commands::stop(&paths).await,
+        Some(Command::Status { json }) => commands::status(&g, &paths, json).await,
         Some(Command::History { peer, limit, json }) => {
             commands::history(&g, &paths, &peer, limit, json).await
         }

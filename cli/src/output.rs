@@ -250,7 +250,7 @@ pub fn not_the_peer_warning(reason: &QueueReason) -> Option<String> {
 }
 
 /// The JSON object `send --json` prints: status, path, id, recipient and, for a queued
-/// message, why.
+/// message, where it waits and why.
 pub fn send_json(outcome: &p2p_node::SendOutcome) -> serde_json::Value {
     let reason = outcome.queued_because.map(|r| match r {
         QueueReason::NotThePeer {
@@ -268,11 +268,16 @@ pub fn send_json(outcome: &p2p_node::SendOutcome) -> serde_json::Value {
         }),
         other => json!({ "code": other.as_str() }),
     });
+    let queued = match outcome.status {
+        SendStatus::Queued => Some(outcome.queued.unwrap_or(p2p_node::Queued::Outbox).as_str()),
+        SendStatus::Delivered => None,
+    };
     json!({
         "status": match outcome.status {
             SendStatus::Delivered => "delivered",
             SendStatus::Queued => "queued",
         },
+        "queued": queued,
         "path": outcome.path.map(PathKind::as_str),
         "id": outcome.id.to_string(),
         "to": outcome.to.to_string(),
@@ -353,6 +358,15 @@ pub fn event_line(ev: &NodeEvent) -> Option<String> {
             sanitize(name),
             sanitize(name)
         ),
+        NodeEvent::DiscoveryChanged(status) => {
+            format!("* {}", crate::discovery::status_text(status))
+        }
+        NodeEvent::StorageFailing { error } => format!(
+            "WARNING: cannot store messages ({}); refusing them until the disk takes \
+             writes again",
+            sanitize(error)
+        ),
+        NodeEvent::StorageRecovered => "* storing messages again".to_owned(),
         #[allow(unreachable_patterns)]
         _ => return None,
     })
@@ -417,6 +431,12 @@ pub fn event_json(ev: &NodeEvent) -> serde_json::Value {
             "pinned": pinned.to_string(),
             "announced": announced.to_string(),
         }),
+        NodeEvent::DiscoveryChanged(status) => crate::discovery::status_json(status),
+        NodeEvent::StorageFailing { error } => json!({
+            "event": "storage_failing",
+            "error": error,
+        }),
+        NodeEvent::StorageRecovered => json!({ "event": "storage_recovered" }),
         #[allow(unreachable_patterns)]
         _ => json!({ "event": "other" }),
     }
@@ -467,9 +487,11 @@ mod tests {
             status: SendStatus::Queued,
             path: None,
             queued_because: Some(reason),
+            queued: Some(p2p_node::Queued::Mailbox),
         };
         let v = send_json(&outcome);
         assert_eq!(v["status"], "queued");
+        assert_eq!(v["queued"], "mailbox");
         assert_eq!(v["reason"]["code"], "not_the_peer");
         assert_eq!(v["reason"]["cause"], "other_key");
         assert_eq!(v["reason"]["addr"], "192.0.2.7:7000");

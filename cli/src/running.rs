@@ -1,47 +1,21 @@
 //! Running a node for a command: starting it (identity, the discovery to use), waiting
-//! for the login, telling how others reach an embedded discovery server, and the one
-//! set of signals every long-running command stops on.
-
-use std::net::SocketAddr;
+//! for the login, saying which discovery it uses, and the one set of signals every
+//! long-running command stops on.
 
 use anyhow::{Context, Result};
 use p2p_node::Node;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::{
+    discovery::{self, Choice, Need},
     identity::{self, Paths},
-    Global, DEFAULT_EMBEDDED_DISCOVERY,
+    Global,
 };
 
-/// Where discovery is for this run.
-enum Discovery {
-    Url(String),
-    Embedded(SocketAddr),
-}
-
-/// `--discovery`, `--embedded-discovery`, or the default: serve discovery ourselves on
-/// [`DEFAULT_EMBEDDED_DISCOVERY`], or use the server already on that port of this machine.
-fn discovery_choice(g: &Global) -> Discovery {
-    if let Some(url) = &g.discovery {
-        return Discovery::Url(url.clone());
-    }
-    if let Some(addr) = g.embedded_discovery {
-        return Discovery::Embedded(addr);
-    }
-    let default: SocketAddr = DEFAULT_EMBEDDED_DISCOVERY
-        .parse()
-        .expect("constant address parses");
-    match std::net::TcpListener::bind(default) {
-        Ok(probe) => {
-            drop(probe);
-            Discovery::Embedded(default)
-        }
-        Err(_) => Discovery::Url(format!("http://127.0.0.1:{}", default.port())),
-    }
-}
-
-/// Loads the identity and starts a node for this data directory.
-pub async fn open_node(g: &Global, paths: &Paths, announce: bool) -> Result<Node> {
+/// Loads the identity and starts a node for this data directory, with the discovery
+/// the command needs (see [`discovery::choose`]); long-running commands announce.
+pub async fn open_node(g: &Global, paths: &Paths, need: Need) -> Result<Node> {
+    let announce = need == Need::Serve;
     let pass = identity::passphrase(g.passphrase_file.as_deref())?;
     let (key, protected) = identity::load_or_create(paths, pass.as_ref().map(|p| p.as_slice()))?;
     let mut builder = Node::builder(key)
@@ -58,30 +32,20 @@ pub async fn open_node(g: &Global, paths: &Paths, announce: bool) -> Result<Node
     if let Some(name) = paths.registered_name()? {
         builder = builder.name(name);
     }
-    builder = match discovery_choice(g) {
-        Discovery::Url(url) => builder.discovery_url(url),
-        Discovery::Embedded(addr) => builder.embedded_discovery(addr),
+    builder = match discovery::choose(g, need).await {
+        Choice::Url(url) => builder.discovery_url(url),
+        Choice::Embedded(addr) => builder.embedded_discovery(addr),
+        Choice::Lan(config) => builder.lan_discovery(config),
+        Choice::None => builder,
     };
     Ok(builder.bind().await?)
 }
 
-/// Tells the user how others reach the discovery server this node runs, if any.
-pub fn print_embedded_hint(node: &Node) {
-    if let Some(hint) = embedded_hint(node) {
-        println!("{hint}");
+/// Tells the user which discovery server is in use (or served), if any.
+pub fn print_discovery(node: &Node) {
+    if let Some(status) = node.discovery_status() {
+        println!("{}", discovery::status_text(&status.borrow()));
     }
-}
-
-/// How others reach the discovery server this node runs, if it runs one.
-pub fn embedded_hint(node: &Node) -> Option<String> {
-    let addr = node.embedded_discovery_addr()?;
-    let url = node.embedded_discovery_lan_url()?;
-    let mut hint =
-        format!("serving discovery on {addr}; others on the LAN use: p2p-node --discovery {url}");
-    if let Some(relay) = node.embedded_relay_addr() {
-        hint.push_str(&format!("\nserving the relay on udp {relay}"));
-    }
-    Some(hint)
 }
 
 /// How long `listen` and the chat wait for the first announcement before going on.

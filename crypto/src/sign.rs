@@ -23,6 +23,8 @@ pub enum Domain {
     SealedEnvelope,
     /// A path probe between two nodes (ping, pong, call-me-maybe) for hole punching.
     PathProbe,
+    /// A discovery server's advertisement on the LAN (the DNS-SD TXT record).
+    LanAdvert,
 }
 
 impl Domain {
@@ -35,6 +37,7 @@ impl Domain {
             Domain::Request => b"p2p-node/v1/request",
             Domain::SealedEnvelope => b"p2p-node/v1/sealed-envelope",
             Domain::PathProbe => b"p2p-node/v1/path-probe",
+            Domain::LanAdvert => b"p2p-node/v1/lan-advert",
         }
     }
 

@@ -18,6 +18,13 @@ pub const HEADER_TIMESTAMP: &str = "x-p2p-timestamp";
 /// Header carrying the base32 signature of a signed mailbox request.
 pub const HEADER_SIGNATURE: &str = "x-p2p-signature";
 
+/// Header on every response of a server whose presence records live in its memory: a
+/// random number drawn when the server started (decimal). When it changes, the server
+/// restarted and forgot every presence record, and a node announces itself again at
+/// once instead of at its next scheduled renewal. Absent when presence is kept in a
+/// database across restarts (PostgreSQL).
+pub const HEADER_PRESENCE_EPOCH: &str = "x-p2p-presence-epoch";
+
 /// A stored name claim, as returned by the server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClaimEntry {

@@ -3,7 +3,10 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -15,7 +18,7 @@ use crate::{
     api::{
         request_signing_bytes, AnnounceResponse, ClaimResponse, DeleteRequest, DeleteResponse,
         DepositRequest, DepositResponse, ErrorBody, MailboxResponse, OnlineResponse, PeerEntry,
-        RelayResponse, WithdrawResponse, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+        RelayResponse, WithdrawResponse, HEADER_PRESENCE_EPOCH, HEADER_SIGNATURE, HEADER_TIMESTAMP,
     },
     clock,
     record::{
@@ -320,6 +323,35 @@ fn next_timestamp() -> u64 {
 pub struct Client {
     http: reqwest::Client,
     base: Url,
+    epoch: Arc<PresenceEpoch>,
+}
+
+/// The server's presence epoch as last seen, and how often it changed.
+#[derive(Debug)]
+struct PresenceEpoch {
+    last: Mutex<Option<u64>>,
+    resets: tokio::sync::watch::Sender<u64>,
+}
+
+impl PresenceEpoch {
+    fn new() -> Self {
+        Self {
+            last: Mutex::new(None),
+            resets: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// Notes the epoch of a response; counts a change from one seen before.
+    fn observe(&self, epoch: u64) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = last.is_some_and(|l| l != epoch);
+        *last = Some(epoch);
+        drop(last);
+        if changed {
+            tracing::info!("the discovery server restarted and forgot who is online");
+            self.resets.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
 }
 
 impl Client {
@@ -356,7 +388,19 @@ impl Client {
             .no_proxy()
             .build()
             .map_err(ClientError::Transport)?;
-        Ok(Self { http, base })
+        Ok(Self {
+            http,
+            base,
+            epoch: Arc::new(PresenceEpoch::new()),
+        })
+    }
+
+    /// Counts the restarts of the server this client has seen: a server that keeps
+    /// presence in memory sends [`HEADER_PRESENCE_EPOCH`] on every response, and a new
+    /// value means it forgot every presence record, ours included. Changes (by one per
+    /// restart seen) as soon as a response shows it.
+    pub fn presence_resets(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.epoch.resets.subscribe()
     }
 
     /// The base URL.
@@ -380,6 +424,14 @@ impl Client {
         req: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
         let resp = req.send().await.map_err(map_reqwest)?;
+        if let Some(epoch) = resp
+            .headers()
+            .get(HEADER_PRESENCE_EPOCH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            self.epoch.observe(epoch);
+        }
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -503,6 +555,13 @@ impl Client {
             },
         )
         .map_err(ClientError::InvalidRequest)?;
+        self.publish_claim(&claim).await
+    }
+
+    /// Publishes a claim signed earlier, by this key or another (a server handing its
+    /// names over to another one). Returns whether the server changed anything.
+    /// Errors: [`ClientError::NameTaken`] if another key holds the name there.
+    pub async fn publish_claim(&self, claim: &Signed<NameClaim>) -> Result<bool, ClientError> {
         let resp: ClaimResponse = self.post_json("/v1/names", &claim.to_wire()).await?;
         Ok(resp.changed)
     }

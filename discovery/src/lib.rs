@@ -69,6 +69,7 @@ pub mod api;
 mod client;
 mod clock;
 mod error;
+pub mod handover;
 mod listen;
 mod presence;
 pub mod ratelimit;
@@ -93,5 +94,5 @@ pub use server::{paths, router, serve, AppState, ServerConfig, ServerError, ROUT
 pub use store::{
     describe_url, is_postgres_url, open_store, Announced, ClaimOutcome, DepositOutcome, Fetched,
     LivePresence, LocalStore, MemoryStore, OnlinePage, PeerState, PgOptions, PgStore, RedbStore,
-    RequestSeen, Store, StoreError, StoreStats, Withdrawn,
+    RequestSeen, Store, StoreError, StoreStats, StoredEnvelope, Withdrawn,
 };

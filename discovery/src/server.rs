@@ -35,7 +35,7 @@ use crate::{
         request_signing_bytes, AnnounceResponse, ClaimEntry, ClaimResponse, DeleteRequest,
         DeleteResponse, DepositRequest, DepositResponse, MailboxItemWire, MailboxResponse,
         OnlineResponse, PeerEntry, PresenceEntry, RelayResponse, WithdrawResponse,
-        HEADER_SIGNATURE, HEADER_TIMESTAMP,
+        HEADER_PRESENCE_EPOCH, HEADER_SIGNATURE, HEADER_TIMESTAMP,
     },
     clock::{Clock, SystemClock},
     error::{AppError, ErrorCode},
@@ -186,6 +186,9 @@ struct Inner {
     limiter: Mutex<RateLimiter>,
     metrics: Metrics,
     relay: std::sync::OnceLock<RelayAdvert>,
+    /// The value of [`HEADER_PRESENCE_EPOCH`] on every response, when presence lives in
+    /// this process only.
+    presence_epoch: Option<header::HeaderValue>,
 }
 
 /// The relay served beside this HTTP server, as `GET /v1/relay` announces it.
@@ -232,6 +235,8 @@ impl AppState {
             )),
             metrics: Metrics::default(),
             relay: std::sync::OnceLock::new(),
+            presence_epoch: (!store.keeps_presence())
+                .then(|| header::HeaderValue::from(rand::thread_rng().gen::<u64>())),
             config,
             store,
             clock,
@@ -286,6 +291,15 @@ impl AppState {
     /// The store.
     fn store(&self) -> &dyn Store {
         &*self.inner.store
+    }
+
+    /// Hands this server's names and mailboxes over to the server of `to` (see
+    /// [`crate::handover`]). Call it once this server no longer serves requests.
+    pub async fn hand_over(
+        &self,
+        to: &crate::Client,
+    ) -> Result<crate::handover::HandoverReport, crate::handover::HandoverError> {
+        crate::handover::hand_over(self.store(), to).await
     }
 
     /// Drops what expired from the store, every `cleanup_interval`, until `stop`.
@@ -572,6 +586,10 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
         && resp.extensions().get::<ErrorCode>().is_none()
     {
         resp = layer_refusal(status).into_response();
+    }
+    if let Some(epoch) = &state.inner.presence_epoch {
+        resp.headers_mut()
+            .insert(HEADER_PRESENCE_EPOCH, epoch.clone());
     }
     let code = resp.extensions().get::<ErrorCode>().copied();
     state

@@ -15,6 +15,7 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 struct Running {
     url: String,
+    state: Option<AppState>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), p2p_discovery::ServerError>>,
 }
@@ -23,7 +24,9 @@ impl Running {
     /// A real server on `store`, with the system clock.
     async fn on(store: Arc<dyn Store>) -> Self {
         let state = AppState::new(ServerConfig::default(), store, Arc::new(SystemClock));
-        Self::start(Some(p2p_discovery::router(state))).await
+        let mut running = Self::start(Some(p2p_discovery::router(state.clone()))).await;
+        running.state = Some(state);
+        running
     }
 
     async fn start(app: Option<Router>) -> Self {
@@ -48,6 +51,7 @@ impl Running {
         };
         Self {
             url: format!("http://{addr}"),
+            state: None,
             stop: Some(stop),
             task,
         }
@@ -374,7 +378,94 @@ async fn oversized_responses_are_refused() {
     server.stop().await;
 }
 
-backend_suite!(client_round_trip_against_a_real_server);
+/// A server hands its names and mailboxes over to another: claims verified there as if
+/// their nodes sent them, envelopes moved (deleted here only once stored there), a name
+/// taken there reported; a second hand-over moves nothing twice.
+async fn a_server_hands_its_names_and_mail_over(b: &common::Backend<'_>) {
+    let (store, _dir) = b.store().await;
+    let old = Running::on(store).await;
+    let new = Running::on(Arc::new(p2p_discovery::MemoryStore::new())).await;
+    let (to_old, to_new) = (
+        Client::new(&old.url).expect("client"),
+        Client::new(&new.url).expect("client"),
+    );
+    let (alice, bob, carol) = (
+        SecretKey::generate(),
+        SecretKey::generate(),
+        SecretKey::generate(),
+    );
+    to_old.claim_name(&alice, "alice").await.expect("claim");
+    to_old.claim_name(&bob, "bob").await.expect("claim");
+    // Carol took "bob" on the other server first.
+    to_new.claim_name(&carol, "bob").await.expect("claim");
+    let key = alice.mailbox_secret().public();
+    let mut sent = Vec::new();
+    for i in 0..3u8 {
+        let envelope = seal::seal(&bob, &alice.public(), &key, &[i]);
+        to_old
+            .deposit(&alice.public(), envelope.clone())
+            .await
+            .expect("deposit");
+        sent.push(envelope);
+    }
+    // Mail for a node the other server does not know (erin is only online here, with no
+    // name) stays here.
+    let erin = SecretKey::generate();
+    let addr: SocketAddr = "192.0.2.7:4000".parse().expect("addr");
+    to_old
+        .announce(&erin, None, &[addr], Duration::from_secs(60))
+        .await
+        .expect("announce");
+    let for_erin = seal::seal(&bob, &erin.public(), &erin.mailbox_secret().public(), b"e");
+    to_old
+        .deposit(&erin.public(), for_erin)
+        .await
+        .expect("deposit");
+
+    let state = old.state.clone().expect("state");
+    let report = state.hand_over(&to_new).await.expect("hand over");
+    assert_eq!(report.names, 1, "{report:?}");
+    assert_eq!(report.names_taken, vec![("bob".to_owned(), bob.public())]);
+    assert_eq!(report.envelopes, 3);
+    assert_eq!(report.envelopes_kept, 1);
+
+    let found = to_new.lookup_name("alice").await.expect("lookup");
+    assert_eq!(found.map(|p| p.node_id), Some(alice.public()));
+    let found = to_new.lookup_name("bob").await.expect("lookup");
+    assert_eq!(found.map(|p| p.node_id), Some(carol.public()));
+    let moved = to_new.fetch_mailbox(&alice).await.expect("fetch");
+    let moved: Vec<Vec<u8>> = moved.items.into_iter().map(|i| i.envelope).collect();
+    assert_eq!(moved, sent);
+    assert!(to_old
+        .fetch_mailbox(&alice)
+        .await
+        .expect("fetch")
+        .items
+        .is_empty());
+
+    // Again: the claim is already there, and only erin's envelope is left, until erin
+    // shows up there.
+    let again = state.hand_over(&to_new).await.expect("hand over");
+    assert_eq!(
+        (again.names, again.envelopes, again.envelopes_kept),
+        (1, 0, 1)
+    );
+    to_new
+        .announce(&erin, None, &[addr], Duration::from_secs(60))
+        .await
+        .expect("announce");
+    let last = state.hand_over(&to_new).await.expect("hand over");
+    assert_eq!((last.envelopes, last.envelopes_kept), (1, 0));
+    let moved = to_new.fetch_mailbox(&erin).await.expect("fetch");
+    assert_eq!(moved.items.len(), 1);
+    old.stop().await;
+    new.stop().await;
+}
+
+backend_suite!(
+    client_round_trip_against_a_real_server,
+    a_server_hands_its_names_and_mail_over
+);
 
 /// The default server (`AppState::open`, in memory) answers the client too.
 #[tokio::test]

@@ -8,6 +8,7 @@
 //! - [`node`]: the messaging runtime ([`Node`]) that ties them together with discovery.
 
 pub mod datadir;
+pub mod discovery;
 pub mod endpoint;
 pub mod net;
 pub mod node;
@@ -21,6 +22,7 @@ pub use endpoint::{Connection, Endpoint, TransportSettings};
 pub use net::{HomeRelay, PathConfig, PathEvent, PathKind};
 pub use node::{
     BindError, DhtConfig, DhtError, DhtRecord, DiscoveryError, HistoryError, MailboxError, Node,
-    NodeBuilder, NodeEvent, NotThePeerCause, PeerInfo, PeersError, QueueReason, RegisterError,
-    ResolveError, Resolved, SendError, SendOutcome, SendStatus, StorageError, Timings, Via,
+    NodeBuilder, NodeEvent, NotThePeerCause, OutboxReport, PeerInfo, PeersError, QueueReason,
+    Queued, RegisterError, ResolveError, Resolved, SendError, SendOutcome, SendStatus,
+    StorageError, Timings, Via,
 };

@@ -73,7 +73,6 @@
 
 mod deliver;
 pub(crate) mod dht;
-mod disco;
 mod error;
 mod inbound;
 mod mailbox;
@@ -82,6 +81,7 @@ mod peers;
 mod pool;
 mod presence;
 mod relaying;
+mod storage;
 mod tracker;
 mod writer;
 
@@ -89,7 +89,7 @@ use std::{
     collections::HashMap,
     fs::File,
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{atomic::Ordering, Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -104,15 +104,19 @@ use tokio_util::{
 };
 
 use crate::{
+    discovery::{
+        Discovery, DiscoveryContext, DiscoveryStatus, DiscoveryUrl, EmbeddedDiscovery,
+        IntoDiscovery, LanConfig, LanDiscovery, Serving,
+    },
     endpoint::{Endpoint, TransportSettings},
     net::{PathConfig, PathKind},
     store::{Contact, OutboxEntry, PinOutcome, Store, StoreError, StoredMessage},
     wire::{ChatMessage, MessageId, RejectCode},
 };
 
+pub use crate::discovery::DiscoveryError;
 pub use deliver::{NotThePeerCause, QueueReason};
 pub use dht::{DhtConfig, DhtError, DhtRecord};
-pub use disco::DiscoveryError;
 pub use error::{
     BindError, HistoryError, MailboxError, PeersError, RegisterError, ResolveError, SendError,
     StorageError,
@@ -146,6 +150,10 @@ pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
 /// yet acknowledged), across all its streams: 16 frames of the maximum size. A stream
 /// whose frame does not fit waits (within its read timeout) until others are done.
 pub const CONNECTION_FRAME_BUDGET: usize = 16 * crate::wire::MAX_FRAME_LEN;
+
+/// Longest [`Node::shutdown`] waits for closed connections to finish draining once their
+/// close frames are out: well under a second, however slow or lossy the path.
+pub const CLOSE_GRACE: Duration = Duration::from_millis(150);
 
 /// Most incoming messages written in one group commit.
 pub const MAX_WRITE_BATCH: usize = 1024;
@@ -314,6 +322,19 @@ pub enum NodeEvent {
         /// The NodeId discovery now returns for it.
         announced: NodeId,
     },
+    /// The discovery server in use changed (the LAN's server moved, this node started or
+    /// stopped serving it), or there is none for now (`url` is `None`).
+    DiscoveryChanged(DiscoveryStatus),
+    /// The database cannot be written (a full disk, a file system turned read-only):
+    /// incoming messages are refused, not acknowledged (their senders keep them and
+    /// retry), and sends fail, until [`NodeEvent::StorageRecovered`]. The node opens
+    /// the database again by itself, with backoff.
+    StorageFailing {
+        /// What the database reported.
+        error: String,
+    },
+    /// The database takes writes again after [`NodeEvent::StorageFailing`].
+    StorageRecovered,
 }
 
 /// The result of [`Node::resolve`].
@@ -348,25 +369,51 @@ pub struct SendOutcome {
     pub path: Option<PathKind>,
     /// For a queued message, why it could not be delivered at once.
     pub queued_because: Option<QueueReason>,
+    /// For a queued message, where it waits.
+    pub queued: Option<Queued>,
+}
+
+/// Where a queued message waits for its recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Queued {
+    /// Sealed in the recipient's mailbox on discovery (and in the outbox): it arrives
+    /// when the recipient next starts, whether this node runs or not.
+    Mailbox,
+    /// Only in this node's outbox (the mailbox could not take it yet): it travels only
+    /// while this node runs.
+    Outbox,
+}
+
+impl Queued {
+    /// `"mailbox"` or `"outbox"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Queued::Mailbox => "mailbox",
+            Queued::Outbox => "outbox",
+        }
+    }
+}
+
+/// What [`Node::flush_outbox`] left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxReport {
+    /// Messages still in the outbox.
+    pub queued: usize,
+    /// Of those, messages that are only in the outbox (not in their recipient's mailbox):
+    /// they travel only while this node runs.
+    pub only_here: usize,
 }
 
 // ---------------------------------------------------------------------------------------
 // Builder
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone)]
-enum DiscoveryChoice {
-    None,
-    Url(String),
-    Embedded(SocketAddr),
-}
-
 /// Builder for [`Node`]; see [`Node::builder`].
 #[derive(Debug)]
 pub struct NodeBuilder {
     secret: SecretKey,
     data_dir: Option<PathBuf>,
-    discovery: DiscoveryChoice,
+    discovery: Option<Box<dyn IntoDiscovery>>,
     listen: SocketAddr,
     name: Option<String>,
     announce: bool,
@@ -391,18 +438,28 @@ impl NodeBuilder {
         self
     }
 
-    /// Use the discovery server at this URL (e.g. `http://192.168.1.10:7117`).
-    pub fn discovery_url(mut self, url: impl Into<String>) -> Self {
-        self.discovery = DiscoveryChoice::Url(url.into());
+    /// The discovery this node uses (see [`crate::discovery`]); none by default.
+    pub fn discovery(mut self, discovery: impl IntoDiscovery) -> Self {
+        self.discovery = Some(Box::new(discovery));
         self
+    }
+
+    /// Use the discovery server at this URL (e.g. `http://192.168.1.10:7117`).
+    pub fn discovery_url(self, url: impl Into<String>) -> Self {
+        self.discovery(DiscoveryUrl(url.into()))
     }
 
     /// Run the discovery server inside this node on this TCP address (its database is
     /// `<data-dir>/discovery.redb`) and use it. When `addr` is an unspecified address
     /// (`0.0.0.0`/`::`), the node talks to it over loopback.
-    pub fn embedded_discovery(mut self, addr: SocketAddr) -> Self {
-        self.discovery = DiscoveryChoice::Embedded(addr);
-        self
+    pub fn embedded_discovery(self, addr: SocketAddr) -> Self {
+        self.discovery(EmbeddedDiscovery::config(addr))
+    }
+
+    /// Use the LAN's discovery server, found with mDNS, or serve one here when there is
+    /// none (see [`LanDiscovery`]).
+    pub fn lan_discovery(self, config: LanConfig) -> Self {
+        self.discovery(LanDiscovery::config(config))
     }
 
     /// The UDP address for QUIC. Default `0.0.0.0:0`.
@@ -538,7 +595,15 @@ impl NodeBuilder {
             .bind()
             .await?;
 
-        let (writer, writer_thread) = writer::spawn(store.clone()).map_err(BindError::Thread)?;
+        let health = Arc::new(storage::Health::default());
+        let (writer, writer_thread) = writer::spawn(
+            store.clone(),
+            writer::Report {
+                health: health.clone(),
+                events: self.events.clone(),
+            },
+        )
+        .map_err(BindError::Thread)?;
         let mut directory = peers::PeerDirectory::default();
         let contacts = {
             let store = store.clone();
@@ -550,26 +615,21 @@ impl NodeBuilder {
             }
             directory.set_name(c.node_id, name);
         }
-        let server_cancel = CancellationToken::new();
-        // Stops the embedded server if anything below fails.
-        let server_guard = server_cancel.clone().drop_guard();
-        let (disco, embedded) = match &self.discovery {
-            DiscoveryChoice::None => (None, None),
-            DiscoveryChoice::Url(url) => (
-                Some(disco::Disco::new(url, self.timings.dial_timeout)?),
-                None,
+        let cancel = CancellationToken::new();
+        // Stops what the discovery runs if anything below fails.
+        let start_guard = cancel.clone().drop_guard();
+        let disco = match self.discovery {
+            None => None,
+            Some(d) => Some(
+                d.into_discovery(DiscoveryContext {
+                    secret: self.secret.clone(),
+                    data_dir: dir.clone(),
+                    relay: self.use_relay,
+                    timeout: self.timings.dial_timeout,
+                    cancel: cancel.clone(),
+                })
+                .await?,
             ),
-            DiscoveryChoice::Embedded(addr) => {
-                let server = disco::start_embedded(
-                    *addr,
-                    dir.join(DISCOVERY_DB_FILE),
-                    self.use_relay.then(|| dir.join(RELAY_KEY_FILE)),
-                    &server_cancel,
-                )
-                .await?;
-                let client = disco::Disco::new(&server.url, self.timings.dial_timeout)?;
-                (Some(client), Some(server))
-            }
         };
 
         let dht = match self.dht.clone() {
@@ -580,7 +640,6 @@ impl NodeBuilder {
             None => None,
         };
         let (drained_tx, _) = watch::channel(false);
-        let cancel = CancellationToken::new();
         let inner = Arc::new(Inner {
             node_id: self.secret.public(),
             secret: self.secret,
@@ -588,14 +647,11 @@ impl NodeBuilder {
             store,
             writer,
             writer_thread: Mutex::new(Some(writer_thread)),
+            health,
             events: self.events,
             timings: self.timings,
             disco,
             dht,
-            embedded_addr: embedded.as_ref().map(|e| e.addr),
-            embedded_relay: embedded.as_ref().and_then(|e| e.relay_addr),
-            embedded: Mutex::new(embedded.map(|e| e.task)),
-            server_cancel,
             announce: self.announce,
             announced: watch::channel(false).0,
             name: Mutex::new(self.name),
@@ -607,6 +663,7 @@ impl NodeBuilder {
             use_relay: self.use_relay,
             publish_addrs: self.publish_addrs,
             outbox_wake: Notify::new(),
+            discovery_back: Notify::new(),
             conn_limit: Arc::new(Semaphore::new(self.max_connections)),
             cancel: cancel.clone(),
             tracker: TaskTracker::new(),
@@ -617,7 +674,7 @@ impl NodeBuilder {
             _lock: lock,
         });
 
-        server_guard.disarm();
+        start_guard.disarm();
         inner.tracker.spawn(crate::net::drive(
             inner.endpoint.net().clone(),
             inner.endpoint.clone(),
@@ -638,8 +695,14 @@ impl NodeBuilder {
         if inner.dht.is_some() {
             inner.tracker.spawn(dht::publish_loop(inner.clone()));
         }
+        inner.tracker.spawn(storage::heal_loop(inner.clone()));
         inner.tracker.spawn(outbox::run(inner.clone()));
         inner.tracker.spawn(mailbox::run(inner.clone()));
+        if let Some(status) = inner.discovery_status() {
+            inner
+                .tracker
+                .spawn(report_discovery_changes(inner.clone(), status));
+        }
         if inner.disco.is_some() {
             if inner.announce {
                 inner.tracker.spawn(presence::announce_loop(inner.clone()));
@@ -681,15 +744,13 @@ pub(crate) struct Inner {
     store: Arc<Store>,
     writer: writer::Writer,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Whether the database takes writes (see [`storage`]).
+    health: Arc<storage::Health>,
     events: broadcast::Sender<NodeEvent>,
     timings: Timings,
-    disco: Option<disco::Disco>,
+    disco: Option<Arc<dyn Discovery>>,
     /// The DHT client, when the node uses the DHT.
     dht: Option<dht::Dht>,
-    embedded_addr: Option<SocketAddr>,
-    embedded_relay: Option<SocketAddr>,
-    embedded: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    server_cancel: CancellationToken,
     announce: bool,
     /// Whether our presence is announced on discovery (true after the first success).
     announced: watch::Sender<bool>,
@@ -709,6 +770,9 @@ pub(crate) struct Inner {
     /// Whether presence records list our direct addresses.
     publish_addrs: bool,
     outbox_wake: Notify,
+    /// The discovery server answers again after an outage (the announce task stops its
+    /// backoff).
+    discovery_back: Notify,
     conn_limit: Arc<Semaphore>,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -723,8 +787,8 @@ pub(crate) struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Dropped without `shutdown`: stop the embedded server too.
-        self.server_cancel.cancel();
+        // Dropped without `shutdown`: stop what the discovery runs too.
+        self.cancel.cancel();
     }
 }
 
@@ -745,7 +809,7 @@ impl Node {
         NodeBuilder {
             secret,
             data_dir: None,
-            discovery: DiscoveryChoice::None,
+            discovery: None,
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             name: None,
             announce: true,
@@ -780,12 +844,12 @@ impl Node {
 
     /// The TCP address of the embedded discovery server, if this node runs one.
     pub fn embedded_discovery_addr(&self) -> Option<SocketAddr> {
-        self.inner.embedded_addr
+        Some(self.serving_discovery()?.addr)
     }
 
     /// The UDP address of the embedded discovery server's relay, if it runs one.
     pub fn embedded_relay_addr(&self) -> Option<SocketAddr> {
-        self.inner.embedded_relay
+        self.serving_discovery()?.relay
     }
 
     /// This node's home relay: which one, whether the link to it is up, and the address
@@ -801,23 +865,29 @@ impl Node {
         conn.path()
     }
 
+    /// The peers this node has an open connection with, and the path each takes.
+    pub fn connections(&self) -> Vec<(NodeId, Option<PathKind>)> {
+        let peers = self.inner.pool().live_peers();
+        peers.into_iter().map(|p| (p, self.path_of(&p))).collect()
+    }
+
     /// The direct address in use for `peer` and its round-trip time, if a direct path
     /// is proven.
     pub fn direct_path_of(&self, peer: &NodeId) -> Option<(SocketAddr, Option<Duration>)> {
         self.inner.endpoint.net().direct_of(peer)
     }
 
-    /// The URL other machines use to reach the embedded discovery server, if this node
-    /// runs one: for a server bound to an unspecified address, the address of the
-    /// interface that routes outwards (asked of the routing table; no packet is sent).
-    pub fn embedded_discovery_lan_url(&self) -> Option<String> {
-        let addr = self.inner.embedded_addr?;
-        let ip = if addr.ip().is_unspecified() {
-            presence::outward_ip(addr).unwrap_or(addr.ip())
-        } else {
-            addr.ip()
-        };
-        Some(format!("http://{}", SocketAddr::new(ip, addr.port())))
+    /// Which discovery server this node uses, and its changes (`None` without
+    /// discovery).
+    pub fn discovery_status(&self) -> Option<watch::Receiver<DiscoveryStatus>> {
+        self.inner.disco.as_ref().map(|d| d.status())
+    }
+
+    /// The discovery server this node runs now, if it runs one: where it listens and the
+    /// URLs other machines reach it at (every address of this machine that is up and not
+    /// loopback, when it listens on all of them).
+    pub fn serving_discovery(&self) -> Option<Serving> {
+        self.inner.disco.as_ref()?.status().borrow().serving.clone()
     }
 
     /// Waits until this node is announced online on discovery ("logged in"), at most
@@ -972,6 +1042,22 @@ impl Node {
         self.inner.blocking(|s| s.outbox()).await
     }
 
+    /// Tries every message of the outbox that is not yet in its recipient's mailbox
+    /// once, now, whatever its schedule (direct delivery, else a deposit in the mailbox),
+    /// for up to `within`; says what is left. For short-lived nodes (one-shot commands), whose outbox task would
+    /// not get to it: the attempts go on in the background until the node shuts down.
+    pub async fn flush_outbox(&self, within: Duration) -> Result<OutboxReport, StorageError> {
+        let round = tokio::spawn(outbox::flush(self.inner.clone()));
+        if let Ok(Err(e)) = tokio::time::timeout(within, round).await {
+            tracing::debug!(error = %e, "outbox flush ended early");
+        }
+        let left = self.outbox().await?;
+        Ok(OutboxReport {
+            queued: left.len(),
+            only_here: left.iter().filter(|e| !e.mailbox_deposited).count(),
+        })
+    }
+
     /// The nodes online now, as listed by discovery (signatures verified).
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, PeersError> {
         let disco = self.inner.disco.as_ref().ok_or(PeersError::NoDiscovery)?;
@@ -1000,6 +1086,7 @@ impl Node {
     /// left behind.
     pub async fn shutdown(self) {
         let inner = self.inner.clone();
+        let started = Instant::now();
         inner.cancel.cancel();
         inner.tracker.close();
         inner
@@ -1022,19 +1109,21 @@ impl Node {
                 }
             }
         }
-        inner.server_cancel.cancel();
-        let server = lock(&inner.embedded).take();
-        if let Some(task) = server {
-            if tokio::time::timeout(grace, task).await.is_err() {
-                tracing::warn!("embedded discovery server did not stop in time");
+        if let Some(disco) = &inner.disco {
+            if tokio::time::timeout(grace, disco.close()).await.is_err() {
+                tracing::warn!("discovery did not stop in time");
             }
         }
-        let _ = tokio::time::timeout(grace, inner.endpoint.wait_idle()).await;
+        // The close frames leave with the next run of each connection's driver; waiting
+        // for the draining period (three probe timeouts: seconds for a connection whose
+        // handshake never measured a round trip) would only delay the exit.
+        let _ = tokio::time::timeout(CLOSE_GRACE, inner.endpoint.wait_idle()).await;
         inner.writer.close();
         let thread = lock(&inner.writer_thread).take();
         if let Some(t) = thread {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+        tracing::debug!(ms = duration_ms(started.elapsed()), "node stopped");
         drop(self);
     }
 }
@@ -1084,20 +1173,46 @@ pub(crate) fn stamp_ms() -> u64 {
     now.max(prev.saturating_add(1))
 }
 
-/// Turns an unspecified bind address into the loopback address of the same family.
-fn loopback_for(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+/// Waits until the discovery server in use changes to another one (the LAN's server
+/// moved); never returns for a discovery that does not change, or none.
+pub(crate) async fn server_changed(status: &mut Option<watch::Receiver<DiscoveryStatus>>) {
+    if let Some(rx) = status {
+        let before = rx.borrow_and_update().generation;
+        while rx.changed().await.is_ok() {
+            let now = rx.borrow_and_update();
+            if now.generation != before && now.url.is_some() {
+                return;
+            }
         }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::from((Ipv6Addr::LOCALHOST, addr.port()))
+    }
+    *status = None;
+    std::future::pending().await
+}
+
+/// Emits [`NodeEvent::DiscoveryChanged`] for every change of the discovery's status after
+/// the one the node started with.
+async fn report_discovery_changes(inner: Arc<Inner>, mut status: watch::Receiver<DiscoveryStatus>) {
+    status.borrow_and_update();
+    loop {
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = status.borrow_and_update().clone();
+                inner.emit(NodeEvent::DiscoveryChanged(now));
+            }
         }
-        _ => addr,
     }
 }
 
 impl Inner {
+    /// The discovery's status, to wait on with [`server_changed`].
+    pub(crate) fn discovery_status(&self) -> Option<watch::Receiver<DiscoveryStatus>> {
+        self.disco.as_ref().map(|d| d.status())
+    }
+
     fn peers(&self) -> MutexGuard<'_, peers::PeerDirectory> {
         lock(&self.peers)
     }
@@ -1433,6 +1548,7 @@ impl Inner {
             status: SendStatus::Queued,
             path: None,
             queued_because: None,
+            queued: None,
         };
         match deliver::deliver(self, peer, msg).await {
             Ok(acked) => {
@@ -1470,9 +1586,14 @@ impl Inner {
                     created_ms: now_ms(),
                     mailbox_deposited: false,
                 };
-                outbox::after_failure(self, entry).await;
+                let (_, in_mailbox) = outbox::after_failure(self, entry).await;
                 Ok(SendOutcome {
                     queued_because: Some(reason),
+                    queued: Some(if in_mailbox {
+                        Queued::Mailbox
+                    } else {
+                        Queued::Outbox
+                    }),
                     ..queued
                 })
             }
@@ -1511,15 +1632,5 @@ mod tests {
             assert!(s > last);
             last = s;
         }
-    }
-
-    #[test]
-    fn unspecified_addresses_map_to_loopback() {
-        let v4: SocketAddr = "0.0.0.0:7117".parse().expect("addr");
-        assert_eq!(loopback_for(v4), "127.0.0.1:7117".parse().expect("addr"));
-        let v6: SocketAddr = "[::]:7117".parse().expect("addr");
-        assert_eq!(loopback_for(v6), "[::1]:7117".parse().expect("addr"));
-        let lan: SocketAddr = "192.168.1.2:7117".parse().expect("addr");
-        assert_eq!(loopback_for(lan), lan);
     }
 }

@@ -359,6 +359,16 @@ fn computed() -> BTreeMap<String, String> {
         "alpn.relay",
         String::from_utf8_lossy(proto::ALPN).into_owned(),
     );
+    // The LAN advertisement of alice serving on port 7117 (§10).
+    let body = crate::discovery::mdns::AdvertBody {
+        node_id: alice().public(),
+        port: 7117,
+        started_ms: T,
+    };
+    put("lan.alice_7117.body", hex(&body.bytes()));
+    for (key, value) in crate::discovery::mdns::advert_txt(&alice(), 7117, T) {
+        put(&format!("lan.alice_7117.txt.{key}"), value);
+    }
     put("limit.max_frame_len", wire::MAX_FRAME_LEN.to_string());
     put("limit.max_text_len", wire::MAX_TEXT_LEN.to_string());
     put(

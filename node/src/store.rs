@@ -54,6 +54,7 @@ pub mod tables;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use p2p_crypto::{
     history::{HistoryKey, OpenError},
@@ -69,7 +70,7 @@ use crate::wire::{
 use cipher::RowCipher;
 use tables::{
     MessageKey, CONTACTS, HISTORY_KEY_CHECK_KEY, MESSAGES, MESSAGE_IDS, META, MIN_SCHEMA_VERSION,
-    OUTBOX, SCHEMA_CLEAR, SCHEMA_SEALED, SCHEMA_VERSION, SCHEMA_VERSION_KEY,
+    OUTBOX, SCHEMA_CLEAR, SCHEMA_SEALED, SCHEMA_VERSION, SCHEMA_VERSION_KEY, WRITE_CHECK_KEY,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -420,9 +421,38 @@ pub enum StoreError {
         #[source]
         reason: RecordError,
     },
+    /// The database was closed after an I/O error and could not be opened again yet
+    /// (see [`Store::reopen`]).
+    #[error("database {} is closed after an I/O error and not open again yet", path.display())]
+    Closed {
+        /// The database file.
+        path: PathBuf,
+    },
     /// A bug: the store broke one of its own invariants.
     #[error("internal store error: {0}")]
     Internal(&'static str),
+}
+
+impl StoreError {
+    /// Whether this is an I/O failure of the file (a full disk, a file system turned
+    /// read-only, a previous such error redb remembers, or the database closed after
+    /// one), which [`Store::reopen`] may heal once the cause is gone; as opposed to bad
+    /// data or a bad request.
+    pub fn is_io(&self) -> bool {
+        use redb::{DatabaseError, StorageError};
+        match self {
+            StoreError::Closed { .. } | StoreError::Rewrite { .. } => true,
+            StoreError::Db { source, .. } => {
+                matches!(**source, redb::Error::Io(_) | redb::Error::PreviousIo)
+            }
+            StoreError::Open { source, .. } => matches!(
+                source,
+                DatabaseError::Storage(StorageError::Io(_) | StorageError::PreviousIo)
+                    | DatabaseError::RepairAborted
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// Why a stored record is corrupt.
@@ -502,6 +532,9 @@ fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
     }
 }
 
+/// The path an in-memory store reports.
+const MEMORY_PATH: &str = ":memory:";
+
 const KEY_MIN_ID: [u8; 16] = [0; 16];
 const KEY_MAX_ID: [u8; 16] = [0xff; 16];
 
@@ -535,9 +568,28 @@ fn next_peer(mut peer: [u8; 32]) -> Option<[u8; 32]> {
 /// Cheap to share behind an `Arc`; every method takes `&self`. redb serializes write
 /// transactions, so concurrent writers wait for each other.
 pub struct Store {
-    db: Database,
+    /// `None` between closing the file and opening it again ([`Store::reopen`]).
+    db: RwLock<Option<Database>>,
     path: PathBuf,
     cipher: RowCipher,
+    /// Whether the database is a file that [`Store::reopen`] can open again.
+    reopenable: bool,
+}
+
+/// The open database, held for the length of one store operation (so
+/// [`Store::reopen`] waits for operations in progress).
+struct DbRef<'a>(RwLockReadGuard<'a, Option<Database>>);
+
+impl std::ops::Deref for DbRef<'_> {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        match self.0.as_ref() {
+            Some(db) => db,
+            // `Store::db` hands out a `DbRef` only for an open database.
+            None => unreachable!("DbRef of a closed database"),
+        }
+    }
 }
 
 impl fmt::Debug for Store {
@@ -605,7 +657,8 @@ impl Store {
     /// How many messages the history holds.
     pub fn message_count(&self) -> Result<u64, StoreError> {
         use redb::ReadableTableMetadata;
-        let txn = self.db.begin_read().ctx(&self.path)?;
+        let db = self.db()?;
+        let txn = db.begin_read().ctx(&self.path)?;
         let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
         messages.len().ctx(&self.path)
     }
@@ -659,7 +712,8 @@ impl Store {
             .create_file(file)
             .map_err(|e| classify_open_error(dest, e))?;
         let to = RowCipher::Sealed(key.clone());
-        let read = self.db.begin_read().ctx(&self.path)?;
+        let db = self.db()?;
+        let read = db.begin_read().ctx(&self.path)?;
         let write = out.begin_write().ctx(dest)?;
         let mut rows = 0u64;
         {
@@ -699,7 +753,7 @@ impl Store {
     /// A store that lives in memory only: nothing survives the process. For benchmarks
     /// that measure the node without disk writes, and for tests.
     pub fn open_in_memory() -> Result<Store, StoreError> {
-        let path = PathBuf::from(":memory:");
+        let path = PathBuf::from(MEMORY_PATH);
         let db = redb::Builder::new()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .ctx(&path)?;
@@ -781,7 +835,62 @@ impl Store {
             // Opening a complete database writes nothing.
             txn.abort().ctx(&path)?;
         }
-        Ok(Store { db, path, cipher })
+        Ok(Store {
+            db: RwLock::new(Some(db)),
+            reopenable: path != Path::new(MEMORY_PATH),
+            path,
+            cipher,
+        })
+    }
+
+    /// The open database, or [`StoreError::Closed`] while [`Store::reopen`] could not
+    /// open it again.
+    fn db(&self) -> Result<DbRef<'_>, StoreError> {
+        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            return Err(StoreError::Closed {
+                path: self.path.clone(),
+            });
+        }
+        Ok(DbRef(guard))
+    }
+
+    /// Closes the database file and opens it again, with the same key.
+    ///
+    /// After an I/O error (a full disk, a file system turned read-only) redb refuses
+    /// every further write ("Previous I/O error occurred") until the database is opened
+    /// again; opening it also repairs what the failed commit left behind. Waits for the
+    /// operations in progress. Until an open succeeds every operation fails with
+    /// [`StoreError::Closed`]; nothing committed before is lost. An in-memory store is
+    /// left as it is.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        if !self.reopenable {
+            return Ok(());
+        }
+        let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+        // The old handle must be gone (its file lock released) before the file opens
+        // again.
+        drop(db.take());
+        let key = match &self.cipher {
+            RowCipher::Sealed(key) => Some(key.clone()),
+            RowCipher::Clear => None,
+        };
+        let fresh = Self::open_file(&self.path, key, self.cipher.is_sealed())?;
+        *db = fresh.db.into_inner().unwrap_or_else(|e| e.into_inner());
+        Ok(())
+    }
+
+    /// Checks that a durable commit gets to the disk now (after [`Store::reopen`]).
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let mut txn = db.begin_write().ctx(&self.path)?;
+        txn.set_durability(redb::Durability::Immediate);
+        {
+            let mut meta = txn.open_table(META).ctx(&self.path)?;
+            meta.insert(WRITE_CHECK_KEY, crate::node::now_ms())
+                .ctx(&self.path)?;
+        }
+        txn.commit().ctx(&self.path)
     }
 
     /// The database file.
@@ -1070,7 +1179,8 @@ impl Store {
         &self,
         ops: &[WriteOp],
     ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
-        let mut txn = self.db.begin_write().ctx(&self.path)?;
+        let db = self.db()?;
+        let mut txn = db.begin_write().ctx(&self.path)?;
         if ops.iter().all(|op| matches!(op, WriteOp::Finish { .. })) {
             txn.set_durability(redb::Durability::None);
         }
@@ -1109,7 +1219,8 @@ impl Store {
     /// Makes every earlier commit durable (status marks are committed without waiting
     /// for the disk; see [`Store::write_batch`]).
     pub fn flush(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().ctx(&self.path)?;
+        let db = self.db()?;
+        let txn = db.begin_write().ctx(&self.path)?;
         txn.commit().ctx(&self.path)
     }
 
@@ -1198,7 +1309,8 @@ impl Store {
     /// delivered meanwhile), so a late update can never resurrect it. The message itself
     /// is not changed.
     pub fn update_outbox(&self, entry: &OutboxEntry) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write().ctx(&self.path)?;
+        let db = self.db()?;
+        let txn = db.begin_write().ctx(&self.path)?;
         let key = (*entry.to.as_bytes(), entry.message.id.0);
         {
             let mut outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
@@ -1219,7 +1331,8 @@ impl Store {
 
     /// Every outbox entry, ordered by recipient then id.
     pub fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
-        let txn = self.db.begin_read().ctx(&self.path)?;
+        let db = self.db()?;
+        let txn = db.begin_read().ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
         let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
         let mut out: Vec<OutboxEntry> = Vec::new();
@@ -1234,7 +1347,8 @@ impl Store {
 
     /// The outbox entries waiting for `peer`, oldest first.
     pub fn outbox_for(&self, peer: &NodeId) -> Result<Vec<OutboxEntry>, StoreError> {
-        let txn = self.db.begin_read().ctx(&self.path)?;
+        let db = self.db()?;
+        let txn = db.begin_read().ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
         let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
         let p = *peer.as_bytes();
@@ -1252,7 +1366,8 @@ impl Store {
 
     /// The message with this id, if stored.
     pub fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
-        let txn = self.db.begin_read().ctx(&self.path)?;
+        let db = self.db()?;
+        let txn = db.begin_read().ctx(&self.path)?;
         let ids = txn.open_table(MESSAGE_IDS).ctx(&self.path)?;
         let Some((peer, at)) = ids.get(id.0).ctx(&self.path)?.map(|g| g.value()) else {
             return Ok(None);
@@ -1285,7 +1400,8 @@ impl Store {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let txn = self.db.begin_read().ctx(&self.path)?;
+        let db = self.db()?;
+        let txn = db.begin_read().ctx(&self.path)?;
         let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
         let p = *peer.as_bytes();
@@ -1308,7 +1424,8 @@ impl Store {
     /// Walks the distinct peers of the message table by seeking, so it costs one lookup
     /// per conversation, not one per message.
     pub fn conversations(&self) -> Result<Vec<ConversationSummary>, StoreError> {
-        let txn = self.db.begin_read().ctx(&self.path)?;
+        let db = self.db()?;
+        let txn = db.begin_read().ctx(&self.path)?;
         let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
         let mut out = Vec::new();
@@ -1348,7 +1465,8 @@ impl Store {
 
     /// The contact pinned for `name`, if any.
     pub fn contact(&self, name: &str) -> Result<Option<Contact>, StoreError> {
-        let txn = self.db.begin_read().ctx(&self.path)?;
+        let db = self.db()?;
+        let txn = db.begin_read().ctx(&self.path)?;
         let contacts = txn.open_table(CONTACTS).ctx(&self.path)?;
         let value = contacts.get(name).ctx(&self.path)?;
         value
@@ -1358,7 +1476,8 @@ impl Store {
 
     /// Every contact, ordered by name.
     pub fn contacts(&self) -> Result<Vec<(String, Contact)>, StoreError> {
-        let txn = self.db.begin_read().ctx(&self.path)?;
+        let db = self.db()?;
+        let txn = db.begin_read().ctx(&self.path)?;
         let contacts = txn.open_table(CONTACTS).ctx(&self.path)?;
         let mut out = Vec::new();
         for row in contacts.iter().ctx(&self.path)? {
@@ -1379,7 +1498,8 @@ impl Store {
         node_id: &NodeId,
         now_ms: u64,
     ) -> Result<PinOutcome, StoreError> {
-        let txn = self.db.begin_write().ctx(&self.path)?;
+        let db = self.db()?;
+        let txn = db.begin_write().ctx(&self.path)?;
         {
             let mut contacts = txn.open_table(CONTACTS).ctx(&self.path)?;
             let existing = contacts
@@ -1410,7 +1530,8 @@ impl Store {
     /// Stores `contact` for `name`, replacing whatever was pinned (e.g. after the user
     /// accepted a changed key, or to record the mailbox key).
     pub fn set_contact(&self, name: &str, contact: &Contact) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().ctx(&self.path)?;
+        let db = self.db()?;
+        let txn = db.begin_write().ctx(&self.path)?;
         {
             let mut contacts = txn.open_table(CONTACTS).ctx(&self.path)?;
             contacts
@@ -1423,7 +1544,8 @@ impl Store {
 
     /// Forgets the contact `name`; returns whether it existed.
     pub fn remove_contact(&self, name: &str) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write().ctx(&self.path)?;
+        let db = self.db()?;
+        let txn = db.begin_write().ctx(&self.path)?;
         let existed = {
             let mut contacts = txn.open_table(CONTACTS).ctx(&self.path)?;
             let existed = contacts.remove(name).ctx(&self.path)?.is_some();

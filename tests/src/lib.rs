@@ -46,11 +46,12 @@ pub fn p2p_node_bin() -> PathBuf {
 }
 
 /// Environment variables that change what `p2p-node` does; the tests clear them.
-pub const NODE_ENV: [&str; 7] = [
+pub const NODE_ENV: [&str; 8] = [
     "P2P_DHT",
     "P2P_DISCOVERY_STORE",
     "P2P_DATA_DIR",
     "P2P_DISCOVERY",
+    "P2P_NO_MDNS",
     "P2P_PASSPHRASE",
     "P2P_PASSPHRASE_FILE",
     "RUST_LOG",
@@ -64,11 +65,20 @@ pub fn p2p_node() -> Command {
     cmd
 }
 
-/// Removes the node settings the test's own environment may hold from `cmd`'s.
+/// Removes the node settings the test's own environment may hold from `cmd`'s, and keeps
+/// the node off the LAN: no mDNS on the test machine's own network (the LAN tests, in
+/// namespaces of their own, use [`lan_env`]).
 pub fn clean_env(cmd: &mut Command) {
     for var in NODE_ENV {
         cmd.env_remove(var);
     }
+    cmd.env("P2P_NO_MDNS", "1");
+}
+
+/// Like [`clean_env`], but the node looks for (and advertises) discovery on the LAN.
+pub fn lan_env(cmd: &mut Command) {
+    clean_env(cmd);
+    cmd.env_remove("P2P_NO_MDNS");
 }
 
 /// Runs `cmd` to completion, killing it if it outlives `deadline`.
@@ -238,4 +248,5 @@ impl Drop for Proc {
 }
 
 pub mod dht;
+pub mod lan;
 pub mod postgres;

@@ -47,7 +47,7 @@ pub const PUBLIC_IP: &str = "198.18.0.1";
 /// The routers' public addresses.
 pub const ROUTER_IPS: [&str; 2] = ["198.18.0.11", "198.18.0.12"];
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
+pub(crate) static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Namespaces, links and rules of one test.
 #[derive(Debug)]
@@ -57,7 +57,7 @@ pub struct NatLab {
 }
 
 /// Runs a command; `Err` with its output if it fails.
-fn run(args: &[&str]) -> Result<(), String> {
+pub(crate) fn run(args: &[&str]) -> Result<(), String> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .stdin(Stdio::null())
@@ -75,7 +75,7 @@ fn run(args: &[&str]) -> Result<(), String> {
 }
 
 /// Whether namespaces can be made here; the reason if not.
-fn capable() -> Result<(), String> {
+pub(crate) fn capable() -> Result<(), String> {
     for tool in ["ip", "iptables"] {
         let found = Command::new(tool)
             .arg("-V")
@@ -97,16 +97,23 @@ fn capable() -> Result<(), String> {
     Ok(())
 }
 
+/// Whether namespaces can be made here; `false` (and a note on stderr) when not, unless
+/// `P2P_REQUIRE_NETNS=1`, which makes that a failure.
+pub(crate) fn usable() -> bool {
+    let Err(why) = capable() else { return true };
+    if std::env::var("P2P_REQUIRE_NETNS").is_ok_and(|v| v == "1") {
+        panic!("network namespaces are required (P2P_REQUIRE_NETNS=1) but: {why}");
+    }
+    eprintln!("skipping: cannot create network namespaces here ({why}); run as root");
+    false
+}
+
 impl NatLab {
     /// Builds the lab with the two routers' NAT kinds. `None` (and a note on stderr)
     /// when this machine cannot, unless `P2P_REQUIRE_NETNS=1`, which makes that a
     /// failure.
     pub fn build(nat1: Nat, nat2: Nat) -> Option<NatLab> {
-        if let Err(why) = capable() {
-            if std::env::var("P2P_REQUIRE_NETNS").is_ok_and(|v| v == "1") {
-                panic!("network namespaces are required (P2P_REQUIRE_NETNS=1) but: {why}");
-            }
-            eprintln!("skipping: cannot create network namespaces here ({why}); run as root");
+        if !usable() {
             return None;
         }
         let n = NEXT.fetch_add(1, Ordering::SeqCst);

@@ -63,6 +63,7 @@ impl Tty {
             cmd.env_remove(var);
         }
         cmd.env_remove("NO_COLOR");
+        cmd.env("P2P_NO_MDNS", "1");
         cmd.env("TERM", "xterm-256color");
         for (k, v) in env {
             cmd.env(k, v);

@@ -828,3 +828,54 @@ async fn a_peer_that_left_gets_the_message_when_it_returns_at_a_new_address() ->
     d.stop().await;
     Ok(())
 }
+
+/// The node over the in-memory discovery: no HTTP server at all. Names, presence, a
+/// direct message, and one through the mailbox while its recipient is away.
+#[tokio::test]
+async fn nodes_work_over_any_discovery_implementation() -> Result<()> {
+    use p2p_node::discovery::{Discovery, MemoryDiscovery, Source};
+    use std::sync::Arc;
+
+    let memory: Arc<dyn Discovery> = MemoryDiscovery::new();
+    let (alice, bob) = (User::new()?, User::new()?);
+    let on_memory = |u: &User| {
+        Node::builder(u.sk.clone())
+            .data_dir(u.data_dir())
+            .discovery(memory.clone())
+            .listen(loopback())
+            .timings(fast())
+    };
+    let a = on_memory(&alice).bind().await?;
+    let status = a.discovery_status().context("a discovery")?;
+    assert_eq!(status.borrow().source, Source::Memory);
+    a.register("alice").await?;
+    let b = on_memory(&bob).bind().await?;
+    b.register("bob").await?;
+    eventually("bob sees alice online", || async {
+        Ok(b.peers().await?.iter().any(|p| p.node_id == alice.id()))
+    })
+    .await?;
+    let out = b.send("alice", "over the fake").await?;
+    assert_eq!(out.status, SendStatus::Delivered);
+    a.shutdown().await;
+
+    // Alice is away: the message is sealed into her mailbox on the fake.
+    let out = b.send("alice", "while you were away").await?;
+    assert_eq!(out.status, SendStatus::Queued);
+    let entries = b.outbox().await?;
+    assert!(entries[0].mailbox_deposited, "sealed copy deposited");
+    b.shutdown().await;
+
+    let builder = on_memory(&alice);
+    let mut events = builder.subscribe();
+    let a = builder.bind().await?;
+    let ev = next_event(&mut events, "mailbox message at alice", is_received).await?;
+    let NodeEvent::MessageReceived { via, message, .. } = ev else {
+        bail!("unexpected event");
+    };
+    assert_eq!(via, Via::Mailbox);
+    assert_eq!(message.id, out.id);
+    assert_eq!(a.history(&bob.id().to_string(), 10).await?.len(), 2);
+    a.shutdown().await;
+    Ok(())
+}

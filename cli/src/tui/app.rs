@@ -659,9 +659,16 @@ impl App {
                     self.notice(delivered_notice(&label, id), Tone::Info);
                 }
             }
+            NodeEvent::DiscoveryChanged(status) => {
+                self.me.discovery = crate::discovery::short_label(status);
+                self.notice_home(crate::discovery::status_text(status), Tone::Info);
+            }
             other => {
                 if let Some(line) = event_line(other) {
-                    let tone = if matches!(other, NodeEvent::KeyChanged { .. }) {
+                    let tone = if matches!(
+                        other,
+                        NodeEvent::KeyChanged { .. } | NodeEvent::StorageFailing { .. }
+                    ) {
                         Tone::Warning
                     } else {
                         Tone::Info
@@ -974,6 +981,7 @@ mod tests {
                 status: SendStatus::Queued,
                 path: None,
                 queued_because: None,
+                queued: Some(p2p_node::Queued::Mailbox),
             }),
         });
         assert!(
@@ -1009,6 +1017,7 @@ mod tests {
                 status: SendStatus::Delivered,
                 path: Some(p2p_node::PathKind::Relay),
                 queued_because: None,
+                queued: None,
             }),
         });
         assert_eq!(
@@ -1040,6 +1049,7 @@ mod tests {
                 status: SendStatus::Queued,
                 path: None,
                 queued_because: None,
+                queued: Some(p2p_node::Queued::Mailbox),
             }),
         });
         assert_eq!(texts(app.pane()), ["[00:00:05] me: hi  (delivered)"]);

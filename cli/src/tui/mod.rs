@@ -40,9 +40,10 @@ use self::{
     render::Theme,
 };
 use crate::{
+    discovery::{self, Need},
     identity::Paths,
     output::{one_line, sanitize},
-    running::{embedded_hint, open_node, StopSignals, LOGIN_WAIT},
+    running::{open_node, StopSignals, LOGIN_WAIT},
     session::now_ms,
     Global,
 };
@@ -55,14 +56,17 @@ const LOG_BACKLOG: usize = 256;
 /// Runs the full-screen chat until the user quits, then logs out.
 pub async fn run(g: &Global, paths: &Paths, logs: mpsc::Receiver<String>) -> Result<()> {
     let name = paths.registered_name()?;
-    let node = open_node(g, paths, true).await?;
+    let node = open_node(g, paths, Need::Serve).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let control = crate::commands::serve_control(&node, paths, crate::control::Kind::Chat, &stop);
+    let status = node.discovery_status().map(|s| s.borrow().clone());
     let mut app = App::new(Me {
         name,
         id: node.node_id(),
-        discovery: node.discovery_url(),
+        discovery: status.as_ref().and_then(discovery::short_label),
     });
-    if let Some(hint) = embedded_hint(&node) {
-        app.notice(hint, pane::Tone::Info);
+    if let Some(status) = &status {
+        app.notice(discovery::status_text(status), pane::Tone::Info);
     }
     app.notice(
         "type /help for commands and keys; Ctrl+N/Ctrl+P switch conversations, PgUp/PgDn scroll",
@@ -78,6 +82,7 @@ pub async fn run(g: &Global, paths: &Paths, logs: mpsc::Receiver<String>) -> Res
     let result = drive(&node, paths, &mut app, &mut screen, logs).await;
     app.login = Login::LoggingOut;
     let _ = screen.draw(&app);
+    drop(control);
     node.shutdown().await;
     drop(screen);
     result?;

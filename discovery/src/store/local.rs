@@ -8,6 +8,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt,
     net::IpAddr,
+    ops::Bound,
     path::Path,
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -18,7 +19,7 @@ use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::{
     decide, decode_signed, encode_signed, Announced, ClaimOutcome, DepositOutcome, Fetched,
-    OnlinePage, PeerState, RequestSeen, Store, StoreError, StoreStats, Withdrawn,
+    OnlinePage, PeerState, RequestSeen, Store, StoreError, StoreStats, StoredEnvelope, Withdrawn,
 };
 use crate::{
     presence::{PresenceTable, Refused},
@@ -53,6 +54,18 @@ pub trait Durable: Send + Sync + fmt::Debug + 'static {
     fn delete(&self, to: &NodeId, ids: &[u64]) -> Result<u64, StoreError>;
     /// Names and envelopes stored.
     fn counts(&self) -> Result<(u64, u64), StoreError>;
+    /// See [`Store::claims_after`].
+    fn claims_after(
+        &self,
+        after: Option<NodeId>,
+        limit: usize,
+    ) -> Result<Vec<Signed<NameClaim>>, StoreError>;
+    /// See [`Store::envelopes_after`].
+    fn envelopes_after(
+        &self,
+        after: Option<(NodeId, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredEnvelope>, StoreError>;
 }
 
 /// A single-instance store: a [`Durable`] part for names and mailboxes, presence and the
@@ -254,6 +267,22 @@ impl<D: Durable> Store for LocalStore<D> {
             envelopes,
             live,
         })
+    }
+
+    async fn claims_after(
+        &self,
+        after: Option<NodeId>,
+        limit: usize,
+    ) -> Result<Vec<Signed<NameClaim>>, StoreError> {
+        self.run(move |d| d.claims_after(after, limit)).await
+    }
+
+    async fn envelopes_after(
+        &self,
+        after: Option<(NodeId, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredEnvelope>, StoreError> {
+        self.run(move |d| d.envelopes_after(after, limit)).await
     }
 }
 
@@ -514,6 +543,54 @@ impl Durable for RedbTables {
             .map_err(dberr)?;
         Ok((names, envelopes))
     }
+
+    fn claims_after(
+        &self,
+        after: Option<NodeId>,
+        limit: usize,
+    ) -> Result<Vec<Signed<NameClaim>>, StoreError> {
+        let tx = self.db.begin_read().map_err(dberr)?;
+        let claims = tx.open_table(tables::CLAIMS).map_err(dberr)?;
+        let start = after.map(|a| *a.as_bytes());
+        let range = match &start {
+            Some(k) => claims.range::<&[u8]>((Bound::Excluded(k.as_slice()), Bound::Unbounded)),
+            None => claims.range::<&[u8]>(..),
+        }
+        .map_err(dberr)?;
+        let mut out = Vec::new();
+        for entry in range.take(limit) {
+            let (_, v) = entry.map_err(dberr)?;
+            out.push(decode_signed(v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn envelopes_after(
+        &self,
+        after: Option<(NodeId, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredEnvelope>, StoreError> {
+        let tx = self.db.begin_read().map_err(dberr)?;
+        let mailbox = tx.open_table(tables::MAILBOX).map_err(dberr)?;
+        let start = after.map(|(n, id)| mailbox_key(&n, id));
+        let range = match &start {
+            Some(k) => mailbox.range::<&[u8]>((Bound::Excluded(k.as_slice()), Bound::Unbounded)),
+            None => mailbox.range::<&[u8]>(..),
+        }
+        .map_err(dberr)?;
+        let mut out = Vec::new();
+        for entry in range.take(limit) {
+            let (k, v) = entry.map_err(dberr)?;
+            let key = k.value();
+            let node = key
+                .get(..32)
+                .and_then(|b| <&[u8; 32]>::try_from(b).ok())
+                .and_then(|b| NodeId::from_bytes(b).ok())
+                .ok_or_else(|| StoreError::Corrupt("mailbox key".into()))?;
+            out.push((node, mailbox_id(key)?, v.value().to_vec()));
+        }
+        Ok(out)
+    }
 }
 
 /// The in-memory tables of a [`MemoryStore`].
@@ -607,6 +684,41 @@ impl Durable for MemoryTables {
     fn counts(&self) -> Result<(u64, u64), StoreError> {
         let inner = self.lock();
         Ok((inner.names.len() as u64, inner.mailbox.len() as u64))
+    }
+
+    fn claims_after(
+        &self,
+        after: Option<NodeId>,
+        limit: usize,
+    ) -> Result<Vec<Signed<NameClaim>>, StoreError> {
+        let inner = self.lock();
+        let mut claims: Vec<_> = inner
+            .claims
+            .iter()
+            .filter(|(n, _)| after.is_none_or(|a| **n > a))
+            .collect();
+        claims.sort_by_key(|(n, _)| **n);
+        Ok(claims
+            .into_iter()
+            .take(limit)
+            .map(|(_, c)| c.clone())
+            .collect())
+    }
+
+    fn envelopes_after(
+        &self,
+        after: Option<(NodeId, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredEnvelope>, StoreError> {
+        let inner = self.lock();
+        let range = match after {
+            Some(k) => inner.mailbox.range((Bound::Excluded(k), Bound::Unbounded)),
+            None => inner.mailbox.range(..),
+        };
+        Ok(range
+            .take(limit)
+            .map(|((n, id), env)| (*n, *id, env.clone()))
+            .collect())
     }
 }
 

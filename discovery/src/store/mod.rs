@@ -182,6 +182,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// `"redb"`, `"memory"` or `"postgres"`.
     fn kind(&self) -> &'static str;
 
+    /// Whether presence records outlive the server process (they live in the database).
+    /// A server whose store forgets them at a restart tells its clients so (see
+    /// [`crate::api::HEADER_PRESENCE_EPOCH`]), so that they announce again at once.
+    fn keeps_presence(&self) -> bool {
+        false
+    }
+
     /// Checks that the store can serve requests (for PostgreSQL: a round trip).
     async fn health(&self) -> Result<(), StoreError>;
 
@@ -253,7 +260,25 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Counts for metrics.
     async fn stats(&self, now: u64) -> Result<StoreStats, StoreError>;
+
+    /// Up to `limit` claims of the nodes after `after` in NodeId byte order: what a
+    /// server hands over when another takes its place ([`crate::handover`]).
+    async fn claims_after(
+        &self,
+        after: Option<NodeId>,
+        limit: usize,
+    ) -> Result<Vec<Signed<NameClaim>>, StoreError>;
+
+    /// Up to `limit` envelopes after `after`, by recipient and then id.
+    async fn envelopes_after(
+        &self,
+        after: Option<(NodeId, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredEnvelope>, StoreError>;
 }
+
+/// An envelope as stored: its recipient, its id in that mailbox, its bytes.
+pub type StoredEnvelope = (NodeId, u64, Vec<u8>);
 
 /// What to do with a new claim given what is stored.
 fn decide(

@@ -35,7 +35,8 @@ use tokio_postgres::{error::SqlState, NoTls, Row};
 
 use super::{
     decide, decode_signed, encode_signed, Announced, ClaimOutcome, DepositOutcome, Fetched,
-    LivePresence, OnlinePage, PeerState, RequestSeen, Store, StoreError, StoreStats, Withdrawn,
+    LivePresence, OnlinePage, PeerState, RequestSeen, Store, StoreError, StoreStats,
+    StoredEnvelope, Withdrawn,
 };
 use crate::{
     presence::{expiry, TOMBSTONE_MS},
@@ -433,6 +434,14 @@ const CLEANUP: [&str; 2] = [
 /// Counts of emptied mailboxes (a deposit creates the row again).
 const CLEANUP_COUNTS: &str = "DELETE FROM p2p_mailbox_counts WHERE count <= 0";
 
+const CLAIMS_AFTER: &str =
+    "SELECT claim FROM p2p_claims WHERE node_id > $1 ORDER BY node_id LIMIT $2";
+
+const ENVELOPES_AFTER: &str = "
+    SELECT node_id, id, envelope FROM p2p_mailbox
+    WHERE node_id > $1 OR (node_id = $1 AND id > $2)
+    ORDER BY node_id, id LIMIT $3";
+
 const LIVE_COUNT: &str =
     "SELECT count(*) FROM p2p_presence WHERE record IS NOT NULL AND expires_at_ms > $1";
 
@@ -652,6 +661,10 @@ impl Store for PgStore {
         "postgres"
     }
 
+    fn keeps_presence(&self) -> bool {
+        true
+    }
+
     async fn health(&self) -> Result<(), StoreError> {
         self.timed(async {
             let client = self.client().await?;
@@ -846,5 +859,68 @@ impl Store for PgStore {
 
     async fn stats(&self, now: u64) -> Result<StoreStats, StoreError> {
         self.timed(self.stats_inner(now)).await
+    }
+
+    async fn claims_after(
+        &self,
+        after: Option<NodeId>,
+        limit: usize,
+    ) -> Result<Vec<Signed<NameClaim>>, StoreError> {
+        self.timed(async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(CLAIMS_AFTER)
+                .await
+                .map_err(pg_error)?;
+            let after: &[u8] = after.as_ref().map_or(&[], |a| a.as_bytes().as_slice());
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = client
+                .query(&stmt, &[&after, &limit])
+                .await
+                .map_err(pg_error)?;
+            rows.iter()
+                .map(|row| decode_signed::<NameClaim>(get::<&[u8]>(row, 0)?))
+                .collect()
+        })
+        .await
+    }
+
+    async fn envelopes_after(
+        &self,
+        after: Option<(NodeId, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredEnvelope>, StoreError> {
+        self.timed(async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(ENVELOPES_AFTER)
+                .await
+                .map_err(pg_error)?;
+            let (node, id): (&[u8], i64) = match &after {
+                Some((n, id)) => (
+                    n.as_bytes().as_slice(),
+                    i64::try_from(*id).unwrap_or(i64::MAX),
+                ),
+                None => (&[], 0),
+            };
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = client
+                .query(&stmt, &[&node, &id, &limit])
+                .await
+                .map_err(pg_error)?;
+            rows.iter()
+                .map(|row| {
+                    let node = <&[u8; 32]>::try_from(get::<&[u8]>(row, 0)?)
+                        .ok()
+                        .and_then(|b| NodeId::from_bytes(b).ok())
+                        .ok_or_else(|| StoreError::Corrupt("mailbox recipient".into()))?;
+                    let id = get::<i64>(row, 1)?;
+                    let id = u64::try_from(id)
+                        .map_err(|_| StoreError::Corrupt(format!("mailbox id {id}")))?;
+                    Ok((node, id, get::<Vec<u8>>(row, 2)?))
+                })
+                .collect()
+        })
+        .await
     }
 }

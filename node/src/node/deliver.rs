@@ -30,6 +30,13 @@ use crate::{
 /// Longest a dial waits for the home relay link (a node that just started).
 const RELAY_WAIT: Duration = Duration::from_secs(2);
 
+/// A peer whose connection to us closed this recently is tried once even when discovery
+/// says it is offline: the server may have restarted and not heard from it yet.
+pub(crate) const RECENT_CONNECTION: Duration = Duration::from_secs(120);
+
+/// Longest that one try of a peer discovery calls offline may take.
+pub(crate) const QUICK_DIAL: Duration = Duration::from_secs(1);
+
 /// Why a message could not be delivered directly (it stays queued).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DeliverError {
@@ -264,12 +271,16 @@ async fn send_on(
 /// the address it last connected to us from. Asks discovery when the online list does
 /// not have the peer, then the DHT when discovery does not know it. Returns `None` when
 /// there is nothing to try: no address, no relay, or discovery answered that the peer
-/// is offline (its last address is not tried then: its process is gone, and a dial to
-/// a dead UDP port only ends at the dial timeout), so a send to an offline peer is
-/// queued at once. Otherwise returns the direct addresses the peer published.
-async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<Vec<SocketAddr>> {
+/// is offline (its last address is not tried then: its process is most likely gone, and
+/// a dial to a dead UDP port only ends at the dial timeout), so a send to an offline peer
+/// is queued at once. The exception is a peer whose connection with us closed within
+/// [`RECENT_CONNECTION`]: the server may have restarted and not heard from it yet, so
+/// its last paths are tried once, for at most [`QUICK_DIAL`]. Otherwise returns the
+/// direct addresses the peer published and how long a dial may take.
+async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<(Vec<SocketAddr>, Duration)> {
     let online = inner.peers().online_paths(&peer);
     let last = inner.pool().last_addr(&peer);
+    let mut timeout = inner.timings.dial_timeout;
     let (mut addrs, relay) = match (online, &inner.disco) {
         (Some(paths), _) => paths,
         (None, Some(d)) => {
@@ -278,8 +289,20 @@ async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<Vec<SocketAddr>
                     inner.learn_peers(std::slice::from_ref(&info));
                     (info.addrs, info.relay)
                 }
-                // Discovery knows the peer and says it is offline: nothing to try.
-                Ok(Ok(Some(_))) => return None,
+                // Discovery knows the peer and says it is offline: nothing to try, unless
+                // we were connected to it a moment ago.
+                Ok(Ok(Some(_))) => {
+                    let recent =
+                        inner
+                            .pool()
+                            .take_recently_closed(&peer, Instant::now(), RECENT_CONNECTION);
+                    if !recent {
+                        return None;
+                    }
+                    tracing::debug!(%peer, "offline on discovery but connected recently; trying it once");
+                    timeout = QUICK_DIAL.min(timeout);
+                    inner.peers().last_paths(&peer).unwrap_or_default()
+                }
                 // Discovery does not know the peer.
                 Ok(Ok(None)) => dht_paths(inner, peer).await,
                 Ok(Err(e)) => {
@@ -304,7 +327,7 @@ async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<Vec<SocketAddr>
         return None;
     }
     inner.endpoint.learn_peer(peer, &addrs, relay);
-    Some(published)
+    Some((published, timeout))
 }
 
 /// The addresses and relay `peer` published on the DHT, when this node uses it and the
@@ -365,20 +388,15 @@ async fn dial(inner: &Arc<Inner>, peer: NodeId) -> Result<Connection, DeliverErr
     if let Some((left, cause)) = backoff {
         return Err(DeliverError::Backoff { left, cause });
     }
-    let Some(published) = learn_paths(inner, peer).await else {
+    let Some((published, timeout)) = learn_paths(inner, peer).await else {
         note_failure(inner, peer, Some(QueueReason::Offline));
         return Err(DeliverError::NoAddress);
     };
     let Ok(permit) = inner.conn_limit.clone().try_acquire_owned() else {
         return Err(DeliverError::ConnectionLimit);
     };
-    inner
-        .relay_ready(RELAY_WAIT.min(inner.timings.dial_timeout))
-        .await;
-    let attempt = tokio::time::timeout(
-        inner.timings.dial_timeout,
-        inner.endpoint.connect_peer(peer),
-    );
+    inner.relay_ready(RELAY_WAIT.min(timeout)).await;
+    let attempt = tokio::time::timeout(timeout, inner.endpoint.connect_peer(peer));
     let result = tokio::select! {
         _ = inner.cancel.cancelled() => return Err(DeliverError::Shutdown),
         r = attempt => r,

@@ -1,7 +1,7 @@
 //! The errors of the node's operations: one enum per operation, each holding only what
 //! that operation can run into, sources kept typed.
 
-use std::{io, net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{io, path::PathBuf, sync::Arc};
 
 use p2p_crypto::NodeId;
 
@@ -79,15 +79,9 @@ pub enum BindError {
     /// The DHT client cannot start.
     #[error(transparent)]
     Dht(#[from] super::DhtError),
-    /// The embedded discovery server cannot start.
-    #[error("cannot start the embedded discovery server on {addr}: {reason}")]
-    EmbeddedDiscovery {
-        /// The address it was to listen on.
-        addr: SocketAddr,
-        /// Why.
-        #[source]
-        reason: Box<dyn std::error::Error + Send + Sync>,
-    },
+    /// The discovery could not start (for example the embedded server's port is taken).
+    #[error(transparent)]
+    DiscoveryStart(#[from] crate::discovery::DiscoveryStartError),
     /// The writer thread cannot be started.
     #[error("cannot start the writer thread: {0}")]
     Thread(#[source] io::Error),

@@ -35,18 +35,33 @@ pub(super) async fn run(inner: Arc<Inner>) {
         inner.drained.send_replace(true);
         return;
     }
+    let mut status = inner.discovery_status();
     loop {
+        let before = generation(&status);
         match drain(&inner).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(count = n, "received messages from the mailbox"),
+            // The LAN's server moved meanwhile: the next drain goes to the new one.
+            Err(e) if generation(&status) != before => {
+                tracing::debug!(error = %e, "mailbox drain cut short by a change of server")
+            }
             Err(e) => tracing::warn!(error = %e, "cannot drain the mailbox"),
         }
         inner.drained.send_replace(true);
         tokio::select! {
             _ = inner.cancel.cancelled() => break,
             _ = tokio::time::sleep(inner.timings.mailbox_poll) => {}
+            // Another server: what waits for us there (handed over from the last one).
+            _ = super::server_changed(&mut status) => {}
         }
     }
+}
+
+/// The discovery's count of server changes.
+fn generation(
+    status: &Option<tokio::sync::watch::Receiver<super::DiscoveryStatus>>,
+) -> Option<u64> {
+    status.as_ref().map(|rx| rx.borrow().generation)
 }
 
 /// Why a mailbox payload is not a frame.

@@ -48,6 +48,19 @@ pub(super) async fn run(inner: Arc<Inner>) {
 
 /// One pass over the outbox. Returns when the next entry is due, if any remain.
 async fn round(inner: &Arc<Inner>) -> Result<Option<u64>, super::StorageError> {
+    round_of(inner, false).await
+}
+
+/// One pass over every entry not yet in its recipient's mailbox, due or not (see
+/// [`Node::flush_outbox`]).
+///
+/// [`Node::flush_outbox`]: super::Node::flush_outbox
+pub(super) async fn flush(inner: Arc<Inner>) -> Result<Option<u64>, super::StorageError> {
+    round_of(&inner, true).await
+}
+
+/// One pass over the entries that are due (all of them with `all`).
+async fn round_of(inner: &Arc<Inner>, all: bool) -> Result<Option<u64>, super::StorageError> {
     let entries = inner.blocking(|s| s.outbox()).await?;
     if entries.is_empty() {
         inner.delivery().clear_wakes();
@@ -68,7 +81,12 @@ async fn round(inner: &Arc<Inner>) -> Result<Option<u64>, super::StorageError> {
             }
             continue;
         }
-        if e.next_attempt_ms <= now || woken.contains(&e.to) {
+        if all && e.mailbox_deposited {
+            // In the mailbox already: it arrives without us; leave the rest to the
+            // schedule.
+            continue;
+        }
+        if all || e.next_attempt_ms <= now || woken.contains(&e.to) {
             due.entry(e.to).or_default().push(e);
         } else {
             next_due = Some(next_due.map_or(e.next_attempt_ms, |n| n.min(e.next_attempt_ms)));
@@ -128,11 +146,11 @@ async fn work_peer(inner: Arc<Inner>, peer: NodeId, queue: Vec<OutboxEntry>) -> 
                     e,
                     deliver::DeliverError::AckTimeout | deliver::DeliverError::BadAck
                 );
-                let at = after_failure(&inner, entry).await;
+                let (at, _) = after_failure(&inner, entry).await;
                 next_due = Some(next_due.map_or(at, |n| n.min(at)));
             }
             None => {
-                let at = after_failure(&inner, entry).await;
+                let (at, _) = after_failure(&inner, entry).await;
                 next_due = Some(next_due.map_or(at, |n| n.min(at)));
             }
         }
@@ -141,9 +159,10 @@ async fn work_peer(inner: Arc<Inner>, peer: NodeId, queue: Vec<OutboxEntry>) -> 
     next_due
 }
 
-/// Reschedules an entry after a failed attempt and deposits it in the recipient's
-/// mailbox if that was not done yet. Returns the next attempt time.
-pub(super) async fn after_failure(inner: &Arc<Inner>, mut entry: OutboxEntry) -> u64 {
+/// Reschedules an entry after a failed attempt, depositing it in the recipient's
+/// mailbox if it is not there yet. Returns the next attempt's time and whether the entry
+/// is in the mailbox now.
+pub(super) async fn after_failure(inner: &Arc<Inner>, mut entry: OutboxEntry) -> (u64, bool) {
     entry.attempts = entry.attempts.saturating_add(1);
     entry.next_attempt_ms =
         now_ms().saturating_add(duration_ms(inner.timings.backoff(entry.attempts)));
@@ -158,9 +177,9 @@ pub(super) async fn after_failure(inner: &Arc<Inner>, mut entry: OutboxEntry) ->
             ),
         }
     }
-    let at = entry.next_attempt_ms;
+    let (at, deposited) = (entry.next_attempt_ms, entry.mailbox_deposited);
     if let Err(e) = inner.blocking(move |s| s.update_outbox(&entry)).await {
         tracing::warn!(error = %e, "cannot update the outbox");
     }
-    at
+    (at, deposited)
 }

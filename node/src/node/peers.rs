@@ -21,6 +21,8 @@ pub(super) const NAME_LOOKUP_INTERVAL: Duration = Duration::from_secs(60);
 pub(super) struct PeerDirectory {
     /// The online list as of the last poll.
     online: HashMap<NodeId, PeerInfo>,
+    /// The addresses and relay of peers that left the online list, as last announced.
+    last_paths: HashMap<NodeId, (Vec<SocketAddr>, Option<RelayRef>)>,
     /// Names of pinned contacts.
     names: HashMap<NodeId, String>,
     /// Known mailbox keys.
@@ -118,6 +120,13 @@ impl PeerDirectory {
         self.online.get(id).map(|p| (p.addrs.clone(), p.relay))
     }
 
+    /// The addresses and relay `id` announced last: in the online list now, or before it
+    /// left it.
+    pub(super) fn last_paths(&self, id: &NodeId) -> Option<(Vec<SocketAddr>, Option<RelayRef>)> {
+        self.online_paths(id)
+            .or_else(|| self.last_paths.get(id).cloned())
+    }
+
     /// Replaces the online list (without ourselves) and says what changed.
     pub(super) fn replace_online(&mut self, me: NodeId, peers: Vec<PeerInfo>) -> OnlineChange {
         let new: HashMap<NodeId, PeerInfo> = peers
@@ -159,6 +168,12 @@ impl PeerDirectory {
                 }
             }
         }
+        for p in &change.went {
+            bounded_insert(&mut self.last_paths, p.node_id, (p.addrs.clone(), p.relay));
+        }
+        for id in new.keys() {
+            self.last_paths.remove(id);
+        }
         self.online = new;
         change
     }
@@ -199,6 +214,11 @@ mod tests {
         assert_eq!(c.went, vec![a.clone()]);
         assert_eq!(c.moved, vec![b.node_id]);
         assert_eq!(d.online_paths(&a.node_id), None);
+        assert_eq!(
+            d.last_paths(&a.node_id).map(|(addrs, _)| addrs),
+            Some(a.addrs.clone()),
+            "what alice announced last is remembered"
+        );
         assert_eq!(
             d.online_paths(&b.node_id).map(|(addrs, _)| addrs),
             Some(vec![SocketAddr::from(([192, 0, 2, 1], 3))])

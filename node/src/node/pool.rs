@@ -35,6 +35,8 @@ pub(super) struct ConnectionPool {
     last_addr: HashMap<NodeId, SocketAddr>,
     /// Live connections per peer.
     peer_conns: HashMap<NodeId, usize>,
+    /// When the cached connection of each peer was last forgotten (it closed).
+    closed_at: HashMap<NodeId, Instant>,
 }
 
 impl ConnectionPool {
@@ -44,6 +46,15 @@ impl ConnectionPool {
             .get(peer)
             .filter(|c| c.quic().close_reason().is_none())
             .cloned()
+    }
+
+    /// The peers with an open connection.
+    pub(super) fn live_peers(&self) -> Vec<NodeId> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.quic().close_reason().is_none())
+            .map(|(peer, _)| *peer)
+            .collect()
     }
 
     /// The cached connection to `peer`, open or not.
@@ -71,7 +82,21 @@ impl ConnectionPool {
             .is_some_and(|c| c.quic().stable_id() == conn.quic().stable_id())
         {
             self.conns.remove(&peer);
+            bounded_insert(&mut self.closed_at, peer, Instant::now());
         }
+    }
+
+    /// Whether the last connection to `peer` closed within `within` of `now`; a `true`
+    /// is given once per closed connection (the caller tries the peer once).
+    pub(super) fn take_recently_closed(
+        &mut self,
+        peer: &NodeId,
+        now: Instant,
+        within: Duration,
+    ) -> bool {
+        self.closed_at
+            .remove(peer)
+            .is_some_and(|at| now.saturating_duration_since(at) < within)
     }
 
     /// The lock that makes concurrent senders to `peer` share one dial.
@@ -186,6 +211,23 @@ mod tests {
             p.release_slot(&peer);
         }
         assert!(p.peer_conns.is_empty());
+    }
+
+    #[test]
+    fn a_recent_close_is_given_once_and_only_while_recent() {
+        let mut p = ConnectionPool::default();
+        let peer = SecretKey::from_bytes(&[1; 32]).public();
+        let now = Instant::now();
+        let within = Duration::from_secs(60);
+        assert!(!p.take_recently_closed(&peer, now, within));
+        p.closed_at.insert(peer, now);
+        assert!(p.take_recently_closed(&peer, now + Duration::from_secs(1), within));
+        assert!(!p.take_recently_closed(&peer, now, within), "only once");
+        p.closed_at.insert(peer, now);
+        assert!(
+            !p.take_recently_closed(&peer, now + within, within),
+            "too old"
+        );
     }
 
     #[tokio::test]

@@ -2,11 +2,14 @@
 //!
 //! - The announce task announces this node at start and again when the server's hint
 //!   says (before the TTL runs out), and at once when its home relay or the address the
-//!   relay sees it at changes; after a failure it retries with backoff.
+//!   relay sees it at changes, when the server restarted and forgot who is online (a new
+//!   presence epoch on any of its responses), or when the server answers again after
+//!   an outage; after a failure it retries with backoff.
 //! - The poll task fetches the online list every
-//!   [`Timings::presence_poll`](super::Timings::presence_poll), reports who came and
-//!   went, retries the outbox of peers that came online (or moved), and warns when a
-//!   pinned name is announced by another key.
+//!   [`Timings::presence_poll`](super::Timings::presence_poll) (every
+//!   [`POLL_WHILE_FAILING`] while the server does not answer, so a restart is noticed
+//!   soon after it), reports who came and went, retries the outbox of peers that came
+//!   online (or moved), and warns when a pinned name is announced by another key.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -18,10 +21,31 @@ use p2p_discovery::Announcement;
 
 use super::{Inner, NodeEvent, PeerInfo, RegisterError};
 
+/// How long the poll waits after the discovery server changed, so that the others have
+/// announced themselves there before the online list is read.
+const SETTLE_AFTER_MOVE: Duration = Duration::from_secs(1);
+
+/// How often the online list is asked for while the server does not answer.
+pub(super) const POLL_WHILE_FAILING: Duration = Duration::from_secs(1);
+
+/// Waits until the server in use says it forgot every presence record (it restarted);
+/// never returns for a discovery that cannot tell.
+async fn presence_lost(resets: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    if let Some(rx) = resets {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    *resets = None;
+    std::future::pending().await
+}
+
 /// Announces until the node stops.
 pub(super) async fn announce_loop(inner: Arc<Inner>) {
     let mut failures = 0u32;
     let mut home = inner.endpoint.net().home();
+    let mut status = inner.discovery_status();
+    let mut resets = inner.disco.as_ref().and_then(|d| d.presence_resets());
     loop {
         home.mark_unchanged();
         let wait = match announce_once(&inner).await {
@@ -45,6 +69,15 @@ pub(super) async fn announce_loop(inner: Arc<Inner>) {
         tokio::select! {
             _ = inner.cancel.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
+            // Another server: announce there at once (claiming our name there first).
+            _ = super::server_changed(&mut status) => failures = 0,
+            // The server restarted and forgot us: announce again at once.
+            _ = presence_lost(&mut resets) => {
+                tracing::info!("discovery forgot our presence (it restarted); announcing again");
+                failures = 0;
+            }
+            // The server answers again after an outage: do not wait out the backoff.
+            _ = inner.discovery_back.notified(), if failures > 0 => failures = 0,
             changed = relay_changed(&mut home) => {
                 if !changed {
                     // The path layer is gone (shutting down): keep the timer only.
@@ -142,10 +175,18 @@ fn announce_addrs(inner: &Inner) -> Vec<SocketAddr> {
             targets.push(a);
         }
     }
+    // The routes to the server and to the internet first, then every other interface
+    // (a LAN with no default route, or a node that reaches its own server on loopback).
+    let interfaces = crate::discovery::mdns::local_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| a.ip)
+        .filter(|ip| local.is_ipv6() || ip.is_ipv4());
     let routed = targets
         .into_iter()
         .filter_map(|t| route_ip(local, t))
-        .chain(outward_ip(local));
+        .chain(outward_ip(local))
+        .chain(interfaces);
     for ip in routed {
         let a = SocketAddr::new(ip, local.port());
         if !ip.is_loopback() && !ip.is_unspecified() && !out.contains(&a) {
@@ -161,7 +202,8 @@ fn announce_addrs(inner: &Inner) -> Vec<SocketAddr> {
 pub(super) fn our_addrs(inner: &Inner) -> Vec<SocketAddr> {
     let reflexive = inner.endpoint.net().home().borrow().reflexive;
     let mut addrs = announce_addrs(inner);
-    if let Some(r) = reflexive.filter(|a| !addrs.contains(a)) {
+    // A relay on loopback (this machine's own server) sees only 127.0.0.1.
+    if let Some(r) = reflexive.filter(|a| !addrs.contains(a) && !a.ip().is_loopback()) {
         addrs.insert(0, r);
     }
     addrs.truncate(p2p_discovery::MAX_ADDRS);
@@ -208,11 +250,14 @@ pub(super) async fn poll_loop(inner: Arc<Inner>) {
         return;
     };
     let mut failing = false;
+    let mut status = inner.discovery_status();
+    let mut resets = disco.presence_resets();
     loop {
         match disco.online().await {
             Ok(peers) => {
                 if failing {
                     tracing::info!("discovery is reachable again");
+                    inner.discovery_back.notify_one();
                 }
                 failing = false;
                 apply_online(&inner, peers);
@@ -224,9 +269,27 @@ pub(super) async fn poll_loop(inner: Arc<Inner>) {
                 failing = true;
             }
         }
+        let every = if failing {
+            POLL_WHILE_FAILING.min(inner.timings.presence_poll)
+        } else {
+            inner.timings.presence_poll
+        };
         tokio::select! {
             _ = inner.cancel.cancelled() => break,
-            _ = tokio::time::sleep(inner.timings.presence_poll) => {}
+            _ = tokio::time::sleep(every) => {}
+            // Another server, or this one restarted: give the others a moment to announce
+            // themselves there.
+            _ = async {
+                tokio::select! {
+                    _ = super::server_changed(&mut status) => {}
+                    _ = presence_lost(&mut resets) => {}
+                }
+            } => {
+                tokio::select! {
+                    _ = inner.cancel.cancelled() => break,
+                    _ = tokio::time::sleep(SETTLE_AFTER_MOVE.min(inner.timings.presence_poll)) => {}
+                }
+            }
         }
     }
 }

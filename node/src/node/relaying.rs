@@ -22,8 +22,15 @@ pub(super) async fn home_relay_loop(inner: Arc<Inner>) {
     };
     let mut failures = 0u32;
     let mut said_none = false;
+    let mut status = inner.discovery_status();
     loop {
-        let wait = match disco.relay().await {
+        // A request to a server that just died may take its whole timeout: a change of
+        // server meanwhile asks the new one at once.
+        let asked = tokio::select! {
+            asked = disco.relay() => asked,
+            _ = super::server_changed(&mut status) => continue,
+        };
+        let wait = match asked {
             Ok(found) => {
                 failures = 0;
                 if found.is_none() && !said_none {
@@ -53,6 +60,8 @@ pub(super) async fn home_relay_loop(inner: Arc<Inner>) {
         tokio::select! {
             _ = inner.cancel.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
+            // Another server runs another relay (or none): ask at once.
+            _ = super::server_changed(&mut status) => failures = 0,
         }
     }
 }

@@ -7,13 +7,17 @@
 //! after that answer, so every ack follows a durable write, and under load many messages
 //! share one fsync. Each write is stamped when the writer takes it, with a strictly
 //! increasing clock, so messages keep the order in which they were written.
+//!
+//! A batch that fails with an I/O error (a full disk) marks the storage failing (see
+//! [`super::storage`]); until the heal task opened the database again, every request
+//! is refused at once with that error, and nothing is acknowledged.
 
 use std::sync::{Arc, Mutex};
 
 use p2p_crypto::NodeId;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{lock, stamp_ms, StorageError, MAX_WRITE_BATCH};
+use super::{lock, stamp_ms, storage::Health, NodeEvent, StorageError, MAX_WRITE_BATCH};
 use crate::{
     store::{Inserted, MarkOutcome, MessageStatus, Store, StoreError, WriteOp, WriteOutcome},
     wire::{ChatMessage, MessageId},
@@ -54,12 +58,21 @@ pub(crate) struct Writer {
     tx: Mutex<Option<mpsc::Sender<WriteReq>>>,
 }
 
+/// Where the writer reports the health of the storage.
+pub(crate) struct Report {
+    pub health: Arc<Health>,
+    pub events: tokio::sync::broadcast::Sender<NodeEvent>,
+}
+
 /// Starts the writer thread.
-pub(crate) fn spawn(store: Arc<Store>) -> std::io::Result<(Writer, std::thread::JoinHandle<()>)> {
+pub(crate) fn spawn(
+    store: Arc<Store>,
+    report: Report,
+) -> std::io::Result<(Writer, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(QUEUE);
     let handle = std::thread::Builder::new()
         .name("p2p-node-writer".into())
-        .spawn(move || run(store, rx))?;
+        .spawn(move || run(store, rx, report))?;
     Ok((
         Writer {
             tx: Mutex::new(Some(tx)),
@@ -144,7 +157,7 @@ impl Writer {
     }
 }
 
-fn run(store: Arc<Store>, mut rx: mpsc::Receiver<WriteReq>) {
+fn run(store: Arc<Store>, mut rx: mpsc::Receiver<WriteReq>, report: Report) {
     let mut batch: Vec<WriteReq> = Vec::with_capacity(MAX_WRITE_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -154,7 +167,21 @@ fn run(store: Arc<Store>, mut rx: mpsc::Receiver<WriteReq>) {
                 Err(_) => break,
             }
         }
-        write_batch(&store, &mut batch);
+        if let Some(e) = report.health.failing() {
+            // The database is being opened again: refuse without touching it.
+            for req in batch.drain(..) {
+                let _ = req.reply.send(Err(e.clone()));
+            }
+            continue;
+        }
+        if let Some(e) = write_batch(&store, &mut batch) {
+            if e.is_io() && report.health.fail(e.clone()) {
+                tracing::error!(error = %e, "the database cannot be written; refusing messages until it can");
+                let _ = report.events.send(NodeEvent::StorageFailing {
+                    error: e.to_string(),
+                });
+            }
+        }
     }
     // Status marks may have been committed without waiting for the disk: make them
     // durable before the node stops.
@@ -163,19 +190,23 @@ fn run(store: Arc<Store>, mut rx: mpsc::Receiver<WriteReq>) {
     }
 }
 
-fn write_batch(store: &Store, batch: &mut Vec<WriteReq>) {
+/// Writes a batch and answers it; returns the error that failed the whole batch, if one
+/// did.
+fn write_batch(store: &Store, batch: &mut Vec<WriteReq>) -> Option<Arc<StoreError>> {
     // Barriers write nothing: they are answered after the commit of the others.
     let barriers: Vec<WriteReq> = {
         let (barriers, writes) = batch.drain(..).partition(|r| matches!(r.op, Op::Barrier));
         *batch = writes;
         barriers
     };
-    write_ops(store, batch);
+    let failed = write_ops(store, batch);
     for b in barriers {
-        let _ = b
-            .reply
-            .send(Ok((WriteOutcome::Marked(MarkOutcome::Unchanged), 0)));
+        let _ = b.reply.send(match &failed {
+            Some(e) => Err(e.clone()),
+            None => Ok((WriteOutcome::Marked(MarkOutcome::Unchanged), 0)),
+        });
     }
+    failed
 }
 
 /// The store write of a request, stamped now; `None` for a barrier.
@@ -200,9 +231,9 @@ fn stamped(op: &Op) -> Option<WriteOp> {
     })
 }
 
-fn write_ops(store: &Store, batch: &mut Vec<WriteReq>) {
+fn write_ops(store: &Store, batch: &mut Vec<WriteReq>) -> Option<Arc<StoreError>> {
     if batch.is_empty() {
-        return;
+        return None;
     }
     // `write_batch` took the barriers out, so every request here has a write.
     let ops: Vec<WriteOp> = batch.iter().filter_map(|r| stamped(&r.op)).collect();
@@ -217,6 +248,7 @@ fn write_ops(store: &Store, batch: &mut Vec<WriteReq>) {
                     .reply
                     .send(res.map(|o| (o, stamp(op))).map_err(Arc::new));
             }
+            None
         }
         Ok(_) => {
             let e = Arc::new(StoreError::Internal(
@@ -225,6 +257,7 @@ fn write_ops(store: &Store, batch: &mut Vec<WriteReq>) {
             for req in batch.drain(..) {
                 let _ = req.reply.send(Err(e.clone()));
             }
+            None
         }
         Err(e) => {
             tracing::error!(error = %e, count = batch.len(), "cannot write to the database");
@@ -232,6 +265,7 @@ fn write_ops(store: &Store, batch: &mut Vec<WriteReq>) {
             for req in batch.drain(..) {
                 let _ = req.reply.send(Err(e.clone()));
             }
+            Some(e)
         }
     }
 }

@@ -34,8 +34,12 @@ pub const SCHEMA_VERSION_KEY: &str = "schema_version";
 /// revealing it.
 pub const HISTORY_KEY_CHECK_KEY: &str = "history_key_check";
 
+/// Key in [`META`] of the local time of the last write check after the database was
+/// opened again following an I/O error (`Store::check_writable`).
+pub const WRITE_CHECK_KEY: &str = "write_check_ms";
+
 /// Database-wide settings: `name -> u64`. Holds [`SCHEMA_VERSION_KEY`] and, when
-/// encrypted, [`HISTORY_KEY_CHECK_KEY`].
+/// encrypted, [`HISTORY_KEY_CHECK_KEY`]; [`WRITE_CHECK_KEY`] once a write was checked.
 pub const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 
 /// Key of a message row: `(peer NodeId bytes, stored_at_ms, message id)`.
