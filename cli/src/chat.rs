@@ -45,7 +45,7 @@ pub async fn run(g: &Global, paths: &Paths) -> Result<()> {
     let node = open_node(g, paths, Need::Serve).await?;
     let mut events = node.subscribe();
     let stop = tokio_util::sync::CancellationToken::new();
-    let control = crate::commands::serve_control(&node, paths, crate::control::Kind::Chat, &stop);
+    let control = crate::running::serve_control(&node, paths, crate::control::Kind::Chat, &stop);
     print_discovery(&node);
     warn_if_not_announced(&node).await;
     let me = paths.registered_name()?;

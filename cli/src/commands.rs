@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use p2p_node::{Node, NodeEvent};
+use p2p_node::NodeEvent;
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -20,7 +20,7 @@ use crate::{
     identity::Paths,
     ops,
     output::{event_json, event_line},
-    running::{open_node, print_discovery, warn_if_not_announced, StopSignals},
+    running::{open_node, print_discovery, serve_control, warn_if_not_announced, StopSignals},
     Global,
 };
 
@@ -197,27 +197,6 @@ pub async fn daemon_foreground(g: &Global, paths: &Paths) -> Result<()> {
     node.shutdown().await;
     eprintln!("logged out");
     Ok(())
-}
-
-/// Serves the control socket for a running node; logs (and goes on without) when it
-/// cannot.
-pub fn serve_control(
-    node: &Node,
-    paths: &Paths,
-    kind: Kind,
-    stop: &CancellationToken,
-) -> Option<control::Server> {
-    let handler = ops::handler(node.clone(), paths.clone(), kind, stop.clone());
-    match control::serve(&paths.data_dir, handler) {
-        Ok(server) => Some(server),
-        Err(e) => {
-            tracing::warn!(
-                error = %crate::output::one_line(&e),
-                "other commands cannot reach this node"
-            );
-            None
-        }
-    }
 }
 
 /// `p2p-node listen [--json]`: prints events until SIGINT or SIGTERM, then logs out.

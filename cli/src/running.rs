@@ -5,8 +5,10 @@
 use anyhow::{Context, Result};
 use p2p_node::Node;
 use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
+    control::{self, Kind},
     discovery::{self, Choice, Need},
     identity::{self, Paths},
     Global,
@@ -45,6 +47,27 @@ pub async fn open_node(g: &Global, paths: &Paths, need: Need) -> Result<Node> {
 pub fn print_discovery(node: &Node) {
     if let Some(status) = node.discovery_status() {
         println!("{}", discovery::status_text(&status.borrow()));
+    }
+}
+
+/// Serves the control socket for a running node; logs (and goes on without) when it
+/// cannot.
+pub fn serve_control(
+    node: &Node,
+    paths: &Paths,
+    kind: Kind,
+    stop: &CancellationToken,
+) -> Option<control::Server> {
+    let handler = crate::ops::handler(node.clone(), paths.clone(), kind, stop.clone());
+    match control::serve(&paths.data_dir, handler) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            tracing::warn!(
+                error = %crate::output::one_line(&e),
+                "other commands cannot reach this node"
+            );
+            None
+        }
     }
 }
 

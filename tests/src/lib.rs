@@ -188,6 +188,13 @@ impl Proc {
         }
     }
 
+    /// Takes the stdout lines that arrived so far into `seen`, without waiting.
+    pub fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
     /// Writes one line to the process's stdin.
     pub fn send_line(&mut self, line: &str) {
         use std::io::Write;

@@ -91,6 +91,44 @@ fn wait_listed(lab: &LanLab, i: usize, dir: &Path, want: &[&str]) -> String {
     }
 }
 
+/// The server the chat's last word on discovery names: its own (index `me`) when it
+/// serves, else the fingerprint after "server".
+fn last_server(p: &Proc, me: usize, fps: &[&str]) -> Option<usize> {
+    let line = p.seen.iter().rev().find(|l| {
+        l.contains("serving discovery for the LAN") || l.contains("using LAN discovery at")
+    })?;
+    if line.contains("serving discovery for the LAN") {
+        return Some(me);
+    }
+    let fp = line.split("server ").nth(1)?.split(')').next()?;
+    fps.iter().position(|f| *f == fp)
+}
+
+/// Waits until every chat's last word on discovery names the same server; returns it.
+fn wait_one_server(chats: &mut [Proc], fps: &[&str]) -> usize {
+    let end = Instant::now() + T;
+    loop {
+        for chat in chats.iter_mut() {
+            chat.drain();
+        }
+        let said: Vec<Option<usize>> = chats
+            .iter()
+            .enumerate()
+            .map(|(i, c)| last_server(c, i, fps))
+            .collect();
+        if let Some(Some(first)) = said.first() {
+            if said.iter().all(|s| *s == Some(*first)) {
+                return *first;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "no single server within {T:?}: {said:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits until the chat `p` said each of `fps` is online (in its online list or as a
 /// notice), counting what it said already.
 fn wait_online(p: &mut Proc, fps: &[&str]) {
@@ -132,29 +170,29 @@ fn three_nodes_started_together_on_a_lan_find_each_other_with_no_url() {
     let dirs = [private_tempdir(), private_tempdir(), private_tempdir()];
     let ids: Vec<String> = (0..3).map(|i| id_of(&lab, i, dirs[i].path())).collect();
     let fps: Vec<&str> = ids.iter().map(|id| &id[..10]).collect();
-    let lowest = (0..3).min_by_key(|&i| ids[i].parse::<p2p_crypto::NodeId>().expect("id"));
-    let lowest = lowest.expect("three hosts");
     // All three at the same moment: each looks, finds nothing, and may serve.
     let mut chats: Vec<Proc> = (0..3).map(|i| chat(&lab, i, dirs[i].path())).collect();
 
-    // One LAN world: the lowest NodeId serves (with URLs others can use, never
-    // 0.0.0.0), the others use it and name its fingerprint.
-    let served = chats[lowest].expect_line(T, |l| l.contains("serving discovery for the LAN"));
+    // One LAN world: one of them serves (with URLs others can use, never 0.0.0.0), the
+    // others use it and name its fingerprint.
+    let server = wait_one_server(&mut chats, &fps);
+    let served = chats[server]
+        .seen
+        .iter()
+        .rev()
+        .find(|l| l.contains("serving discovery for the LAN"))
+        .cloned()
+        .expect("the server said so");
     assert!(
-        served.contains(&format!("--discovery http://{}:7117", LanLab::ip(lowest))),
+        served.contains(&format!("--discovery http://{}:7117", LanLab::ip(server))),
         "{served}"
     );
     assert!(!served.contains("--discovery http://0.0.0.0"), "{served}");
     let expected = format!(
         "using LAN discovery at http://{}:7117 (found via mDNS; server {})",
-        LanLab::ip(lowest),
-        fps[lowest]
+        LanLab::ip(server),
+        fps[server]
     );
-    for (i, chat) in chats.iter_mut().enumerate() {
-        if i != lowest {
-            chat.expect_line(T, |l| l.contains(&expected));
-        }
-    }
     // Each sees the other two online.
     for (i, chat) in chats.iter_mut().enumerate() {
         let others: Vec<&str> = (0..3).filter(|&j| j != i).map(|j| fps[j]).collect();
@@ -234,18 +272,23 @@ fn when_the_serving_node_dies_another_takes_over_and_queued_mail_arrives() {
         l.contains("written during the hand-over") && l.contains("queued")
     });
 
-    // The lowest NodeId of the two left serves; the other moves to it.
-    let ((_, next_id), _) = by_id((o, o_id.clone()), (2, ids[2].clone()));
+    // One of the two left serves and the other moves to it: whichever looked first and
+    // found nothing (a serving node gives way only to a lower NodeId that also serves).
     let o_proc = procs[o].as_mut().expect("running");
-    if next_id == o_id {
-        wait_serving(o_proc);
+    let settled = json(&o_proc.expect_line(T, |l| {
+        let v = json(l);
+        v["event"] == "discovery"
+            && (v["source"] == "serving" || (v["source"] == "mdns" && v["server"] == ids[2]))
+    }));
+    let next_id = if settled["source"] == "serving" {
         chat.expect_line(T, |l| {
             l.contains("using LAN discovery") && l.contains(&o_id[..10])
         });
+        o_id.clone()
     } else {
         chat.expect_line(T, |l| l.contains("serving discovery for the LAN"));
-        wait_using(o_proc, &next_id);
-    }
+        ids[2].clone()
+    };
     let took_over = died.elapsed();
 
     // The offline host comes online: the queued message arrives, once.

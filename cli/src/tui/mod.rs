@@ -58,7 +58,7 @@ pub async fn run(g: &Global, paths: &Paths, logs: mpsc::Receiver<String>) -> Res
     let name = paths.registered_name()?;
     let node = open_node(g, paths, Need::Serve).await?;
     let stop = tokio_util::sync::CancellationToken::new();
-    let control = crate::commands::serve_control(&node, paths, crate::control::Kind::Chat, &stop);
+    let control = crate::running::serve_control(&node, paths, crate::control::Kind::Chat, &stop);
     let status = node.discovery_status().map(|s| s.borrow().clone());
     let mut app = App::new(Me {
         name,
