@@ -593,6 +593,19 @@ mod tests {
     }
 
     #[test]
+    fn a_message_id_gives_its_own_bytes() {
+        let bytes: [u8; 16] = std::array::from_fn(|i| i as u8);
+        let id = MessageId(bytes);
+        assert_eq!(id.as_bytes(), &bytes);
+        assert_eq!(MessageId([0xa5; 16]).as_bytes(), &[0xa5; 16]);
+        let random = MessageId::random();
+        assert_eq!(
+            random.to_string().parse::<MessageId>().unwrap().as_bytes(),
+            random.as_bytes()
+        );
+    }
+
+    #[test]
     fn round_trips() {
         let frames = [
             text_msg("hello"),
