@@ -12,6 +12,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(realpath "${1:-target/debug/p2p-node}")
 st=${ST:-st}
+# A path (not a command on PATH) stays valid after the `cd discovery` below.
+if [[ "$st" == */* ]]; then
+  st=$(realpath "$st")
+fi
 work=$(mktemp -d)
 chmod 700 "$work"
 "$bin" --data-dir "$work/data" discovery --listen 127.0.0.1:0 --db "$work/discovery.redb" \
