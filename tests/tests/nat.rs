@@ -207,7 +207,9 @@ fn behind_two_nats_messages_go_through_the_relay_then_direct_then_back() {
     let mut outcomes = Vec::new();
     let mut texts = Vec::new();
     let mut direct_at = None;
-    for i in 0..200 {
+    // Until the path is direct (bounded by T: a failed punch round is retried after 5 s,
+    // then 10 s), however many messages that takes.
+    for i in 0..10_000 {
         let text = format!("m{i}");
         outcomes.push(s.say(&text));
         texts.push(text);
