@@ -9,16 +9,13 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use p2p_node::discovery::{find_lan_server, DiscoveryStatus, LanConfig, Source};
+use p2p_node::discovery::{check_url, find_lan_server, DiscoveryStatus, LanConfig, Source};
 use serde_json::{json, Value};
 
 use crate::{Global, DEFAULT_EMBEDDED_DISCOVERY};
 
 /// How long a one-shot command looks for the LAN's discovery server.
 pub const ONE_SHOT_WAIT: Duration = Duration::from_secs(2);
-
-/// How long the check of a discovery server on this machine may take.
-const LOCAL_CHECK: Duration = Duration::from_secs(1);
 
 /// What a command needs of discovery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +96,7 @@ async fn one_shot(default: SocketAddr) -> Choice {
         Err(e) => format!("cannot look on the LAN: {e}"),
     };
     let url = local_url(default);
-    if answers(&url).await {
+    if check_url(&url).await {
         eprintln!("p2p-node: using the discovery server on this machine at {url} ({why_not})");
         return Choice::Url(url);
     }
@@ -109,16 +106,6 @@ async fn one_shot(default: SocketAddr) -> Choice {
          or pass --discovery URL"
     );
     Choice::None
-}
-
-/// Whether a discovery server answers at `url`, briefly.
-async fn answers(url: &str) -> bool {
-    let Ok(client) = p2p_discovery::Client::with_timeout(url, LOCAL_CHECK) else {
-        return false;
-    };
-    tokio::time::timeout(LOCAL_CHECK, client.health())
-        .await
-        .is_ok_and(|r| r.is_ok())
 }
 
 /// "using LAN discovery at URL (found via mDNS; server FINGERPRINT)", and the like.

@@ -102,13 +102,7 @@ pub async fn find_lan_server(wait: Duration) -> Result<Option<FoundServer>, LanE
 /// The first of `server`'s URLs that answers a health check.
 async fn healthy_url(server: &LanServer) -> Option<String> {
     for url in server.urls() {
-        let Ok(client) = Client::with_timeout(&url, CHECK_TIMEOUT) else {
-            continue;
-        };
-        if tokio::time::timeout(CHECK_TIMEOUT, client.health())
-            .await
-            .is_ok_and(|r| r.is_ok())
-        {
+        if check_url(&url).await {
             return Some(url);
         }
     }
@@ -633,8 +627,8 @@ impl Supervisor {
     }
 }
 
-/// Whether the server at `url` answers a health check in time.
-async fn check_url(url: &str) -> bool {
+/// Whether a discovery server answers its health check at `url` within a second.
+pub async fn check_url(url: &str) -> bool {
     let Ok(client) = Client::with_timeout(url, CHECK_TIMEOUT) else {
         return false;
     };

@@ -31,7 +31,7 @@ mod memory;
 
 pub use embedded::{EmbeddedDiscovery, EmbeddedError};
 pub use http::{DiscoveryUrl, HttpDiscovery};
-pub use lan::{find_lan_server, FoundServer, LanConfig, LanDiscovery};
+pub use lan::{check_url, find_lan_server, FoundServer, LanConfig, LanDiscovery};
 pub use memory::MemoryDiscovery;
 
 /// A discovery request failed.
