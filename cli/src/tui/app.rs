@@ -661,7 +661,10 @@ impl App {
             }
             NodeEvent::DiscoveryChanged(status) => {
                 self.me.discovery = crate::discovery::short_label(status);
-                self.notice_home(crate::discovery::status_text(status), Tone::Info);
+                // One notice per line: the pane shows a line break as `\n`.
+                for line in crate::discovery::status_text(status).lines() {
+                    self.notice_home(line.to_owned(), Tone::Info);
+                }
             }
             other => {
                 if let Some(line) = event_line(other) {

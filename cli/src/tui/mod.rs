@@ -66,7 +66,9 @@ pub async fn run(g: &Global, paths: &Paths, logs: mpsc::Receiver<String>) -> Res
         discovery: status.as_ref().and_then(discovery::short_label),
     });
     if let Some(status) = &status {
-        app.notice(discovery::status_text(status), pane::Tone::Info);
+        for line in discovery::status_text(status).lines() {
+            app.notice(line.to_owned(), pane::Tone::Info);
+        }
     }
     app.notice(
         "type /help for commands and keys; Ctrl+N/Ctrl+P switch conversations, PgUp/PgDn scroll",
