@@ -50,6 +50,7 @@
 //! [`StoreError::NewerSchema`]; both name the path.
 
 mod cipher;
+mod opened;
 pub mod tables;
 
 use std::fmt;
@@ -68,6 +69,7 @@ use crate::wire::{
     AckStatus, Body, ChatMessage, Conversation, InvalidMessage, MessageId, RejectCode,
 };
 use cipher::RowCipher;
+use opened::OpenedRows;
 use tables::{
     MessageKey, CONTACTS, HISTORY_KEY_CHECK_KEY, MESSAGES, MESSAGE_IDS, META, MIN_SCHEMA_VERSION,
     OUTBOX, SCHEMA_CLEAR, SCHEMA_SEALED, SCHEMA_VERSION, SCHEMA_VERSION_KEY, WRITE_CHECK_KEY,
@@ -509,6 +511,14 @@ struct MessageRecord {
     status: MessageStatus,
 }
 
+impl zeroize::Zeroize for MessageRecord {
+    fn zeroize(&mut self) {
+        match &mut self.body {
+            Body::Text(text) => text.zeroize(),
+        }
+    }
+}
+
 /// Value of a [`tables::OUTBOX`] row; the recipient and the message id live in the
 /// key, the message itself in its history row at `(recipient, created_ms, id)`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -572,6 +582,8 @@ pub struct Store {
     db: RwLock<Option<Database>>,
     path: PathBuf,
     cipher: RowCipher,
+    /// Rows of an encrypted database opened already ([`opened`]).
+    opened: OpenedRows<MessageKey, MessageRecord>,
     /// Whether the database is a file that [`Store::reopen`] can open again.
     reopenable: bool,
 }
@@ -840,6 +852,7 @@ impl Store {
             reopenable: path != Path::new(MEMORY_PATH),
             path,
             cipher,
+            opened: OpenedRows::new(),
         })
     }
 
@@ -941,12 +954,32 @@ impl Store {
     }
 
     /// The record of the message row `key` stored as `value`.
+    ///
+    /// A sealed row opened before is taken from [`Store::opened`] while its stored value
+    /// is the one it was opened from.
     fn decode_message(&self, key: &MessageKey, value: &[u8]) -> Result<MessageRecord, StoreError> {
+        let seal = self.sealed_id(value);
+        if let Some(rec) = seal.as_ref().and_then(|s| self.opened.get(key, s)) {
+            return Ok(rec);
+        }
         let plain = self
             .cipher
             .open(key, value)
             .map_err(|e| self.corrupt("messages", e))?;
-        self.decode("messages", &plain)
+        let rec: MessageRecord = self.decode("messages", &plain)?;
+        if let Some(seal) = seal {
+            self.opened.insert(*key, seal, rec.clone(), plain.len());
+        }
+        Ok(rec)
+    }
+
+    /// The seal of a stored message value, in an encrypted database.
+    fn sealed_id(&self, stored: &[u8]) -> Option<opened::SealId> {
+        if self.cipher.is_sealed() {
+            cipher::seal_id(stored)
+        } else {
+            None
+        }
     }
 
     /// The stored value of the message row `key` holding `rec`.

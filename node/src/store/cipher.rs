@@ -18,7 +18,7 @@ use std::ops::Deref;
 use p2p_crypto::history::HistoryKey;
 use zeroize::Zeroizing;
 
-use super::{tables::MessageKey, RecordError};
+use super::{opened::SealId, tables::MessageKey, RecordError};
 
 /// The format byte of a sealed row.
 const SEALED_V1: u8 = 1;
@@ -59,6 +59,21 @@ fn aad(key: &MessageKey) -> [u8; AAD_LEN] {
     rest[32..40].copy_from_slice(&key.1.to_be_bytes());
     rest[40..].copy_from_slice(&key.2);
     a
+}
+
+/// The nonce and tag of a sealed row's stored value (see [`super::opened`]); `None` for a
+/// value that is not a sealed row.
+pub(crate) fn seal_id(stored: &[u8]) -> Option<SealId> {
+    use p2p_crypto::history::{NONCE_LEN, OVERHEAD, TAG_LEN};
+    match stored.split_first() {
+        Some((&SEALED_V1, sealed)) if sealed.len() >= OVERHEAD => {
+            let mut id = [0u8; NONCE_LEN + TAG_LEN];
+            id[..NONCE_LEN].copy_from_slice(&sealed[..NONCE_LEN]);
+            id[NONCE_LEN..].copy_from_slice(&sealed[sealed.len() - TAG_LEN..]);
+            Some(id)
+        }
+        _ => None,
+    }
 }
 
 impl RowCipher {
@@ -138,5 +153,22 @@ mod tests {
             &*RowCipher::Clear.open(&key, b"clear").expect("clear"),
             b"clear"
         );
+    }
+
+    #[test]
+    fn a_seal_id_is_the_nonce_and_tag_of_one_sealing() {
+        let c = RowCipher::Sealed(SecretKey::generate().history_key());
+        let key = ([1; 32], 5, [2; 16]);
+        let a = c.seal(&key, b"record".to_vec());
+        let b = c.seal(&key, b"record".to_vec());
+        let id = seal_id(&a).expect("sealed");
+        assert_eq!(id[..24], a[1..25]);
+        assert_eq!(id[24..], a[a.len() - 16..]);
+        assert_ne!(Some(id), seal_id(&b), "each sealing has its own nonce");
+        assert_eq!(seal_id(&a[..40]), None, "too short");
+        let mut other = a.clone();
+        other[0] = 2;
+        assert_eq!(seal_id(&other), None);
+        assert_eq!(seal_id(&[]), None);
     }
 }

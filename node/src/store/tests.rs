@@ -1013,6 +1013,45 @@ fn a_sealed_row_moved_to_another_key_does_not_decrypt() {
 }
 
 #[test]
+fn an_opened_row_is_read_again_only_while_its_stored_value_is_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    let store = Store::open_with_key(&path, SecretKey::generate().history_key(), true).unwrap();
+    let alice = peer();
+    let m = msg("first words", 1);
+    store.insert_incoming(&alice, &m, 1).unwrap();
+    assert_eq!(
+        texts(&store.history(&alice, 10, None).unwrap()),
+        ["first words"]
+    );
+    // Another value sealed for the same row, written behind the store's back: the row
+    // reads as stored.
+    let row = (*alice.as_bytes(), 1, m.id.0);
+    let value = {
+        let db = store.db().unwrap();
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(MESSAGES).unwrap();
+        let v = t.get(row).unwrap().unwrap().value().to_vec();
+        v
+    };
+    let mut rec = store.decode_message(&row, &value).unwrap();
+    rec.body = Body::Text("other words".into());
+    let other = store.cipher.seal(&row, to_bytes("messages", &rec).unwrap());
+    let write = |v: &[u8]| {
+        let db = store.db().unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(MESSAGES).unwrap().insert(row, v).unwrap();
+        txn.commit().unwrap();
+    };
+    write(&other);
+    let read = || store.history(&alice, 10, None).unwrap();
+    assert_eq!(texts(&read()), ["other words"]);
+    // The first value written back reads as first written.
+    write(&value);
+    assert_eq!(texts(&read()), ["first words"]);
+}
+
+#[test]
 fn a_leftover_rewrite_is_removed_and_the_store_opens() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.redb");

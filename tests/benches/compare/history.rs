@@ -245,6 +245,30 @@ fn node_history(store: &Store, peers: &[NodeId], dur: Duration) -> Result<f64> {
     Ok(done as f64 / start.elapsed().as_secs_f64())
 }
 
+/// The first read of each conversation after opening the store at `path` (nothing of
+/// it decrypted or cached yet): opened again and again, each time every conversation's
+/// last page once, only the reads timed.
+fn node_history_first(
+    path: &Path,
+    key: Option<&HistoryKey>,
+    peers: &[NodeId],
+    dur: Duration,
+) -> Result<f64> {
+    let mut spent = Duration::ZERO;
+    let mut done = 0usize;
+    while spent < dur {
+        let store = open_store(path, key)?;
+        let start = Instant::now();
+        for peer in peers {
+            let page = store.history(peer, HISTORY_PAGE, None)?;
+            ensure!(page.len() == HISTORY_PAGE, "short history page");
+        }
+        spent += start.elapsed();
+        done += peers.len();
+    }
+    Ok(done as f64 / spent.as_secs_f64())
+}
+
 /// The same reverse range scan over `(peer, ..)` in raw redb, values decoded.
 fn raw_history(db: &Database, peers: &[NodeId], dur: Duration) -> Result<f64> {
     let start = Instant::now();
@@ -299,12 +323,21 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
         "query/s",
         Target::AtLeast(0.9),
     );
+    let mut sealed_first = Row::new(
+        format!("5. encrypted history: first read of a conversation's last {HISTORY_PAGE} after opening (baseline: the same in clear)"),
+        "query/s",
+        Target::None,
+    );
     let key = SecretKey::generate().history_key();
     // Read side: one database of each kind, filled once.
     let dir = tempfile::tempdir()?;
     let fill = messages(PEERS * 1000, &peers)?;
     node_insert(&dir.path().join("read-node.redb"), None, &fill)?;
     let read_store = Store::open(dir.path().join("read-node.redb"))?;
+    let first_clear = dir.path().join("first-node.redb");
+    node_insert(&first_clear, None, &fill)?;
+    let first_sealed = dir.path().join("first-sealed.redb");
+    node_insert(&first_sealed, Some(&key), &fill)?;
     node_insert(&dir.path().join("read-sealed.redb"), Some(&key), &fill)?;
     let read_sealed = open_store(&dir.path().join("read-sealed.redb"), Some(&key))?;
     let read_raw = open_raw(&dir.path().join("read-raw.redb"))?;
@@ -314,6 +347,7 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
         let mut w = [0.0f64; 3];
         let mut s = [0.0f64; 2];
         let mut r = [0.0f64; 3];
+        let mut f = [0.0f64; 2];
         for phase in order(run, 3) {
             let node_path = dir.path().join(format!("node-{run}.redb"));
             let raw_path = dir.path().join(format!("raw-{run}.redb"));
@@ -331,10 +365,12 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
                     cfg.phase,
                 )?;
                 r[1] = node_history(&read_store, &peers, cfg.phase)?;
+                f[0] = node_history_first(&first_clear, None, &peers, cfg.phase)?;
             } else {
                 let sealed_path = dir.path().join(format!("sealed-{run}.redb"));
                 w[2] = n as f64 / node_insert(&sealed_path, Some(&key), &msgs)?.as_secs_f64();
                 r[2] = node_history(&read_sealed, &peers, cfg.phase)?;
+                f[1] = node_history_first(&first_sealed, Some(&key), &peers, cfg.phase)?;
             }
         }
         insert.push(w[1], Some(w[0]));
@@ -342,8 +378,16 @@ pub fn run(cfg: &Config) -> Result<Vec<Row>> {
         read.push(r[1], Some(r[0]));
         sealed_insert.push(w[2], Some(w[1]));
         sealed_read.push(r[2], Some(r[1]));
+        sealed_first.push(f[1], Some(f[0]));
     }
-    Ok(vec![insert, sender, read, sealed_insert, sealed_read])
+    Ok(vec![
+        insert,
+        sender,
+        read,
+        sealed_insert,
+        sealed_read,
+        sealed_first,
+    ])
 }
 
 /// Runs one side of figure 5 alone, for a profiler (`BENCH_PROFILE`): `history-insert`,

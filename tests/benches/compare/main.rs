@@ -25,6 +25,8 @@
 //! | `BENCH_CONNS` | 1000 (100) | idle connections in figure 7 |
 //! | `BENCH_PEERS` | 1,10,100 (1,10) | peer counts of figure 8 |
 //! | (figure 9) | | `BENCH_SETUP_ITERS` fresh pairs per run time the move to a direct path |
+//! | `BENCH_SCALE_MSGS` | 1048576 (40960) | messages in figure 11's history |
+//! | `BENCH_SCALE_RECORDS` | 100000 (5000) | presences and names in figure 11's discovery server |
 //! | (figure 10) | | PostgreSQL (started by the bench when installed) 1 vs 2 instances vs redb; DHT times on a local testnet |
 //! | `BENCH_ONLY` | all | figures to run, e.g. `1,2` or `msgs,latency` |
 //! | `BENCH_PROFILE` | unset | run one side of one figure alone (for a profiler) and print what it did: `send`, `send-mem`, `rtt`, `rtt-mem`, `bulk`, `bulk-mem`, `setup`, `setup-mem`, `raw-send`, `raw-rtt`, `history-insert`, `history-sender`, `history-read`; the workload is framed by `profile: measuring` and `profile: done` on stderr |
@@ -40,6 +42,7 @@ mod raw;
 mod relay;
 mod report;
 mod scale_out;
+mod state;
 
 use std::{str::FromStr, time::Duration};
 
@@ -57,6 +60,8 @@ pub struct Config {
     pub disc_conc: usize,
     pub conns: usize,
     pub peers: Vec<usize>,
+    pub scale_msgs: usize,
+    pub scale_records: usize,
     only: Option<Vec<String>>,
 }
 
@@ -101,6 +106,8 @@ impl Config {
             disc_conc: env("BENCH_DISC_CONC", 32)?.max(1),
             conns: env("BENCH_CONNS", q(1000, 100))?.max(1),
             peers,
+            scale_msgs: env("BENCH_SCALE_MSGS", q(1 << 20, 40 * 1024))?,
+            scale_records: env("BENCH_SCALE_RECORDS", q(100_000, 5000))?,
             only,
         })
     }
@@ -159,6 +166,9 @@ async fn profile(cfg: &Config, what: &str) -> Result<()> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == state::CHILD_ARG) {
+        return state::child_main(args.get(i + 1).context("child database")?);
+    }
     if let Some(i) = args.iter().position(|a| a == memory::CHILD_ARG) {
         let kind = args.get(i + 1).context("child kind")?;
         return memory::child_main(kind);
@@ -238,6 +248,10 @@ fn main() -> Result<()> {
         if cfg.wants(10, "scale-out") {
             eprintln!("figure 10: discovery on PostgreSQL, instances, and the DHT");
             rows.extend(scale_out::run(&cfg, &mut notes).await?);
+        }
+        if cfg.wants(11, "state") {
+            eprintln!("figure 11: state at scale");
+            rows.extend(state::run(&cfg, &mut notes).await?);
         }
         Ok::<_, anyhow::Error>(())
     })?;

@@ -76,22 +76,28 @@ fn ready(addr: SocketAddr, id: NodeId) -> Result<()> {
     Ok(())
 }
 
-/// A running child; killed (by its pid, through `Child`) if still running when dropped.
-struct ChildProc {
+/// A running child (this bench re-executed); killed (by its pid, through `Child`) if
+/// still running when dropped.
+pub struct ChildProc {
     child: Child,
 }
 
 impl ChildProc {
-    fn spawn(kind: &str, max_conns: usize) -> Result<(ChildProc, SocketAddr, NodeId)> {
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
-            .arg(CHILD_ARG)
-            .arg(kind)
-            .env(CHILD_MAX_CONNS, max_conns.to_string())
+    /// Runs this bench with `args` and `envs` and waits for the first line it prints,
+    /// which must start with `READY`; returns the line's other words.
+    pub fn start(
+        args: &[&std::ffi::OsStr],
+        envs: &[(&str, String)],
+    ) -> Result<(ChildProc, Vec<String>)> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
+            .stderr(Stdio::inherit());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn()?;
         let stdout = child.stdout.take().context("child stdout")?;
         let proc = ChildProc { child };
         let (tx, rx) = std::sync::mpsc::channel();
@@ -101,34 +107,44 @@ impl ChildProc {
             let _ = tx.send(line);
         });
         let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .context("the memory child did not get ready")?;
-        let mut parts = line.split_whitespace();
-        let (Some("READY"), Some(addr), Some(id)) = (parts.next(), parts.next(), parts.next())
-        else {
-            bail!("unexpected line from the memory child: {line:?}");
+            .recv_timeout(Duration::from_secs(120))
+            .context("the child did not get ready")?;
+        let mut words = line.split_whitespace().map(str::to_owned);
+        if words.next().as_deref() != Some("READY") {
+            bail!("unexpected line from the child: {line:?}");
+        }
+        Ok((proc, words.collect()))
+    }
+
+    fn spawn(kind: &str, max_conns: usize) -> Result<(ChildProc, SocketAddr, NodeId)> {
+        let (proc, words) = Self::start(
+            &[CHILD_ARG.as_ref(), kind.as_ref()],
+            &[(CHILD_MAX_CONNS, max_conns.to_string())],
+        )?;
+        let [addr, id] = &words[..] else {
+            bail!("unexpected READY line from the memory child: {words:?}");
         };
         Ok((proc, addr.parse()?, id.parse()?))
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Closes the child's stdin (it then shuts down) and waits for it, at most `timeout`.
-    fn finish(mut self, timeout: Duration) -> Result<()> {
+    pub fn finish(mut self, timeout: Duration) -> Result<()> {
         drop(self.child.stdin.take());
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
                 if !status.success() {
-                    bail!("memory child exited with {status}");
+                    bail!("child exited with {status}");
                 }
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        bail!("memory child did not exit within {timeout:?}")
+        bail!("child did not exit within {timeout:?}")
     }
 }
 
@@ -142,7 +158,7 @@ impl Drop for ChildProc {
 }
 
 /// VmRSS of a process, in KiB.
-fn rss_kib(pid: u32) -> Result<u64> {
+pub fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
