@@ -2,11 +2,9 @@
 //! from its signed bytes and verified against the key of the node it names.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -303,19 +301,32 @@ pub fn verify_entry_at(
     })
 }
 
-/// A strictly increasing millisecond timestamp for this process, so two records made
-/// in the same millisecond are still ordered.
-fn next_timestamp() -> u64 {
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = clock::now_ms();
-    let mut last = LAST.load(Ordering::SeqCst);
-    loop {
-        let ts = now.max(last + 1);
-        match LAST.compare_exchange(last, ts, Ordering::SeqCst, Ordering::SeqCst) {
-            Ok(_) => return ts,
-            Err(seen) => last = seen,
-        }
+/// A millisecond timestamp for a record or request signed by `node`, strictly greater
+/// than the last one this process made for that node, so two made in the same
+/// millisecond are still ordered (and never sign the same bytes twice).
+///
+/// Per node, not per process: a process signing for many nodes at a high rate (a
+/// bench, a tool) would otherwise run its one counter ahead of the clock until servers
+/// refuse its timestamps as being in the future.
+fn next_timestamp(node: &NodeId) -> u64 {
+    next_timestamp_at(node, clock::now_ms())
+}
+
+/// Nodes whose last timestamp is remembered before the ones in the past are dropped.
+const REMEMBERED_NODES: usize = 1024;
+
+fn next_timestamp_at(node: &NodeId, now: u64) -> u64 {
+    static LAST: Mutex<BTreeMap<[u8; 32], u64>> = Mutex::new(BTreeMap::new());
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if last.len() >= REMEMBERED_NODES {
+        // A node whose last timestamp is in the past gets `now` anyway: forgetting it
+        // changes nothing.
+        last.retain(|_, ts| *ts >= now);
     }
+    let slot = last.entry(*node.as_bytes()).or_insert(0);
+    let ts = now.max(*slot + 1);
+    *slot = ts;
+    ts
 }
 
 /// Client of one discovery server. Cheap to clone.
@@ -551,7 +562,7 @@ impl Client {
                 name: name.to_owned(),
                 node_id: secret.public(),
                 mailbox_key: secret.mailbox_secret().public(),
-                timestamp_ms: next_timestamp(),
+                timestamp_ms: next_timestamp(&secret.public()),
             },
         )
         .map_err(ClientError::InvalidRequest)?;
@@ -604,7 +615,7 @@ impl Client {
                 name: announcement.name.clone(),
                 addrs: announcement.addrs.clone(),
                 mailbox_key: secret.mailbox_secret().public(),
-                timestamp_ms: next_timestamp(),
+                timestamp_ms: next_timestamp(&secret.public()),
                 ttl_secs,
                 relay: announcement.relay,
             },
@@ -626,7 +637,7 @@ impl Client {
             secret,
             Withdrawal {
                 node_id: secret.public(),
-                timestamp_ms: next_timestamp(),
+                timestamp_ms: next_timestamp(&secret.public()),
             },
         )
         .map_err(ClientError::InvalidRequest)?;
@@ -731,7 +742,7 @@ impl Client {
             Some(q) => format!("{}?{q}", url.path()),
             None => url.path().to_owned(),
         };
-        let ts = next_timestamp();
+        let ts = next_timestamp(&secret.public());
         let sig = secret.sign(
             Domain::Request,
             &request_signing_bytes(method.as_str(), &path_and_query, &body, ts),
@@ -854,9 +865,30 @@ mod tests {
     }
 
     #[test]
-    fn timestamps_increase() {
-        let a = next_timestamp();
-        let b = next_timestamp();
-        assert!(b > a);
+    fn timestamps_increase_per_node_and_stay_with_the_clock() {
+        let (a, b) = (
+            SecretKey::generate().public(),
+            SecretKey::generate().public(),
+        );
+        let first = next_timestamp(&a);
+        assert!(next_timestamp(&a) > first);
+        // Many records of many nodes in the same millisecond: each node's timestamps
+        // increase, none runs ahead of the clock by more than its own count.
+        let now = 5_000_000_000_000;
+        let nodes: Vec<NodeId> = (0..3 * REMEMBERED_NODES)
+            .map(|_| SecretKey::generate().public())
+            .collect();
+        for n in &nodes {
+            assert_eq!(next_timestamp_at(n, now), now);
+        }
+        assert_eq!(next_timestamp_at(&b, now), now);
+        assert_eq!(next_timestamp_at(&b, now), now + 1);
+        assert_eq!(next_timestamp_at(&b, now), now + 2);
+        assert_eq!(next_timestamp_at(&b, now + 10), now + 10);
+        // Nodes forgotten for being in the past still get increasing timestamps.
+        for n in &nodes {
+            assert_eq!(next_timestamp_at(n, now + 20), now + 20);
+        }
+        assert_eq!(next_timestamp_at(&nodes[0], now + 20), now + 21);
     }
 }
