@@ -100,6 +100,27 @@ fn truncated_or_corrupt_file_is_an_error_naming_the_path() {
             "{err}"
         );
     }
+    // Each kind of damage is told as what it is.
+    let reason = |case: &[u8]| match keyfile::decode(&bad, case, None) {
+        Err(KeyFileError::Corrupt { reason, .. }) => reason,
+        other => panic!("expected a corrupt-file error, got {other:?}"),
+    };
+    for n in [9, 40, 72, 73, 80, bytes.len() - 1] {
+        assert_eq!(reason(&bytes[..n]), "truncated", "{n} bytes");
+    }
+    let mut short_unknown = bytes[..20].to_vec();
+    short_unknown[8] = 7;
+    assert_eq!(reason(&short_unknown), "truncated");
+    let mut longer = bytes.clone();
+    longer.extend_from_slice(&[0; 8]);
+    assert_eq!(reason(&longer), "trailing bytes");
+    let mut flipped = bytes.clone();
+    flipped[20] ^= 1;
+    assert_eq!(reason(&flipped), "checksum mismatch");
+    assert_eq!(
+        reason(b"not a key at all, but long enough to hold one: ................................"),
+        "not a p2p-node key file (bad magic)"
+    );
     // The damaged file is reported, never silently replaced.
     write_0600(&bad, &bytes[..10]);
     assert!(keyfile::load_or_create(&bad, None).is_err());
@@ -164,5 +185,95 @@ fn hostile_key_derivation_parameters_are_refused_before_any_work() {
             }
             other => panic!("{what}: expected a corrupt-file error, got {other:?}"),
         }
+    }
+}
+
+#[test]
+fn is_encrypted_tells_plain_from_protected_and_refuses_other_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plain = dir.path().join("plain.key");
+    keyfile::store(&plain, &SecretKey::generate(), None, false).expect("stores");
+    assert!(!keyfile::is_encrypted(&plain).expect("reads"));
+    let sealed = dir.path().join("sealed.key");
+    keyfile::store(&sealed, &SecretKey::generate(), Some(b"pass"), false).expect("stores");
+    assert!(keyfile::is_encrypted(&sealed).expect("reads"));
+    let good = fs::read(&sealed).expect("read");
+    let mut no_magic = good.clone();
+    no_magic[0] ^= 0xff;
+    let mut plain_no_magic = fs::read(&plain).expect("read");
+    plain_no_magic[0] ^= 0xff;
+    let mut other_kind = good.clone();
+    other_kind[8] = 7;
+    for (what, bytes) in [
+        ("empty", Vec::new()),
+        ("magic alone", good[..8].to_vec()),
+        ("sealed kind without the magic", no_magic),
+        ("plain kind without the magic", plain_no_magic),
+        ("unknown kind", other_kind),
+    ] {
+        let path = dir.path().join("other.key");
+        write_0600(&path, &bytes);
+        match keyfile::is_encrypted(&path) {
+            Err(KeyFileError::Corrupt { path: p, .. }) => assert_eq!(p, path, "{what}"),
+            other => panic!("{what}: expected a corrupt-file error, got {other:?}"),
+        }
+    }
+    let err = keyfile::is_encrypted(&dir.path().join("missing.key")).expect_err("missing");
+    assert!(matches!(err, KeyFileError::Read { .. }), "{err}");
+}
+
+#[test]
+fn a_protected_file_records_the_documented_key_derivation_cost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("identity.key");
+    keyfile::store(&path, &SecretKey::generate(), Some(b"pass"), false).expect("store");
+    let bytes = fs::read(&path).expect("read");
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+    // 64 MiB of memory, 3 passes, one lane (ARCHITECTURE.md), after magic, kind and key.
+    assert_eq!(u32_at(41), 65_536);
+    assert_eq!(u32_at(45), 3);
+    assert_eq!(u32_at(49), 1);
+    assert_eq!(
+        (
+            keyfile::KDF_M_COST_KIB,
+            keyfile::KDF_T_COST,
+            keyfile::KDF_P_COST
+        ),
+        (65_536, 3, 1)
+    );
+}
+
+#[test]
+fn a_path_that_cannot_be_looked_at_is_a_read_error_and_nothing_is_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("a-file");
+    fs::write(&file, b"x").expect("write");
+    // Under a regular file: not "not found", so no key is made.
+    let path = file.join("identity.key");
+    let err = keyfile::load_or_create(&path, None).expect_err("not a directory");
+    assert!(matches!(err, KeyFileError::Read { .. }), "{err}");
+    assert_eq!(fs::read(&file).expect("read"), b"x");
+}
+
+#[test]
+fn the_largest_accepted_key_derivation_costs_are_tried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("identity.key");
+    keyfile::store(&path, &SecretKey::generate(), Some(b"pass"), false).expect("store");
+    let good = fs::read(&path).expect("read");
+    // Each bound (1 GiB, 16 passes, 16 lanes) with the other two small: refused as out
+    // of range only above it, so each file is tried; the cost changed, the key it
+    // derives does not open the secret.
+    for (m, t, p) in [(1024 * 1024, 1, 1), (64, 16, 1), (256, 1, 16)] {
+        let mut bytes = good.clone();
+        for (offset, v) in [(41, m), (45, t), (49, p)] {
+            bytes[offset..offset + 4].copy_from_slice(&u32::to_le_bytes(v));
+        }
+        fix_checksum(&mut bytes);
+        let err = keyfile::decode(&path, &bytes, Some(b"pass")).expect_err("another cost");
+        assert!(
+            matches!(err, KeyFileError::WrongPassphrase { .. }),
+            "m {m} t {t} p {p}: {err}"
+        );
     }
 }
