@@ -179,11 +179,19 @@ fn hostile_key_derivation_parameters_are_refused_before_any_work() {
         let mut bytes = good.clone();
         bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
         fix_checksum(&mut bytes);
-        match keyfile::decode(&path, &bytes, Some(b"pass")) {
-            Err(KeyFileError::Corrupt { reason, .. }) => {
+        // Refused before any work: at once, not after a long key derivation (a deadline
+        // of the test's own, so a bound that lets these through fails here).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(keyfile::decode(&p, &bytes, Some(b"pass")));
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(Err(KeyFileError::Corrupt { reason, .. })) => {
                 assert!(reason.contains("out of range"), "{what}: {reason}")
             }
-            other => panic!("{what}: expected a corrupt-file error, got {other:?}"),
+            Ok(other) => panic!("{what}: expected a corrupt-file error, got {other:?}"),
+            Err(_) => panic!("{what}: still deriving a key after 10 s"),
         }
     }
 }
