@@ -624,6 +624,35 @@ mod tests {
     }
 
     #[test]
+    fn reject_codes_have_stable_names() {
+        // The names are what the CLI prints and PROTOCOL.md lists: each code keeps its own.
+        let known = [
+            (RejectCode::OTHER, "other", 0),
+            (RejectCode::UNSUPPORTED_BODY, "unsupported-body", 1),
+            (
+                RejectCode::UNSUPPORTED_CONVERSATION,
+                "unsupported-conversation",
+                2,
+            ),
+            (RejectCode::TOO_LARGE, "too-large", 3),
+            (RejectCode::ID_CONFLICT, "id-conflict", 4),
+            (RejectCode::BLOCKED, "blocked", 5),
+        ];
+        for (code, name, n) in known {
+            assert_eq!(code, RejectCode(n));
+            assert_eq!(code.name(), Some(name));
+            assert_eq!(code.to_string(), format!("{name} ({n})"));
+            assert_eq!(format!("{code:?}"), format!("RejectCode({name} ({n}))"));
+        }
+        assert_eq!(RejectCode(6).name(), None);
+        assert_eq!(RejectCode(300).to_string(), "unknown (300)");
+        assert_eq!(
+            format!("{:?}", RejectCode(300)),
+            "RejectCode(unknown (300))"
+        );
+    }
+
+    #[test]
     fn encoding_is_stable() {
         // Pin the wire format: changing it needs an ALPN version bump.
         let bytes = encode(&ack(AckStatus::Rejected(RejectCode(300)))).unwrap();
