@@ -9,7 +9,7 @@
 #   all:  every group: crypto; discovery (records and the server's request
 #         verification, ~25 minutes); keyfile; wire (the frame codec, against the node
 #         crate's unit tests); inbound (the node's accepting side, against the
-#         end-to-end tests of nodes in tests/: node_messaging and adversarial). Each
+#         end-to-end tests of nodes in tests/: node_messaging, adversarial and relay). Each
 #         node mutant rebuilds the node: about 45 s each on 2 cores, 1.5 hours for both.
 # MUTANTS_ONLY=REGEX tests only the mutants of the groups' files whose names match
 # (e.g. one file, or the functions just changed); the check for stale list entries is
@@ -31,7 +31,7 @@ all_groups=(
   "wire|p2p-node|node/src/wire.rs|p2p-node|--lib"
   # The one test of adversarial.rs that runs the p2p-node binary is skipped: these
   # builds do not rebuild the binary.
-  "inbound|p2p-node|node/src/node/inbound.rs|p2p-tests|--test node_messaging --test adversarial -- --skip the_cli_warns_when"
+  "inbound|p2p-node|node/src/node/inbound.rs|p2p-tests|--test node_messaging --test adversarial --test relay -- --skip the_cli_warns_when"
 )
 groups=()
 for want in "$@"; do

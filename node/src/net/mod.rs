@@ -59,6 +59,18 @@ const MAX_OTHER_RELAYS: usize = 8;
 const REPORT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Locks a std mutex, recovering from poisoning (the data is plain bookkeeping).
+/// Whether `addr` is a mapped address of the path layer (a stand-in naming a peer), not
+/// a real one.
+pub(crate) fn is_mapped(addr: SocketAddr) -> bool {
+    mapped::index(addr).is_some()
+}
+
+/// The mapped address of peer `index` on an IPv4 socket, for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn mapped_addr_for_test(index: u32) -> SocketAddr {
+    mapped::addr(index, false)
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -68,11 +68,11 @@ pub(super) async fn accept_loop(inner: Arc<Inner>) {
 
 impl Inner {
     /// Remembers a fresh connection for reuse. For an incoming one, also remembers the
-    /// real address the peer came from (if it came from one) and retries its outbox at
-    /// once.
+    /// address the peer came from (the pool keeps it only if it is a real address, not
+    /// a mapped one of the path layer) and retries its outbox at once.
     pub(super) fn register_connection(&self, conn: &Connection, incoming: bool) {
         let peer = conn.remote_node_id();
-        let from = (incoming && !conn.through_path_layer()).then(|| conn.remote_addr());
+        let from = incoming.then(|| conn.remote_addr());
         self.pool().register(conn, from);
         if incoming {
             self.wake_outbox_for(peer);

@@ -69,6 +69,15 @@ impl ConnectionPool {
         self.conns.insert(peer, conn.clone());
         self.backoff.remove(&peer);
         if let Some(addr) = from {
+            self.note_came_from(peer, addr);
+        }
+    }
+
+    /// Remembers that `peer` connected to us from `addr`, if that is a real address: the
+    /// address of a connection through the path layer is the peer's mapped address,
+    /// which names the peer, not a place to dial it at.
+    fn note_came_from(&mut self, peer: NodeId, addr: SocketAddr) {
+        if !crate::net::is_mapped(addr) {
             bounded_insert(&mut self.last_addr, peer, addr);
         }
     }
@@ -181,6 +190,21 @@ mod tests {
     use p2p_crypto::SecretKey;
 
     use super::*;
+
+    #[test]
+    fn only_real_addresses_are_remembered_as_where_a_peer_came_from() {
+        let mut p = ConnectionPool::default();
+        let peer = SecretKey::from_bytes(&[1; 32]).public();
+        let mapped = crate::net::mapped_addr_for_test(3);
+        assert!(crate::net::is_mapped(mapped));
+        p.note_came_from(peer, mapped);
+        assert_eq!(p.last_addr(&peer), None, "a mapped address is not a place");
+        let real: SocketAddr = "192.0.2.7:4433".parse().expect("addr");
+        p.note_came_from(peer, real);
+        assert_eq!(p.last_addr(&peer), Some(real));
+        p.note_came_from(peer, mapped);
+        assert_eq!(p.last_addr(&peer), Some(real), "kept");
+    }
 
     #[test]
     fn backoff_grows_and_clears() {
