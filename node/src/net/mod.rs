@@ -58,7 +58,6 @@ const MAX_OTHER_RELAYS: usize = 8;
 /// How often hole-punching counts are reported to the home relay.
 const REPORT_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Locks a std mutex, recovering from poisoning (the data is plain bookkeeping).
 /// Whether `addr` is a mapped address of the path layer (a stand-in naming a peer), not
 /// a real one.
 pub(crate) fn is_mapped(addr: SocketAddr) -> bool {
@@ -71,6 +70,7 @@ pub(crate) fn mapped_addr_for_test(index: u32) -> SocketAddr {
     mapped::addr(index, false)
 }
 
+/// Locks a std mutex, recovering from poisoning (the data is plain bookkeeping).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
