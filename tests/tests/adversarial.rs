@@ -592,3 +592,27 @@ async fn a_node_at_the_peers_address_without_the_protocol_is_reported() -> Resul
     d.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn every_message_on_a_stream_is_acknowledged_and_the_stream_ends_after_the_senders_side(
+) -> Result<()> {
+    let s = Scene::start(fast()).await?;
+    let conn = s.mallory_connects().await?;
+    let (mut send, mut recv) = conn.quic().open_bi().await?;
+    let mut buf = Vec::new();
+    let (one, two) = (ChatMessage::text("one", 1)?, ChatMessage::text("two", 2)?);
+    wire::write_frame(&mut send, &Frame::Message(one.clone())).await?;
+    let ack = tokio::time::timeout(DEADLINE, wire::read_frame(&mut recv, &mut buf)).await??;
+    require_stored(ack, one.id)?;
+    // The sender's side is still open: the node keeps reading the stream, and a second
+    // message on it is stored and acknowledged too (PROTOCOL.md, stream lifecycle).
+    wire::write_frame(&mut send, &Frame::Message(two.clone())).await?;
+    send.finish()?;
+    let ack = tokio::time::timeout(DEADLINE, wire::read_frame(&mut recv, &mut buf)).await??;
+    require_stored(ack, two.id)?;
+    // Then, the sender's side having ended, the node ends its own.
+    let end = tokio::time::timeout(DEADLINE, wire::read_frame(&mut recv, &mut buf)).await??;
+    assert_eq!(end, None, "the stream ends after both acks");
+    assert_eq!(s.stored_from_mallory(10).await?, 2);
+    s.stop().await
+}
