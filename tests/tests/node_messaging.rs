@@ -879,3 +879,44 @@ async fn nodes_work_over_any_discovery_implementation() -> Result<()> {
     a.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_peer_connected_a_moment_ago_is_tried_once_while_discovery_calls_it_offline() -> Result<()>
+{
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let a = alice.start(&d.url).await?;
+    // Bob claims a name but never announces presence: discovery knows him, offline.
+    let b = bob.builder(&d.url).announce(false).bind().await?;
+    b.register("bob").await?;
+    let bob_addr = b.local_addr()?;
+    // Bob dials Alice, so she has a connection from his address...
+    let hi = b.send_to(&alice.id(), "hi alice").await?;
+    assert_eq!(hi.status, SendStatus::Delivered);
+    // ... which closes when he restarts, on the same port, still without announcing.
+    let mut a_ev = a.subscribe();
+    b.shutdown().await;
+    let b = bob
+        .builder(&d.url)
+        .announce(false)
+        .listen(bob_addr)
+        .bind()
+        .await?;
+    eventually("alice saw the connection close", || async {
+        Ok(a.connections().iter().all(|(peer, _)| *peer != bob.id()))
+    })
+    .await?;
+    // Discovery says Bob is offline, but he was connected a moment ago: Alice tries his
+    // last address once, and the message is delivered at once instead of queued.
+    let out = a.send_to(&bob.id(), "still there?").await?;
+    assert_eq!(
+        out.status,
+        SendStatus::Delivered,
+        "tried at the last address"
+    );
+    next_event(&mut a_ev, "delivered", is_delivered(out.id)).await?;
+    b.shutdown().await;
+    a.shutdown().await;
+    d.stop().await;
+    Ok(())
+}

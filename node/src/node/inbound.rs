@@ -68,20 +68,38 @@ pub(super) async fn accept_loop(inner: Arc<Inner>) {
 
 impl Inner {
     /// Remembers a fresh connection for reuse. For an incoming one, also remembers the
-    /// address the peer came from (the pool keeps it only if it is a real address, not
-    /// a mapped one of the path layer) and retries its outbox at once.
+    /// real address the peer came from (for a connection through the path layer, whose
+    /// remote address is the peer's mapped one, the direct address the path layer
+    /// proved, if any) and retries its outbox at once.
     pub(super) fn register_connection(&self, conn: &Connection, incoming: bool) {
         let peer = conn.remote_node_id();
-        let from = incoming.then(|| conn.remote_addr());
+        let from = if incoming {
+            let addr = conn.remote_addr();
+            if crate::net::is_mapped(addr) {
+                self.direct_addr_of(&peer)
+            } else {
+                Some(addr)
+            }
+        } else {
+            None
+        };
         self.pool().register(conn, from);
         if incoming {
             self.wake_outbox_for(peer);
         }
     }
 
-    /// Forgets `conn` if it is the cached connection of its peer.
+    /// Forgets `conn` if it is the cached connection of its peer, remembering when it
+    /// closed and where the peer was last reached directly: a peer that was connected a
+    /// moment ago is tried there once even while discovery calls it offline.
     pub(super) fn forget_connection(&self, conn: &Connection) {
-        self.pool().forget(conn);
+        let direct = self.direct_addr_of(&conn.remote_node_id());
+        self.pool().forget(conn, direct);
+    }
+
+    /// The direct address the path layer proved for `peer`, if any.
+    fn direct_addr_of(&self, peer: &p2p_crypto::NodeId) -> Option<std::net::SocketAddr> {
+        self.endpoint.net().direct_of(peer).map(|(addr, _)| addr)
     }
 }
 

@@ -31,7 +31,8 @@ pub(super) struct ConnectionPool {
     dialing: HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>,
     /// Peers not to dial before a time.
     backoff: HashMap<NodeId, DialBackoff>,
-    /// The real address each peer last connected to us from.
+    /// The real address each peer last connected to us from, or was last reached at
+    /// directly on a connection that closed.
     last_addr: HashMap<NodeId, SocketAddr>,
     /// Live connections per peer.
     peer_conns: HashMap<NodeId, usize>,
@@ -82,8 +83,10 @@ impl ConnectionPool {
         }
     }
 
-    /// Forgets `conn` if it is the cached connection of its peer.
-    pub(super) fn forget(&mut self, conn: &Connection) {
+    /// Forgets `conn` if it is the cached connection of its peer, remembering when it
+    /// closed and `direct`, the real address the peer was last reached at on it (if the
+    /// path layer proved one).
+    pub(super) fn forget(&mut self, conn: &Connection, direct: Option<SocketAddr>) {
         let peer = conn.remote_node_id();
         if self
             .conns
@@ -92,6 +95,9 @@ impl ConnectionPool {
         {
             self.conns.remove(&peer);
             bounded_insert(&mut self.closed_at, peer, Instant::now());
+            if let Some(addr) = direct {
+                self.note_came_from(peer, addr);
+            }
         }
     }
 
