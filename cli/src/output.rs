@@ -482,7 +482,7 @@ mod tests {
         assert_eq!(not_the_peer_warning(&QueueReason::Offline), None);
 
         let outcome = p2p_node::SendOutcome {
-            id: MessageId::random(),
+            id: MessageId::generate(),
             to: expected,
             status: SendStatus::Queued,
             path: None,

@@ -52,17 +52,41 @@ pub const HEADER_LEN: usize = 4;
 // Message id
 // ---------------------------------------------------------------------------------------
 
-/// A random 128-bit message id, chosen by the sender.
+/// A 128-bit message id, chosen by the sender.
 ///
 /// The receiver deduplicates by this id, which makes resending always safe. Its text form
-/// is exactly 32 lowercase hex characters.
+/// is exactly 32 lowercase hex characters. Receivers treat it as opaque bytes; this node
+/// makes its ids with [`MessageId::generate`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MessageId(pub [u8; 16]);
 
 impl MessageId {
-    /// A fresh random id from the operating system's CSPRNG.
-    pub fn random() -> Self {
-        Self(rand::random())
+    /// A fresh id: the current time in milliseconds since the Unix epoch in the first
+    /// [`MessageId::TIME_BYTES`] bytes (big-endian), then ten bytes from the operating
+    /// system's CSPRNG.
+    ///
+    /// Ids made later sort later (to the millisecond), so a receiver's id index, keyed by
+    /// them, grows at its end instead of at a random place for every message: a commit of
+    /// many messages writes a few index pages instead of one per message. The 80 random
+    /// bits keep ids unique and unguessable; the time they reveal is the one the message
+    /// carries anyway (`sent_at_ms`).
+    pub fn generate() -> Self {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Self::at(now_ms, rand::random())
+    }
+
+    /// Bytes of the time prefix of a generated id.
+    pub const TIME_BYTES: usize = 6;
+
+    /// The id generated at `now_ms` with `random` as its last ten bytes.
+    fn at(now_ms: u64, random: [u8; 10]) -> Self {
+        let mut id = [0u8; 16];
+        // 48 bits of milliseconds last until the year 10889; later times wrap.
+        id[..Self::TIME_BYTES].copy_from_slice(&now_ms.to_be_bytes()[2..]);
+        id[Self::TIME_BYTES..].copy_from_slice(&random);
+        Self(id)
     }
 
     /// The raw 16 bytes.
@@ -146,12 +170,12 @@ pub struct ChatMessage {
 }
 
 impl ChatMessage {
-    /// A new direct text message with a fresh random id.
+    /// A new direct text message with a fresh id ([`MessageId::generate`]).
     ///
     /// Fails if the text is longer than [`MAX_TEXT_LEN`] bytes.
     pub fn text(text: impl Into<String>, sent_at_ms: u64) -> Result<Self, InvalidMessage> {
         let msg = Self {
-            id: MessageId::random(),
+            id: MessageId::generate(),
             conversation: Conversation::Direct,
             sent_at_ms,
             body: Body::Text(text.into()),
@@ -598,11 +622,34 @@ mod tests {
         let id = MessageId(bytes);
         assert_eq!(id.as_bytes(), &bytes);
         assert_eq!(MessageId([0xa5; 16]).as_bytes(), &[0xa5; 16]);
-        let random = MessageId::random();
+        let random = MessageId::generate();
         assert_eq!(
             random.to_string().parse::<MessageId>().unwrap().as_bytes(),
             random.as_bytes()
         );
+    }
+
+    #[test]
+    fn generated_ids_start_with_their_time_and_sort_by_it() {
+        let id = MessageId::at(0x0102_0304_0506, [0xee; 10]);
+        assert_eq!(
+            id.as_bytes(),
+            &[1, 2, 3, 4, 5, 6, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee]
+        );
+        // A later millisecond sorts later whatever the random bytes.
+        assert!(MessageId::at(1_000, [0xff; 10]) < MessageId::at(1_001, [0; 10]));
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let id = MessageId::generate();
+        let mut time = [0u8; 8];
+        time[2..].copy_from_slice(&id.as_bytes()[..MessageId::TIME_BYTES]);
+        let t = u64::from_be_bytes(time);
+        assert!(t >= before && t < before + 60_000, "{t} vs {before}");
+        // The rest is random: two ids of the same millisecond differ there.
+        let ids: std::collections::HashSet<_> = (0..1000).map(|_| MessageId::generate()).collect();
+        assert_eq!(ids.len(), 1000);
     }
 
     #[test]
@@ -845,7 +892,7 @@ mod tests {
                 "{bad:?}"
             );
         }
-        let r = MessageId::random();
+        let r = MessageId::generate();
         assert_eq!(r.to_string().parse::<MessageId>(), Ok(r));
     }
 
