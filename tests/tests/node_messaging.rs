@@ -896,12 +896,7 @@ async fn a_peer_connected_a_moment_ago_is_tried_once_while_discovery_calls_it_of
     // ... which closes when he restarts, on the same port, still without announcing.
     let mut a_ev = a.subscribe();
     b.shutdown().await;
-    let b = bob
-        .builder(&d.url)
-        .announce(false)
-        .listen(bob_addr)
-        .bind()
-        .await?;
+    let b = bind_again(|| bob.builder(&d.url).announce(false).listen(bob_addr)).await?;
     eventually("alice saw the connection close", || async {
         Ok(a.connections().iter().all(|(peer, _)| *peer != bob.id()))
     })
@@ -919,4 +914,19 @@ async fn a_peer_connected_a_moment_ago_is_tried_once_while_discovery_calls_it_of
     a.shutdown().await;
     d.stop().await;
     Ok(())
+}
+
+/// Binds a node on an address a node of this process just left: polls (within
+/// [`DEADLINE`]) while the old socket is still being released.
+async fn bind_again(builder: impl Fn() -> p2p_node::NodeBuilder) -> Result<Node> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match builder().bind().await {
+            Ok(node) => return Ok(node),
+            Err(BindError::Endpoint(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }

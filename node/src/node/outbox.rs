@@ -68,6 +68,7 @@ async fn round_of(inner: &Arc<Inner>, all: bool) -> Result<Option<u64>, super::S
     }
     let now = now_ms();
     let (woken, in_flight) = inner.delivery().take_round();
+    let mut by_peer: BTreeMap<NodeId, (bool, Vec<OutboxEntry>)> = BTreeMap::new();
     let mut due: BTreeMap<NodeId, Vec<OutboxEntry>> = BTreeMap::new();
     let mut next_due: Option<u64> = None;
     let mut busy_woken = HashSet::new();
@@ -86,10 +87,19 @@ async fn round_of(inner: &Arc<Inner>, all: bool) -> Result<Option<u64>, super::S
             // schedule.
             continue;
         }
-        if all || e.next_attempt_ms <= now || woken.contains(&e.to) {
-            due.entry(e.to).or_default().push(e);
-        } else {
-            next_due = Some(next_due.map_or(e.next_attempt_ms, |n| n.min(e.next_attempt_ms)));
+        // A peer's queue is tried as a whole, in order, once any of it is due: its
+        // entries have schedules of their own (each counts its own attempts), and
+        // trying only the due ones would let a later message overtake an earlier one.
+        let peer_due = all || e.next_attempt_ms <= now || woken.contains(&e.to);
+        let queue = by_peer.entry(e.to).or_insert((false, Vec::new()));
+        queue.0 |= peer_due;
+        queue.1.push(e);
+    }
+    for (peer, (peer_due, queue)) in by_peer {
+        if peer_due {
+            due.insert(peer, queue);
+        } else if let Some(at) = queue.iter().map(|e| e.next_attempt_ms).min() {
+            next_due = Some(next_due.map_or(at, |n| n.min(at)));
         }
     }
     if !busy_woken.is_empty() {
