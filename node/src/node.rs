@@ -158,6 +158,9 @@ pub const CLOSE_GRACE: Duration = Duration::from_millis(150);
 /// Most incoming messages written in one group commit.
 pub const MAX_WRITE_BATCH: usize = 1024;
 
+/// How often [`Node::flush_outbox`] looks again at entries another task is sending.
+const FLUSH_POLL: Duration = Duration::from_millis(20);
+
 /// Capacity of the event channel; a subscriber that falls further behind gets
 /// [`broadcast::error::RecvError::Lagged`].
 pub const EVENT_CAPACITY: usize = 1024;
@@ -1047,11 +1050,22 @@ impl Node {
     /// for up to `within`; says what is left. For short-lived nodes (one-shot commands), whose outbox task would
     /// not get to it: the attempts go on in the background until the node shuts down.
     pub async fn flush_outbox(&self, within: Duration) -> Result<OutboxReport, StorageError> {
+        let deadline = tokio::time::Instant::now() + within;
         let round = tokio::spawn(outbox::flush(self.inner.clone()));
-        if let Ok(Err(e)) = tokio::time::timeout(within, round).await {
+        if let Ok(Err(e)) = tokio::time::timeout_at(deadline, round).await {
             tracing::debug!(error = %e, "outbox flush ended early");
         }
-        let left = self.outbox().await?;
+        // The round leaves alone what another task (the outbox's own round, a send) is
+        // sending right now: wait for those attempts too, within the same time.
+        let mut left = self.outbox().await?;
+        while tokio::time::Instant::now() < deadline
+            && left
+                .iter()
+                .any(|e| !e.mailbox_deposited && self.inner.delivery().is_busy(&e.message.id))
+        {
+            tokio::time::sleep(FLUSH_POLL).await;
+            left = self.outbox().await?;
+        }
         Ok(OutboxReport {
             queued: left.len(),
             only_here: left.iter().filter(|e| !e.mailbox_deposited).count(),

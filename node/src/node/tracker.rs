@@ -30,6 +30,11 @@ impl DeliveryTracker {
         !self.settling.contains(&id) && self.in_flight.insert(id)
     }
 
+    /// Whether someone is sending or settling `id` right now.
+    pub(super) fn is_busy(&self, id: &MessageId) -> bool {
+        self.in_flight.contains(id) || self.settling.contains(id)
+    }
+
     /// The attempt on `id` is over.
     pub(super) fn finish(&mut self, id: &MessageId) {
         self.in_flight.remove(id);
