@@ -194,6 +194,10 @@ pub struct Timings {
     /// Longest wait for a QUIC handshake, and for one discovery request made on the
     /// caller's behalf (e.g. a name lookup). Default 5 s.
     pub dial_timeout: Duration,
+    /// Longest that one try of a peer discovery calls offline may take: a peer whose
+    /// connection with us closed a moment ago is tried once at its last address (the
+    /// server may have restarted and not heard from it yet). Default 1 s.
+    pub quick_dial: Duration,
     /// Longest wait for the acknowledgement of a sent message. Default 10 s.
     pub ack_timeout: Duration,
     /// Longest wait for the next frame on an incoming stream before it is reset.
@@ -212,6 +216,7 @@ impl Default for Timings {
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             dial_timeout: Duration::from_secs(5),
+            quick_dial: Duration::from_secs(1),
             ack_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(10),
             announce_ttl: Duration::from_secs(120),

@@ -34,9 +34,6 @@ const RELAY_WAIT: Duration = Duration::from_secs(2);
 /// says it is offline: the server may have restarted and not heard from it yet.
 pub(crate) const RECENT_CONNECTION: Duration = Duration::from_secs(120);
 
-/// Longest that one try of a peer discovery calls offline may take.
-pub(crate) const QUICK_DIAL: Duration = Duration::from_secs(1);
-
 /// Why a message could not be delivered directly (it stays queued).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DeliverError {
@@ -275,7 +272,7 @@ async fn send_on(
 /// a dial to a dead UDP port only ends at the dial timeout), so a send to an offline peer
 /// is queued at once. The exception is a peer whose connection with us closed within
 /// [`RECENT_CONNECTION`]: the server may have restarted and not heard from it yet, so
-/// its last paths are tried once, for at most [`QUICK_DIAL`]. Otherwise returns the
+/// its last paths are tried once, for at most [`Timings::quick_dial`](super::Timings::quick_dial). Otherwise returns the
 /// direct addresses the peer published and how long a dial may take.
 async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<(Vec<SocketAddr>, Duration)> {
     let online = inner.peers().online_paths(&peer);
@@ -300,7 +297,7 @@ async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<(Vec<SocketAddr
                         return None;
                     }
                     tracing::debug!(%peer, "offline on discovery but connected recently; trying it once");
-                    timeout = QUICK_DIAL.min(timeout);
+                    timeout = inner.timings.quick_dial.min(timeout);
                     inner.peers().last_paths(&peer).unwrap_or_default()
                 }
                 // Discovery does not know the peer.

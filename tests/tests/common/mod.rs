@@ -169,6 +169,7 @@ pub fn fast() -> Timings {
         retry_max: Duration::from_millis(500),
         // Only reached when something is wrong; generous so a loaded machine is not.
         dial_timeout: Duration::from_secs(5),
+        quick_dial: Duration::from_secs(1),
         ack_timeout: Duration::from_secs(10),
         read_timeout: Duration::from_secs(10),
         announce_ttl: Duration::from_secs(30),
