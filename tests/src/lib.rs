@@ -210,8 +210,18 @@ impl Proc {
 
     /// Sends SIGTERM to this process (by its pid) and waits for it to exit.
     pub fn terminate(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        self.signal("TERM", deadline)
+    }
+
+    /// Sends SIGKILL to this process (by its pid): it ends at once, with no chance to
+    /// clean up, as in a crash. Waits for it to exit.
+    pub fn kill_9(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        self.signal("KILL", deadline)
+    }
+
+    fn signal(&mut self, name: &str, deadline: Duration) -> std::process::ExitStatus {
         let _ = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.pid().to_string())
             .status();
         self.wait(deadline)

@@ -311,3 +311,30 @@ fn nix_is_root() -> bool {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
+
+#[test]
+fn acknowledged_messages_survive_a_kill_9_of_the_receiver() {
+    let server_dir = private_tempdir();
+    let (mut server, url) = discovery_server(&server_dir.path().join("discovery.redb"));
+    let alice = User::new(&url);
+    let bob = User::new(&url);
+    alice.ok(&["register", "alice"]);
+    bob.ok(&["register", "bob"]);
+    let mut listening = bob.listen_json();
+    // Each send is acknowledged only once Bob's node has it on disk: a crash right after
+    // loses none of them.
+    let texts: Vec<String> = (0..5).map(|i| format!("durable {i}")).collect();
+    for text in &texts {
+        let out = alice.ok(&["send", "bob", text]);
+        assert!(out.trim().starts_with("delivered"), "{out}");
+        message_event(&mut listening, text);
+    }
+    assert!(!listening.kill_9(T).success());
+    let history = bob.ok(&["history", "alice", "--json"]);
+    let got: Vec<String> = json_lines(&history)
+        .iter()
+        .filter_map(|m| m["text"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(got, texts, "every acknowledged message is in history");
+    assert!(server.terminate(T).success());
+}
