@@ -467,6 +467,17 @@ impl Connection {
         self.net.node_of(self.inner.remote_address()).is_some()
     }
 
+    /// A real address of the peer: for a connection to a real address that address,
+    /// for one through the path layer the direct address the path layer proved for the
+    /// peer, if any (its mapped address names the peer, it is no place to dial).
+    pub fn real_addr(&self) -> Option<SocketAddr> {
+        if self.through_path_layer() {
+            self.net.direct_of(&self.remote).map(|(addr, _)| addr)
+        } else {
+            Some(self.remote_addr())
+        }
+    }
+
     /// The path this connection's packets to the peer take now: `Direct` for a
     /// connection to a real address, else what the path layer chose.
     pub fn path(&self) -> Option<PathKind> {

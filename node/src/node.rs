@@ -1063,12 +1063,16 @@ impl Node {
         // The round leaves alone what another task (the outbox's own round, a send) is
         // sending right now: wait for those attempts too, within the same time.
         let mut left = self.outbox().await?;
-        while tokio::time::Instant::now() < deadline
-            && left
-                .iter()
-                .any(|e| !e.mailbox_deposited && self.inner.delivery().is_busy(&e.message.id))
-        {
-            tokio::time::sleep(FLUSH_POLL).await;
+        let busy: Vec<MessageId> = left
+            .iter()
+            .filter(|e| !e.mailbox_deposited)
+            .map(|e| e.message.id)
+            .collect();
+        let any_busy = || busy.iter().any(|id| self.inner.delivery().is_busy(id));
+        if any_busy() {
+            while tokio::time::Instant::now() < deadline && any_busy() {
+                tokio::time::sleep(FLUSH_POLL).await;
+            }
             left = self.outbox().await?;
         }
         Ok(OutboxReport {

@@ -71,10 +71,7 @@ impl MessageId {
     /// bits keep ids unique and unguessable; the time they reveal is the one the message
     /// carries anyway (`sent_at_ms`).
     pub fn generate() -> Self {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        Self::at(now_ms, rand::random())
+        Self::at(crate::node::now_ms(), rand::random())
     }
 
     /// Bytes of the time prefix of a generated id.
@@ -638,10 +635,7 @@ mod tests {
         );
         // A later millisecond sorts later whatever the random bytes.
         assert!(MessageId::at(1_000, [0xff; 10]) < MessageId::at(1_001, [0; 10]));
-        let before = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
+        let before = crate::node::now_ms();
         let id = MessageId::generate();
         let mut time = [0u8; 8];
         time[2..].copy_from_slice(&id.as_bytes()[..MessageId::TIME_BYTES]);

@@ -68,21 +68,11 @@ pub(super) async fn accept_loop(inner: Arc<Inner>) {
 
 impl Inner {
     /// Remembers a fresh connection for reuse. For an incoming one, also remembers the
-    /// real address the peer came from (for a connection through the path layer, whose
-    /// remote address is the peer's mapped one, the direct address the path layer
-    /// proved, if any) and retries its outbox at once.
+    /// real address the peer came from ([`Connection::real_addr`]) and retries its
+    /// outbox at once.
     pub(super) fn register_connection(&self, conn: &Connection, incoming: bool) {
         let peer = conn.remote_node_id();
-        let from = if incoming {
-            let addr = conn.remote_addr();
-            if crate::net::is_mapped(addr) {
-                self.direct_addr_of(&peer)
-            } else {
-                Some(addr)
-            }
-        } else {
-            None
-        };
+        let from = incoming.then(|| conn.real_addr()).flatten();
         self.pool().register(conn, from);
         if incoming {
             self.wake_outbox_for(peer);
@@ -93,13 +83,7 @@ impl Inner {
     /// closed and where the peer was last reached directly: a peer that was connected a
     /// moment ago is tried there once even while discovery calls it offline.
     pub(super) fn forget_connection(&self, conn: &Connection) {
-        let direct = self.direct_addr_of(&conn.remote_node_id());
-        self.pool().forget(conn, direct);
-    }
-
-    /// The direct address the path layer proved for `peer`, if any.
-    fn direct_addr_of(&self, peer: &p2p_crypto::NodeId) -> Option<std::net::SocketAddr> {
-        self.endpoint.net().direct_of(peer).map(|(addr, _)| addr)
+        self.pool().forget(conn, conn.real_addr());
     }
 }
 

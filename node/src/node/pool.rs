@@ -31,8 +31,8 @@ pub(super) struct ConnectionPool {
     dialing: HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>,
     /// Peers not to dial before a time.
     backoff: HashMap<NodeId, DialBackoff>,
-    /// The real address each peer last connected to us from, or was last reached at
-    /// directly on a connection that closed.
+    /// The real address each peer last connected to us from, or was last reached at on
+    /// a connection that closed.
     last_addr: HashMap<NodeId, SocketAddr>,
     /// Live connections per peer.
     peer_conns: HashMap<NodeId, usize>,
@@ -84,9 +84,8 @@ impl ConnectionPool {
     }
 
     /// Forgets `conn` if it is the cached connection of its peer, remembering when it
-    /// closed and `direct`, the real address the peer was last reached at on it (if the
-    /// path layer proved one).
-    pub(super) fn forget(&mut self, conn: &Connection, direct: Option<SocketAddr>) {
+    /// closed and `reached`, a real address the peer was last reached at on it.
+    pub(super) fn forget(&mut self, conn: &Connection, reached: Option<SocketAddr>) {
         let peer = conn.remote_node_id();
         if self
             .conns
@@ -95,7 +94,7 @@ impl ConnectionPool {
         {
             self.conns.remove(&peer);
             bounded_insert(&mut self.closed_at, peer, Instant::now());
-            if let Some(addr) = direct {
+            if let Some(addr) = reached {
                 self.note_came_from(peer, addr);
             }
         }
