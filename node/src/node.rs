@@ -17,12 +17,16 @@
 //!
 //! # Delivery
 //!
-//! [`Node::send`] first writes the message to the history *and* the outbox in one
-//! transaction, so from then on nothing is lost whatever happens to the process. It then
-//! tries direct delivery: on a cached connection to the peer, or by dialing the addresses
-//! discovery publishes for it (and the address it last connected to us from). The
-//! receiver writes the message durably, then answers with an [`Ack`](crate::wire::Ack); only a
-//! `Stored`/`Duplicate` ack marks the message delivered.
+//! [`Node::send`] writes the message to the history *and* the outbox in one transaction,
+//! and meanwhile tries direct delivery: on a cached connection to the peer, or by dialing
+//! the addresses discovery publishes for it (and the address it last connected to us
+//! from). The receiver writes the message durably, then answers with an
+//! [`Ack`](crate::wire::Ack); only a `Stored`/`Duplicate` ack marks the message
+//! delivered. `send` returns once both are done, so whatever it reports (delivered or
+//! queued) is on disk, and a message queued by a process that then dies is retried by
+//! the next one. The delivery mark is queued after the write, so it never overtakes it.
+//! A process killed during `send` may leave a message its recipient has but its own
+//! history does not, never the reverse of an ack: the ack is the recipient's disk.
 //!
 //! When direct delivery fails the message stays in the outbox, and a copy sealed to the
 //! recipient's x25519 mailbox key is deposited in its mailbox on the discovery server.
@@ -1533,20 +1537,33 @@ impl Inner {
             return Err(StorageError::Shutdown.into());
         }
         let id = msg.id;
+        // A node whose storage is failing refuses at once, before anything leaves.
+        if let Some(e) = self.health.failing() {
+            return Err(StorageError::Store(e).into());
+        }
         // In flight before it is in the outbox, so the outbox task leaves it to us.
         self.delivery().start_send(id);
-        // The message goes out only once it is durably stored; the connection it needs
-        // is set up meanwhile.
-        let (stored, prepared) = tokio::join!(
-            self.writer.outgoing(peer, msg.clone()),
-            deliver::prepare(self, peer)
-        );
+        // The write is queued first, so every later write of this message (its delivery
+        // mark) commits after it; the message goes out while the write commits, and the
+        // outcome waits for both: the ack costs the receiver's fsync, not ours as well.
+        let stored = match self.writer.submit_outgoing(peer, msg.clone()).await {
+            Ok(rx) => rx,
+            Err(e) => {
+                self.delivery().finish(&id);
+                return Err(e.into());
+            }
+        };
+        let (stored, attempt) =
+            tokio::join!(writer::outcome(stored), deliver::deliver(self, peer, &msg));
         if let Err(e) = stored {
             self.delivery().finish(&id);
+            if attempt.is_ok() {
+                tracing::warn!(%peer, message = %id, error = %e, "the recipient has the message, but it could not be written here");
+            }
             return Err(e.into());
         }
         self.pin_online_name(&peer).await;
-        let result = self.try_send_now(peer, &msg, prepared).await;
+        let result = self.send_outcome(peer, &msg, attempt).await;
         self.delivery().finish(&id);
         if matches!(&result, Ok(o) if o.status == SendStatus::Queued) {
             // The outbox task takes it from here (it skipped it while it was in flight).
@@ -1555,14 +1572,13 @@ impl Inner {
         result
     }
 
-    /// Delivers a stored message now, or queues it. `prepared` is the failure of the
-    /// dial made while it was being stored, if that failed: the real reason when this
-    /// attempt only meets the backoff that failure set.
-    async fn try_send_now(
+    /// Settles a stored message from the outcome of its first delivery attempt, or
+    /// queues it.
+    async fn send_outcome(
         self: &Arc<Self>,
         peer: NodeId,
         msg: &ChatMessage,
-        prepared: Option<deliver::DeliverError>,
+        attempt: Result<deliver::Acked, deliver::DeliverError>,
     ) -> Result<SendOutcome, SendError> {
         let id = msg.id;
         let queued = SendOutcome {
@@ -1573,7 +1589,7 @@ impl Inner {
             queued_because: None,
             queued: None,
         };
-        match deliver::deliver(self, peer, msg).await {
+        match attempt {
             Ok(acked) => {
                 let status = acked.status;
                 deliver::settle(self, peer, id, status, acked.path).await?;
@@ -1591,10 +1607,6 @@ impl Inner {
                 Err(SendError::Rejected { to: peer, id, code })
             }
             Err(e) => {
-                let e = match (e, prepared) {
-                    (deliver::DeliverError::Backoff { .. }, Some(first)) => first,
-                    (e, _) => e,
-                };
                 let reason = e.queue_reason(peer);
                 if let QueueReason::NotThePeer { actual, addr, .. } = reason {
                     tracing::warn!(%peer, ?addr, ?actual, error = %e, "the node at the peer's address is not the peer; queued");

@@ -320,3 +320,69 @@ async fn a_full_disk_refuses_messages_and_heals_without_a_restart() -> Result<()
     drop(disk);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_sender_whose_storage_fails_sends_nothing_until_it_heals() -> Result<()> {
+    let Some(disk) = SmallDisk::mount("8m")? else {
+        return Ok(());
+    };
+    let d = Discovery::start().await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.start(&d.url).await?;
+    let a = alice
+        .builder(&d.url)
+        .data_dir(disk.path().join("alice"))
+        .bind()
+        .await?;
+    let mut a_ev = a.subscribe();
+    let first = tokio::time::timeout(DEADLINE, a.send_to(&bob.id(), "before")).await??;
+    assert_eq!(first.status, SendStatus::Delivered);
+
+    let filler = disk.fill()?;
+    // Messages of 12 KiB until alice's database cannot take them. A message whose
+    // write fails during its send may still reach bob (it goes out while it commits).
+    let big = "x".repeat(12 * 1024);
+    let deadline = Instant::now() + DEADLINE;
+    for n in 0.. {
+        if Instant::now() > deadline {
+            bail!("alice's node never reported its storage failing");
+        }
+        let sent =
+            tokio::time::timeout(DEADLINE, a.send_to(&bob.id(), &format!("{n} {big}"))).await?;
+        let failing = queued_events(&mut a_ev)
+            .iter()
+            .any(|e| matches!(e, NodeEvent::StorageFailing { .. }));
+        if sent.is_err() && failing {
+            break;
+        }
+    }
+    // From now on a send is refused before anything leaves: bob gets nothing.
+    let held = b.history(&alice.id().to_string(), 1000).await?.len();
+    let refused = tokio::time::timeout(DEADLINE, a.send_to(&bob.id(), "while full")).await?;
+    assert!(
+        matches!(refused, Err(p2p_node::SendError::Storage(_))),
+        "refused with a storage error: {refused:?}"
+    );
+    // Had it gone out, bob's ack (a round trip on loopback) would be long back by the
+    // time alice's send returned; the history is read after bob's writes settle.
+    let after = b.history(&alice.id().to_string(), 1000).await?;
+    assert_eq!(
+        after.len(),
+        held,
+        "nothing reached bob while alice's storage failed"
+    );
+    assert!(after.iter().all(|m| m.body.as_text() != Some("while full")));
+
+    std::fs::remove_file(&filler)?;
+    next_event(&mut a_ev, "storage recovered", |e| {
+        matches!(e, NodeEvent::StorageRecovered)
+    })
+    .await?;
+    let later = tokio::time::timeout(DEADLINE, a.send_to(&bob.id(), "after")).await??;
+    assert_eq!(later.status, SendStatus::Delivered);
+    a.shutdown().await;
+    b.shutdown().await;
+    d.stop().await;
+    drop(disk);
+    Ok(())
+}

@@ -345,20 +345,6 @@ async fn dht_paths(inner: &Inner, peer: NodeId) -> (Vec<SocketAddr>, Option<Rela
     }
 }
 
-/// Makes sure there is a connection to `peer` (dialing if needed), so a message can go
-/// out as soon as it is durably stored: [`Node::send`](super::Node::send) runs this
-/// beside the store write. A failure sets the dial backoff and is returned, so the
-/// send can report it rather than the backoff it causes.
-pub(crate) async fn prepare(inner: &Arc<Inner>, peer: NodeId) -> Option<DeliverError> {
-    let live = inner.pool().live(&peer).is_some();
-    if live {
-        return None;
-    }
-    let e = connect(inner, peer).await.err()?;
-    tracing::debug!(%peer, error = %e, "cannot connect ahead of the send");
-    Some(e)
-}
-
 /// A live connection to `peer`: the one another sender just made, or a new one if the
 /// peer is not in dial backoff. A new connection is cached and its incoming streams
 /// are served.

@@ -153,8 +153,9 @@ pub enum SendError {
     /// The message breaks the protocol's limits (e.g. too long); nothing was stored.
     #[error(transparent)]
     InvalidMessage(#[from] InvalidMessage),
-    /// The message could not be stored (then it was not sent), or its delivery not
-    /// recorded.
+    /// The message could not be stored, or its delivery not recorded. A node whose
+    /// storage is already failing sends nothing; when the write fails during the send
+    /// (it goes out while it commits), the recipient may have the message.
     #[error(transparent)]
     Storage(#[from] StorageError),
     /// The recipient refused the message for good.

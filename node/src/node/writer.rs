@@ -89,12 +89,8 @@ impl Writer {
         peer: NodeId,
         msg: ChatMessage,
     ) -> Result<(Inserted, u64), StorageError> {
-        let rx = self.submit(peer, msg).await?;
-        match rx.await {
-            Ok(Ok((outcome, at))) => Ok((outcome.inserted(), at)),
-            Ok(Err(e)) => Err(StorageError::Store(e)),
-            Err(_) => Err(StorageError::Shutdown),
-        }
+        let (written, at) = outcome(self.submit(peer, msg).await?).await?;
+        Ok((written.inserted(), at))
     }
 
     /// Queues an incoming message and returns the receiver of its outcome, so a caller
@@ -107,15 +103,14 @@ impl Writer {
         self.queue(Op::Incoming { peer, msg }).await
     }
 
-    /// Durably stores an outgoing message in the history and the outbox. Returns the
-    /// outcome and the `stored_at_ms` used.
-    pub(crate) async fn outgoing(
+    /// Queues the durable write of an outgoing message to the history and the outbox;
+    /// returns the receiver of its outcome (see [`outcome`]) without waiting for it.
+    pub(crate) async fn submit_outgoing(
         &self,
         to: NodeId,
         msg: ChatMessage,
-    ) -> Result<(Inserted, u64), StorageError> {
-        let (outcome, at) = self.wait(Op::Outgoing { to, msg }).await?;
-        Ok((outcome.inserted(), at))
+    ) -> Result<oneshot::Receiver<WriteResult>, StorageError> {
+        self.queue(Op::Outgoing { to, msg }).await
     }
 
     /// Queues the final answer of `peer` to outgoing message `id`; returns the receiver
@@ -135,11 +130,7 @@ impl Writer {
     }
 
     async fn wait(&self, op: Op) -> Result<(WriteOutcome, u64), StorageError> {
-        match self.queue(op).await?.await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(StorageError::Store(e)),
-            Err(_) => Err(StorageError::Shutdown),
-        }
+        outcome(self.queue(op).await?).await
     }
 
     async fn queue(&self, op: Op) -> Result<oneshot::Receiver<WriteResult>, StorageError> {
@@ -154,6 +145,17 @@ impl Writer {
     /// Stops accepting writes; the thread ends once the queued ones are done.
     pub(crate) fn close(&self) {
         lock(&self.tx).take();
+    }
+}
+
+/// Waits for the outcome of a queued write.
+pub(crate) async fn outcome(
+    rx: oneshot::Receiver<WriteResult>,
+) -> Result<(WriteOutcome, u64), StorageError> {
+    match rx.await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(StorageError::Store(e)),
+        Err(_) => Err(StorageError::Shutdown),
     }
 }
 

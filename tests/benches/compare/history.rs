@@ -294,6 +294,46 @@ fn raw_history(db: &Database, peers: &[NodeId], dur: Duration) -> Result<f64> {
     Ok(done as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Disk limits that the messaging figures compare with, measured on a fresh raw redb
+/// database beside the nodes' (synchronous: run it on a blocking thread).
+pub struct DiskLimits {
+    /// Raw redb group-commit insert rate: the node's rows, batches of
+    /// `MAX_WRITE_BATCH`, one durable commit each (msgs/s).
+    pub insert_rate: f64,
+    /// Median time of one durable commit of one small row.
+    pub commit_p50: Duration,
+}
+
+/// Measures [`DiskLimits`] with `msgs` rows and `commits` single-row commits.
+pub fn disk_limits(msgs: usize, commits: usize) -> Result<DiskLimits> {
+    let dir = tempfile::tempdir()?;
+    let rows = messages(msgs, &peers())?;
+    let db = open_raw(&dir.path().join("limits.redb"))?;
+    let insert_rate = msgs as f64 / raw_insert(&db, &rows)?.as_secs_f64();
+    let one = messages(commits, &peers())?;
+    let mut times = Vec::with_capacity(commits);
+    for (i, row) in one.iter().enumerate() {
+        let t = Instant::now();
+        // A batch of one: the same rows and the same durable commit.
+        let (peer, msg) = row;
+        let txn = db.begin_write()?;
+        {
+            let mut messages = txn.open_table(MESSAGES)?;
+            let key = (*peer.as_bytes(), 2_000_000_000 + i as u64, msg.id.0);
+            let value = record(msg, Direction::Incoming, MessageStatus::Received)?;
+            messages.insert(key, value.as_slice())?;
+        }
+        txn.commit()?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    let commit_p50 = times.get(times.len() / 2).copied().unwrap_or_default();
+    Ok(DiskLimits {
+        insert_rate,
+        commit_p50,
+    })
+}
+
 /// Figure 5 (synchronous: run it on a blocking thread).
 pub fn run(cfg: &Config) -> Result<Vec<Row>> {
     let n = cfg.history_msgs;
