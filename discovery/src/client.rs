@@ -21,7 +21,7 @@ use crate::{
     clock,
     record::{
         b64_decode, b64_encode, validate_name, NameClaim, PresenceRecord, RecordError, RelayRef,
-        Signed, SignedWire, Withdrawal,
+        Signed, SignedWire, VerifiedSignatures, Withdrawal,
     },
 };
 
@@ -203,6 +203,28 @@ pub fn verify_entry_at(
     expect_name: Option<&str>,
     now_ms: u64,
 ) -> Result<PeerInfo, RecordError> {
+    verify_entry_seen(entry, expect_node, expect_name, now_ms, None)
+}
+
+/// A signed record from its wire form: verified, or known verified to `seen`.
+fn from_wire<R: crate::record::Record>(
+    wire: &SignedWire,
+    seen: Option<&VerifiedSignatures>,
+) -> Result<Signed<R>, RecordError> {
+    match seen {
+        Some(seen) => Signed::from_wire_seen(wire, seen),
+        None => Signed::from_wire(wire),
+    }
+}
+
+/// [`verify_entry_at`], with the signatures `seen` verified before taken as verified.
+fn verify_entry_seen(
+    entry: &PeerEntry,
+    expect_node: Option<&NodeId>,
+    expect_name: Option<&str>,
+    now_ms: u64,
+    seen: Option<&VerifiedSignatures>,
+) -> Result<PeerInfo, RecordError> {
     let node = entry.node_id;
     if let Some(expected) = expect_node.filter(|e| **e != node) {
         return Err(RecordError::NodeMismatch {
@@ -212,10 +234,13 @@ pub fn verify_entry_at(
     }
     let claim = match &entry.claim {
         Some(c) => {
-            let signed = Signed::<NameClaim>::from_wire(&SignedWire {
-                record: c.record.clone(),
-                signature: c.signature,
-            })?;
+            let signed = from_wire::<NameClaim>(
+                &SignedWire {
+                    record: c.record.clone(),
+                    signature: c.signature,
+                },
+                seen,
+            )?;
             if signed.record().node_id != node {
                 return Err(RecordError::NodeMismatch {
                     expected: node,
@@ -228,10 +253,13 @@ pub fn verify_entry_at(
     };
     let presence = match &entry.presence {
         Some(p) => {
-            let signed = Signed::<PresenceRecord>::from_wire(&SignedWire {
-                record: p.record.clone(),
-                signature: p.signature,
-            })?;
+            let signed = from_wire::<PresenceRecord>(
+                &SignedWire {
+                    record: p.record.clone(),
+                    signature: p.signature,
+                },
+                seen,
+            )?;
             if signed.record().node_id != node {
                 return Err(RecordError::NodeMismatch {
                     expected: node,
@@ -335,6 +363,9 @@ pub struct Client {
     http: reqwest::Client,
     base: Url,
     epoch: Arc<PresenceEpoch>,
+    /// The record signatures this client (and its clones) verified: a lookup whose
+    /// answer did not change is not verified again.
+    verified: Arc<VerifiedSignatures>,
 }
 
 /// The server's presence epoch as last seen, and how often it changed.
@@ -403,7 +434,25 @@ impl Client {
             http,
             base,
             epoch: Arc::new(PresenceEpoch::new()),
+            verified: Arc::default(),
         })
+    }
+
+    /// [`verify_entry`], with the signatures this client verified before taken as
+    /// verified.
+    fn verify(
+        &self,
+        entry: &PeerEntry,
+        expect_node: Option<&NodeId>,
+        expect_name: Option<&str>,
+    ) -> Result<PeerInfo, RecordError> {
+        verify_entry_seen(
+            entry,
+            expect_node,
+            expect_name,
+            clock::now_ms(),
+            Some(&self.verified),
+        )
     }
 
     /// Counts the restarts of the server this client has seen: a server that keeps
@@ -663,7 +712,7 @@ impl Client {
                     tracing::warn!(node = %entry.node_id, "online list entry without presence; skipped");
                     continue;
                 }
-                match verify_entry(entry, None, None) {
+                match self.verify(entry, None, None) {
                     Ok(info) if info.online => peers.push(info),
                     Ok(_) => {}
                     Err(e) => {
@@ -693,7 +742,8 @@ impl Client {
         validate_name(name).map_err(ClientError::InvalidRequest)?;
         let url = self.url(&format!("/v1/names/{name}"))?;
         match self.send::<PeerEntry>(self.http.get(url)).await {
-            Ok(entry) => verify_entry(&entry, None, Some(name))
+            Ok(entry) => self
+                .verify(&entry, None, Some(name))
                 .map(Some)
                 .map_err(|e| {
                     tracing::warn!(name, error = %e, "discovery returned an invalid record");
@@ -708,7 +758,8 @@ impl Client {
     pub async fn lookup_id(&self, node: &NodeId) -> Result<Option<PeerInfo>, ClientError> {
         let url = self.url(&format!("/v1/peers/{node}"))?;
         match self.send::<PeerEntry>(self.http.get(url)).await {
-            Ok(entry) => verify_entry(&entry, Some(node), None)
+            Ok(entry) => self
+                .verify(&entry, Some(node), None)
                 .map(Some)
                 .map_err(|e| {
                     tracing::warn!(%node, error = %e, "discovery returned an invalid record");

@@ -219,6 +219,37 @@ impl<R: Record> Signed<R> {
     /// Checks size, decodes, validates and verifies signed bytes received from anyone.
     /// The bytes must be the canonical encoding of the record they decode to.
     pub fn verify(bytes: Vec<u8>, signature: Signature) -> Result<Self, RecordError> {
+        Self::verify_with(bytes, signature, None)
+    }
+
+    /// [`Signed::from_wire`], skipping the signature check for bytes and a signature
+    /// `seen` has verified before (every other check runs).
+    pub fn from_wire_seen(
+        wire: &SignedWire,
+        seen: &VerifiedSignatures,
+    ) -> Result<Self, RecordError> {
+        Self::from_wire_with(wire, Some(seen))
+    }
+
+    fn from_wire_with(
+        wire: &SignedWire,
+        seen: Option<&VerifiedSignatures>,
+    ) -> Result<Self, RecordError> {
+        if wire.record.len() > MAX_RECORD_BYTES * 4 / 3 + 4 {
+            return Err(RecordError::TooLarge {
+                len: wire.record.len() * 3 / 4,
+                max: MAX_RECORD_BYTES,
+            });
+        }
+        let bytes = b64_decode(&wire.record).map_err(RecordError::Encoding)?;
+        Self::verify_with(bytes, wire.signature, seen)
+    }
+
+    fn verify_with(
+        bytes: Vec<u8>,
+        signature: Signature,
+        seen: Option<&VerifiedSignatures>,
+    ) -> Result<Self, RecordError> {
         if bytes.len() > MAX_RECORD_BYTES {
             return Err(RecordError::TooLarge {
                 len: bytes.len(),
@@ -237,9 +268,14 @@ impl<R: Record> Signed<R> {
             return Err(RecordError::NonCanonical);
         }
         let node_id = record.signer();
-        node_id
-            .verify(R::DOMAIN, &bytes, &signature)
-            .map_err(|_| RecordError::BadSignature { node_id })?;
+        if !seen.is_some_and(|s| s.contains(R::DOMAIN, &bytes, &signature)) {
+            node_id
+                .verify(R::DOMAIN, &bytes, &signature)
+                .map_err(|_| RecordError::BadSignature { node_id })?;
+            if let Some(s) = seen {
+                s.insert(R::DOMAIN, &bytes, signature);
+            }
+        }
         Ok(Self {
             record,
             bytes,
@@ -249,14 +285,7 @@ impl<R: Record> Signed<R> {
 
     /// Verifies the JSON wire form.
     pub fn from_wire(wire: &SignedWire) -> Result<Self, RecordError> {
-        if wire.record.len() > MAX_RECORD_BYTES * 4 / 3 + 4 {
-            return Err(RecordError::TooLarge {
-                len: wire.record.len() * 3 / 4,
-                max: MAX_RECORD_BYTES,
-            });
-        }
-        let bytes = b64_decode(&wire.record).map_err(RecordError::Encoding)?;
-        Self::verify(bytes, wire.signature)
+        Self::from_wire_with(wire, None)
     }
 
     /// The JSON wire form.
@@ -280,6 +309,64 @@ impl<R: Record> Signed<R> {
     /// The signature.
     pub fn signature(&self) -> &Signature {
         &self.signature
+    }
+}
+
+/// How many verified signatures [`VerifiedSignatures`] keeps per generation.
+pub const VERIFIED_SIGNATURES: usize = 4096;
+
+/// Signatures this process has verified, each with the exact bytes and domain it
+/// covers, so a record seen again (a repeated lookup's unchanged answer) is not verified
+/// again: an ed25519 verification costs tens of microseconds, a comparison of the bytes
+/// well under one. A hit needs the same signature over the same bytes in the same
+/// domain, which is exactly what verified before, so it proves as much. Bounded: two
+/// generations of [`VERIFIED_SIGNATURES`]; when the newer is full the older is dropped.
+#[derive(Debug, Default)]
+pub struct VerifiedSignatures {
+    inner: std::sync::Mutex<VerifiedGenerations>,
+}
+
+type VerifiedMap = std::collections::HashMap<[u8; 64], (Domain, Vec<u8>)>;
+
+#[derive(Debug, Default)]
+struct VerifiedGenerations {
+    new: VerifiedMap,
+    old: VerifiedMap,
+}
+
+impl VerifiedSignatures {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VerifiedGenerations> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `signature` over `bytes` in `domain` verified before.
+    pub fn contains(&self, domain: Domain, bytes: &[u8], signature: &Signature) -> bool {
+        let same = |m: &VerifiedMap| {
+            m.get(&signature.0)
+                .is_some_and(|(d, b)| *d == domain && b.as_slice() == bytes)
+        };
+        let g = self.lock();
+        same(&g.new) || same(&g.old)
+    }
+
+    /// Records that `signature` over `bytes` in `domain` verified.
+    fn insert(&self, domain: Domain, bytes: &[u8], signature: Signature) {
+        let mut g = self.lock();
+        if g.new.len() >= VERIFIED_SIGNATURES {
+            g.old = std::mem::take(&mut g.new);
+        }
+        g.new.insert(signature.0, (domain, bytes.to_vec()));
+    }
+
+    /// How many signatures are remembered.
+    pub fn len(&self) -> usize {
+        let g = self.lock();
+        g.new.len() + g.old.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -377,6 +464,43 @@ mod tests {
         let signed = Signed::sign(&sk, presence(&sk)).expect("sign");
         let back = Signed::<PresenceRecord>::from_wire(&signed.to_wire()).expect("verify");
         assert_eq!(back.record(), signed.record());
+    }
+
+    #[test]
+    fn a_signature_seen_before_vouches_only_for_the_same_bytes() {
+        let sk = SecretKey::generate();
+        let seen = VerifiedSignatures::default();
+        let signed = Signed::sign(&sk, presence(&sk)).expect("sign");
+        let wire = signed.to_wire();
+        let first = Signed::<PresenceRecord>::from_wire_seen(&wire, &seen).expect("verifies");
+        assert_eq!(first.record(), signed.record());
+        assert!(seen.contains(Domain::PeerRecord, signed.bytes(), signed.signature()));
+        assert!(!seen.contains(Domain::NameClaim, signed.bytes(), signed.signature()));
+        let again = Signed::<PresenceRecord>::from_wire_seen(&wire, &seen).expect("seen");
+        assert_eq!(again.record(), signed.record());
+        assert_eq!(seen.len(), 1);
+        // Other bytes (a valid record of the same key) under the remembered signature.
+        let mut changed = presence(&sk);
+        changed.ttl_secs += 1;
+        let other = Signed::sign(&sk, changed).expect("sign");
+        let forged = SignedWire {
+            record: b64_encode(other.bytes()),
+            signature: *signed.signature(),
+        };
+        assert!(matches!(
+            Signed::<PresenceRecord>::from_wire_seen(&forged, &seen),
+            Err(RecordError::BadSignature { .. })
+        ));
+        // A signature that failed is not remembered.
+        assert_eq!(seen.len(), 1);
+        // Bounded: two generations at most.
+        for i in 0..(2 * VERIFIED_SIGNATURES + 10) {
+            let mut sig = [0u8; 64];
+            sig[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            seen.insert(Domain::PeerRecord, b"bytes", Signature(sig));
+        }
+        assert!(seen.len() <= 2 * VERIFIED_SIGNATURES);
+        assert!(seen.len() > VERIFIED_SIGNATURES);
     }
 
     #[test]

@@ -104,6 +104,14 @@ impl<D: Durable> LocalStore<D> {
         }
     }
 
+    /// Runs a point read of the durable tables on the calling task. A read never waits
+    /// for a writer (redb's readers see the last commit) and takes a few microseconds
+    /// from redb's page cache, less than a hand-off to the blocking pool would cost;
+    /// writes, which wait for the disk, go there ([`LocalStore::run`]).
+    fn read<T>(&self, f: impl FnOnce(&D) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        f(&self.durable)
+    }
+
     /// Runs `f` on the blocking pool.
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
@@ -154,8 +162,7 @@ impl<D: Durable> Store for LocalStore<D> {
     }
 
     async fn lookup_name(&self, name: &str, now: u64) -> Result<Option<PeerState>, StoreError> {
-        let name = name.to_owned();
-        let Some(claim) = self.run(move |d| d.claim_by_name(&name)).await? else {
+        let Some(claim) = self.read(|d| d.claim_by_name(name))? else {
             return Ok(None);
         };
         let presence = lock(&self.presence)
@@ -168,9 +175,8 @@ impl<D: Durable> Store for LocalStore<D> {
     }
 
     async fn peer(&self, node: &NodeId, now: u64) -> Result<PeerState, StoreError> {
-        let node = *node;
-        let claim = self.run(move |d| d.claim_by_node(&node)).await?;
-        let presence = lock(&self.presence).get(&node, now).cloned();
+        let claim = self.read(|d| d.claim_by_node(node))?;
+        let presence = lock(&self.presence).get(node, now).cloned();
         Ok(PeerState { claim, presence })
     }
 
