@@ -511,6 +511,17 @@ struct MessageRecord {
     status: MessageStatus,
 }
 
+/// A [`MessageRecord`] to write, borrowing the message's body (postcard writes a
+/// reference as what it refers to, so the bytes are the same): an inserted body is
+/// copied once, into the encoded row.
+#[derive(Serialize)]
+struct MessageRecordRef<'a> {
+    direction: Direction,
+    sent_at_ms: u64,
+    body: &'a Body,
+    status: MessageStatus,
+}
+
 impl zeroize::Zeroize for MessageRecord {
     fn zeroize(&mut self) {
         match &mut self.body {
@@ -983,7 +994,11 @@ impl Store {
     }
 
     /// The stored value of the message row `key` holding `rec`.
-    fn encode_message(&self, key: &MessageKey, rec: &MessageRecord) -> Result<Vec<u8>, StoreError> {
+    fn encode_message<R: Serialize>(
+        &self,
+        key: &MessageKey,
+        rec: &R,
+    ) -> Result<Vec<u8>, StoreError> {
         Ok(self.cipher.seal(key, to_bytes("messages", rec)?))
     }
 
@@ -1103,10 +1118,10 @@ impl Store {
     ) -> Result<Inserted, StoreError> {
         msg.validate()?;
         let key = (*peer.as_bytes(), now_ms, msg.id.0);
-        let rec = MessageRecord {
+        let rec = MessageRecordRef {
             direction,
             sent_at_ms: msg.sent_at_ms,
-            body: msg.body.clone(),
+            body: &msg.body,
             status: match direction {
                 Direction::Incoming => MessageStatus::Received,
                 Direction::Outgoing => MessageStatus::Queued,

@@ -211,24 +211,21 @@ fn write_batch(store: &Store, batch: &mut Vec<WriteReq>) -> Option<Arc<StoreErro
     failed
 }
 
-/// The store write of a request, stamped now; `None` for a barrier.
-fn stamped(op: &Op) -> Option<WriteOp> {
+/// The store write of a request, stamped now; `None` for a barrier. Takes the message
+/// over: its body is not copied on its way to the store.
+fn stamped(op: Op) -> Option<WriteOp> {
     Some(match op {
         Op::Incoming { peer, msg } => WriteOp::Incoming {
-            peer: *peer,
-            msg: msg.clone(),
+            peer,
+            msg,
             now_ms: stamp_ms(),
         },
         Op::Outgoing { to, msg } => WriteOp::Outgoing {
-            to: *to,
-            msg: msg.clone(),
+            to,
+            msg,
             now_ms: stamp_ms(),
         },
-        Op::Finish { peer, id, status } => WriteOp::Finish {
-            peer: *peer,
-            id: *id,
-            status: *status,
-        },
+        Op::Finish { peer, id, status } => WriteOp::Finish { peer, id, status },
         Op::Barrier => return None,
     })
 }
@@ -238,17 +235,18 @@ fn write_ops(store: &Store, batch: &mut Vec<WriteReq>) -> Option<Arc<StoreError>
         return None;
     }
     // `write_batch` took the barriers out, so every request here has a write.
-    let ops: Vec<WriteOp> = batch.iter().filter_map(|r| stamped(&r.op)).collect();
+    let (replies, ops): (Vec<_>, Vec<WriteOp>) = batch
+        .drain(..)
+        .filter_map(|r| Some((r.reply, stamped(r.op)?)))
+        .unzip();
     let stamp = |op: &WriteOp| match op {
         WriteOp::Incoming { now_ms, .. } | WriteOp::Outgoing { now_ms, .. } => *now_ms,
         WriteOp::Finish { .. } => 0,
     };
     match store.write_batch(&ops) {
-        Ok(results) if results.len() == batch.len() => {
-            for ((req, op), res) in batch.drain(..).zip(&ops).zip(results) {
-                let _ = req
-                    .reply
-                    .send(res.map(|o| (o, stamp(op))).map_err(Arc::new));
+        Ok(results) if results.len() == replies.len() => {
+            for ((reply, op), res) in replies.into_iter().zip(&ops).zip(results) {
+                let _ = reply.send(res.map(|o| (o, stamp(op))).map_err(Arc::new));
             }
             None
         }
@@ -256,16 +254,16 @@ fn write_ops(store: &Store, batch: &mut Vec<WriteReq>) -> Option<Arc<StoreError>
             let e = Arc::new(StoreError::Internal(
                 "a batch gave the wrong number of outcomes",
             ));
-            for req in batch.drain(..) {
-                let _ = req.reply.send(Err(e.clone()));
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
             None
         }
         Err(e) => {
-            tracing::error!(error = %e, count = batch.len(), "cannot write to the database");
+            tracing::error!(error = %e, count = replies.len(), "cannot write to the database");
             let e = Arc::new(e);
-            for req in batch.drain(..) {
-                let _ = req.reply.send(Err(e.clone()));
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
             Some(e)
         }

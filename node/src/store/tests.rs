@@ -1080,3 +1080,25 @@ fn the_file_is_created_0600_and_a_too_open_one_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn a_record_written_from_a_borrowed_body_is_the_owned_record() {
+    let m = msg("borrowed, not copied", 42);
+    let owned = MessageRecord {
+        direction: Direction::Outgoing,
+        sent_at_ms: m.sent_at_ms,
+        body: m.body.clone(),
+        status: MessageStatus::Queued,
+    };
+    let borrowed = MessageRecordRef {
+        direction: Direction::Outgoing,
+        sent_at_ms: m.sent_at_ms,
+        body: &m.body,
+        status: MessageStatus::Queued,
+    };
+    let bytes = to_bytes("messages", &borrowed).unwrap();
+    assert_eq!(bytes, to_bytes("messages", &owned).unwrap());
+    let back: MessageRecord = from_bytes(&bytes).unwrap();
+    assert_eq!(back.body, m.body);
+    assert_eq!(back.status, MessageStatus::Queued);
+}
