@@ -71,8 +71,9 @@ use crate::wire::{
 use cipher::RowCipher;
 use opened::OpenedRows;
 use tables::{
-    MessageKey, CONTACTS, HISTORY_KEY_CHECK_KEY, MESSAGES, MESSAGE_IDS, META, MIN_SCHEMA_VERSION,
-    OUTBOX, SCHEMA_CLEAR, SCHEMA_SEALED, SCHEMA_VERSION, SCHEMA_VERSION_KEY, WRITE_CHECK_KEY,
+    owned_key, row_key, MessageKey, MessageKeyRef, OutboxKeyRef, CONTACTS, HISTORY_KEY_CHECK_KEY,
+    MESSAGES, MESSAGE_IDS, META, MIN_SCHEMA_VERSION, OUTBOX, SCHEMA_CLEAR, SCHEMA_SEALED,
+    SCHEMA_VERSION, SCHEMA_VERSION_KEY, WRITE_CHECK_KEY,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -264,9 +265,9 @@ impl WriteOutcome {
 
 /// The tables a message write touches, opened once per transaction.
 struct MessageTables<'t> {
-    messages: redb::Table<'t, MessageKey, &'static [u8]>,
-    ids: redb::Table<'t, [u8; 16], ([u8; 32], u64)>,
-    outbox: redb::Table<'t, ([u8; 32], [u8; 16]), &'static [u8]>,
+    messages: redb::Table<'t, MessageKeyRef, &'static [u8]>,
+    ids: redb::Table<'t, &'static [u8; 16], ([u8; 32], u64)>,
+    outbox: redb::Table<'t, OutboxKeyRef, &'static [u8]>,
 }
 
 /// What [`Store::mark_delivered`] / [`Store::mark_rejected`] did.
@@ -752,13 +753,13 @@ impl Store {
                 .ctx(&self.path)?
             {
                 let (k, v) = row.ctx(&self.path)?;
-                let k = k.value();
+                let k = owned_key(k.value());
                 let plain = self
                     .cipher
                     .open(&k, v.value())
                     .map_err(|e| self.corrupt("messages", e))?;
                 messages
-                    .insert(k, to.seal(&k, plain.to_vec()).as_slice())
+                    .insert(row_key(&k), to.seal(&k, plain.to_vec()).as_slice())
                     .ctx(dest)?;
                 rows += 1;
                 if rows == 1 {
@@ -1024,13 +1025,13 @@ impl Store {
         key: MessageKey,
         value: &[u8],
         known: Option<&NodeId>,
-        outbox: &impl ReadableTable<([u8; 32], [u8; 16]), &'static [u8]>,
+        outbox: &impl ReadableTable<OutboxKeyRef, &'static [u8]>,
     ) -> Result<StoredMessage, StoreError> {
         let mut rec = self.decode_message(&key, value)?;
         let (peer, stored_at_ms, id) = key;
         if rec.direction == Direction::Outgoing
             && rec.status == MessageStatus::Queued
-            && outbox.get((peer, id)).ctx(&self.path)?.is_none()
+            && outbox.get((&peer, &id)).ctx(&self.path)?.is_none()
         {
             rec.status = MessageStatus::Delivered;
         }
@@ -1047,21 +1048,21 @@ impl Store {
 
     fn outbox_from_row(
         &self,
-        key: ([u8; 32], [u8; 16]),
+        key: (&[u8; 32], &[u8; 16]),
         value: &[u8],
         known: Option<&NodeId>,
-        messages: &impl ReadableTable<MessageKey, &'static [u8]>,
+        messages: &impl ReadableTable<MessageKeyRef, &'static [u8]>,
     ) -> Result<OutboxEntry, StoreError> {
         let rec: OutboxRecord = self.decode("outbox", value)?;
-        let id = MessageId(key.1);
-        let row_key = (key.0, rec.created_ms, key.1);
+        let id = MessageId(*key.1);
+        let row_key = (*key.0, rec.created_ms, *key.1);
         let row = messages
-            .get(row_key)
+            .get((key.0, rec.created_ms, key.1))
             .ctx(&self.path)?
             .ok_or_else(|| self.corrupt("outbox", RecordError::DanglingIndex(id)))?;
         let msg = self.decode_message(&row_key, row.value())?;
         Ok(OutboxEntry {
-            to: self.key_node_id("outbox", &key.0, known)?,
+            to: self.key_node_id("outbox", key.0, known)?,
             message: ChatMessage {
                 id,
                 conversation: Conversation::Direct,
@@ -1093,11 +1094,11 @@ impl Store {
         t: &MessageTables<'_>,
         id: &MessageId,
     ) -> Result<Option<(MessageKey, MessageRecord)>, StoreError> {
-        let Some((peer, at)) = t.ids.get(id.0).ctx(&self.path)?.map(|g| g.value()) else {
+        let Some((peer, at)) = t.ids.get(&id.0).ctx(&self.path)?.map(|g| g.value()) else {
             return Ok(None);
         };
         let key = (peer, at, id.0);
-        let value = t.messages.get(key).ctx(&self.path)?;
+        let value = t.messages.get(row_key(&key)).ctx(&self.path)?;
         let Some(value) = value else {
             return Err(self.corrupt("message_ids", RecordError::DanglingIndex(*id)));
         };
@@ -1144,16 +1145,17 @@ impl Store {
         // put the old entry back and tell a duplicate from a conflict.
         let taken = t
             .ids
-            .insert(msg.id.0, (key.0, key.1))
+            .insert(&msg.id.0, (key.0, key.1))
             .ctx(&self.path)?
             .map(|g| g.value());
         if let Some(old) = taken {
-            t.ids.insert(msg.id.0, old).ctx(&self.path)?;
+            t.ids.insert(&msg.id.0, old).ctx(&self.path)?;
             let old_key = (old.0, old.1, msg.id.0);
-            let existing =
-                t.messages.get(old_key).ctx(&self.path)?.ok_or_else(|| {
-                    self.corrupt("message_ids", RecordError::DanglingIndex(msg.id))
-                })?;
+            let existing = t
+                .messages
+                .get(row_key(&old_key))
+                .ctx(&self.path)?
+                .ok_or_else(|| self.corrupt("message_ids", RecordError::DanglingIndex(msg.id)))?;
             let existing = self.decode_message(&old_key, existing.value())?;
             let same = old.0 == key.0 && existing.direction == direction;
             return Ok(if same {
@@ -1162,10 +1164,12 @@ impl Store {
                 Inserted::Conflict
             });
         }
-        t.messages.insert(key, row.as_slice()).ctx(&self.path)?;
+        t.messages
+            .insert(row_key(&key), row.as_slice())
+            .ctx(&self.path)?;
         if let Some(queued) = queued {
             t.outbox
-                .insert((key.0, msg.id.0), queued.as_slice())
+                .insert((&key.0, &msg.id.0), queued.as_slice())
                 .ctx(&self.path)?;
         }
         Ok(Inserted::New)
@@ -1183,14 +1187,14 @@ impl Store {
         id: &MessageId,
         status: MessageStatus,
     ) -> Result<MarkOutcome, StoreError> {
-        let queued_key = (*peer.as_bytes(), id.0);
+        let queued_key = (peer.as_bytes(), &id.0);
         if status == MessageStatus::Delivered {
             if t.outbox.remove(queued_key).ctx(&self.path)?.is_some() {
                 return Ok(MarkOutcome::Updated);
             }
             return Ok(match self.find_in(t, id)? {
                 Some((key, rec))
-                    if key.0 == queued_key.0 && rec.direction == Direction::Outgoing =>
+                    if key.0 == *queued_key.0 && rec.direction == Direction::Outgoing =>
                 {
                     MarkOutcome::Unchanged
                 }
@@ -1200,7 +1204,7 @@ impl Store {
         let Some((key, mut rec)) = self.find_in(t, id)? else {
             return Ok(MarkOutcome::Unknown);
         };
-        if key.0 != queued_key.0 || rec.direction != Direction::Outgoing {
+        if key.0 != *queued_key.0 || rec.direction != Direction::Outgoing {
             return Ok(MarkOutcome::Unknown);
         }
         // Only a message still queued can be rejected: a delivered one stays delivered.
@@ -1210,7 +1214,9 @@ impl Store {
         rec.status = status;
         let row = self.encode_message(&key, &rec)?;
         t.outbox.remove(queued_key).ctx(&self.path)?;
-        t.messages.insert(key, row.as_slice()).ctx(&self.path)?;
+        t.messages
+            .insert(row_key(&key), row.as_slice())
+            .ctx(&self.path)?;
         Ok(MarkOutcome::Updated)
     }
 
@@ -1359,7 +1365,7 @@ impl Store {
     pub fn update_outbox(&self, entry: &OutboxEntry) -> Result<bool, StoreError> {
         let db = self.db()?;
         let txn = db.begin_write().ctx(&self.path)?;
-        let key = (*entry.to.as_bytes(), entry.message.id.0);
+        let key = (entry.to.as_bytes(), &entry.message.id.0);
         {
             let mut outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
             let Some(old) = outbox.get(key).ctx(&self.path)?.map(|g| g.value().to_vec()) else {
@@ -1402,7 +1408,7 @@ impl Store {
         let p = *peer.as_bytes();
         let mut out = Vec::new();
         for row in outbox
-            .range((p, KEY_MIN_ID)..=(p, KEY_MAX_ID))
+            .range((&p, &KEY_MIN_ID)..=(&p, &KEY_MAX_ID))
             .ctx(&self.path)?
         {
             let (k, v) = row.ctx(&self.path)?;
@@ -1417,13 +1423,13 @@ impl Store {
         let db = self.db()?;
         let txn = db.begin_read().ctx(&self.path)?;
         let ids = txn.open_table(MESSAGE_IDS).ctx(&self.path)?;
-        let Some((peer, at)) = ids.get(id.0).ctx(&self.path)?.map(|g| g.value()) else {
+        let Some((peer, at)) = ids.get(&id.0).ctx(&self.path)?.map(|g| g.value()) else {
             return Ok(None);
         };
         let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
         let key = (peer, at, id.0);
-        match messages.get(key).ctx(&self.path)? {
+        match messages.get(row_key(&key)).ctx(&self.path)? {
             Some(v) => Ok(Some(self.message_from_row(
                 key,
                 v.value(),
@@ -1454,14 +1460,19 @@ impl Store {
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
         let p = *peer.as_bytes();
         let range = match before {
-            Some((at, id)) => messages.range(first_key(p)..(p, at, id.0)),
-            None => messages.range(first_key(p)..=last_key(p)),
+            Some((at, id)) => messages.range(row_key(&first_key(p))..(&p, at, &id.0)),
+            None => messages.range(row_key(&first_key(p))..=row_key(&last_key(p))),
         }
         .ctx(&self.path)?;
         let mut out = Vec::new();
         for row in range.rev().take(limit) {
             let (k, v) = row.ctx(&self.path)?;
-            out.push(self.message_from_row(k.value(), v.value(), Some(peer), &outbox)?);
+            out.push(self.message_from_row(
+                owned_key(k.value()),
+                v.value(),
+                Some(peer),
+                &outbox,
+            )?);
         }
         out.reverse();
         Ok(out)
@@ -1480,21 +1491,21 @@ impl Store {
         let mut from = Some([0u8; 32]);
         while let Some(start) = from {
             let last = messages
-                .range(first_key(start)..)
+                .range(row_key(&first_key(start))..)
                 .ctx(&self.path)?
                 .next()
                 .transpose()
                 .ctx(&self.path)?;
             let Some((k, _)) = last else { break };
-            let peer = k.value().0;
+            let peer = *k.value().0;
             let newest = messages
-                .range(first_key(peer)..=last_key(peer))
+                .range(row_key(&first_key(peer))..=row_key(&last_key(peer)))
                 .ctx(&self.path)?
                 .next_back()
                 .transpose()
                 .ctx(&self.path)?;
             if let Some((k, v)) = newest {
-                let last = self.message_from_row(k.value(), v.value(), None, &outbox)?;
+                let last = self.message_from_row(owned_key(k.value()), v.value(), None, &outbox)?;
                 out.push(ConversationSummary {
                     peer: last.peer,
                     last,

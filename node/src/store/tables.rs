@@ -48,19 +48,39 @@ pub const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta
 /// time then id inside it makes "the last N" a reverse range scan.
 pub type MessageKey = ([u8; 32], u64, [u8; 16]);
 
+/// [`MessageKey`] as the [`MESSAGES`] table is typed: its byte arrays borrowed. redb
+/// compares a `&[u8; N]` with one `memcmp` and a `[u8; N]` byte by byte, through a call
+/// per byte; both have the type name `[u8;N]` and the same bytes on disk, so a file
+/// written with either opens with the other.
+pub type MessageKeyRef = (&'static [u8; 32], u64, &'static [u8; 16]);
+
+/// Key of an [`OUTBOX`] row: `(recipient NodeId bytes, message id)`, borrowed like
+/// [`MessageKeyRef`].
+pub type OutboxKeyRef = (&'static [u8; 32], &'static [u8; 16]);
+
+/// The key of a message row as its table takes it.
+pub fn row_key(key: &MessageKey) -> (&[u8; 32], u64, &[u8; 16]) {
+    (&key.0, key.1, &key.2)
+}
+
+/// The key of a message row as read from its table, copied out.
+pub fn owned_key((peer, at, id): (&[u8; 32], u64, &[u8; 16])) -> MessageKey {
+    (*peer, at, *id)
+}
+
 /// History: [`MessageKey`] -> postcard `MessageRecord` (direction, sender's timestamp,
 /// body, status), sealed in an encrypted database.
-pub const MESSAGES: TableDefinition<'static, MessageKey, &[u8]> = TableDefinition::new("messages");
+pub const MESSAGES: TableDefinition<'static, MessageKeyRef, &[u8]> =
+    TableDefinition::new("messages");
 
 /// Message-id index: `id -> (peer, stored_at_ms)`, the rest of its [`MessageKey`]. Used to
 /// deduplicate by id and to find a message for a status update.
-pub const MESSAGE_IDS: TableDefinition<'static, [u8; 16], ([u8; 32], u64)> =
+pub const MESSAGE_IDS: TableDefinition<'static, &'static [u8; 16], ([u8; 32], u64)> =
     TableDefinition::new("message_ids");
 
 /// Outbox: `(recipient NodeId bytes, message id) -> postcard OutboxRecord`. Keyed by
 /// recipient so that "everything waiting for this peer" is a range scan.
-pub const OUTBOX: TableDefinition<'static, ([u8; 32], [u8; 16]), &[u8]> =
-    TableDefinition::new("outbox");
+pub const OUTBOX: TableDefinition<'static, OutboxKeyRef, &[u8]> = TableDefinition::new("outbox");
 
 /// Contacts: `name -> postcard ContactRecord` (pinned NodeId, first seen, mailbox key).
 pub const CONTACTS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("contacts");

@@ -681,12 +681,17 @@ fn corrupt_values_are_typed_errors() {
         let txn = db.begin_write().unwrap();
         {
             let mut t = txn.open_table(MESSAGES).unwrap();
-            t.insert((*alice.as_bytes(), 1, m.id.0), &[0xffu8, 0xff, 0xff][..])
+            t.insert((alice.as_bytes(), 1, &m.id.0), &[0xffu8, 0xff, 0xff][..])
                 .unwrap();
             let mut o = txn.open_table(OUTBOX).unwrap();
-            let keys: Vec<_> = o.iter().unwrap().map(|r| r.unwrap().0.value()).collect();
-            for k in keys {
-                o.insert(k, &[1u8, 2, 3][..]).unwrap();
+            let mut keys: Vec<([u8; 32], [u8; 16])> = Vec::new();
+            for row in o.iter().unwrap() {
+                let (k, _) = row.unwrap();
+                let (p, id) = k.value();
+                keys.push((*p, *id));
+            }
+            for (p, id) in &keys {
+                o.insert((p, id), &[1u8, 2, 3][..]).unwrap();
             }
             let mut c = txn.open_table(CONTACTS).unwrap();
             c.insert("alice", &[][..]).unwrap();
@@ -735,7 +740,7 @@ fn invalid_node_id_in_key_is_a_typed_error() {
             };
             let mut t = txn.open_table(MESSAGES).unwrap();
             t.insert(
-                (bad, 1, [5; 16]),
+                (&bad, 1, &[5; 16]),
                 to_bytes("messages", &rec).unwrap().as_slice(),
             )
             .unwrap();
@@ -991,10 +996,10 @@ fn a_sealed_row_moved_to_another_key_does_not_decrypt() {
             let mut t = txn.open_table(MESSAGES).unwrap();
             let a = (*alice.as_bytes(), 1, m.id.0);
             let b = (*mallory.as_bytes(), 2, other.id.0);
-            let va = t.get(a).unwrap().unwrap().value().to_vec();
-            let vb = t.get(b).unwrap().unwrap().value().to_vec();
-            t.insert(a, vb.as_slice()).unwrap();
-            t.insert(b, va.as_slice()).unwrap();
+            let va = t.get(row_key(&a)).unwrap().unwrap().value().to_vec();
+            let vb = t.get(row_key(&b)).unwrap().unwrap().value().to_vec();
+            t.insert(row_key(&a), vb.as_slice()).unwrap();
+            t.insert(row_key(&b), va.as_slice()).unwrap();
         }
         txn.commit().unwrap();
     }
@@ -1031,7 +1036,7 @@ fn an_opened_row_is_read_again_only_while_its_stored_value_is_unchanged() {
         let db = store.db().unwrap();
         let txn = db.begin_read().unwrap();
         let t = txn.open_table(MESSAGES).unwrap();
-        let v = t.get(row).unwrap().unwrap().value().to_vec();
+        let v = t.get(row_key(&row)).unwrap().unwrap().value().to_vec();
         v
     };
     let mut rec = store.decode_message(&row, &value).unwrap();
@@ -1040,7 +1045,10 @@ fn an_opened_row_is_read_again_only_while_its_stored_value_is_unchanged() {
     let write = |v: &[u8]| {
         let db = store.db().unwrap();
         let txn = db.begin_write().unwrap();
-        txn.open_table(MESSAGES).unwrap().insert(row, v).unwrap();
+        txn.open_table(MESSAGES)
+            .unwrap()
+            .insert(row_key(&row), v)
+            .unwrap();
         txn.commit().unwrap();
     };
     write(&other);
@@ -1101,4 +1109,55 @@ fn a_record_written_from_a_borrowed_body_is_the_owned_record() {
     let back: MessageRecord = from_bytes(&bytes).unwrap();
     assert_eq!(back.body, m.body);
     assert_eq!(back.status, MessageStatus::Queued);
+}
+
+#[test]
+fn files_written_with_owned_or_borrowed_array_keys_are_the_same() {
+    // The tables as typed with owned arrays: the same names, type names and bytes.
+    const OLD_MESSAGES: redb::TableDefinition<'_, MessageKey, &[u8]> =
+        redb::TableDefinition::new("messages");
+    const OLD_IDS: redb::TableDefinition<'_, [u8; 16], ([u8; 32], u64)> =
+        redb::TableDefinition::new("message_ids");
+    let (_d, path, store) = setup();
+    let alice = peer();
+    let new = msg("written with borrowed keys", 1);
+    store.insert_incoming(&alice, &new, 10).unwrap();
+    drop(store);
+    let old = msg("written with owned keys", 2);
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut messages = txn.open_table(OLD_MESSAGES).unwrap();
+            // The row the other typing wrote reads back under this one.
+            assert!(messages
+                .get((*alice.as_bytes(), 10, new.id.0))
+                .unwrap()
+                .is_some());
+            let rec = MessageRecord {
+                direction: Direction::Incoming,
+                sent_at_ms: old.sent_at_ms,
+                body: old.body.clone(),
+                status: MessageStatus::Received,
+            };
+            let value = to_bytes("messages", &rec).unwrap();
+            messages
+                .insert((*alice.as_bytes(), 20, old.id.0), value.as_slice())
+                .unwrap();
+            let mut ids = txn.open_table(OLD_IDS).unwrap();
+            ids.insert(old.id.0, (*alice.as_bytes(), 20)).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let history = store.history(&alice, 10, None).unwrap();
+    assert_eq!(
+        texts(&history),
+        ["written with borrowed keys", "written with owned keys"]
+    );
+    assert_eq!(store.message(&old.id).unwrap().unwrap().stored_at_ms, 20);
+    assert_eq!(
+        store.insert_incoming(&alice, &old, 30).unwrap(),
+        Inserted::Duplicate
+    );
 }

@@ -14,7 +14,7 @@ use p2p_crypto::{history::HistoryKey, NodeId, SecretKey};
 use p2p_node::{
     node::MAX_WRITE_BATCH,
     store::{
-        tables::{MESSAGES, MESSAGE_IDS, OUTBOX},
+        tables::{owned_key, row_key, MESSAGES, MESSAGE_IDS, OUTBOX},
         Direction, MessageStatus, Store, WriteOp,
     },
     wire::{Body, ChatMessage},
@@ -123,10 +123,10 @@ fn raw_insert(db: &Database, msgs: &[(NodeId, ChatMessage)]) -> Result<Duration>
                 let key = (*peer.as_bytes(), stamp(i, j), msg.id.0);
                 let value = record(msg, Direction::Incoming, MessageStatus::Received)?;
                 ensure!(
-                    ids.insert(msg.id.0, (key.0, key.1))?.is_none(),
+                    ids.insert(&msg.id.0, (key.0, key.1))?.is_none(),
                     "duplicate id"
                 );
-                messages.insert(key, value.as_slice())?;
+                messages.insert(row_key(&key), value.as_slice())?;
             }
         }
         txn.commit()?;
@@ -201,17 +201,17 @@ fn raw_sender(db: &Database, msgs: &[(NodeId, ChatMessage)], dur: Duration) -> R
                 let key = (*peer.as_bytes(), now, msg.id.0);
                 let value = record(msg, Direction::Outgoing, MessageStatus::Queued)?;
                 ensure!(
-                    ids.insert(msg.id.0, (key.0, key.1))?.is_none(),
+                    ids.insert(&msg.id.0, (key.0, key.1))?.is_none(),
                     "duplicate id"
                 );
-                messages.insert(key, value.as_slice())?;
+                messages.insert(row_key(&key), value.as_slice())?;
                 let entry = postcard::to_allocvec(&OutboxRecord {
                     attempts: 0,
                     next_attempt_ms: now,
                     created_ms: now,
                     mailbox_deposited: false,
                 })?;
-                outbox.insert((key.0, msg.id.0), entry.as_slice())?;
+                outbox.insert((&key.0, &msg.id.0), entry.as_slice())?;
             }
         }
         txn.commit()?;
@@ -222,7 +222,7 @@ fn raw_sender(db: &Database, msgs: &[(NodeId, ChatMessage)], dur: Duration) -> R
             let mut outbox = txn.open_table(OUTBOX)?;
             for (peer, msg) in batch {
                 ensure!(
-                    outbox.remove((*peer.as_bytes(), msg.id.0))?.is_some(),
+                    outbox.remove((peer.as_bytes(), &msg.id.0))?.is_some(),
                     "not queued"
                 );
             }
@@ -279,13 +279,13 @@ fn raw_history(db: &Database, peers: &[NodeId], dur: Duration) -> Result<f64> {
         let messages = txn.open_table(MESSAGES)?;
         let mut page = Vec::with_capacity(HISTORY_PAGE);
         for row in messages
-            .range((p, 0, [0u8; 16])..=(p, u64::MAX, [0xffu8; 16]))?
+            .range((&p, 0, &[0u8; 16])..=(&p, u64::MAX, &[0xffu8; 16]))?
             .rev()
             .take(HISTORY_PAGE)
         {
             let (k, v) = row?;
             let rec: MessageRecord = postcard::from_bytes(v.value())?;
-            page.push((k.value(), rec));
+            page.push((owned_key(k.value()), rec));
         }
         page.reverse();
         ensure!(page.len() == HISTORY_PAGE, "short history page");
@@ -321,7 +321,7 @@ pub fn disk_limits(msgs: usize, commits: usize) -> Result<DiskLimits> {
             let mut messages = txn.open_table(MESSAGES)?;
             let key = (*peer.as_bytes(), 2_000_000_000 + i as u64, msg.id.0);
             let value = record(msg, Direction::Incoming, MessageStatus::Received)?;
-            messages.insert(key, value.as_slice())?;
+            messages.insert(row_key(&key), value.as_slice())?;
         }
         txn.commit()?;
         times.push(t.elapsed());
