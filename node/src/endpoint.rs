@@ -337,11 +337,7 @@ impl Endpoint {
             conn.close(CLOSE_PROTOCOL, b"alpn");
             return Err(ConnectError::Protocol { addr, alpn });
         }
-        Ok(Connection {
-            inner: conn,
-            remote,
-            net: self.net.clone(),
-        })
+        Ok(Connection::new(conn, remote, self.net.clone()))
     }
 
     /// Waits for the next incoming connection attempt. `None` once the endpoint is closed.
@@ -432,11 +428,7 @@ impl Incoming {
                 });
             }
         }
-        Ok(Connection {
-            inner: conn,
-            remote,
-            net: self.net,
-        })
+        Ok(Connection::new(conn, remote, self.net))
     }
 }
 
@@ -446,9 +438,64 @@ pub struct Connection {
     inner: quinn::Connection,
     remote: NodeId,
     net: Arc<net::Shared>,
+    /// Streams this side opened that are kept open for its next exchange.
+    idle: Arc<std::sync::Mutex<Vec<IdleStream>>>,
+}
+
+/// At most this many idle streams are kept per connection: well under the 64 streams a
+/// peer allows at once, so a new stream is never refused for the sake of idle ones.
+pub const MAX_IDLE_STREAMS: usize = 16;
+
+/// A bidirectional stream kept open between two exchanges, with when it was put back.
+#[derive(Debug)]
+struct IdleStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    since: std::time::Instant,
 }
 
 impl Connection {
+    fn new(inner: quinn::Connection, remote: NodeId, net: Arc<net::Shared>) -> Self {
+        Self {
+            inner,
+            remote,
+            net,
+            idle: Arc::default(),
+        }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<IdleStream>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A stream this side opened and kept ([`Connection::keep_stream`]) that was put
+    /// back less than `fresh` ago, newest first. Older ones are dropped (which finishes
+    /// them): the peer may be about to give up waiting on them.
+    pub fn take_stream(&self, fresh: Duration) -> Option<(quinn::SendStream, quinn::RecvStream)> {
+        let mut idle = self.idle();
+        let now = std::time::Instant::now();
+        idle.retain(|s| now.duration_since(s.since) < fresh);
+        idle.pop().map(|s| (s.send, s.recv))
+    }
+
+    /// Keeps a stream whose exchange is complete for the next one, unless
+    /// [`MAX_IDLE_STREAMS`] are kept already (then it is dropped, which finishes it).
+    pub fn keep_stream(&self, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let mut idle = self.idle();
+        if idle.len() < MAX_IDLE_STREAMS {
+            idle.push(IdleStream {
+                send,
+                recv,
+                since: std::time::Instant::now(),
+            });
+        }
+    }
+
+    /// How many streams are kept idle.
+    pub fn idle_streams(&self) -> usize {
+        self.idle().len()
+    }
+
     /// The authenticated NodeId of the peer. The sender of everything read from this
     /// connection is this node, whatever the bytes say.
     pub fn remote_node_id(&self) -> NodeId {

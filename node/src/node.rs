@@ -36,28 +36,27 @@
 //! a sealed receipt (an `Ack` frame) back to the sender's mailbox, and only then deletes
 //! the envelopes. Whichever path arrives first wins; the other is a duplicate.
 //!
-//! # One stream per message
+//! # Streams
 //!
-//! Each message travels on a fresh bidirectional QUIC stream that carries exactly one
-//! `Message` frame one way and its `Ack` back, then ends. Reasons:
-//! - the ack is tied to its message by the stream itself, so there is no in-order
-//!   matching, no head-of-line blocking behind a slow message, and no per-connection
-//!   state machine to get wrong;
-//! - opening a QUIC stream costs no round trip (stream ids are allocated locally), and
-//!   quinn already bounds concurrent streams per connection
-//!   ([`TransportSettings::max_concurrent_bidi_streams`]), which bounds the receiver's
-//!   work per peer;
-//! - a broken frame closes the connection anyway, so a long-lived stream would buy no
-//!   isolation, only complexity;
-//! - measured (`BENCHMARKS.md`, `cargo bench -p p2p-tests --bench compare`): a raw
-//!   QUIC echo with a stream per message has the latency of one on a long-lived stream
-//!   and, up to a few dozen messages in flight, its throughput. Saturated, long-lived
-//!   streams carry about twice as many small frames per second, but the node is then
-//!   bound by its durable writes long before the transport, so the simpler design is
-//!   kept.
+//! A message travels as a `Message` frame on a bidirectional QUIC stream, and its `Ack`
+//! comes back on the same stream. A stream carries one exchange at a time; once its ack
+//! is in, the sender keeps the stream open for its next message to that peer (at most
+//! [`MAX_IDLE_STREAMS`](crate::endpoint::MAX_IDLE_STREAMS) per connection, each reused
+//! only within 2 s of its last ack, far inside the receiver's read timeout). So a busy
+//! peer is sent to without opening and ending a stream per message, while:
+//! - the ack is still tied to its message by the stream: one exchange at a time means
+//!   no matching, and no head-of-line blocking behind a slow message (concurrent sends
+//!   use different streams);
+//! - the receiver needs nothing new: it has always served frame after frame on a stream,
+//!   each acknowledged in order, and it bounds streams per connection (quinn's
+//!   [`TransportSettings::max_concurrent_bidi_streams`]), the frame bytes it holds, and
+//!   the wait for each frame (a stall or trickle is reset after the read timeout);
+//! - a kept stream the receiver ended or reset meanwhile (a receiver that serves one
+//!   message per stream, or a timeout) fails before its ack, and the message goes once
+//!   more on a new stream: the receiver deduplicates by id.
 //!
-//! The receiver nevertheless reads frames until the end of the stream, so a peer that
-//! sends several messages on one stream is served too (each is acknowledged in order).
+//! The receiver reports each message after its ack, from a task of the stream, in
+//! order: a name lookup delays neither the ack nor the next message.
 //!
 //! # Group commit
 //!

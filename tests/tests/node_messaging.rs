@@ -938,3 +938,99 @@ async fn bind_again(builder: impl Fn() -> p2p_node::NodeBuilder) -> Result<Node>
         }
     }
 }
+
+/// A bare receiver for `bob`'s key: acknowledges every message as stored and counts the
+/// streams it was sent on. With `one_per_stream` it ends each stream after its first ack
+/// (a minimal receiver that serves one message per stream).
+async fn bare_receiver(
+    d: &Discovery,
+    bob: &SecretKey,
+    one_per_stream: bool,
+) -> Result<(
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::sync::mpsc::UnboundedReceiver<MessageId>,
+    tokio::task::JoinHandle<()>,
+)> {
+    use std::sync::{atomic::Ordering, Arc};
+    let ep = raw_endpoint(bob).await?;
+    let at = SocketAddr::from(([127, 0, 0, 1], ep.local_addr()?.port()));
+    let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (got_tx, got) = tokio::sync::mpsc::unbounded_channel();
+    let counted = streams.clone();
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let Ok(conn) = incoming.accept().await else {
+                continue;
+            };
+            let (counted, got_tx) = (counted.clone(), got_tx.clone());
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.quic().accept_bi().await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let got_tx = got_tx.clone();
+                    tokio::spawn(async move {
+                        let mut buf = Vec::new();
+                        while let Ok(Some(Frame::Message(m))) =
+                            wire::read_frame(&mut recv, &mut buf).await
+                        {
+                            let _ = got_tx.send(m.id);
+                            let ack = Frame::Ack(Ack {
+                                id: m.id,
+                                status: AckStatus::Stored,
+                            });
+                            if wire::write_frame(&mut send, &ack).await.is_err() {
+                                return;
+                            }
+                            if one_per_stream {
+                                let _ = recv.stop(0u32.into());
+                                break;
+                            }
+                        }
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+    });
+    let client = d.client()?;
+    client
+        .announce(bob, None, &[at], Duration::from_secs(60))
+        .await?;
+    Ok((streams, got, task))
+}
+
+#[tokio::test]
+async fn consecutive_messages_to_a_peer_share_one_stream_and_a_receiver_that_ends_streams_still_gets_them(
+) -> Result<()> {
+    let d = Discovery::start().await?;
+    let alice = User::new()?;
+    for one_per_stream in [false, true] {
+        let bob = SecretKey::generate();
+        let (streams, mut got, task) = bare_receiver(&d, &bob, one_per_stream).await?;
+        let a = alice.builder(&d.url).bind().await?;
+        let mut sent = Vec::new();
+        for i in 0..5 {
+            let out = tokio::time::timeout(DEADLINE, a.send_to(&bob.public(), &format!("m{i}")))
+                .await??;
+            assert_eq!(out.status, SendStatus::Delivered, "message {i}");
+            sent.push(out.id);
+        }
+        let mut received = Vec::new();
+        while let Ok(id) = got.try_recv() {
+            received.push(id);
+        }
+        // Each message is there, in order (a message sent again after a stream ended
+        // would show twice).
+        received.dedup();
+        assert_eq!(received, sent);
+        let streams = streams.load(std::sync::atomic::Ordering::SeqCst);
+        if one_per_stream {
+            assert!(streams >= 5, "a new stream for each message: {streams}");
+        } else {
+            assert_eq!(streams, 1, "one stream kept from message to message");
+        }
+        a.shutdown().await;
+        task.abort();
+    }
+    d.stop().await;
+    Ok(())
+}

@@ -1,5 +1,6 @@
-//! Delivery on a connection: connection reuse, dialing with per-peer backoff, and one
-//! message per stream (see the module documentation of [`crate::node`] for why).
+//! Delivery on a connection: connection reuse, dialing with per-peer backoff, and streams
+//! kept open from one message to the next (see the module documentation of
+//! [`crate::node`]).
 //!
 //! A peer is dialed through the path layer ([`crate::net`]): one connection attempt to
 //! its mapped address, whose packets go over a proven direct path, through its relay,
@@ -73,8 +74,6 @@ pub(crate) enum StreamError {
     Open(#[source] quinn::ConnectionError),
     #[error("cannot send the message: {0}")]
     Write(#[source] WriteFrameError),
-    #[error("cannot finish the stream: {0}")]
-    Finish(#[source] quinn::ClosedStream),
     #[error("cannot read the acknowledgement: {0}")]
     Read(#[source] ReadFrameError),
     #[error("the stream ended without an acknowledgement")]
@@ -226,41 +225,70 @@ pub(crate) async fn deliver(
     send_on(inner, &conn, msg).await
 }
 
-/// Sends one message on a new stream of `conn` and waits for its ack.
+/// Longest a kept stream may have been idle and still carry a message: far below the
+/// read timeout after which a receiver resets a stream it waits on (10 s by default).
+const STREAM_REUSE: Duration = Duration::from_secs(2);
+
+/// Sends one message on `conn` and waits for its ack: on a stream kept from an earlier
+/// exchange when there is one, else on a new stream. A stream whose exchange completed
+/// is kept for the next message (the receiver serves frame after frame on a stream, each
+/// acknowledged in order), so a busy peer is sent to without opening and ending a stream
+/// per message. A kept stream that fails before its ack (the peer ended or reset it
+/// meanwhile) is dropped and the message goes once more on a new stream; the receiver
+/// deduplicates by id, so a message stored twice is acknowledged `Duplicate`.
 async fn send_on(
     inner: &Arc<Inner>,
     conn: &Connection,
     msg: &ChatMessage,
 ) -> Result<Acked, DeliverError> {
+    let fresh = STREAM_REUSE.min(inner.timings.read_timeout / 4);
     let exchange = async {
-        let (mut send, mut recv) = conn
+        if let Some(kept) = conn.take_stream(fresh) {
+            match exchange(conn, kept, msg).await {
+                Err(DeliverError::Stream(e)) => {
+                    tracing::debug!(peer = %conn.remote_node_id(), error = %e, "kept stream failed; sending on a new one");
+                }
+                done => return done,
+            }
+        }
+        let stream = conn
             .quic()
             .open_bi()
             .await
             .map_err(|e| DeliverError::Stream(StreamError::Open(e)))?;
-        write_frame(&mut send, &Frame::Message(msg.clone()))
-            .await
-            .map_err(|e| DeliverError::Stream(StreamError::Write(e)))?;
-        send.finish()
-            .map_err(|e| DeliverError::Stream(StreamError::Finish(e)))?;
-        let mut buf = Vec::new();
-        match read_frame(&mut recv, &mut buf).await {
-            // The path our packets to the peer take as the ack arrives: the one the
-            // message went on (unless it changed during this very exchange).
-            Ok(Some(Frame::Ack(ack))) if ack.id == msg.id => Ok(Acked {
-                status: ack.status,
-                path: conn.path(),
-            }),
-            Ok(Some(_)) => Err(DeliverError::BadAck),
-            Ok(None) => Err(DeliverError::Stream(StreamError::NoAck)),
-            Err(e) => Err(DeliverError::Stream(StreamError::Read(e))),
-        }
+        exchange(conn, stream, msg).await
     };
     tokio::select! {
         _ = inner.cancel.cancelled() => Err(DeliverError::Shutdown),
         r = tokio::time::timeout(inner.timings.ack_timeout, exchange) => {
             r.unwrap_or(Err(DeliverError::AckTimeout))
         }
+    }
+}
+
+/// One message and its ack on `stream`, which is kept on `conn` afterwards.
+async fn exchange(
+    conn: &Connection,
+    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+    msg: &ChatMessage,
+) -> Result<Acked, DeliverError> {
+    write_frame(&mut send, &Frame::Message(msg.clone()))
+        .await
+        .map_err(|e| DeliverError::Stream(StreamError::Write(e)))?;
+    let mut buf = Vec::new();
+    match read_frame(&mut recv, &mut buf).await {
+        // The path our packets to the peer take as the ack arrives: the one the
+        // message went on (unless it changed during this very exchange).
+        Ok(Some(Frame::Ack(ack))) if ack.id == msg.id => {
+            conn.keep_stream(send, recv);
+            Ok(Acked {
+                status: ack.status,
+                path: conn.path(),
+            })
+        }
+        Ok(Some(_)) => Err(DeliverError::BadAck),
+        Ok(None) => Err(DeliverError::Stream(StreamError::NoAck)),
+        Err(e) => Err(DeliverError::Stream(StreamError::Read(e))),
     }
 }
 

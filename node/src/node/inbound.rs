@@ -150,6 +150,7 @@ async fn serve_stream(
     // The sender is whoever authenticated this connection; nothing in the frame says so.
     let peer = conn.remote_node_id();
     let mut buf = Vec::new();
+    let mut reports = None;
     loop {
         let read = tokio::select! {
             _ = inner.cancel.cancelled() => return,
@@ -219,12 +220,38 @@ async fn serve_stream(
             }
             written.is_ok()
         };
-        // Reported after the ack, so a name lookup never delays it.
+        // Reported after the ack, by a task of this stream, so a name lookup delays
+        // neither this ack nor the next message on the stream; in order.
         if let Some(message) = received {
             let via = match conn.recv_path() {
                 Some(crate::net::PathKind::Relay) => Via::Relay,
                 _ => Via::Direct,
             };
+            let reports = reports.get_or_insert_with(|| report_received(&inner, peer));
+            if reports.send((message, via)).await.is_err() {
+                return;
+            }
+        }
+        if !acked {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Messages of one stream waiting to be reported, at most this many.
+const REPORTS_QUEUED: usize = 64;
+
+/// Starts the task that reports the messages of one stream from `peer`, in order, each
+/// with the sender's name (which may take a discovery lookup).
+fn report_received(
+    inner: &Arc<Inner>,
+    peer: p2p_crypto::NodeId,
+) -> tokio::sync::mpsc::Sender<(StoredMessage, Via)> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(REPORTS_QUEUED);
+    let inner = inner.clone();
+    inner.clone().tracker.spawn(async move {
+        while let Some((message, via)) = rx.recv().await {
             inner.emit(NodeEvent::MessageReceived {
                 from: peer,
                 from_name: inner.sender_name(&peer).await,
@@ -232,11 +259,8 @@ async fn serve_stream(
                 via,
             });
         }
-        if !acked {
-            return;
-        }
-    }
-    let _ = send.finish();
+    });
+    tx
 }
 
 #[cfg(test)]
