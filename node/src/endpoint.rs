@@ -491,11 +491,6 @@ impl Connection {
         }
     }
 
-    /// How many streams are kept idle.
-    pub fn idle_streams(&self) -> usize {
-        self.idle().len()
-    }
-
     /// The authenticated NodeId of the peer. The sender of everything read from this
     /// connection is this node, whatever the bytes say.
     pub fn remote_node_id(&self) -> NodeId {
