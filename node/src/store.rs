@@ -2,12 +2,18 @@
 //!
 //! # Layout
 //!
-//! All tables are declared in [`tables`]. Messages are keyed by
-//! `(peer, stored_at_ms, id)`: one conversation is a contiguous key range, and the last N
-//! messages of it are a reverse range scan. `stored_at_ms` is the *local* clock when the
-//! row was written (for incoming messages, when it arrived), never the sender's clock, so
-//! a peer cannot reorder or pin messages in our history by lying about time; the sender's
-//! timestamp is kept in the row as [`StoredMessage::sent_at_ms`].
+//! All tables are declared in [`tables`]. A message is named by `(peer, stored_at_ms,
+//! id)` ([`tables::MessageKey`]) and stored in [`tables::HISTORY`] under
+//! `(stored_at_ms, id)`: in storage order, so a commit of many messages to many
+//! conversations appends to the end of the table instead of rewriting a page of each
+//! conversation. Each row links to the previous row of its conversation, and
+//! [`tables::CONVERSATIONS`] names the newest one: the last N messages of a conversation
+//! are N point reads down that chain. `stored_at_ms` is the *local* clock when the row was
+//! written (for incoming messages, when it arrived), never the sender's clock, so a peer
+//! cannot reorder or pin messages in our history by lying about time; the sender's
+//! timestamp is kept in the row as [`StoredMessage::sent_at_ms`]. Within a conversation it
+//! never goes back: a row written while the clock is behind the conversation's newest row
+//! takes that row's time (plus one millisecond where the id would not sort after it).
 //!
 //! A message-id index (`id -> (peer, stored_at_ms)`) makes deduplication and status
 //! updates a point lookup. Deduplication is global by id: however a message arrives
@@ -53,6 +59,7 @@ mod cipher;
 mod opened;
 pub mod tables;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard};
@@ -71,8 +78,9 @@ use crate::wire::{
 use cipher::RowCipher;
 use opened::OpenedRows;
 use tables::{
-    owned_key, row_key, MessageKey, MessageKeyRef, OutboxKeyRef, CONTACTS, HISTORY_KEY_CHECK_KEY,
-    MESSAGES, MESSAGE_IDS, META, MIN_SCHEMA_VERSION, OUTBOX, SCHEMA_CLEAR, SCHEMA_SEALED,
+    row_key, MessageKey, OutboxKeyRef, RowKeyRef, RowValueRef, CONTACTS, CONVERSATIONS, HISTORY,
+    HISTORY_KEY_CHECK_KEY, MESSAGES_BY_CONVERSATION, MESSAGE_IDS, META, MIN_SCHEMA_VERSION, OUTBOX,
+    SCHEMA_CLEAR, SCHEMA_CLEAR_BY_CONVERSATION, SCHEMA_SEALED, SCHEMA_SEALED_BY_CONVERSATION,
     SCHEMA_VERSION, SCHEMA_VERSION_KEY, WRITE_CHECK_KEY,
 };
 
@@ -265,9 +273,14 @@ impl WriteOutcome {
 
 /// The tables a message write touches, opened once per transaction.
 struct MessageTables<'t> {
-    messages: redb::Table<'t, MessageKeyRef, &'static [u8]>,
+    history: redb::Table<'t, RowKeyRef, RowValueRef>,
+    conversations: redb::Table<'t, &'static [u8; 32], RowKeyRef>,
     ids: redb::Table<'t, &'static [u8; 16], ([u8; 32], u64)>,
     outbox: redb::Table<'t, OutboxKeyRef, &'static [u8]>,
+    /// The newest row of each conversation this transaction read or wrote, and whether
+    /// it moved: [`tables::CONVERSATIONS`] is read once and written once per
+    /// conversation of a batch (`Store::save_heads`), not once per message.
+    heads: HashMap<[u8; 32], (Option<RowKey>, bool)>,
 }
 
 /// What [`Store::mark_delivered`] / [`Store::mark_rejected`] did.
@@ -483,6 +496,9 @@ pub enum RecordError {
     /// A stored value has a format this build does not know.
     #[error("unknown value format {0}")]
     UnknownFormat(u8),
+    /// A history row links to a row of another conversation, or to one that is not older.
+    #[error("broken link from the history row of message {0}")]
+    BrokenLink(MessageId),
 }
 
 /// Attaches the database path to redb errors.
@@ -503,7 +519,8 @@ impl<T, E: Into<redb::Error>> Ctx<T> for Result<T, E> {
 // Stored records (postcard values)
 // ---------------------------------------------------------------------------------------
 
-/// Value of a [`tables::MESSAGES`] row; peer, time and id live in the key.
+/// The record of a [`tables::HISTORY`] row; time and id live in the key, the peer and
+/// the link beside it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct MessageRecord {
     direction: Direction,
@@ -532,7 +549,7 @@ impl zeroize::Zeroize for MessageRecord {
 }
 
 /// Value of a [`tables::OUTBOX`] row; the recipient and the message id live in the
-/// key, the message itself in its history row at `(recipient, created_ms, id)`.
+/// key, the message itself in its history row at `(created_ms, id)`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct OutboxRecord {
     attempts: u32,
@@ -560,25 +577,31 @@ const MEMORY_PATH: &str = ":memory:";
 const KEY_MIN_ID: [u8; 16] = [0; 16];
 const KEY_MAX_ID: [u8; 16] = [0xff; 16];
 
-fn first_key(peer: [u8; 32]) -> MessageKey {
-    (peer, 0, KEY_MIN_ID)
+/// The [`tables::HISTORY`] key of a row, owned.
+type RowKey = (u64, [u8; 16]);
+
+/// A [`tables::HISTORY`] key as read, copied out.
+fn owned_row_key((at, id): (u64, &[u8; 16])) -> RowKey {
+    (at, *id)
 }
 
-fn last_key(peer: [u8; 32]) -> MessageKey {
-    (peer, u64::MAX, KEY_MAX_ID)
+/// One [`tables::HISTORY`] row, decoded.
+struct Row {
+    key: MessageKey,
+    /// The previous row of its conversation.
+    prev: Option<RowKey>,
+    rec: MessageRecord,
 }
 
-/// The next 32-byte string in lexicographic order, or `None` after `[0xff; 32]`.
-fn next_peer(mut peer: [u8; 32]) -> Option<[u8; 32]> {
-    for b in peer.iter_mut().rev() {
-        if *b == 0xff {
-            *b = 0;
-        } else {
-            *b += 1;
-            return Some(peer);
-        }
+/// The time a new row of a conversation is stored at: `now_ms`, unless the clock is
+/// behind the conversation's newest row `head`; then the head's time, plus one
+/// millisecond if `id` would not sort after the head's. Keys then grow along every
+/// conversation.
+fn row_time(now_ms: u64, id: &[u8; 16], head: Option<RowKey>) -> u64 {
+    match head {
+        Some((at, head_id)) => now_ms.max(at.saturating_add(u64::from(*id <= head_id))),
+        None => now_ms,
     }
-    None
 }
 
 // ---------------------------------------------------------------------------------------
@@ -683,8 +706,8 @@ impl Store {
         use redb::ReadableTableMetadata;
         let db = self.db()?;
         let txn = db.begin_read().ctx(&self.path)?;
-        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
-        messages.len().ctx(&self.path)
+        let history = txn.open_table(HISTORY).ctx(&self.path)?;
+        history.len().ctx(&self.path)
     }
 
     /// Replaces this clear database by an encrypted copy: the copy is written beside it,
@@ -745,27 +768,31 @@ impl Store {
             meta.insert(SCHEMA_VERSION_KEY, SCHEMA_SEALED).ctx(dest)?;
             meta.insert(HISTORY_KEY_CHECK_KEY, key.check_value())
                 .ctx(dest)?;
-            let mut messages = write.open_table(MESSAGES).ctx(dest)?;
+            let mut history = write.open_table(HISTORY).ctx(dest)?;
             for row in read
-                .open_table(MESSAGES)
+                .open_table(HISTORY)
                 .ctx(&self.path)?
                 .iter()
                 .ctx(&self.path)?
             {
                 let (k, v) = row.ctx(&self.path)?;
-                let k = owned_key(k.value());
+                let (at, id) = k.value();
+                let (peer, prev, value) = v.value();
+                let key = (*peer, at, *id);
                 let plain = self
                     .cipher
-                    .open(&k, v.value())
-                    .map_err(|e| self.corrupt("messages", e))?;
-                messages
-                    .insert(row_key(&k), to.seal(&k, plain.to_vec()).as_slice())
+                    .open(&key, value)
+                    .map_err(|e| self.corrupt(HISTORY.name(), e))?;
+                let sealed = to.seal(&key, plain.to_vec());
+                history
+                    .insert(row_key(&key), (peer, prev, sealed.as_slice()))
                     .ctx(dest)?;
                 rows += 1;
                 if rows == 1 {
                     crate::datadir::crash_point("history-copying");
                 }
             }
+            self.copy_table(&read, &write, CONVERSATIONS, dest)?;
             self.copy_table(&read, &write, MESSAGE_IDS, dest)?;
             self.copy_table(&read, &write, OUTBOX, dest)?;
             self.copy_table(&read, &write, CONTACTS, dest)?;
@@ -799,7 +826,8 @@ impl Store {
             .map(|t| t.name().to_owned())
             .collect();
         let complete = [
-            MESSAGES.name(),
+            HISTORY.name(),
+            CONVERSATIONS.name(),
             MESSAGE_IDS.name(),
             OUTBOX.name(),
             CONTACTS.name(),
@@ -807,6 +835,7 @@ impl Store {
         .iter()
         .all(|name| tables.iter().any(|t| t == name));
         let fresh;
+        let mut migrate = false;
         let cipher = {
             let mut meta = txn.open_table(META).ctx(&path)?;
             let found = meta.get(SCHEMA_VERSION_KEY).ctx(&path)?.map(|g| g.value());
@@ -839,18 +868,39 @@ impl Store {
                 Some(v) if v < MIN_SCHEMA_VERSION => {
                     return Err(StoreError::UnsupportedSchema { found: v, path });
                 }
-                // Migrations from MIN_SCHEMA_VERSION..SCHEMA_VERSION go here.
-                Some(SCHEMA_CLEAR) => RowCipher::Clear,
-                Some(_) => match key {
-                    None => return Err(StoreError::KeyRequired { path }),
-                    Some(key) if check == Some(key.check_value()) => RowCipher::Sealed(key),
-                    Some(_) => return Err(StoreError::WrongKey { path }),
-                },
+                Some(v) => {
+                    let cipher = if v == SCHEMA_CLEAR || v == SCHEMA_CLEAR_BY_CONVERSATION {
+                        RowCipher::Clear
+                    } else {
+                        match key {
+                            None => return Err(StoreError::KeyRequired { path }),
+                            Some(key) if check == Some(key.check_value()) => RowCipher::Sealed(key),
+                            Some(_) => return Err(StoreError::WrongKey { path }),
+                        }
+                    };
+                    if v == SCHEMA_CLEAR_BY_CONVERSATION || v == SCHEMA_SEALED_BY_CONVERSATION {
+                        migrate = true;
+                        let to = if cipher.is_sealed() {
+                            SCHEMA_SEALED
+                        } else {
+                            SCHEMA_CLEAR
+                        };
+                        meta.insert(SCHEMA_VERSION_KEY, to).ctx(&path)?;
+                    }
+                    cipher
+                }
             }
         };
-        if fresh || !complete {
+        if migrate {
+            let start = std::time::Instant::now();
+            tracing::info!(path = %path.display(), "moving the history to storage order, once");
+            let rows = migrate_by_conversation(&txn, &path)?;
+            tracing::info!(rows, took = ?start.elapsed(), "history moved to storage order");
+        }
+        if fresh || !complete || migrate {
             // Create every table so read transactions can always open them.
-            txn.open_table(MESSAGES).ctx(&path)?;
+            txn.open_table(HISTORY).ctx(&path)?;
+            txn.open_table(CONVERSATIONS).ctx(&path)?;
             txn.open_table(MESSAGE_IDS).ctx(&path)?;
             txn.open_table(OUTBOX).ctx(&path)?;
             txn.open_table(CONTACTS).ctx(&path)?;
@@ -977,8 +1027,8 @@ impl Store {
         let plain = self
             .cipher
             .open(key, value)
-            .map_err(|e| self.corrupt("messages", e))?;
-        let rec: MessageRecord = self.decode("messages", &plain)?;
+            .map_err(|e| self.corrupt(HISTORY.name(), e))?;
+        let rec: MessageRecord = self.decode(HISTORY.name(), &plain)?;
         if let Some(seal) = seal {
             self.opened.insert(*key, seal, rec.clone(), plain.len());
         }
@@ -1000,7 +1050,7 @@ impl Store {
         key: &MessageKey,
         rec: &R,
     ) -> Result<Vec<u8>, StoreError> {
-        Ok(self.cipher.seal(key, to_bytes("messages", rec)?))
+        Ok(self.cipher.seal(key, to_bytes(HISTORY.name(), rec)?))
     }
 
     /// The NodeId in a key: `known` when it is those bytes (a range scan of one peer
@@ -1017,17 +1067,74 @@ impl Store {
         }
     }
 
+    /// The [`tables::HISTORY`] row `(at, id)`, decoded, if there is one.
+    fn read_row(
+        &self,
+        history: &impl ReadableTable<RowKeyRef, RowValueRef>,
+        (at, id): RowKey,
+    ) -> Result<Option<Row>, StoreError> {
+        let Some(guard) = history.get((at, &id)).ctx(&self.path)? else {
+            return Ok(None);
+        };
+        let (peer, prev, value) = guard.value();
+        let key = (*peer, at, id);
+        let prev = prev.map(owned_row_key);
+        if prev.is_some_and(|p| p >= (at, id)) {
+            return Err(self.corrupt(HISTORY.name(), RecordError::BrokenLink(MessageId(id))));
+        }
+        let rec = self.decode_message(&key, value)?;
+        Ok(Some(Row { key, prev, rec }))
+    }
+
+    /// The row of message `(peer, at, id)`, which an entry of table `index` says is
+    /// there.
+    fn indexed_row(
+        &self,
+        history: &impl ReadableTable<RowKeyRef, RowValueRef>,
+        index: &'static str,
+        (peer, at, id): MessageKey,
+    ) -> Result<Row, StoreError> {
+        match self.read_row(history, (at, id))? {
+            Some(row) if row.key.0 == peer => Ok(row),
+            _ => Err(self.corrupt(index, RecordError::DanglingIndex(MessageId(id)))),
+        }
+    }
+
+    /// The rows of the conversation with `peer`, newest first, from row `from` on down
+    /// the links. Each link must point to an older row of the same conversation, so a
+    /// walk always ends.
+    fn walk<'h>(
+        &'h self,
+        history: &'h impl ReadableTable<RowKeyRef, RowValueRef>,
+        peer: [u8; 32],
+        from: Option<RowKey>,
+    ) -> impl Iterator<Item = Result<Row, StoreError>> + 'h {
+        let mut next = from;
+        std::iter::from_fn(move || {
+            let key = next.take()?;
+            let row = match self.read_row(history, key) {
+                Ok(Some(row)) if row.key.0 == peer => row,
+                Ok(_) => {
+                    let broken = RecordError::BrokenLink(MessageId(key.1));
+                    return Some(Err(self.corrupt(HISTORY.name(), broken)));
+                }
+                Err(e) => return Some(Err(e)),
+            };
+            next = row.prev;
+            Some(Ok(row))
+        })
+    }
+
     /// A history row as a message. An outgoing message whose row still says `Queued`
     /// is delivered once it has left the outbox (see [`Store::mark_delivered`]), so
     /// `outbox` is consulted for those.
     fn message_from_row(
         &self,
-        key: MessageKey,
-        value: &[u8],
+        row: Row,
         known: Option<&NodeId>,
         outbox: &impl ReadableTable<OutboxKeyRef, &'static [u8]>,
     ) -> Result<StoredMessage, StoreError> {
-        let mut rec = self.decode_message(&key, value)?;
+        let Row { key, mut rec, .. } = row;
         let (peer, stored_at_ms, id) = key;
         if rec.direction == Direction::Outgoing
             && rec.status == MessageStatus::Queued
@@ -1037,7 +1144,7 @@ impl Store {
         }
         Ok(StoredMessage {
             id: MessageId(id),
-            peer: self.key_node_id("messages", &peer, known)?,
+            peer: self.key_node_id(HISTORY.name(), &peer, known)?,
             direction: rec.direction,
             sent_at_ms: rec.sent_at_ms,
             stored_at_ms,
@@ -1051,16 +1158,13 @@ impl Store {
         key: (&[u8; 32], &[u8; 16]),
         value: &[u8],
         known: Option<&NodeId>,
-        messages: &impl ReadableTable<MessageKeyRef, &'static [u8]>,
+        history: &impl ReadableTable<RowKeyRef, RowValueRef>,
     ) -> Result<OutboxEntry, StoreError> {
         let rec: OutboxRecord = self.decode("outbox", value)?;
         let id = MessageId(*key.1);
-        let row_key = (*key.0, rec.created_ms, *key.1);
-        let row = messages
-            .get((key.0, rec.created_ms, key.1))
-            .ctx(&self.path)?
-            .ok_or_else(|| self.corrupt("outbox", RecordError::DanglingIndex(id)))?;
-        let msg = self.decode_message(&row_key, row.value())?;
+        let msg = self
+            .indexed_row(history, "outbox", (*key.0, rec.created_ms, *key.1))?
+            .rec;
         Ok(OutboxEntry {
             to: self.key_node_id("outbox", key.0, known)?,
             message: ChatMessage {
@@ -1082,28 +1186,49 @@ impl Store {
         txn: &'t WriteTransaction,
     ) -> Result<MessageTables<'t>, StoreError> {
         Ok(MessageTables {
-            messages: txn.open_table(MESSAGES).ctx(&self.path)?,
+            history: txn.open_table(HISTORY).ctx(&self.path)?,
+            conversations: txn.open_table(CONVERSATIONS).ctx(&self.path)?,
             ids: txn.open_table(MESSAGE_IDS).ctx(&self.path)?,
             outbox: txn.open_table(OUTBOX).ctx(&self.path)?,
+            heads: HashMap::new(),
         })
     }
 
-    /// Finds the row of message `id`: its key and record.
-    fn find_in(
+    /// The newest row of the conversation with `peer`, as of this transaction.
+    fn head_in(
         &self,
-        t: &MessageTables<'_>,
-        id: &MessageId,
-    ) -> Result<Option<(MessageKey, MessageRecord)>, StoreError> {
+        t: &mut MessageTables<'_>,
+        peer: &[u8; 32],
+    ) -> Result<Option<RowKey>, StoreError> {
+        if let Some((head, _)) = t.heads.get(peer) {
+            return Ok(*head);
+        }
+        let head = t
+            .conversations
+            .get(peer)
+            .ctx(&self.path)?
+            .map(|g| owned_row_key(g.value()));
+        t.heads.insert(*peer, (head, false));
+        Ok(head)
+    }
+
+    /// Writes the conversation heads a batch moved.
+    fn save_heads(&self, t: &mut MessageTables<'_>) -> Result<(), StoreError> {
+        for (peer, (head, moved)) in &t.heads {
+            if let (Some((at, id)), true) = (head, moved) {
+                t.conversations.insert(peer, (*at, id)).ctx(&self.path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds the row of message `id`.
+    fn find_in(&self, t: &MessageTables<'_>, id: &MessageId) -> Result<Option<Row>, StoreError> {
         let Some((peer, at)) = t.ids.get(&id.0).ctx(&self.path)?.map(|g| g.value()) else {
             return Ok(None);
         };
-        let key = (peer, at, id.0);
-        let value = t.messages.get(row_key(&key)).ctx(&self.path)?;
-        let Some(value) = value else {
-            return Err(self.corrupt("message_ids", RecordError::DanglingIndex(*id)));
-        };
-        let rec = self.decode_message(&key, value.value())?;
-        Ok(Some((key, rec)))
+        self.indexed_row(&t.history, MESSAGE_IDS.name(), (peer, at, id.0))
+            .map(Some)
     }
 
     /// Inserts one message row and its index entry unless the id is taken. With
@@ -1118,7 +1243,9 @@ impl Store {
         now_ms: u64,
     ) -> Result<Inserted, StoreError> {
         msg.validate()?;
-        let key = (*peer.as_bytes(), now_ms, msg.id.0);
+        let p = *peer.as_bytes();
+        let head = self.head_in(t, &p)?;
+        let key = (p, row_time(now_ms, &msg.id.0, head), msg.id.0);
         let rec = MessageRecordRef {
             direction,
             sent_at_ms: msg.sent_at_ms,
@@ -1136,7 +1263,7 @@ impl Store {
                 &OutboxRecord {
                     attempts: 0,
                     next_attempt_ms: now_ms,
-                    created_ms: now_ms,
+                    created_ms: key.1,
                     mailbox_deposited: false,
                 },
             )?),
@@ -1150,23 +1277,20 @@ impl Store {
             .map(|g| g.value());
         if let Some(old) = taken {
             t.ids.insert(&msg.id.0, old).ctx(&self.path)?;
-            let old_key = (old.0, old.1, msg.id.0);
-            let existing = t
-                .messages
-                .get(row_key(&old_key))
-                .ctx(&self.path)?
-                .ok_or_else(|| self.corrupt("message_ids", RecordError::DanglingIndex(msg.id)))?;
-            let existing = self.decode_message(&old_key, existing.value())?;
-            let same = old.0 == key.0 && existing.direction == direction;
+            let existing =
+                self.indexed_row(&t.history, MESSAGE_IDS.name(), (old.0, old.1, msg.id.0))?;
+            let same = old.0 == key.0 && existing.rec.direction == direction;
             return Ok(if same {
                 Inserted::Duplicate
             } else {
                 Inserted::Conflict
             });
         }
-        t.messages
-            .insert(row_key(&key), row.as_slice())
+        let prev = head.as_ref().map(|(at, id)| (*at, id));
+        t.history
+            .insert(row_key(&key), (&p, prev, row.as_slice()))
             .ctx(&self.path)?;
+        t.heads.insert(p, (Some((key.1, key.2)), true));
         if let Some(queued) = queued {
             t.outbox
                 .insert((&key.0, &msg.id.0), queued.as_slice())
@@ -1193,15 +1317,15 @@ impl Store {
                 return Ok(MarkOutcome::Updated);
             }
             return Ok(match self.find_in(t, id)? {
-                Some((key, rec))
-                    if key.0 == *queued_key.0 && rec.direction == Direction::Outgoing =>
+                Some(row)
+                    if row.key.0 == *queued_key.0 && row.rec.direction == Direction::Outgoing =>
                 {
                     MarkOutcome::Unchanged
                 }
                 _ => MarkOutcome::Unknown,
             });
         }
-        let Some((key, mut rec)) = self.find_in(t, id)? else {
+        let Some(Row { key, prev, mut rec }) = self.find_in(t, id)? else {
             return Ok(MarkOutcome::Unknown);
         };
         if key.0 != *queued_key.0 || rec.direction != Direction::Outgoing {
@@ -1214,8 +1338,9 @@ impl Store {
         rec.status = status;
         let row = self.encode_message(&key, &rec)?;
         t.outbox.remove(queued_key).ctx(&self.path)?;
-        t.messages
-            .insert(row_key(&key), row.as_slice())
+        let prev = prev.as_ref().map(|(at, id)| (*at, id));
+        t.history
+            .insert(row_key(&key), (&key.0, prev, row.as_slice()))
             .ctx(&self.path)?;
         Ok(MarkOutcome::Updated)
     }
@@ -1263,6 +1388,7 @@ impl Store {
                     Err(e) => out.push(Err(e)),
                 }
             }
+            self.save_heads(&mut t)?;
         }
         if changed {
             txn.commit().ctx(&self.path)?;
@@ -1388,13 +1514,13 @@ impl Store {
         let db = self.db()?;
         let txn = db.begin_read().ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
-        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        let history = txn.open_table(HISTORY).ctx(&self.path)?;
         let mut out: Vec<OutboxEntry> = Vec::new();
         for row in outbox.iter().ctx(&self.path)? {
             let (k, v) = row.ctx(&self.path)?;
             // Rows are sorted by recipient: reuse the previous row's checked NodeId.
             let known = out.last().map(|e| e.to);
-            out.push(self.outbox_from_row(k.value(), v.value(), known.as_ref(), &messages)?);
+            out.push(self.outbox_from_row(k.value(), v.value(), known.as_ref(), &history)?);
         }
         Ok(out)
     }
@@ -1404,7 +1530,7 @@ impl Store {
         let db = self.db()?;
         let txn = db.begin_read().ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
-        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        let history = txn.open_table(HISTORY).ctx(&self.path)?;
         let p = *peer.as_bytes();
         let mut out = Vec::new();
         for row in outbox
@@ -1412,7 +1538,7 @@ impl Store {
             .ctx(&self.path)?
         {
             let (k, v) = row.ctx(&self.path)?;
-            out.push(self.outbox_from_row(k.value(), v.value(), Some(peer), &messages)?);
+            out.push(self.outbox_from_row(k.value(), v.value(), Some(peer), &history)?);
         }
         out.sort_by_key(|e| (e.created_ms, e.message.sent_at_ms));
         Ok(out)
@@ -1426,18 +1552,10 @@ impl Store {
         let Some((peer, at)) = ids.get(&id.0).ctx(&self.path)?.map(|g| g.value()) else {
             return Ok(None);
         };
-        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        let history = txn.open_table(HISTORY).ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
-        let key = (peer, at, id.0);
-        match messages.get(row_key(&key)).ctx(&self.path)? {
-            Some(v) => Ok(Some(self.message_from_row(
-                key,
-                v.value(),
-                None,
-                &outbox,
-            )?)),
-            None => Err(self.corrupt("message_ids", RecordError::DanglingIndex(*id))),
-        }
+        let row = self.indexed_row(&history, MESSAGE_IDS.name(), (peer, at, id.0))?;
+        self.message_from_row(row, None, &outbox).map(Some)
     }
 
     /// The last `limit` messages of the conversation with `peer`, in chronological order.
@@ -1456,62 +1574,61 @@ impl Store {
         }
         let db = self.db()?;
         let txn = db.begin_read().ctx(&self.path)?;
-        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        let history = txn.open_table(HISTORY).ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
         let p = *peer.as_bytes();
-        let range = match before {
-            Some((at, id)) => messages.range(row_key(&first_key(p))..(&p, at, &id.0)),
-            None => messages.range(row_key(&first_key(p))..=row_key(&last_key(p))),
-        }
-        .ctx(&self.path)?;
+        let head = || -> Result<Option<RowKey>, StoreError> {
+            let conversations = txn.open_table(CONVERSATIONS).ctx(&self.path)?;
+            let head = conversations.get(&p).ctx(&self.path)?;
+            Ok(head.map(|g| owned_row_key(g.value())))
+        };
+        let mut skip = None;
+        let from = match before {
+            None => head()?,
+            Some((at, id)) => match self.read_row(&history, (at, id.0))? {
+                // The cursor's own row: the page starts at the row before it.
+                Some(row) if row.key.0 == p => row.prev,
+                // A cursor that names no row of this conversation: from the newest row,
+                // passing over those not older than it.
+                _ => {
+                    skip = Some((at, id.0));
+                    head()?
+                }
+            },
+        };
         let mut out = Vec::new();
-        for row in range.rev().take(limit) {
-            let (k, v) = row.ctx(&self.path)?;
-            out.push(self.message_from_row(
-                owned_key(k.value()),
-                v.value(),
-                Some(peer),
-                &outbox,
-            )?);
+        for row in self.walk(&history, p, from) {
+            let row = row?;
+            if skip.is_some_and(|cursor| (row.key.1, row.key.2) >= cursor) {
+                continue;
+            }
+            out.push(self.message_from_row(row, Some(peer), &outbox)?);
+            if out.len() == limit {
+                break;
+            }
         }
         out.reverse();
         Ok(out)
     }
 
-    /// Every conversation with its latest message, most recently active first.
-    ///
-    /// Walks the distinct peers of the message table by seeking, so it costs one lookup
-    /// per conversation, not one per message.
+    /// Every conversation with its latest message, most recently active first: one read
+    /// of [`tables::CONVERSATIONS`] and one row per conversation.
     pub fn conversations(&self) -> Result<Vec<ConversationSummary>, StoreError> {
         let db = self.db()?;
         let txn = db.begin_read().ctx(&self.path)?;
-        let messages = txn.open_table(MESSAGES).ctx(&self.path)?;
+        let conversations = txn.open_table(CONVERSATIONS).ctx(&self.path)?;
+        let history = txn.open_table(HISTORY).ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
         let mut out = Vec::new();
-        let mut from = Some([0u8; 32]);
-        while let Some(start) = from {
-            let last = messages
-                .range(row_key(&first_key(start))..)
-                .ctx(&self.path)?
-                .next()
-                .transpose()
-                .ctx(&self.path)?;
-            let Some((k, _)) = last else { break };
-            let peer = *k.value().0;
-            let newest = messages
-                .range(row_key(&first_key(peer))..=row_key(&last_key(peer)))
-                .ctx(&self.path)?
-                .next_back()
-                .transpose()
-                .ctx(&self.path)?;
-            if let Some((k, v)) = newest {
-                let last = self.message_from_row(owned_key(k.value()), v.value(), None, &outbox)?;
-                out.push(ConversationSummary {
-                    peer: last.peer,
-                    last,
-                });
-            }
-            from = next_peer(peer);
+        for entry in conversations.iter().ctx(&self.path)? {
+            let (peer, newest) = entry.ctx(&self.path)?;
+            let (at, id) = newest.value();
+            let row = self.indexed_row(&history, CONVERSATIONS.name(), (*peer.value(), at, *id))?;
+            let last = self.message_from_row(row, None, &outbox)?;
+            out.push(ConversationSummary {
+                peer: last.peer,
+                last,
+            });
         }
         out.sort_by(|a, b| {
             b.last
@@ -1619,6 +1736,40 @@ impl Store {
 
 /// Where a copy is prepared before it replaces the database at `path` (an encrypted
 /// rewrite, an imported history). A leftover one is removed when the database is opened.
+/// Moves the history of a schema 1 or 2 database (a `messages` table in conversation
+/// order) into [`tables::HISTORY`] and [`tables::CONVERSATIONS`], within the caller's
+/// transaction; the values move as they are (a sealed value stays bound to the same
+/// [`MessageKey`]). Returns the number of messages.
+fn migrate_by_conversation(txn: &WriteTransaction, path: &Path) -> Result<u64, StoreError> {
+    let mut rows = 0u64;
+    {
+        let old = txn.open_table(MESSAGES_BY_CONVERSATION).ctx(path)?;
+        let mut history = txn.open_table(HISTORY).ctx(path)?;
+        let mut conversations = txn.open_table(CONVERSATIONS).ctx(path)?;
+        let mut newest: Option<([u8; 32], RowKey)> = None;
+        for row in old.iter().ctx(path)? {
+            let (k, v) = row.ctx(path)?;
+            let (peer, at, id) = k.value();
+            // Rows come in key order: a conversation at a time, oldest first.
+            let prev = match newest {
+                Some((p, key)) if p == *peer => Some(key),
+                _ => None,
+            };
+            history
+                .insert(
+                    (at, id),
+                    (peer, prev.as_ref().map(|(a, i)| (*a, i)), v.value()),
+                )
+                .ctx(path)?;
+            conversations.insert(peer, (at, id)).ctx(path)?;
+            newest = Some((*peer, (at, *id)));
+            rows += 1;
+        }
+    }
+    txn.delete_table(MESSAGES_BY_CONVERSATION).ctx(path)?;
+    Ok(rows)
+}
+
 pub(crate) fn rewrite_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".rewrite");

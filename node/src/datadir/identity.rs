@@ -19,7 +19,7 @@
 //! key_len  4  little-endian, at most 1024
 //! key      a key file (`p2p_crypto::keyfile`), sealed with the export passphrase
 //! hist_len 8  little-endian; 0 when the history was not exported
-//! history  an encrypted node database (schema 2): every message sealed under the
+//! history  an encrypted node database (schema 4): every message sealed under the
 //!          history key of the identity above
 //! sum     32  SHA-256 of everything before it
 //! ```

@@ -1,17 +1,18 @@
 //! Message rows at rest: clear, or sealed under the history key.
 //!
-//! In a clear database (schema 1) a [`super::tables::MESSAGES`] value is the postcard
-//! `MessageRecord`. In an encrypted database (schema 2) it is
+//! In a clear database (schema 1 and 3) the record of a message row
+//! ([`super::tables::HISTORY`]) is the postcard `MessageRecord`. In an encrypted database
+//! (schema 2 and 4) it is
 //!
 //! ```text
 //! format 1 = 0x01 | nonce (24) | XChaCha20-Poly1305 ciphertext of the postcard record | tag (16)
 //! associated data = "p2p-node/v1/message" | peer (32) | stored_at_ms (8, big-endian) | id (16)
 //! ```
 //!
-//! under [`HistoryKey`] (`p2p_crypto::history`). The associated data is the row's key, so
-//! a value moved to another row (another conversation, time or id) does not decrypt.
-//! The key itself stays clear: range scans by conversation and time, and the message-id
-//! index, work as in a clear database.
+//! under [`HistoryKey`] (`p2p_crypto::history`). The associated data is the message's key
+//! ([`MessageKey`]: peer, time, id), so a record moved to another row (another
+//! conversation, time or id) does not decrypt. Keys, peers and links stay clear: walking a
+//! conversation and the message-id index work as in a clear database.
 
 use std::ops::Deref;
 

@@ -9,19 +9,29 @@ use redb::TableDefinition;
 
 /// The newest schema version this build reads and writes.
 ///
-/// - 1: every value in clear.
-/// - 2: the same tables, [`MESSAGES`] values sealed under the history key
+/// - 1: every value in clear, messages in a `messages` table keyed by conversation.
+/// - 2: schema 1 with the message values sealed under the history key
 ///   (`store/cipher.rs`), and [`HISTORY_KEY_CHECK_KEY`] in [`META`].
+/// - 3: schema 1 with the messages in storage order ([`HISTORY`]), each row linked to
+///   the one before it in its conversation, and [`CONVERSATIONS`] naming the newest row
+///   of each conversation.
+/// - 4: schema 3 sealed as schema 2 is.
 ///
-/// A clear database stays at version 1, so an older build still opens it; it refuses an
-/// encrypted one as newer instead of misreading it.
+/// `Store::open` moves a database of schema 1 or 2 to 3 or 4, in one transaction. A
+/// build older than schema 3 refuses the result as newer instead of misreading it.
 pub const SCHEMA_VERSION: u64 = SCHEMA_SEALED;
 
 /// Schema of a clear database.
-pub const SCHEMA_CLEAR: u64 = 1;
+pub const SCHEMA_CLEAR: u64 = 3;
 
 /// Schema of an encrypted database.
-pub const SCHEMA_SEALED: u64 = 2;
+pub const SCHEMA_SEALED: u64 = 4;
+
+/// Schema 1: clear, messages by conversation.
+pub const SCHEMA_CLEAR_BY_CONVERSATION: u64 = 1;
+
+/// Schema 2: sealed, messages by conversation.
+pub const SCHEMA_SEALED_BY_CONVERSATION: u64 = 2;
 
 /// The oldest schema version this build can open (migrating it forward).
 pub const MIN_SCHEMA_VERSION: u64 = 1;
@@ -42,39 +52,51 @@ pub const WRITE_CHECK_KEY: &str = "write_check_ms";
 /// encrypted, [`HISTORY_KEY_CHECK_KEY`]; [`WRITE_CHECK_KEY`] once a write was checked.
 pub const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 
-/// Key of a message row: `(peer NodeId bytes, stored_at_ms, message id)`.
-///
-/// Sorting by peer first makes one conversation a contiguous range, and by local storage
-/// time then id inside it makes "the last N" a reverse range scan.
+/// The logical key of a message: `(peer NodeId bytes, stored_at_ms, message id)`. Within
+/// one conversation, messages are ordered by it; a sealed value is bound to it.
 pub type MessageKey = ([u8; 32], u64, [u8; 16]);
 
-/// [`MessageKey`] as the [`MESSAGES`] table is typed: its byte arrays borrowed. redb
-/// compares a `&[u8; N]` with one `memcmp` and a `[u8; N]` byte by byte, through a call
-/// per byte; both have the type name `[u8;N]` and the same bytes on disk, so a file
-/// written with either opens with the other.
-pub type MessageKeyRef = (&'static [u8; 32], u64, &'static [u8; 16]);
+/// Key of a [`HISTORY`] row: `(stored_at_ms, message id)`, the [`MessageKey`] without
+/// its peer. redb compares a `&[u8; N]` with one `memcmp` and a `[u8; N]` byte by byte,
+/// through a call per byte; both have the type name `[u8;N]` and the same bytes on disk.
+pub type RowKeyRef = (u64, &'static [u8; 16]);
+
+/// Value of a [`HISTORY`] row: `(peer, the previous row of the conversation, record)`.
+pub type RowValueRef = (&'static [u8; 32], Option<RowKeyRef>, &'static [u8]);
 
 /// Key of an [`OUTBOX`] row: `(recipient NodeId bytes, message id)`, borrowed like
-/// [`MessageKeyRef`].
+/// [`RowKeyRef`].
 pub type OutboxKeyRef = (&'static [u8; 32], &'static [u8; 16]);
 
-/// The key of a message row as its table takes it.
-pub fn row_key(key: &MessageKey) -> (&[u8; 32], u64, &[u8; 16]) {
-    (&key.0, key.1, &key.2)
+/// The [`HISTORY`] key of a message.
+pub fn row_key(key: &MessageKey) -> (u64, &[u8; 16]) {
+    (key.1, &key.2)
 }
 
-/// The key of a message row as read from its table, copied out.
-pub fn owned_key((peer, at, id): (&[u8; 32], u64, &[u8; 16])) -> MessageKey {
-    (*peer, at, *id)
-}
+/// History, in storage order: `(stored_at_ms, id) -> (peer, previous row of the same
+/// conversation, postcard MessageRecord)`, the record sealed in an encrypted database.
+///
+/// A batch of messages to many conversations appends to the end of this table, so a
+/// commit rewrites a few pages however many conversations it touches. A conversation is
+/// read newest first by following the links from its row in [`CONVERSATIONS`]; each link
+/// points to a strictly smaller key, so a walk always ends.
+pub const HISTORY: TableDefinition<'static, RowKeyRef, RowValueRef> =
+    TableDefinition::new("history");
 
-/// History: [`MessageKey`] -> postcard `MessageRecord` (direction, sender's timestamp,
-/// body, status), sealed in an encrypted database.
-pub const MESSAGES: TableDefinition<'static, MessageKeyRef, &[u8]> =
+/// Conversations: `peer -> (stored_at_ms, id)`, the [`HISTORY`] key of its newest message.
+pub const CONVERSATIONS: TableDefinition<'static, &'static [u8; 32], RowKeyRef> =
+    TableDefinition::new("conversations");
+
+/// Key of a schema 1 or 2 history row: a [`MessageKey`], its byte arrays borrowed.
+pub type ConversationKeyRef = (&'static [u8; 32], u64, &'static [u8; 16]);
+
+/// Schema 1 and 2 history, read only to migrate: `(peer, stored_at_ms, id) -> record`.
+pub const MESSAGES_BY_CONVERSATION: TableDefinition<'static, ConversationKeyRef, &[u8]> =
     TableDefinition::new("messages");
 
 /// Message-id index: `id -> (peer, stored_at_ms)`, the rest of its [`MessageKey`]. Used to
-/// deduplicate by id and to find a message for a status update.
+/// deduplicate by id and to find a message for a status update. Ids start with their
+/// creation time, so this table grows at its end too.
 pub const MESSAGE_IDS: TableDefinition<'static, &'static [u8; 16], ([u8; 32], u64)> =
     TableDefinition::new("message_ids");
 

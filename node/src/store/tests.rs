@@ -159,6 +159,41 @@ fn batch_insert_dedups_within_and_across() {
 }
 
 #[test]
+fn a_batch_links_every_row_of_each_conversation_in_order() {
+    let (_d, path, store) = setup();
+    let (alice, bob) = (peer(), peer());
+    let texts_of =
+        |n: &str, count: usize| -> Vec<String> { (0..count).map(|i| format!("{n}{i}")).collect() };
+    let (a, b) = (texts_of("a", 6), texts_of("b", 6));
+    // Two batches, each interleaving the conversations, several rows of each per batch.
+    for half in [0..3, 3..6] {
+        let batch: Vec<WriteOp> = half
+            .flat_map(|i| {
+                [
+                    incoming(alice, &msg(&a[i], 1), 10 + 2 * i as u64),
+                    incoming(bob, &msg(&b[i], 1), 11 + 2 * i as u64),
+                ]
+            })
+            .collect();
+        let res = outcomes(store.write_batch(&batch).unwrap());
+        assert!(res
+            .iter()
+            .all(|o| *o == WriteOutcome::Inserted(Inserted::New)));
+    }
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    assert_eq!(texts(&store.history(&alice, 10, None).unwrap()), a);
+    assert_eq!(texts(&store.history(&bob, 10, None).unwrap()), b);
+    let newest: Vec<_> = store
+        .conversations()
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.peer, c.last.body.as_text().unwrap().to_owned()))
+        .collect();
+    assert_eq!(newest, [(bob, "b5".to_owned()), (alice, "a5".to_owned())]);
+}
+
+#[test]
 fn a_batch_mixes_inserts_and_marks_and_isolates_bad_writes() {
     let (_d, path, store) = setup();
     let alice = peer();
@@ -236,8 +271,10 @@ fn history_last_n_in_order_with_pagination() {
         store
             .insert_outgoing(&bob, &msg(&format!("b{i}"), i), i * 10 + 1)
             .unwrap();
+        if i == 5 {
+            store.insert_outgoing(&alice, &msg("a-out", 0), 55).unwrap();
+        }
     }
-    store.insert_outgoing(&alice, &msg("a-out", 0), 55).unwrap();
 
     let page = store.history(&alice, 3, None).unwrap();
     assert_eq!(texts(&page), ["a8", "a9", "a10"]);
@@ -282,7 +319,8 @@ fn pagination_over_equal_timestamps() {
         ids.push(m.id);
         store.insert_incoming(&alice, &m, 42).unwrap();
     }
-    ids.sort();
+    // Rows stored in the same millisecond read in the order they were written (one whose
+    // id would sort before the newest row's is stored a millisecond later).
     let mut seen = Vec::new();
     let mut before = None;
     loop {
@@ -508,13 +546,62 @@ fn conversations_summarize_latest_first() {
 }
 
 #[test]
-fn next_peer_walks_lexicographically() {
-    assert_eq!(next_peer([0; 32]).unwrap()[31], 1);
-    let mut p = [0u8; 32];
-    p[31] = 0xff;
-    let n = next_peer(p).unwrap();
-    assert_eq!((n[30], n[31]), (1, 0));
-    assert_eq!(next_peer([0xff; 32]), None);
+fn a_row_is_never_stored_before_the_newest_of_its_conversation() {
+    let (lo, hi) = ([1u8; 16], [2u8; 16]);
+    assert_eq!(row_time(7, &lo, None), 7);
+    assert_eq!(row_time(7, &lo, Some((5, hi))), 7);
+    assert_eq!(row_time(5, &hi, Some((5, lo))), 5);
+    assert_eq!(row_time(5, &lo, Some((5, hi))), 6);
+    assert_eq!(row_time(5, &lo, Some((5, lo))), 6);
+    assert_eq!(row_time(3, &hi, Some((5, lo))), 5);
+    assert_eq!(row_time(3, &lo, Some((5, hi))), 6);
+}
+
+#[test]
+fn a_clock_that_goes_back_does_not_reorder_a_conversation() {
+    let (_d, _p, store) = setup();
+    let (alice, bob) = (peer(), peer());
+    store
+        .insert_incoming(&alice, &msg("first", 1), 1_000)
+        .unwrap();
+    store.insert_incoming(&bob, &msg("bob's", 1), 500).unwrap();
+    // The clock went back by 900 ms.
+    let second = msg("second", 2);
+    store.insert_incoming(&alice, &second, 100).unwrap();
+    store
+        .insert_outgoing(&alice, &msg("third", 3), 100)
+        .unwrap();
+    let page = store.history(&alice, 10, None).unwrap();
+    assert_eq!(texts(&page), ["first", "second", "third"]);
+    assert!(page.windows(2).all(|w| w[0].cursor() < w[1].cursor()));
+    assert!(page[1].stored_at_ms >= 1_000);
+    assert_eq!(store.message(&second.id).unwrap().unwrap(), page[1]);
+    // The outbox finds the row of the message it holds.
+    assert_eq!(texts(&store.history(&bob, 10, None).unwrap()), ["bob's"]);
+    let queued = store.outbox_for(&alice).unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].created_ms, page[2].stored_at_ms);
+    // Paging back from any cursor.
+    let before = store.history(&alice, 10, Some(page[2].cursor())).unwrap();
+    assert_eq!(texts(&before), ["first", "second"]);
+    let none = store.history(&alice, 10, Some(page[0].cursor())).unwrap();
+    assert!(none.is_empty());
+}
+
+#[test]
+fn a_cursor_of_no_stored_row_pages_from_the_rows_older_than_it() {
+    let (_d, _p, store) = setup();
+    let alice = peer();
+    for (i, t) in ["a", "b", "c", "d"].iter().enumerate() {
+        store
+            .insert_incoming(&alice, &msg(t, 1), 10 * (i as u64 + 1))
+            .unwrap();
+    }
+    let page = |cursor| texts(&store.history(&alice, 2, Some(cursor)).unwrap()).join("");
+    // Between "b" (20) and "c" (30); after everything; before everything.
+    assert_eq!(page((25, MessageId([0; 16]))), "ab");
+    assert_eq!(page((u64::MAX, MessageId([0xff; 16]))), "cd");
+    assert_eq!(page((0, MessageId([0; 16]))), "");
 }
 
 #[test]
@@ -680,9 +767,20 @@ fn corrupt_values_are_typed_errors() {
         let db = Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
         {
-            let mut t = txn.open_table(MESSAGES).unwrap();
-            t.insert((alice.as_bytes(), 1, &m.id.0), &[0xffu8, 0xff, 0xff][..])
-                .unwrap();
+            let mut t = txn.open_table(HISTORY).unwrap();
+            let link = t
+                .get((1, &m.id.0))
+                .unwrap()
+                .unwrap()
+                .value()
+                .1
+                .map(owned_row_key);
+            let link = link.as_ref().map(|(at, id)| (*at, id));
+            t.insert(
+                (1, &m.id.0),
+                (alice.as_bytes(), link, &[0xffu8, 0xff, 0xff][..]),
+            )
+            .unwrap();
             let mut o = txn.open_table(OUTBOX).unwrap();
             let mut keys: Vec<([u8; 32], [u8; 16])> = Vec::new();
             for row in o.iter().unwrap() {
@@ -705,12 +803,9 @@ fn corrupt_values_are_typed_errors() {
             "{e:?}"
         );
     };
-    is_corrupt(store.history(&alice, 10, None).unwrap_err(), "messages");
-    is_corrupt(store.message(&m.id).unwrap_err(), "messages");
-    is_corrupt(
-        store.insert_incoming(&alice, &m, 3).unwrap_err(),
-        "messages",
-    );
+    is_corrupt(store.history(&alice, 10, None).unwrap_err(), "history");
+    is_corrupt(store.message(&m.id).unwrap_err(), "history");
+    is_corrupt(store.insert_incoming(&alice, &m, 3).unwrap_err(), "history");
     is_corrupt(store.outbox().unwrap_err(), "outbox");
     is_corrupt(store.contact("alice").unwrap_err(), "contacts");
     is_corrupt(
@@ -738,12 +833,14 @@ fn invalid_node_id_in_key_is_a_typed_error() {
                 body: Body::Text("x".into()),
                 status: MessageStatus::Received,
             };
-            let mut t = txn.open_table(MESSAGES).unwrap();
+            let mut t = txn.open_table(HISTORY).unwrap();
             t.insert(
-                (&bad, 1, &[5; 16]),
-                to_bytes("messages", &rec).unwrap().as_slice(),
+                (1, &[5; 16]),
+                (&bad, None, to_bytes("history", &rec).unwrap().as_slice()),
             )
             .unwrap();
+            let mut c = txn.open_table(CONVERSATIONS).unwrap();
+            c.insert(&bad, (1, &[5; 16])).unwrap();
         }
         txn.commit().unwrap();
     }
@@ -993,13 +1090,13 @@ fn a_sealed_row_moved_to_another_key_does_not_decrypt() {
         let db = Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
         {
-            let mut t = txn.open_table(MESSAGES).unwrap();
+            let mut t = txn.open_table(HISTORY).unwrap();
             let a = (*alice.as_bytes(), 1, m.id.0);
             let b = (*mallory.as_bytes(), 2, other.id.0);
-            let va = t.get(row_key(&a)).unwrap().unwrap().value().to_vec();
-            let vb = t.get(row_key(&b)).unwrap().unwrap().value().to_vec();
-            t.insert(row_key(&a), vb.as_slice()).unwrap();
-            t.insert(row_key(&b), va.as_slice()).unwrap();
+            let va = t.get(row_key(&a)).unwrap().unwrap().value().2.to_vec();
+            let vb = t.get(row_key(&b)).unwrap().unwrap().value().2.to_vec();
+            t.insert(row_key(&a), (&a.0, None, vb.as_slice())).unwrap();
+            t.insert(row_key(&b), (&b.0, None, va.as_slice())).unwrap();
         }
         txn.commit().unwrap();
     }
@@ -1035,8 +1132,8 @@ fn an_opened_row_is_read_again_only_while_its_stored_value_is_unchanged() {
     let value = {
         let db = store.db().unwrap();
         let txn = db.begin_read().unwrap();
-        let t = txn.open_table(MESSAGES).unwrap();
-        let v = t.get(row_key(&row)).unwrap().unwrap().value().to_vec();
+        let t = txn.open_table(HISTORY).unwrap();
+        let v = t.get(row_key(&row)).unwrap().unwrap().value().2.to_vec();
         v
     };
     let mut rec = store.decode_message(&row, &value).unwrap();
@@ -1045,9 +1142,9 @@ fn an_opened_row_is_read_again_only_while_its_stored_value_is_unchanged() {
     let write = |v: &[u8]| {
         let db = store.db().unwrap();
         let txn = db.begin_write().unwrap();
-        txn.open_table(MESSAGES)
+        txn.open_table(HISTORY)
             .unwrap()
-            .insert(row_key(&row), v)
+            .insert(row_key(&row), (&row.0, None, v))
             .unwrap();
         txn.commit().unwrap();
     };
@@ -1111,53 +1208,181 @@ fn a_record_written_from_a_borrowed_body_is_the_owned_record() {
     assert_eq!(back.status, MessageStatus::Queued);
 }
 
-#[test]
-fn files_written_with_owned_or_borrowed_array_keys_are_the_same() {
-    // The tables as typed with owned arrays: the same names, type names and bytes.
+/// Writes a database of schema 1 (clear) or 2 (sealed under `key`) by hand, as builds
+/// before schema 3 did: `rows` are `(peer, stored_at_ms, message, direction)`.
+fn write_by_conversation(
+    path: &Path,
+    key: Option<&HistoryKey>,
+    rows: &[(NodeId, u64, &ChatMessage, Direction)],
+) {
+    // As those builds typed them: arrays owned, the same bytes.
     const OLD_MESSAGES: redb::TableDefinition<'_, MessageKey, &[u8]> =
         redb::TableDefinition::new("messages");
     const OLD_IDS: redb::TableDefinition<'_, [u8; 16], ([u8; 32], u64)> =
         redb::TableDefinition::new("message_ids");
+    const OLD_OUTBOX: redb::TableDefinition<'_, ([u8; 32], [u8; 16]), &[u8]> =
+        redb::TableDefinition::new("outbox");
+    let cipher = match key {
+        Some(k) => RowCipher::Sealed(k.clone()),
+        None => RowCipher::Clear,
+    };
+    let db = Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut meta = txn.open_table(META).unwrap();
+        match key {
+            Some(k) => {
+                meta.insert(SCHEMA_VERSION_KEY, SCHEMA_SEALED_BY_CONVERSATION)
+                    .unwrap();
+                meta.insert(HISTORY_KEY_CHECK_KEY, k.check_value()).unwrap();
+            }
+            None => {
+                meta.insert(SCHEMA_VERSION_KEY, SCHEMA_CLEAR_BY_CONVERSATION)
+                    .unwrap();
+            }
+        }
+        let mut messages = txn.open_table(OLD_MESSAGES).unwrap();
+        let mut ids = txn.open_table(OLD_IDS).unwrap();
+        let mut outbox = txn.open_table(OLD_OUTBOX).unwrap();
+        for (peer, at, m, direction) in rows {
+            let row = (*peer.as_bytes(), *at, m.id.0);
+            let rec = MessageRecord {
+                direction: *direction,
+                sent_at_ms: m.sent_at_ms,
+                body: m.body.clone(),
+                status: match direction {
+                    Direction::Incoming => MessageStatus::Received,
+                    Direction::Outgoing => MessageStatus::Queued,
+                },
+            };
+            let value = cipher.seal(&row, to_bytes("messages", &rec).unwrap());
+            messages.insert(row, value.as_slice()).unwrap();
+            ids.insert(m.id.0, (row.0, row.1)).unwrap();
+            if *direction == Direction::Outgoing {
+                let queued = OutboxRecord {
+                    attempts: 0,
+                    next_attempt_ms: *at,
+                    created_ms: *at,
+                    mailbox_deposited: false,
+                };
+                let queued = to_bytes("outbox", &queued).unwrap();
+                outbox.insert((row.0, row.2), queued.as_slice()).unwrap();
+            }
+        }
+        txn.open_table(CONTACTS).unwrap();
+    }
+    txn.commit().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// The names of the tables of a database file, read with redb directly.
+fn table_names(path: &Path) -> Vec<String> {
+    let db = Database::create(path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let names = txn
+        .list_tables()
+        .unwrap()
+        .map(|t| t.name().to_owned())
+        .collect();
+    names
+}
+
+#[test]
+fn a_history_kept_by_conversation_opens_moved_to_storage_order() {
+    for sealed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let key = SecretKey::generate().history_key();
+        let (alice, bob) = (peer(), peer());
+        let (a1, a2, b1, a3) = (msg("a1", 1), msg("a2", 2), msg("b1", 3), msg("a3 out", 4));
+        write_by_conversation(
+            &path,
+            sealed.then_some(&key),
+            &[
+                (alice, 10, &a1, Direction::Incoming),
+                (bob, 15, &b1, Direction::Incoming),
+                (alice, 20, &a2, Direction::Incoming),
+                (alice, 30, &a3, Direction::Outgoing),
+            ],
+        );
+        let store = match sealed {
+            true => Store::open_with_key(&path, key.clone(), true).unwrap(),
+            false => Store::open(&path).unwrap(),
+        };
+        assert_eq!(store.is_encrypted(), sealed);
+        let history = store.history(&alice, 10, None).unwrap();
+        assert_eq!(texts(&history), ["a1", "a2", "a3 out"]);
+        assert_eq!(
+            history.iter().map(|m| m.stored_at_ms).collect::<Vec<_>>(),
+            [10, 20, 30]
+        );
+        assert_eq!(history[2].status, MessageStatus::Queued);
+        assert_eq!(texts(&store.history(&bob, 10, None).unwrap()), ["b1"]);
+        assert_eq!(store.message_count().unwrap(), 4);
+        assert_eq!(store.message(&b1.id).unwrap().unwrap().stored_at_ms, 15);
+        let conv = store.conversations().unwrap();
+        assert_eq!(
+            conv.iter().map(|c| (c.peer, c.last.id)).collect::<Vec<_>>(),
+            [(alice, a3.id), (bob, b1.id)]
+        );
+        assert_eq!(store.outbox_for(&alice).unwrap()[0].message, a3);
+        // Deduplication still knows every moved id, and new rows link to the moved ones.
+        assert_eq!(
+            store.insert_incoming(&alice, &a2, 40).unwrap(),
+            Inserted::Duplicate
+        );
+        store.insert_incoming(&alice, &msg("a4", 5), 40).unwrap();
+        assert_eq!(
+            store.mark_delivered(&alice, &a3.id).unwrap(),
+            MarkOutcome::Updated
+        );
+        let history = store.history(&alice, 10, None).unwrap();
+        assert_eq!(texts(&history), ["a1", "a2", "a3 out", "a4"]);
+        assert_eq!(history[2].status, MessageStatus::Delivered);
+        drop(store);
+        let version = stored_schema_version(&path);
+        assert_eq!(version, if sealed { SCHEMA_SEALED } else { SCHEMA_CLEAR });
+        let tables = table_names(&path);
+        assert!(!tables.iter().any(|t| t == "messages"), "{tables:?}");
+    }
+}
+
+#[test]
+fn a_link_to_a_row_that_is_not_older_is_a_typed_error_not_a_loop() {
     let (_d, path, store) = setup();
     let alice = peer();
-    let new = msg("written with borrowed keys", 1);
-    store.insert_incoming(&alice, &new, 10).unwrap();
+    let m = msg("looped", 1);
+    store.insert_incoming(&alice, &m, 10).unwrap();
+    store
+        .insert_incoming(&alice, &msg("newest", 1), 20)
+        .unwrap();
     drop(store);
-    let old = msg("written with owned keys", 2);
     {
         let db = Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
         {
-            let mut messages = txn.open_table(OLD_MESSAGES).unwrap();
-            // The row the other typing wrote reads back under this one.
-            assert!(messages
-                .get((*alice.as_bytes(), 10, new.id.0))
-                .unwrap()
-                .is_some());
-            let rec = MessageRecord {
-                direction: Direction::Incoming,
-                sent_at_ms: old.sent_at_ms,
-                body: old.body.clone(),
-                status: MessageStatus::Received,
-            };
-            let value = to_bytes("messages", &rec).unwrap();
-            messages
-                .insert((*alice.as_bytes(), 20, old.id.0), value.as_slice())
-                .unwrap();
-            let mut ids = txn.open_table(OLD_IDS).unwrap();
-            ids.insert(old.id.0, (*alice.as_bytes(), 20)).unwrap();
+            let mut t = txn.open_table(HISTORY).unwrap();
+            let value = t.get((10, &m.id.0)).unwrap().unwrap().value().2.to_vec();
+            // The oldest row now links to itself.
+            t.insert(
+                (10, &m.id.0),
+                (alice.as_bytes(), Some((10, &m.id.0)), value.as_slice()),
+            )
+            .unwrap();
         }
         txn.commit().unwrap();
     }
     let store = Store::open(&path).unwrap();
-    let history = store.history(&alice, 10, None).unwrap();
-    assert_eq!(
-        texts(&history),
-        ["written with borrowed keys", "written with owned keys"]
-    );
-    assert_eq!(store.message(&old.id).unwrap().unwrap().stored_at_ms, 20);
-    assert_eq!(
-        store.insert_incoming(&alice, &old, 30).unwrap(),
-        Inserted::Duplicate
+    let err = store.history(&alice, 10, None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::CorruptRecord {
+                reason: RecordError::BrokenLink(_),
+                ..
+            }
+        ),
+        "{err:?}"
     );
 }

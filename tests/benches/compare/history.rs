@@ -14,12 +14,12 @@ use p2p_crypto::{history::HistoryKey, NodeId, SecretKey};
 use p2p_node::{
     node::MAX_WRITE_BATCH,
     store::{
-        tables::{owned_key, row_key, MESSAGES, MESSAGE_IDS, OUTBOX},
+        tables::{RowKeyRef, RowValueRef, CONVERSATIONS, HISTORY, MESSAGE_IDS, OUTBOX},
         Direction, MessageStatus, Store, WriteOp,
     },
     wire::{Body, ChatMessage},
 };
-use redb::{Database, Durability};
+use redb::{Database, Durability, ReadableTable, Table};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -28,7 +28,7 @@ use crate::{
     Config,
 };
 
-/// The value of a `messages` row, field for field as the node stores it.
+/// The record of a `history` row, field for field as the node stores it.
 #[derive(Serialize, Deserialize)]
 struct MessageRecord {
     direction: Direction,
@@ -68,6 +68,24 @@ fn record(msg: &ChatMessage, direction: Direction, status: MessageStatus) -> Res
         body: msg.body.clone(),
         status,
     })?)
+}
+
+/// Appends the row `(at, id)` of `peer`'s conversation as the node does: linked to the
+/// conversation's newest row, which it then becomes.
+fn append(
+    history: &mut Table<'_, RowKeyRef, RowValueRef>,
+    conversations: &mut Table<'_, &'static [u8; 32], RowKeyRef>,
+    peer: &[u8; 32],
+    (at, id): (u64, &[u8; 16]),
+    value: &[u8],
+) -> Result<()> {
+    let head = conversations.get(peer)?.map(|g| {
+        let (at, id) = g.value();
+        (at, *id)
+    });
+    history.insert((at, id), (peer, head.as_ref().map(|(a, i)| (*a, i)), value))?;
+    conversations.insert(peer, (at, id))?;
+    Ok(())
 }
 
 /// The node's store at `path`: clear, or encrypted under `key`.
@@ -115,18 +133,26 @@ fn raw_insert(db: &Database, msgs: &[(NodeId, ChatMessage)]) -> Result<Duration>
     for (i, batch) in msgs.chunks(MAX_WRITE_BATCH).enumerate() {
         let txn = db.begin_write()?;
         {
-            let mut messages = txn.open_table(MESSAGES)?;
+            let mut history = txn.open_table(HISTORY)?;
+            let mut conversations = txn.open_table(CONVERSATIONS)?;
             let mut ids = txn.open_table(MESSAGE_IDS)?;
             for (j, (peer, msg)) in batch.iter().enumerate() {
                 // The node deduplicates by id (claiming it in the index): so does the
                 // baseline.
-                let key = (*peer.as_bytes(), stamp(i, j), msg.id.0);
+                let at = stamp(i, j);
                 let value = record(msg, Direction::Incoming, MessageStatus::Received)?;
                 ensure!(
-                    ids.insert(&msg.id.0, (key.0, key.1))?.is_none(),
+                    ids.insert(&msg.id.0, (*peer.as_bytes(), at))?.is_none(),
                     "duplicate id"
                 );
-                messages.insert(row_key(&key), value.as_slice())?;
+                let (history, conversations) = (&mut history, &mut conversations);
+                append(
+                    history,
+                    conversations,
+                    peer.as_bytes(),
+                    (at, &msg.id.0),
+                    &value,
+                )?;
             }
         }
         txn.commit()?;
@@ -137,7 +163,8 @@ fn raw_insert(db: &Database, msgs: &[(NodeId, ChatMessage)]) -> Result<Duration>
 fn open_raw(path: &Path) -> Result<Database> {
     let db = Database::create(path)?;
     let txn = db.begin_write()?;
-    txn.open_table(MESSAGES)?;
+    txn.open_table(HISTORY)?;
+    txn.open_table(CONVERSATIONS)?;
     txn.open_table(MESSAGE_IDS)?;
     txn.open_table(OUTBOX)?;
     txn.commit()?;
@@ -193,7 +220,8 @@ fn raw_sender(db: &Database, msgs: &[(NodeId, ChatMessage)], dur: Duration) -> R
         }
         let txn = db.begin_write()?;
         {
-            let mut messages = txn.open_table(MESSAGES)?;
+            let mut history = txn.open_table(HISTORY)?;
+            let mut conversations = txn.open_table(CONVERSATIONS)?;
             let mut ids = txn.open_table(MESSAGE_IDS)?;
             let mut outbox = txn.open_table(OUTBOX)?;
             for (j, (peer, msg)) in batch.iter().enumerate() {
@@ -204,7 +232,8 @@ fn raw_sender(db: &Database, msgs: &[(NodeId, ChatMessage)], dur: Duration) -> R
                     ids.insert(&msg.id.0, (key.0, key.1))?.is_none(),
                     "duplicate id"
                 );
-                messages.insert(row_key(&key), value.as_slice())?;
+                let (history, conversations) = (&mut history, &mut conversations);
+                append(history, conversations, &key.0, (now, &msg.id.0), &value)?;
                 let entry = postcard::to_allocvec(&OutboxRecord {
                     attempts: 0,
                     next_attempt_ms: now,
@@ -269,23 +298,28 @@ fn node_history_first(
     Ok(done as f64 / spent.as_secs_f64())
 }
 
-/// The same reverse range scan over `(peer, ..)` in raw redb, values decoded.
+/// The same walk in raw redb: the conversation's newest row, then down the links, values
+/// decoded.
 fn raw_history(db: &Database, peers: &[NodeId], dur: Duration) -> Result<f64> {
     let start = Instant::now();
     let mut done = 0usize;
     while start.elapsed() < dur {
         let p = *peers[done % peers.len()].as_bytes();
         let txn = db.begin_read()?;
-        let messages = txn.open_table(MESSAGES)?;
+        let history = txn.open_table(HISTORY)?;
+        let conversations = txn.open_table(CONVERSATIONS)?;
+        let mut next = conversations.get(&p)?.map(|g| {
+            let (at, id) = g.value();
+            (at, *id)
+        });
         let mut page = Vec::with_capacity(HISTORY_PAGE);
-        for row in messages
-            .range((&p, 0, &[0u8; 16])..=(&p, u64::MAX, &[0xffu8; 16]))?
-            .rev()
-            .take(HISTORY_PAGE)
-        {
-            let (k, v) = row?;
-            let rec: MessageRecord = postcard::from_bytes(v.value())?;
-            page.push((owned_key(k.value()), rec));
+        while let Some((at, id)) = next.filter(|_| page.len() < HISTORY_PAGE) {
+            let row = history.get((at, &id))?;
+            let Some(row) = row else { break };
+            let (peer, prev, value) = row.value();
+            let rec: MessageRecord = postcard::from_bytes(value)?;
+            next = prev.map(|(at, id)| (at, *id));
+            page.push(((*peer, at, id), rec));
         }
         page.reverse();
         ensure!(page.len() == HISTORY_PAGE, "short history page");
@@ -318,10 +352,10 @@ pub fn disk_limits(msgs: usize, commits: usize) -> Result<DiskLimits> {
         let (peer, msg) = row;
         let txn = db.begin_write()?;
         {
-            let mut messages = txn.open_table(MESSAGES)?;
-            let key = (*peer.as_bytes(), 2_000_000_000 + i as u64, msg.id.0);
+            let mut history = txn.open_table(HISTORY)?;
             let value = record(msg, Direction::Incoming, MessageStatus::Received)?;
-            messages.insert(row_key(&key), value.as_slice())?;
+            let at = 2_000_000_000 + i as u64;
+            history.insert((at, &msg.id.0), (peer.as_bytes(), None, value.as_slice()))?;
         }
         txn.commit()?;
         times.push(t.elapsed());
