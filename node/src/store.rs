@@ -585,6 +585,9 @@ fn owned_row_key((at, id): (u64, &[u8; 16])) -> RowKey {
     (at, *id)
 }
 
+/// The peer of a [`tables::HISTORY`] row and its link to the previous row.
+type RowLink = ([u8; 32], Option<RowKey>);
+
 /// One [`tables::HISTORY`] row, decoded.
 struct Row {
     key: MessageKey,
@@ -869,25 +872,19 @@ impl Store {
                     return Err(StoreError::UnsupportedSchema { found: v, path });
                 }
                 Some(v) => {
-                    let cipher = if v == SCHEMA_CLEAR || v == SCHEMA_CLEAR_BY_CONVERSATION {
-                        RowCipher::Clear
-                    } else {
-                        match key {
-                            None => return Err(StoreError::KeyRequired { path }),
-                            Some(key) if check == Some(key.check_value()) => RowCipher::Sealed(key),
-                            Some(_) => return Err(StoreError::WrongKey { path }),
-                        }
-                    };
-                    if v == SCHEMA_CLEAR_BY_CONVERSATION || v == SCHEMA_SEALED_BY_CONVERSATION {
-                        migrate = true;
-                        let to = if cipher.is_sealed() {
-                            SCHEMA_SEALED
-                        } else {
-                            SCHEMA_CLEAR
-                        };
+                    let sealed = v == SCHEMA_SEALED || v == SCHEMA_SEALED_BY_CONVERSATION;
+                    migrate =
+                        v == SCHEMA_CLEAR_BY_CONVERSATION || v == SCHEMA_SEALED_BY_CONVERSATION;
+                    if migrate {
+                        let to = if sealed { SCHEMA_SEALED } else { SCHEMA_CLEAR };
                         meta.insert(SCHEMA_VERSION_KEY, to).ctx(&path)?;
                     }
-                    cipher
+                    match key {
+                        _ if !sealed => RowCipher::Clear,
+                        None => return Err(StoreError::KeyRequired { path }),
+                        Some(key) if check == Some(key.check_value()) => RowCipher::Sealed(key),
+                        Some(_) => return Err(StoreError::WrongKey { path }),
+                    }
                 }
             }
         };
@@ -1078,12 +1075,36 @@ impl Store {
         };
         let (peer, prev, value) = guard.value();
         let key = (*peer, at, id);
-        let prev = prev.map(owned_row_key);
-        if prev.is_some_and(|p| p >= (at, id)) {
-            return Err(self.corrupt(HISTORY.name(), RecordError::BrokenLink(MessageId(id))));
-        }
+        let prev = self.checked_link((at, id), prev)?;
         let rec = self.decode_message(&key, value)?;
         Ok(Some(Row { key, prev, rec }))
+    }
+
+    /// The peer of the [`tables::HISTORY`] row `(at, id)` and its link, if there is such
+    /// a row; its record is not decoded.
+    fn read_link(
+        &self,
+        history: &impl ReadableTable<RowKeyRef, RowValueRef>,
+        (at, id): RowKey,
+    ) -> Result<Option<RowLink>, StoreError> {
+        let Some(guard) = history.get((at, &id)).ctx(&self.path)? else {
+            return Ok(None);
+        };
+        let (peer, prev, _) = guard.value();
+        Ok(Some((*peer, self.checked_link((at, id), prev)?)))
+    }
+
+    /// The link of row `key`, which must point to an older row.
+    fn checked_link(
+        &self,
+        key: RowKey,
+        prev: Option<(u64, &[u8; 16])>,
+    ) -> Result<Option<RowKey>, StoreError> {
+        let prev = prev.map(owned_row_key);
+        if prev.is_some_and(|p| p >= key) {
+            return Err(self.corrupt(HISTORY.name(), RecordError::BrokenLink(MessageId(key.1))));
+        }
+        Ok(prev)
     }
 
     /// The row of message `(peer, at, id)`, which an entry of table `index` says is
@@ -1585,9 +1606,9 @@ impl Store {
         let mut skip = None;
         let from = match before {
             None => head()?,
-            Some((at, id)) => match self.read_row(&history, (at, id.0))? {
+            Some((at, id)) => match self.read_link(&history, (at, id.0))? {
                 // The cursor's own row: the page starts at the row before it.
-                Some(row) if row.key.0 == p => row.prev,
+                Some((peer, prev)) if peer == p => prev,
                 // A cursor that names no row of this conversation: from the newest row,
                 // passing over those not older than it.
                 _ => {
