@@ -665,6 +665,7 @@ impl NodeBuilder {
             dht,
             announce: self.announce,
             announced: watch::channel(false).0,
+            announced_relay: watch::channel(None).0,
             name: Mutex::new(self.name),
             peers: Mutex::new(directory),
             pool: Mutex::new(pool::ConnectionPool::default()),
@@ -765,6 +766,8 @@ pub(crate) struct Inner {
     announce: bool,
     /// Whether our presence is announced on discovery (true after the first success).
     announced: watch::Sender<bool>,
+    /// The home relay named by our last successful announcement.
+    announced_relay: watch::Sender<Option<RelayRef>>,
     name: Mutex<Option<String>>,
     /// Names, keys and presence of other nodes.
     peers: Mutex<peers::PeerDirectory>,
@@ -904,15 +907,33 @@ impl Node {
     /// Waits until this node is announced online on discovery ("logged in"), at most
     /// `timeout`. Returns whether it is. Announcing starts at [`NodeBuilder::bind`] and is
     /// retried in the background; a node built with `.announce(false)` never announces.
+    ///
+    /// When the node uses the discovery server's relay, this also waits (within the
+    /// same `timeout`) until the link to that relay is up and an announcement naming it
+    /// went out, so that peers behind NATs can reach this node as soon as it returns.
     pub async fn wait_announced(&self, timeout: Duration) -> bool {
-        if !self.inner.announce || self.inner.disco.is_none() {
+        let inner = &self.inner;
+        if !inner.announce || inner.disco.is_none() {
             return false;
         }
-        let mut rx = self.inner.announced.subscribe();
-        let announced = tokio::time::timeout(timeout, rx.wait_for(|a| *a))
-            .await
-            .is_ok_and(|r| r.is_ok());
-        announced
+        let reachable = async {
+            let mut rx = inner.announced.subscribe();
+            if rx.wait_for(|a| *a).await.is_err() {
+                return false;
+            }
+            inner.relay_ready(timeout).await;
+            let home = inner.endpoint.net().home().borrow().clone();
+            if home.connected && home.relay.is_some() {
+                let mut named = inner.announced_relay.subscribe();
+                let _ = named.wait_for(|r| *r == home.relay).await;
+            }
+            true
+        };
+        match tokio::time::timeout(timeout, reachable).await {
+            Ok(announced) => announced,
+            // The relay part may time out after the announcement itself went out.
+            Err(_) => *inner.announced.borrow(),
+        }
     }
 
     /// A receiver of the node's events from now on. The channel is bounded

@@ -484,6 +484,26 @@ async fn a_relay_only_node_sends_nothing_directly() -> Result<()> {
     Ok(())
 }
 
+/// A node that says it is logged in can be reached through its relay at once: its link
+/// to the relay is up, and the presence peers look up names that relay.
+#[tokio::test]
+async fn a_logged_in_node_is_announced_with_its_live_relay_link() -> Result<()> {
+    let d = Discovery::start_with_relay().await?;
+    let client = d.client()?;
+    let relay = client.relay_ref().await?.expect("the server runs a relay");
+    for _ in 0..3 {
+        let user = User::new()?;
+        let n = node(&user, &d).paths(relay_only()).bind().await?;
+        assert!(n.wait_announced(DEADLINE).await);
+        assert!(n.home_relay().connected, "logged in before the relay link");
+        let found = client.lookup_id(&user.id()).await?.expect("announced");
+        assert_eq!(found.relay, Some(relay), "announced without its relay");
+        n.shutdown().await;
+    }
+    d.stop().await;
+    Ok(())
+}
+
 /// Two discovery instances on one PostgreSQL database, each with its own relay: a
 /// relay-only node on one reaches a relay-only node on the other through the other's
 /// relay (its home relay, named in its presence record), and is answered.

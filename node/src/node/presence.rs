@@ -150,6 +150,7 @@ pub(super) async fn announce_once(inner: &Inner) -> Result<Duration, RegisterErr
         r => r?,
     };
     inner.announced.send_replace(true);
+    inner.announced_relay.send_replace(announcement.relay);
     // Trust the server's hint, but never wait past half the TTL we asked for.
     Ok(after.min(ttl / 2).max(Duration::from_millis(100)))
 }
