@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 
 use p2p_crypto::{Domain, MailboxPublicKey, NodeId, SecretKey, Signature};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// Largest encoded record accepted, in bytes (a presence record with 16 IPv6
 /// addresses and a 32-character name is well under 1 KiB).
@@ -222,6 +223,17 @@ impl<R: Record> Signed<R> {
         Self::verify_with(bytes, signature, None)
     }
 
+    /// [`Signed::verify`], skipping the signature check for bytes and a signature `seen`
+    /// has verified before (every other check runs), and remembering it in `seen` when
+    /// it verifies.
+    pub fn verify_seen(
+        bytes: Vec<u8>,
+        signature: Signature,
+        seen: &VerifiedSignatures,
+    ) -> Result<Self, RecordError> {
+        Self::verify_with(bytes, signature, Some(seen))
+    }
+
     /// [`Signed::from_wire`], skipping the signature check for bytes and a signature
     /// `seen` has verified before (every other check runs).
     pub fn from_wire_seen(
@@ -312,50 +324,83 @@ impl<R: Record> Signed<R> {
     }
 }
 
-/// How many verified signatures [`VerifiedSignatures`] keeps per generation.
+/// How many verified signatures [`VerifiedSignatures::default`] keeps per generation.
 pub const VERIFIED_SIGNATURES: usize = 4096;
 
-/// Signatures this process has verified, each with the exact bytes and domain it
-/// covers, so a record seen again (a repeated lookup's unchanged answer) is not verified
-/// again: an ed25519 verification costs tens of microseconds, a comparison of the bytes
-/// well under one. A hit needs the same signature over the same bytes in the same
-/// domain, which is exactly what verified before, so it proves as much. Bounded: two
-/// generations of [`VERIFIED_SIGNATURES`]; when the newer is full the older is dropped.
-#[derive(Debug, Default)]
+/// Signatures this process has verified, each bound to the exact bytes and domain it
+/// covers, so a record seen again (a repeated lookup's unchanged answer, a stored record
+/// read back) is not verified again: an ed25519 verification costs tens of microseconds,
+/// a SHA-256 of a record about one. An entry is the SHA-256 of the domain, the signature
+/// and the bytes, so a hit needs the same signature over the same bytes in the same
+/// domain, which is exactly what verified before, and proves as much. Bounded: two
+/// generations of the capacity given (32 bytes an entry); when the newer is full the
+/// older is dropped.
+#[derive(Debug)]
 pub struct VerifiedSignatures {
+    per_generation: usize,
     inner: std::sync::Mutex<VerifiedGenerations>,
 }
 
-type VerifiedMap = std::collections::HashMap<[u8; 64], (Domain, Vec<u8>)>;
+type VerifiedSet = std::collections::HashSet<[u8; 32]>;
 
 #[derive(Debug, Default)]
 struct VerifiedGenerations {
-    new: VerifiedMap,
-    old: VerifiedMap,
+    new: VerifiedSet,
+    old: VerifiedSet,
+}
+
+impl Default for VerifiedSignatures {
+    fn default() -> Self {
+        Self::with_capacity(VERIFIED_SIGNATURES)
+    }
 }
 
 impl VerifiedSignatures {
+    /// Remembers up to `per_generation` signatures per generation (two generations).
+    pub fn with_capacity(per_generation: usize) -> Self {
+        Self {
+            per_generation: per_generation.max(1),
+            inner: std::sync::Mutex::default(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, VerifiedGenerations> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What an entry is: the domain's tag (length first, so no tag runs into the
+    /// signature), the signature, then the bytes.
+    fn entry(domain: Domain, bytes: &[u8], signature: &Signature) -> [u8; 32] {
+        let tag = domain.tag();
+        let mut h = Sha256::new();
+        h.update([u8::try_from(tag.len()).unwrap_or(u8::MAX)]);
+        h.update(tag);
+        h.update(signature.0);
+        h.update(bytes);
+        h.finalize().into()
+    }
+
     /// Whether `signature` over `bytes` in `domain` verified before.
     pub fn contains(&self, domain: Domain, bytes: &[u8], signature: &Signature) -> bool {
-        let same = |m: &VerifiedMap| {
-            m.get(&signature.0)
-                .is_some_and(|(d, b)| *d == domain && b.as_slice() == bytes)
-        };
+        let entry = Self::entry(domain, bytes, signature);
         let g = self.lock();
-        same(&g.new) || same(&g.old)
+        g.new.contains(&entry) || g.old.contains(&entry)
+    }
+
+    /// Records a verified record (one that came in and was checked on its way to be
+    /// stored), so reading it back does not verify it again.
+    pub fn remember<R: Record>(&self, signed: &Signed<R>) {
+        self.insert(R::DOMAIN, &signed.bytes, signed.signature);
     }
 
     /// Records that `signature` over `bytes` in `domain` verified.
-    fn insert(&self, domain: Domain, bytes: &[u8], signature: Signature) {
+    pub(crate) fn insert(&self, domain: Domain, bytes: &[u8], signature: Signature) {
+        let entry = Self::entry(domain, bytes, &signature);
         let mut g = self.lock();
-        if g.new.len() >= VERIFIED_SIGNATURES {
+        if g.new.len() >= self.per_generation {
             g.old = std::mem::take(&mut g.new);
         }
-        g.new.insert(signature.0, (domain, bytes.to_vec()));
+        g.new.insert(entry);
     }
 
     /// How many signatures are remembered.

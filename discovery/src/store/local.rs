@@ -18,12 +18,13 @@ use p2p_crypto::{NodeId, Signature};
 use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::{
-    decide, decode_signed, encode_signed, Announced, ClaimOutcome, DepositOutcome, Fetched,
-    OnlinePage, PeerState, RequestSeen, Store, StoreError, StoreStats, StoredEnvelope, Withdrawn,
+    decide, decode_signed, encode_signed, stored_verified, Announced, ClaimOutcome, DepositOutcome,
+    Fetched, OnlinePage, PeerState, RequestSeen, Store, StoreError, StoreStats, StoredEnvelope,
+    Withdrawn,
 };
 use crate::{
     presence::{PresenceTable, Refused},
-    record::{NameClaim, PresenceRecord, Signed, Withdrawal},
+    record::{NameClaim, PresenceRecord, Signed, VerifiedSignatures, Withdrawal},
 };
 
 fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -353,6 +354,8 @@ fn mailbox_id(key: &[u8]) -> Result<u64, StoreError> {
 /// The redb tables of a [`RedbStore`].
 pub struct RedbTables {
     db: redb::Database,
+    /// The claims read back and verified (see [`decode_signed`]).
+    verified: VerifiedSignatures,
 }
 
 impl fmt::Debug for RedbTables {
@@ -375,7 +378,10 @@ impl RedbTables {
             tx.open_table(tables::META).map_err(dberr)?;
         }
         tx.commit().map_err(dberr)?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            verified: stored_verified(),
+        })
     }
 }
 
@@ -399,7 +405,7 @@ impl Durable for RedbTables {
                 .get(new.node_id.as_bytes().as_slice())
                 .map_err(dberr)?
             {
-                Some(g) => Some(decode_signed(g.value())?),
+                Some(g) => Some(decode_signed(g.value(), &self.verified)?),
                 None => None,
             };
             let outcome = decide(owner, old.as_ref(), claim);
@@ -416,6 +422,7 @@ impl Durable for RedbTables {
                         encode_signed(claim).as_slice(),
                     )
                     .map_err(dberr)?;
+                self.verified.remember(claim);
             }
             outcome
         };
@@ -435,7 +442,7 @@ impl Durable for RedbTables {
         };
         let claims = tx.open_table(tables::CLAIMS).map_err(dberr)?;
         let claim = match claims.get(owner.value()).map_err(dberr)? {
-            Some(g) => Some(decode_signed(g.value())?),
+            Some(g) => Some(decode_signed(g.value(), &self.verified)?),
             None => None,
         };
         Ok(claim)
@@ -445,7 +452,7 @@ impl Durable for RedbTables {
         let tx = self.db.begin_read().map_err(dberr)?;
         let claims = tx.open_table(tables::CLAIMS).map_err(dberr)?;
         let claim = match claims.get(node.as_bytes().as_slice()).map_err(dberr)? {
-            Some(g) => Some(decode_signed(g.value())?),
+            Some(g) => Some(decode_signed(g.value(), &self.verified)?),
             None => None,
         };
         Ok(claim)
@@ -566,7 +573,7 @@ impl Durable for RedbTables {
         let mut out = Vec::new();
         for entry in range.take(limit) {
             let (_, v) = entry.map_err(dberr)?;
-            out.push(decode_signed(v.value())?);
+            out.push(decode_signed(v.value(), &self.verified)?);
         }
         Ok(out)
     }
@@ -751,5 +758,84 @@ mod tests {
             "forgotten"
         );
         assert_eq!(c.insert(&sig(3), 300, 150, 2), RequestSeen::Replayed);
+    }
+
+    fn claim(sk: &p2p_crypto::SecretKey, name: &str, timestamp_ms: u64) -> Signed<NameClaim> {
+        let record = NameClaim {
+            name: name.into(),
+            node_id: sk.public(),
+            mailbox_key: sk.mailbox_secret().public(),
+            timestamp_ms,
+        };
+        Signed::sign(sk, record).expect("sign")
+    }
+
+    /// Overwrites the stored claim of `node` behind the store's back.
+    fn put_claim(t: &RedbTables, node: &NodeId, blob: &[u8]) {
+        let tx = t.db.begin_write().expect("write");
+        tx.open_table(tables::CLAIMS)
+            .expect("claims")
+            .insert(node.as_bytes().as_slice(), blob)
+            .expect("insert");
+        tx.commit().expect("commit");
+    }
+
+    #[test]
+    fn a_claim_read_back_is_verified_once_and_other_bytes_never_pass_as_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.redb");
+        let sk = p2p_crypto::SecretKey::generate();
+        let node = sk.public();
+        let first = claim(&sk, "alice", 1);
+        {
+            let t = RedbTables::open(&path).expect("open");
+            assert_eq!(t.claim(&first).expect("claim"), ClaimOutcome::Stored);
+            // Verified on its way in: remembered from the write.
+            assert_eq!(t.verified.len(), 1);
+        }
+        // Opened again (a restart): verified on the first read only.
+        let t = RedbTables::open(&path).expect("open");
+        assert!(t.verified.is_empty());
+        for _ in 0..3 {
+            let read = t.claim_by_node(&node).expect("read").expect("found");
+            assert_eq!(read.record(), first.record());
+        }
+        let by_name = t.claim_by_name("alice").expect("read").expect("found");
+        assert_eq!(by_name.signature(), first.signature());
+        assert_eq!(t.verified.len(), 1);
+        // The reads consult the memo: a record it vouches for is not verified again
+        // (here one whose stored signature is garbage, vouched for by hand).
+        let garbage = Signature([7; 64]);
+        let mut vouched = garbage.to_bytes().to_vec();
+        vouched.extend_from_slice(first.bytes());
+        put_claim(&t, &node, &vouched);
+        assert!(t.claim_by_node(&node).is_err(), "garbage signature");
+        t.verified
+            .insert(p2p_crypto::Domain::NameClaim, first.bytes(), garbage);
+        assert!(t.claim_by_node(&node).expect("read").is_some());
+        put_claim(&t, &node, &encode_signed(&first));
+
+        // Another valid claim of the same key, stored under the remembered signature.
+        let other = claim(&sk, "mallory", 2);
+        let mut forged = first.signature().to_bytes().to_vec();
+        forged.extend_from_slice(other.bytes());
+        put_claim(&t, &node, &forged);
+        assert!(matches!(
+            t.claim_by_node(&node),
+            Err(StoreError::Corrupt(e)) if e.contains("signature")
+        ));
+        // A flipped byte of the remembered record.
+        let mut flipped = encode_signed(&first);
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        put_claim(&t, &node, &flipped);
+        assert!(matches!(
+            t.claim_by_node(&node),
+            Err(StoreError::Corrupt(_))
+        ));
+        // Neither was remembered; the genuine claim still reads.
+        assert_eq!(t.verified.len(), 2);
+        put_claim(&t, &node, &encode_signed(&first));
+        assert!(t.claim_by_node(&node).expect("read").is_some());
     }
 }

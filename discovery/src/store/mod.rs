@@ -23,7 +23,7 @@ use std::{fmt, net::IpAddr};
 use async_trait::async_trait;
 use p2p_crypto::{NodeId, Signature};
 
-use crate::record::{NameClaim, PresenceRecord, Record, Signed, Withdrawal};
+use crate::record::{NameClaim, PresenceRecord, Record, Signed, VerifiedSignatures, Withdrawal};
 
 pub use local::{LocalStore, MemoryStore, RedbStore};
 pub use postgres::{describe_url, is_postgres_url, PgOptions, PgStore};
@@ -303,8 +303,24 @@ fn encode_signed<R: Record>(c: &Signed<R>) -> Vec<u8> {
     v
 }
 
+/// How many signatures of stored records a store remembers per generation (see
+/// [`decode_signed`]): enough for every record of a server at its default presence cap,
+/// in at most about 8 MiB (32 bytes an entry, two generations).
+const STORED_VERIFIED: usize = 65_536;
+
+/// The memo of a store's verified records.
+fn stored_verified() -> VerifiedSignatures {
+    VerifiedSignatures::with_capacity(STORED_VERIFIED)
+}
+
 /// Reads a stored signed record back, verifying it again: stored bytes are not trusted.
-fn decode_signed<R: Record>(blob: &[u8]) -> Result<Signed<R>, StoreError> {
+/// A signature `seen` verified before over the same bytes is not verified twice (every
+/// other check runs); stores keep one `seen` each, so a record read on every lookup costs
+/// its signature once.
+fn decode_signed<R: Record>(
+    blob: &[u8],
+    seen: &VerifiedSignatures,
+) -> Result<Signed<R>, StoreError> {
     if blob.len() < 64 {
         return Err(StoreError::Corrupt("stored record too short".into()));
     }
@@ -312,6 +328,6 @@ fn decode_signed<R: Record>(blob: &[u8]) -> Result<Signed<R>, StoreError> {
     let sig: [u8; 64] = sig
         .try_into()
         .map_err(|_| StoreError::Corrupt("stored signature".into()))?;
-    Signed::verify(bytes.to_vec(), Signature(sig))
+    Signed::verify_seen(bytes.to_vec(), Signature(sig), seen)
         .map_err(|e| StoreError::Corrupt(format!("stored record: {e}")))
 }

@@ -34,13 +34,13 @@ use p2p_crypto::{NodeId, Signature};
 use tokio_postgres::{error::SqlState, NoTls, Row};
 
 use super::{
-    decide, decode_signed, encode_signed, Announced, ClaimOutcome, DepositOutcome, Fetched,
-    LivePresence, OnlinePage, PeerState, RequestSeen, Store, StoreError, StoreStats,
+    decide, decode_signed, encode_signed, stored_verified, Announced, ClaimOutcome, DepositOutcome,
+    Fetched, LivePresence, OnlinePage, PeerState, RequestSeen, Store, StoreError, StoreStats,
     StoredEnvelope, Withdrawn,
 };
 use crate::{
     presence::{expiry, TOMBSTONE_MS},
-    record::{NameClaim, PresenceRecord, Signed, Withdrawal},
+    record::{NameClaim, PresenceRecord, Signed, VerifiedSignatures, Withdrawal},
 };
 
 /// The schema migrations, in order: (version, name, SQL). Kept in `discovery/migrations/`.
@@ -70,6 +70,8 @@ impl Default for PgOptions {
 /// speaks its protocol and SQL).
 pub struct PgStore {
     pool: Pool,
+    /// The records read back and verified (see [`decode_signed`]).
+    verified: VerifiedSignatures,
     options: PgOptions,
     /// Live records as last counted (by [`Store::cleanup`] and [`Store::stats`]): new
     /// nodes are refused once it reaches the limit, so the bound is approximate.
@@ -144,6 +146,7 @@ impl PgStore {
             .map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
         let store = Self {
             pool,
+            verified: stored_verified(),
             options,
             live_estimate: AtomicU64::new(0),
             target,
@@ -298,8 +301,13 @@ fn node_id(bytes: &[u8]) -> Result<NodeId, StoreError> {
 }
 
 /// A live presence from its stored columns (record, observed IP, expiry).
-fn live(record: &[u8], ip: Option<&str>, expires_at_ms: i64) -> Result<LivePresence, StoreError> {
-    let signed = decode_signed::<PresenceRecord>(record)?;
+fn live(
+    record: &[u8],
+    ip: Option<&str>,
+    expires_at_ms: i64,
+    seen: &VerifiedSignatures,
+) -> Result<LivePresence, StoreError> {
+    let signed = decode_signed::<PresenceRecord>(record, seen)?;
     let observed_ip = ip
         .unwrap_or("0.0.0.0")
         .parse::<IpAddr>()
@@ -312,15 +320,16 @@ fn live(record: &[u8], ip: Option<&str>, expires_at_ms: i64) -> Result<LivePrese
 }
 
 /// Reads `(claim, record, observed_ip, expires_at_ms)` columns starting at `at`.
-fn peer_state(row: &Row, at: usize) -> Result<PeerState, StoreError> {
+fn peer_state(row: &Row, at: usize, seen: &VerifiedSignatures) -> Result<PeerState, StoreError> {
     let claim = get::<Option<&[u8]>>(row, at)?
-        .map(decode_signed::<NameClaim>)
+        .map(|b| decode_signed::<NameClaim>(b, seen))
         .transpose()?;
     let presence = match get::<Option<&[u8]>>(row, at + 1)? {
         Some(record) => Some(live(
             record,
             get::<Option<&str>>(row, at + 2)?,
             get::<Option<i64>>(row, at + 3)?.unwrap_or(0),
+            seen,
         )?),
         None => None,
     };
@@ -466,7 +475,10 @@ impl PgStore {
             )
             .await;
         match stored {
-            Ok(Some(_)) => Ok(ClaimOutcome::Stored),
+            Ok(Some(_)) => {
+                self.verified.remember(claim);
+                Ok(ClaimOutcome::Stored)
+            }
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(ClaimOutcome::Taken),
             Err(e) => Err(pg_error(e)),
             Ok(None) => {
@@ -480,7 +492,7 @@ impl PgStore {
                     .map_err(pg_error)?;
                 let owner = get::<Option<&[u8]>>(&row, 0)?.map(node_id).transpose()?;
                 let old = get::<Option<&[u8]>>(&row, 1)?
-                    .map(decode_signed::<NameClaim>)
+                    .map(|b| decode_signed::<NameClaim>(b, &self.verified))
                     .transpose()?;
                 Ok(match decide(owner, old.as_ref(), claim) {
                     ClaimOutcome::Stored => ClaimOutcome::Stale,
@@ -508,7 +520,10 @@ impl PgStore {
         )
         .map_err(pg_error)?;
         let claim = match &claim {
-            Some(row) => Some(decode_signed::<NameClaim>(get::<&[u8]>(row, 0)?)?),
+            Some(row) => Some(decode_signed::<NameClaim>(
+                get::<&[u8]>(row, 0)?,
+                &self.verified,
+            )?),
             None => None,
         };
         let presence = match &presence {
@@ -516,6 +531,7 @@ impl PgStore {
                 get::<&[u8]>(row, 0)?,
                 get::<Option<&str>>(row, 1)?,
                 get::<i64>(row, 2)?,
+                &self.verified,
             )?),
             None => None,
         };
@@ -561,6 +577,7 @@ impl PgStore {
             .await
             .map_err(pg_error)?;
         if stored.is_some() {
+            self.verified.remember(record);
             return Ok(Announced::Live { expires_at_ms });
         }
         if !at_capacity {
@@ -599,7 +616,7 @@ impl PgStore {
         let mut page = Vec::with_capacity(rows.len().min(limit));
         for row in rows.iter().take(limit) {
             let id = node_id(get::<&[u8]>(row, 0)?)?;
-            let state = peer_state(row, 1)?;
+            let state = peer_state(row, 1, &self.verified)?;
             let presence = state
                 .presence
                 .ok_or_else(|| StoreError::Corrupt("online row without a record".into()))?;
@@ -686,7 +703,7 @@ impl Store for PgStore {
                 .query_opt(&stmt, &[&name, &ms(now)])
                 .await
                 .map_err(pg_error)?;
-            row.map(|r| peer_state(&r, 0)).transpose()
+            row.map(|r| peer_state(&r, 0, &self.verified)).transpose()
         })
         .await
     }
@@ -879,7 +896,7 @@ impl Store for PgStore {
                 .await
                 .map_err(pg_error)?;
             rows.iter()
-                .map(|row| decode_signed::<NameClaim>(get::<&[u8]>(row, 0)?))
+                .map(|row| decode_signed::<NameClaim>(get::<&[u8]>(row, 0)?, &self.verified))
                 .collect()
         })
         .await
