@@ -1,6 +1,10 @@
 //! Node identity keys and their text forms.
 
-use std::{fmt, str::FromStr, sync::LazyLock};
+use std::{
+    fmt,
+    str::FromStr,
+    sync::{LazyLock, Mutex},
+};
 
 use data_encoding::{Encoding, Specification};
 use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -48,6 +52,56 @@ fn decode_fixed<const N: usize>(s: &str) -> Result<[u8; N], ParseKeyError> {
     bytes.try_into().map_err(|_| ParseKeyError::Encoding)
 }
 
+/// Slots of a [`ValidKeys`].
+const VALID_KEY_SLOTS: usize = 4096;
+
+/// Keys that passed the point check before, so a key parsed again (the id of every
+/// lookup, of every record that names it) is not checked again: checking a point takes
+/// a field square root, about 15 µs here, comparing 32 bytes next to nothing. A hit
+/// needs the exact bytes that passed. Direct-mapped on the key's first two bytes (a
+/// slot holds the last key that passed there): 132 KiB, never more.
+struct ValidKeys {
+    slots: Mutex<[Option<[u8; 32]>; VALID_KEY_SLOTS]>,
+}
+
+/// The process's [`ValidKeys`], used by [`PublicKey::from_bytes`].
+static VALID_KEYS: ValidKeys = ValidKeys::new();
+
+impl ValidKeys {
+    const fn new() -> Self {
+        Self {
+            slots: Mutex::new([None; VALID_KEY_SLOTS]),
+        }
+    }
+
+    fn slot(bytes: &[u8; 32]) -> usize {
+        usize::from(u16::from_le_bytes([bytes[0], bytes[1]])) % VALID_KEY_SLOTS
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, [Option<[u8; 32]>; VALID_KEY_SLOTS]> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks that `bytes` are a valid ed25519 point of large order.
+    fn check(&self, bytes: &[u8; 32]) -> Result<(), ParseKeyError> {
+        let slot = Self::slot(bytes);
+        if self.lock()[slot] == Some(*bytes) {
+            return Ok(());
+        }
+        let key = VerifyingKey::from_bytes(bytes).map_err(|_| ParseKeyError::InvalidKey)?;
+        if key.is_weak() {
+            return Err(ParseKeyError::InvalidKey);
+        }
+        self.lock()[slot] = Some(*bytes);
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn holds(&self, bytes: &[u8; 32]) -> bool {
+        self.lock()[Self::slot(bytes)] == Some(*bytes)
+    }
+}
+
 /// An ed25519 public key. As a node's identity it is called [`NodeId`].
 ///
 /// Holds the 32 compressed bytes, checked on construction to be a valid, non-weak point,
@@ -59,12 +113,10 @@ pub struct PublicKey([u8; 32]);
 pub type NodeId = PublicKey;
 
 impl PublicKey {
-    /// Parses 32 bytes, checking that they are a valid ed25519 point.
+    /// Parses 32 bytes, checking that they are a valid ed25519 point of large order
+    /// (bytes that passed before are not checked twice; see [`ValidKeys`]).
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, ParseKeyError> {
-        let key = VerifyingKey::from_bytes(bytes).map_err(|_| ParseKeyError::InvalidKey)?;
-        if key.is_weak() {
-            return Err(ParseKeyError::InvalidKey);
-        }
+        VALID_KEYS.check(bytes)?;
         Ok(Self(*bytes))
     }
 
@@ -354,6 +406,44 @@ mod tests {
         text[51] = alphabet[idx | 1];
         let s = String::from_utf8(text).expect("ascii");
         assert_eq!(s.parse::<NodeId>(), Err(ParseKeyError::Encoding));
+    }
+
+    #[test]
+    fn a_key_checked_before_passes_as_itself_only() {
+        let keys = ValidKeys::new();
+        let bytes = *SecretKey::generate().public().as_bytes();
+        assert_eq!(keys.check(&bytes), Ok(()));
+        assert!(keys.holds(&bytes));
+        assert_eq!(keys.check(&bytes), Ok(()));
+        // The identity (small order) fails, and so do bytes of its slot that are not a
+        // point; neither takes the slot.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert_eq!(keys.check(&identity), Err(ParseKeyError::InvalidKey));
+        assert!(!keys.holds(&identity));
+        let mut same_slot = bytes;
+        let not_points: Vec<[u8; 32]> = (0..=255u8)
+            .filter_map(|b| {
+                same_slot[31] = b;
+                VerifyingKey::from_bytes(&same_slot)
+                    .is_err()
+                    .then_some(same_slot)
+            })
+            .collect();
+        assert!(!not_points.is_empty(), "some y has no x");
+        for k in &not_points {
+            assert_eq!(keys.check(k), Err(ParseKeyError::InvalidKey));
+        }
+        assert!(keys.holds(&bytes));
+        // Through the process's memo, the same answers.
+        assert_eq!(
+            PublicKey::from_bytes(&identity),
+            Err(ParseKeyError::InvalidKey)
+        );
+        assert_eq!(
+            PublicKey::from_bytes(&not_points[0]),
+            Err(ParseKeyError::InvalidKey)
+        );
     }
 
     #[test]
