@@ -54,12 +54,17 @@ impl OwnServer {
                 let served = (|| -> Result<()> {
                     let rt = tokio::runtime::Builder::new_multi_thread()
                         .worker_threads(2)
+                        .thread_name("discovery-worker")
                         .enable_all()
                         .build()?;
                     rt.block_on(async move {
                         let config = ServerConfig {
                             write_rate_per_sec: 1e9,
                             write_burst: u32::MAX,
+                            // Every client of the figure runs on this one address: the
+                            // verifying client's pool and wrk's connections together
+                            // pass the per-IP cap meant for one abusive peer.
+                            max_connections_per_ip: 1024,
                             ..ServerConfig::default()
                         };
                         let state = match spec {
@@ -437,7 +442,7 @@ pub async fn run(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
     let mut lookups = Row::new(
         format!("6. discovery lookups/s, verifying client, {conc} concurrent (syncthing: same reqwest loop)"),
         "req/s",
-        Target::None,
+        Target::AtLeast(1.0),
     );
     let mut announces = Row::new(
         format!(
@@ -449,7 +454,7 @@ pub async fn run(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
     let mut raw = Row::new(
         format!("6. raw HTTP lookups/s, wrk -t1 -c{conc} (ours vs syncthing)"),
         "req/s",
-        Target::None,
+        Target::AtLeast(2.0),
     );
     if syncthing.is_none() {
         lookups.missing = Some(missing_st.clone());

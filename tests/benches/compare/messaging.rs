@@ -62,6 +62,7 @@ impl Fixture {
         // Open the connections (and warm the paths up) outside any measurement.
         send_delivered(&a.node, &b.to, &small).await?;
         send_delivered(&ma.node, &mb.to, &small).await?;
+        send_delivered(&ma.node, &b.to, &small).await?;
         let echo = raw::Server::start(Mode::Echo).await?;
         let sink = raw::Server::start(Mode::Sink).await?;
         let client = raw::endpoint().await?;
@@ -276,11 +277,16 @@ pub async fn latency(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
         "ms",
         Target::None,
     );
+    let mut receiver_only = Row::new(
+        "2. round trip p50, only the receiver durable (baseline: raw round trip + one durable redb commit)",
+        "ms",
+        Target::None,
+    );
     let dur = cfg.phase;
     for run in 0..cfg.runs {
-        let mut results: [Option<Load>; 4] = [None, None, None, None];
+        let mut results: [Option<Load>; 5] = [None, None, None, None, None];
         let mut fsync = Duration::ZERO;
-        for phase in order(run, 5) {
+        for phase in order(run, 6) {
             let load = match phase {
                 0 => {
                     let conn = &fx.echo_conn;
@@ -311,6 +317,12 @@ pub async fn latency(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
                     })
                     .await?
                 }
+                4 => {
+                    one_at_a_time(dur, usize::MAX, || {
+                        send_delivered(&fx.ma.node, &fx.b.to, &fx.small)
+                    })
+                    .await?
+                }
                 _ => {
                     fsync = disk_limits(200).await?.commit_p50;
                     continue;
@@ -318,7 +330,8 @@ pub async fn latency(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
             };
             results[phase] = Some(load);
         }
-        let [Some(raw), Some(raw_one), Some(node), Some(node_mem)] = results else {
+        let [Some(raw), Some(raw_one), Some(node), Some(node_mem), Some(to_durable)] = results
+        else {
             anyhow::bail!("a latency phase did not run");
         };
         p50.push(ms(node.p50()), Some(ms(raw.p50() + fsync)));
@@ -326,8 +339,9 @@ pub async fn latency(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
         mem.push(ms(node_mem.p50()), Some(ms(raw.p50())));
         one_stream.push(ms(node.p50()), Some(ms(raw_one.p50())));
         commit.push(ms(fsync), None);
+        receiver_only.push(ms(to_durable.p50()), Some(ms(raw.p50() + fsync)));
     }
-    Ok(vec![p50, p99, mem, one_stream, commit])
+    Ok(vec![p50, p99, mem, one_stream, commit, receiver_only])
 }
 
 /// Figure 3: bulk throughput as the largest messages.
