@@ -351,17 +351,12 @@ pub fn router(state: AppState) -> Router {
         .route(paths::RELAY, get(relay_info))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), rate_limit))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            refuse_oversize_body,
-        ))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             config.request_timeout,
         ))
-        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(middleware::from_fn_with_state(state.clone(), front))
         .layer(GlobalConcurrencyLimitLayer::new(
             config.max_concurrent_requests,
         ))
@@ -497,36 +492,30 @@ fn client_ip(extensions: &axum::http::Extensions) -> IpAddr {
 
 /// Token-bucket limit on write requests per client IP: every method but GET and HEAD
 /// (unknown methods too, though no route takes them).
-async fn rate_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let ip = client_ip(req.extensions());
-        let now = state.now();
-        if let Err(wait) = lock(&state.inner.limiter).check(ip, now) {
-            return AppError::new(ErrorCode::RateLimited, "too many write requests")
-                .with_retry_after(wait)
-                .into_response();
-        }
+fn over_rate(state: &AppState, req: &Request) -> Option<AppError> {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return None;
     }
-    next.run(req).await
+    let ip = client_ip(req.extensions());
+    let wait = lock(&state.inner.limiter).check(ip, state.now()).err()?;
+    Some(AppError::new(ErrorCode::RateLimited, "too many write requests").with_retry_after(wait))
 }
 
 /// Refuses a request whose `Content-Length` is over the body limit before reading any
 /// of its body.
-async fn refuse_oversize_body(State(state): State<AppState>, req: Request, next: Next) -> Response {
+fn oversize_body(state: &AppState, req: &Request) -> Option<AppError> {
     let max = state.inner.config.max_body_bytes;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return AppError::new(
+    declared.is_some_and(|n| n > max as u64).then(|| {
+        AppError::new(
             ErrorCode::BodyTooLarge,
             format!("request bodies are limited to {max} bytes"),
         )
-        .into_response();
-    }
-    next.run(req).await
+    })
 }
 
 /// The methods counted by name in the metrics; any other is `other`.
@@ -565,10 +554,15 @@ fn layer_refusal(status: StatusCode) -> AppError {
     }
 }
 
-/// Counts requests by method, route and status (labels from fixed sets: known methods
-/// and routes, anything else `other` / `unmatched`), and rejections by code; gives a
-/// layer's bodiless refusal the JSON error body.
-async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// The server's own work around every request, in one layer (a `from_fn` layer clones
+/// the services inside it on every request, so one is cheaper than three):
+/// - refuses a body declared over the limit ([`oversize_body`]), then a write over the
+///   client's rate ([`over_rate`]), before anything inside runs;
+/// - gives a layer's bodiless refusal (the timeout's 408) the JSON error body;
+/// - adds the presence epoch header;
+/// - counts requests by method, route and status (labels from fixed sets: known methods
+///   and routes, anything else `other` / `unmatched`), and rejections by code.
+async fn front(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -580,7 +574,11 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
                 .unwrap_or("unmatched")
         });
     let method = method_label(req.method());
-    let mut resp = next.run(req).await;
+    let refused = oversize_body(&state, &req).or_else(|| over_rate(&state, &req));
+    let mut resp = match refused {
+        Some(e) => e.into_response(),
+        None => next.run(req).await,
+    };
     let status = resp.status();
     if (status.is_client_error() || status.is_server_error())
         && resp.extensions().get::<ErrorCode>().is_none()
