@@ -74,12 +74,22 @@ pub fn serve_control(
 /// How long `listen` and the chat wait for the first announcement before going on.
 pub const LOGIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Waits for the login (the first announcement); tells the user when it is late.
+/// Waits for the login (announced, and linked to the server's relay when it runs one);
+/// tells the user when either is late.
 pub async fn warn_if_not_announced(node: &Node) {
     if !node.wait_announced(LOGIN_WAIT).await {
         eprintln!(
             "p2p-node: warning: not logged in on discovery {} yet; retrying in the background",
             node.discovery_url().unwrap_or_else(|| "none".into())
+        );
+        return;
+    }
+    let home = node.home_relay();
+    if let (Some(relay), false) = (home.relay, home.connected) {
+        eprintln!(
+            "p2p-node: warning: the discovery server's relay (UDP {}) does not answer yet; \
+             peers that cannot reach this node directly use the mailbox until it does",
+            relay.addr
         );
     }
 }
