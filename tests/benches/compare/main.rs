@@ -30,6 +30,7 @@
 //! | (figure 10) | | PostgreSQL (started by the bench when installed) 1 vs 2 instances vs redb; DHT times on a local testnet |
 //! | `BENCH_ONLY` | all | figures to run, e.g. `1,2` or `msgs,latency` |
 //! | `BENCH_PROFILE` | unset | run one side of one figure alone (for a profiler) and print what it did: `send`, `send-mem`, `rtt`, `rtt-mem`, `bulk`, `bulk-mem`, `setup`, `setup-mem`, `raw-send`, `raw-rtt`, `history-insert`, `history-sender`, `history-read`; the workload is framed by `profile: measuring` and `profile: done` on stderr |
+//! | `RUST_LOG` | unset | the nodes' logs on stderr at that filter (e.g. `p2p_node=debug`), for a look inside one `BENCH_PROFILE` workload |
 //! | `BENCH_PROFILE_HOLD` | unset | `1`: after `profile: done`, wait for a line on stdin before tearing down |
 
 mod discovery;
@@ -178,6 +179,13 @@ fn main() -> Result<()> {
         // check; the measurements take minutes and belong to `cargo bench`.
         println!("compare: built; run it with `cargo bench -p p2p-tests --bench compare`");
         return Ok(());
+    }
+    if std::env::var_os("RUST_LOG").is_some() {
+        // For a look inside one figure (with BENCH_PROFILE): the nodes' logs on stderr.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
     }
     let cfg = Config::from_env()?;
     let rt = tokio::runtime::Builder::new_multi_thread()

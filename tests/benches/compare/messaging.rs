@@ -449,7 +449,7 @@ pub async fn setup(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
     let mut memory = Row::new(
         format!("4. fresh connection to 1st ack (median of {n}), in-memory store"),
         "ms",
-        Target::None,
+        Target::AtMost(1.2),
     );
     // The receiving node alone: a bare client (sending exactly what the raw client sends)
     // opening a fresh connection to the node.
