@@ -96,6 +96,7 @@ pub(super) async fn serve_connection(
     _permit: OwnedSemaphorePermit,
 ) {
     let budget = Arc::new(Semaphore::new(CONNECTION_FRAME_BUDGET));
+    let reports = report_received(&inner, conn.remote_node_id());
     loop {
         let stream = tokio::select! {
             _ = inner.cancel.cancelled() => break,
@@ -110,10 +111,10 @@ pub(super) async fn serve_connection(
         };
         let inner2 = inner.clone();
         let conn2 = conn.clone();
-        let budget = budget.clone();
-        inner
-            .tracker
-            .spawn(async move { serve_stream(inner2, conn2, budget, send, recv).await });
+        let (budget, reports) = (budget.clone(), reports.clone());
+        inner.tracker.spawn(async move {
+            serve_stream(inner2, conn2, budget, reports, send, recv).await;
+        });
     }
     inner.forget_connection(&conn);
     inner.pool().release_slot(&conn.remote_node_id());
@@ -139,18 +140,19 @@ async fn read_budgeted<R: tokio::io::AsyncRead + Unpin>(
     Ok(Some((frame, permit)))
 }
 
-/// Reads message frames from one stream and acknowledges each after storing it.
+/// Reads message frames from one stream and acknowledges each after storing it; then
+/// hands each new message to the connection's `reports`.
 async fn serve_stream(
     inner: Arc<Inner>,
     conn: Connection,
     budget: Arc<Semaphore>,
+    reports: Reports,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
     // The sender is whoever authenticated this connection; nothing in the frame says so.
     let peer = conn.remote_node_id();
     let mut buf = Vec::new();
-    let mut reports = None;
     loop {
         let read = tokio::select! {
             _ = inner.cancel.cancelled() => return,
@@ -220,14 +222,13 @@ async fn serve_stream(
             }
             written.is_ok()
         };
-        // Reported after the ack, by a task of this stream, so a name lookup delays
+        // Reported after the ack, by the connection's task, so a name lookup delays
         // neither this ack nor the next message on the stream; in order.
         if let Some(message) = received {
             let via = match conn.recv_path() {
                 Some(crate::net::PathKind::Relay) => Via::Relay,
                 _ => Via::Direct,
             };
-            let reports = reports.get_or_insert_with(|| report_received(&inner, peer));
             if reports.send((message, via)).await.is_err() {
                 return;
             }
@@ -239,15 +240,17 @@ async fn serve_stream(
     let _ = send.finish();
 }
 
-/// Messages of one stream waiting to be reported, at most this many.
+/// Messages of one connection waiting to be reported, at most this many.
 const REPORTS_QUEUED: usize = 64;
 
-/// Starts the task that reports the messages of one stream from `peer`, in order, each
-/// with the sender's name (which may take a discovery lookup).
-fn report_received(
-    inner: &Arc<Inner>,
-    peer: p2p_crypto::NodeId,
-) -> tokio::sync::mpsc::Sender<(StoredMessage, Via)> {
+/// Where the streams of one connection hand their new messages to be reported.
+type Reports = tokio::sync::mpsc::Sender<(StoredMessage, Via)>;
+
+/// Starts the task that reports the messages of one connection from `peer`, each with
+/// the sender's name (which may take a discovery lookup): a stream's messages in the
+/// order it stored them. One task per connection, not per stream: a peer that opens a
+/// stream per message costs no extra task per message.
+fn report_received(inner: &Arc<Inner>, peer: p2p_crypto::NodeId) -> Reports {
     let (tx, mut rx) = tokio::sync::mpsc::channel(REPORTS_QUEUED);
     let inner = inner.clone();
     inner.clone().tracker.spawn(async move {
