@@ -15,7 +15,7 @@ use p2p_node::{
     store::{Direction, MessageStatus},
     wire::{self, Ack, AckStatus, ChatMessage, Frame, MessageId},
     BindError, Endpoint, Node, NodeEvent, RegisterError, ResolveError, SendError, SendStatus,
-    Timings, Via,
+    Timings, TransportSettings, Via,
 };
 use sha2::Sha256;
 
@@ -941,18 +941,27 @@ async fn bind_again(builder: impl Fn() -> p2p_node::NodeBuilder) -> Result<Node>
 
 /// A bare receiver for `bob`'s key: acknowledges every message as stored and counts the
 /// streams it was sent on. With `one_per_stream` it ends each stream after its first ack
-/// (a minimal receiver that serves one message per stream).
+/// (a minimal receiver that serves one message per stream). It lets a sender open
+/// `streams_allowed` streams at once.
 async fn bare_receiver(
     d: &Discovery,
     bob: &SecretKey,
     one_per_stream: bool,
+    streams_allowed: u32,
 ) -> Result<(
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
     tokio::sync::mpsc::UnboundedReceiver<MessageId>,
     tokio::task::JoinHandle<()>,
 )> {
     use std::sync::{atomic::Ordering, Arc};
-    let ep = raw_endpoint(bob).await?;
+    let ep = Endpoint::builder(bob.clone())
+        .bind_addr(loopback())
+        .transport(TransportSettings {
+            max_concurrent_bidi_streams: streams_allowed,
+            ..TransportSettings::default()
+        })
+        .bind()
+        .await?;
     let at = SocketAddr::from(([127, 0, 0, 1], ep.local_addr()?.port()));
     let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (got_tx, got) = tokio::sync::mpsc::unbounded_channel();
@@ -1005,7 +1014,7 @@ async fn consecutive_messages_to_a_peer_share_one_stream_and_a_receiver_that_end
     let alice = User::new()?;
     for one_per_stream in [false, true] {
         let bob = SecretKey::generate();
-        let (streams, mut got, task) = bare_receiver(&d, &bob, one_per_stream).await?;
+        let (streams, mut got, task) = bare_receiver(&d, &bob, one_per_stream, 64).await?;
         let a = alice.builder(&d.url).bind().await?;
         let mut sent = Vec::new();
         for i in 0..5 {
@@ -1027,6 +1036,63 @@ async fn consecutive_messages_to_a_peer_share_one_stream_and_a_receiver_that_end
             assert!(streams >= 5, "a new stream for each message: {streams}");
         } else {
             assert_eq!(streams, 1, "one stream kept from message to message");
+        }
+        a.shutdown().await;
+        task.abort();
+    }
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn more_concurrent_sends_than_the_peer_allows_streams_wait_for_a_kept_one_and_all_arrive(
+) -> Result<()> {
+    // The peer allows 4 streams at once; 40 sends at once. Every stream ends up kept
+    // (idle) between exchanges, so a send waiting for the peer to allow a new stream
+    // would wait for ever: it takes the next stream put back instead. A receiver that
+    // ends each stream after one message gets them all too.
+    const ALLOWED: u32 = 4;
+    const SENDS: usize = 40;
+    let d = Discovery::start().await?;
+    let alice = User::new()?;
+    for one_per_stream in [false, true] {
+        let bob = SecretKey::generate();
+        let (streams, mut got, task) = bare_receiver(&d, &bob, one_per_stream, ALLOWED).await?;
+        let a = alice.builder(&d.url).bind().await?;
+        let mut sends = tokio::task::JoinSet::new();
+        for i in 0..SENDS {
+            let (a, to) = (a.clone(), bob.public());
+            sends.spawn(async move { a.send_to(&to, &format!("m{i}")).await });
+        }
+        let mut sent = Vec::new();
+        while let Some(out) = tokio::time::timeout(DEADLINE, sends.join_next())
+            .await
+            .context("sends still waiting for a stream")?
+        {
+            let out = out??;
+            assert_eq!(
+                out.status,
+                SendStatus::Delivered,
+                "one per stream: {one_per_stream}"
+            );
+            sent.push(out.id);
+        }
+        let mut received = Vec::new();
+        while let Ok(id) = got.try_recv() {
+            received.push(id);
+        }
+        sent.sort();
+        received.sort();
+        received.dedup();
+        assert_eq!(received, sent, "every message arrived");
+        let streams = streams.load(std::sync::atomic::Ordering::SeqCst);
+        if one_per_stream {
+            assert!(streams >= SENDS, "a stream for each message: {streams}");
+        } else {
+            assert!(
+                streams <= ALLOWED as usize,
+                "{SENDS} messages on the {ALLOWED} streams kept, not a stream each: {streams}"
+            );
         }
         a.shutdown().await;
         task.abort();

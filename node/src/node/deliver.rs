@@ -234,8 +234,9 @@ const STREAM_REUSE: Duration = Duration::from_secs(2);
 /// is kept for the next message (the receiver serves frame after frame on a stream, each
 /// acknowledged in order), so a busy peer is sent to without opening and ending a stream
 /// per message. A kept stream that fails before its ack (the peer ended or reset it
-/// meanwhile) is dropped and the message goes once more on a new stream; the receiver
-/// deduplicates by id, so a message stored twice is acknowledged `Duplicate`.
+/// meanwhile) is dropped with the others kept, and the message goes once more (on a new
+/// stream, or one kept since); the receiver deduplicates by id, so a message stored
+/// twice is acknowledged `Duplicate`.
 async fn send_on(
     inner: &Arc<Inner>,
     conn: &Connection,
@@ -243,20 +244,22 @@ async fn send_on(
 ) -> Result<Acked, DeliverError> {
     let fresh = STREAM_REUSE.min(inner.timings.read_timeout / 4);
     let exchange = async {
-        if let Some(kept) = conn.take_stream(fresh) {
-            match exchange(conn, kept, msg).await {
-                Err(DeliverError::Stream(e)) => {
-                    tracing::debug!(peer = %conn.remote_node_id(), error = %e, "kept stream failed; sending on a new one");
+        loop {
+            let (send, recv, kept) = conn
+                .stream(fresh)
+                .await
+                .map_err(|e| DeliverError::Stream(StreamError::Open(e)))?;
+            match exchange(conn, (send, recv), msg).await {
+                // The peer ends streams (or ended this one): the others kept beside it
+                // likely went the same way, and they hold places a new stream needs.
+                // Each try costs a round trip at least; the ack timeout bounds them all.
+                Err(DeliverError::Stream(e)) if kept => {
+                    tracing::debug!(peer = %conn.remote_node_id(), error = %e, "kept stream failed; sending once more");
+                    conn.drop_kept_streams();
                 }
                 done => return done,
             }
         }
-        let stream = conn
-            .quic()
-            .open_bi()
-            .await
-            .map_err(|e| DeliverError::Stream(StreamError::Open(e)))?;
-        exchange(conn, stream, msg).await
     };
     tokio::select! {
         _ = inner.cancel.cancelled() => Err(DeliverError::Shutdown),

@@ -140,6 +140,9 @@ async fn read_budgeted<R: tokio::io::AsyncRead + Unpin>(
     Ok(Some((frame, permit)))
 }
 
+/// The read buffer a stream keeps between frames, at most (a larger one is freed).
+const IDLE_READ_BUFFER: usize = 4096;
+
 /// Reads message frames from one stream and acknowledges each after storing it; then
 /// hands each new message to the connection's `reports`.
 async fn serve_stream(
@@ -179,6 +182,11 @@ async fn serve_stream(
             }
         };
         let (frame, _budget) = frame;
+        // A stream may wait idle for the sender's next message: it keeps no more than a
+        // small buffer meanwhile, so the bytes held stay within the frame budget.
+        if buf.capacity() > IDLE_READ_BUFFER {
+            buf = Vec::new();
+        }
         let msg = match frame {
             Frame::Message(msg) => msg,
             Frame::Ack(_) => {

@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use p2p_node::{node::MAX_WRITE_BATCH, wire::MAX_TEXT_LEN, Endpoint, NodeEvent};
+use p2p_node::{node::MAX_WRITE_BATCH, wire::MAX_TEXT_LEN, Endpoint, NodeEvent, TransportSettings};
 use tokio::task::JoinSet;
 
 use crate::{
@@ -123,6 +123,11 @@ async fn raw_load(fx: &Fixture, in_flight: usize, dur: Duration) -> Result<Load>
     .await
 }
 
+/// Streams a node allows a peer at once: the raw echo uses as many.
+fn streams_allowed() -> usize {
+    usize::try_from(TransportSettings::default().max_concurrent_bidi_streams).unwrap_or(1)
+}
+
 /// Opens a stream on `conn`, failing after `STREAM_CLOSE` without stream credit.
 async fn open_stream(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream)> {
     Ok(tokio::time::timeout(STREAM_CLOSE, conn.open_bi())
@@ -130,12 +135,13 @@ async fn open_stream(conn: &quinn::Connection) -> Result<(quinn::SendStream, qui
         .context("no stream credit from the peer")??)
 }
 
-/// The raw echo on long-lived streams: `in_flight` senders share 64 streams (quinn's
-/// limit per connection), each stream carrying frame after frame. They live on a
+/// The raw echo on long-lived streams: `in_flight` senders share as many streams as a
+/// node allows per connection (`TransportSettings::max_concurrent_bidi_streams`, the
+/// node's own limit too), each stream carrying frame after frame. They live on a
 /// connection of their own: quinn announces freed stream credit (MAX_STREAMS) only once
 /// more than 1/8 of the window is free, so after the stream-per-message phases the
-/// shared echo connection may keep up to 8 of its 64 slots unannounced for as long as it
-/// stays idle, and this needs all 64 at once.
+/// shared echo connection may keep up to 1/8 of its slots unannounced for as long as it
+/// stays idle, and this needs all of them at once.
 async fn raw_long_lived_load(fx: &Fixture, in_flight: usize, dur: Duration) -> Result<Load> {
     let conn = fx
         .client
@@ -144,7 +150,7 @@ async fn raw_long_lived_load(fx: &Fixture, in_flight: usize, dur: Duration) -> R
         .quic()
         .clone();
     let mut pool = Vec::new();
-    for _ in 0..in_flight.clamp(1, 64) {
+    for _ in 0..in_flight.clamp(1, streams_allowed()) {
         let (send, recv) = open_stream(&conn).await?;
         pool.push(Arc::new(tokio::sync::Mutex::new((send, recv, Vec::new()))));
     }
@@ -231,14 +237,15 @@ pub async fn throughput(cfg: &Config, fx: &Fixture, notes: &mut Vec<String>) -> 
     let sat = median(&saturation);
     notes.push(format!(
         "Figure 1: the raw echo at {} in flight reaches {sat:.2}x (median) of its rate at {k} \
-         in flight, so {k} {} (quinn allows 64 concurrent streams per connection; further \
-         senders wait for stream credit).",
+         in flight, so {k} {} (a node allows {} concurrent streams per connection; \
+         further senders wait for stream credit).",
         (k / 4).max(1),
         if sat >= 0.9 {
             "saturates it"
         } else {
             "is needed to saturate it; raise BENCH_INFLIGHT if the ratio is well below 1"
-        }
+        },
+        streams_allowed(),
     ));
     notes.push(format!(
         "Figure 1: the two limits per run, raw long-lived streams / raw redb group commit \
