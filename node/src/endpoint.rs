@@ -54,12 +54,15 @@ pub struct TransportSettings {
     pub receive_window: u32,
 }
 
+/// Bidirectional streams a peer may have open at once, by default.
+const DEFAULT_BIDI_STREAMS: u32 = 256;
+
 impl Default for TransportSettings {
     fn default() -> Self {
         Self {
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(10),
-            max_concurrent_bidi_streams: 256,
+            max_concurrent_bidi_streams: DEFAULT_BIDI_STREAMS,
             max_concurrent_uni_streams: 0,
             stream_receive_window: 256 * 1024,
             receive_window: 2 * 1024 * 1024,
@@ -449,7 +452,7 @@ pub struct Connection {
 /// default [`TransportSettings`] lets us open at once. A send that finds none idle waits
 /// for whichever comes first, a new stream or one put back, so idle streams never hold
 /// up a send even when they are all the peer allows.
-pub const MAX_IDLE_STREAMS: usize = 256;
+pub const MAX_IDLE_STREAMS: usize = DEFAULT_BIDI_STREAMS as usize;
 
 /// The streams kept between exchanges, and a wake-up for a send waiting on one.
 #[derive(Debug, Default)]
