@@ -132,7 +132,7 @@ pub fn others_online(peers: &[PeerInfo], me: NodeId) -> Vec<(NodeId, Option<Stri
 }
 
 /// The online list as the chat shows it, with the path to each peer this node is
-/// connected to (`path_of`, e.g. [`Node::path_of`]).
+/// connected to (`path_of`, e.g. [`p2p_node::Node::path_of`]).
 pub fn online_lines(
     others: &[(NodeId, Option<String>)],
     path_of: impl Fn(&NodeId) -> Option<PathKind>,
@@ -157,7 +157,7 @@ pub fn online_lines(
 }
 
 /// How the chat names a peer: the name given, else the name `known` has for it (e.g.
-/// [`Node::name_of`]), else its fingerprint.
+/// [`p2p_node::Node::name_of`]), else its fingerprint.
 pub fn peer_label(
     id: &NodeId,
     name: Option<&str>,

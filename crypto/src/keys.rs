@@ -114,7 +114,7 @@ pub type NodeId = PublicKey;
 
 impl PublicKey {
     /// Parses 32 bytes, checking that they are a valid ed25519 point of large order
-    /// (bytes that passed before are not checked twice; see [`ValidKeys`]).
+    /// (bytes that passed before are not checked twice; see `ValidKeys`).
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, ParseKeyError> {
         VALID_KEYS.check(bytes)?;
         Ok(Self(*bytes))

@@ -17,7 +17,7 @@
 //! key. A dialer names the NodeId it expects and gets [`ConnectError::UnexpectedPeer`],
 //! naming both ids, if the peer is anyone else. An acceptor learns the caller's NodeId
 //! from the handshake. Application protocol negotiation (ALPN) must select
-//! [`ALPN`](crate::wire::ALPN); any other peer is refused.
+//! [`crate::wire::ALPN`]; any other peer is refused.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -493,7 +493,7 @@ impl Connection {
         idle.pop().map(|s| (s.send, s.recv))
     }
 
-    /// A stream for one exchange: a kept one ([`Connection::take_stream`]), else
+    /// A stream for one exchange: a kept one (idle for less than `fresh`), else
     /// whichever comes first, a new stream (once the peer allows one more) or one
     /// another exchange puts back. The flag says whether the stream was kept.
     pub async fn stream(

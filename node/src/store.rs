@@ -35,7 +35,7 @@
 //!
 //! A database is clear (schema 1) or encrypted (schema 2). In an encrypted one every
 //! message row's value (direction, the sender's timestamp, the body and the status) is
-//! sealed under a key derived from the identity ([`cipher`], `p2p_crypto::history`), bound
+//! sealed under a key derived from the identity (`cipher`, `p2p_crypto::history`), bound
 //! to its row key; the keys, the message-id index, the outbox bookkeeping and the
 //! contacts stay clear, so range scans and lookups work unchanged. [`Store::open_with_key`]
 //! with `encrypt` turns a clear database into an encrypted one by writing a sealed copy

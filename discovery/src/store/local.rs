@@ -69,7 +69,7 @@ pub trait Durable: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Vec<StoredEnvelope>, StoreError>;
 }
 
-/// A single-instance store: a [`Durable`] part for names and mailboxes, presence and the
+/// A single-instance store: a `Durable` part for names and mailboxes, presence and the
 /// replay guard in memory (they need not outlive the process: nodes announce again).
 pub struct LocalStore<D> {
     durable: Arc<D>,

@@ -12,12 +12,12 @@
 //!                               peer      relay (in the discovery server) ──► peer
 //! ```
 //!
-//! - [`mapped`]: the stand-in address quinn sees for each peer.
+//! - `mapped`: the stand-in address quinn sees for each peer.
 //! - [`paths`]: the policy (a state machine taking `now`): route per packet, labels of
 //!   arriving datagrams, hole punching, heartbeats.
 //! - [`probe`]: the signed ping / pong / call-me-maybe packets.
-//! - [`socket`]: the `AsyncUdpSocket` quinn runs on, which carries out the policy.
-//! - [`relay`]: relay links, one QUIC connection per relay (the home relay, and the
+//! - `socket`: the `AsyncUdpSocket` quinn runs on, which carries out the policy.
+//! - `relay`: relay links, one QUIC connection per relay (the home relay, and the
 //!   relays of peers that use another one).
 //!
 //! The driver task ticks the policy's timers and keeps the relay links up.

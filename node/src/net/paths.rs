@@ -2,7 +2,7 @@
 //! packet from a peer is labelled with, and when to probe. A plain state machine: every
 //! method takes `now`, nothing here touches a socket or a clock, so the whole policy is
 //! unit-tested without a network (the socket and the driver in [`super`] carry out the
-//! [`Action`]s it returns).
+//! `Action`s it returns).
 //!
 //! # Policy
 //!
@@ -25,14 +25,14 @@
 //!
 //! # Labels
 //!
-//! quinn sees a peer at its mapped address ([`super::mapped`]). A packet from a relay is
+//! quinn sees a peer at its mapped address (`mapped`). A packet from a relay is
 //! labelled with its (relay-authenticated) sender's mapped address. A UDP datagram is
 //! labelled only when its source address is *claimed* by one peer: by a verified ping or
 //! pong from that address (kept while it is in use), or because we just sent that peer
-//! packets or pings there (kept [`SENT_CLAIM`]). Anything else reaches quinn with its
+//! packets or pings there (kept `SENT_CLAIM`). Anything else reaches quinn with its
 //! real address, exactly like a plain UDP socket: a connection dialed to a real address,
 //! or a caller who dialed ours. An address that just delivered the handshake of such a
-//! connection is not claimed for [`HANDSHAKE_GUARD`], so a connection is never
+//! connection is not claimed for `HANDSHAKE_GUARD`, so a connection is never
 //! relabelled in the middle of its handshake (quinn would drop its packets).
 
 use std::{
@@ -68,7 +68,10 @@ pub struct PathConfig {
     /// Default 15 s.
     pub active: Duration,
     /// How long packets flow to a peer before the first punch round. Default 0 (at
-    /// once); a delay saves the probes for exchanges that end quickly.
+    /// once); a delay saves the probes for exchanges that end quickly. At once, a
+    /// sprayed dial's first pings go ahead of its handshake, so the peer labels that
+    /// handshake as ours (see the module documentation, "Labels"); with a delay it
+    /// arrives unlabelled, and the peer cannot dial our address back for 10 s.
     pub punch_delay: Duration,
     /// Length of one punch round (its ping waves go out at 0, 0.3, 1 and 2 s). Default 3 s.
     pub round: Duration,

@@ -395,6 +395,42 @@ fn without_a_relay_packets_spray_the_candidates_and_answers_are_labelled() {
     assert_eq!(lonely.paths.route(lonely.index, lonely.t0), Route::Drop);
 }
 
+/// A sprayed dial pings before its first packet leaves, and that is what lets the callee
+/// know the caller: its verified ping claims the address, so the handshake behind it is
+/// labelled as the caller's. A handshake that arrives first is passed unlabelled, and the
+/// address cannot be claimed for [`HANDSHAKE_GUARD`] (a dial back to it would fail
+/// meanwhile). Deferring these first pings (they cost 0.3 to 0.7 ms of a first message on
+/// loopback, BENCHMARKS.md) broke exactly that.
+#[test]
+fn a_sprayed_dial_pings_ahead_of_its_handshake_so_the_callee_labels_it() {
+    let mut caller = fixture(&["192.168.1.2:4000"], false);
+    assert!(matches!(
+        caller.paths.route(caller.index, caller.t0),
+        Route::Spray(_)
+    ));
+    let first = pings(&caller.paths.take_actions());
+    assert_eq!(first.len(), 1, "a ping goes ahead of the first packet");
+    let (_, tx) = first[0];
+    // The callee: the caller's ping arrives from the caller's address, then its
+    // handshake from the same address.
+    let from = addr("192.168.1.9:5000");
+    let ping = Probe {
+        from: caller.me.public(),
+        to: caller.peer.public(),
+        tx,
+        kind: ProbeKind::Ping,
+    };
+    let mut callee = Paths::new(caller.peer.public(), PathConfig::default(), false);
+    callee.on_probe(ping.clone(), ProbeSource::Udp(from), caller.t0);
+    let label = callee.label_udp(from, true, caller.t0);
+    assert!(label.is_some_and(|l| callee.node_of(l) == Some(caller.me.public())));
+    // Without the ping first: unlabelled, and not claimable during the guard.
+    let mut late = Paths::new(caller.peer.public(), PathConfig::default(), false);
+    assert_eq!(late.label_udp(from, true, caller.t0), None);
+    late.on_probe(ping, ProbeSource::Udp(from), caller.t0);
+    assert_eq!(late.label_udp(from, false, caller.t0), None);
+}
+
 #[test]
 fn relay_packets_are_labelled_with_their_sender() {
     let mut f = fixture(&[], true);
