@@ -889,7 +889,19 @@ impl Paths {
                     },
                 });
                 if !proven && !just_pinged_back && usable(&addr) {
-                    // Validate the path in our direction too.
+                    // Validate the path in our direction too. With no direct path yet,
+                    // that ping is the first wave of our round: the packets we send the
+                    // peer next (the answer to its handshake) do not start another.
+                    if let Some(peer) = self.peers.get_mut(&key) {
+                        if peer.best.is_none() && peer.punch.round_start.is_none() {
+                            peer.punch = Punch {
+                                round_start: Some(now),
+                                waves: 1,
+                                failures: peer.punch.failures,
+                                next_round: None,
+                            };
+                        }
+                    }
                     self.ping(key, addr, now, &mut out);
                 }
             }

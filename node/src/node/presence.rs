@@ -47,7 +47,9 @@ pub(super) async fn announce_loop(inner: Arc<Inner>) {
     let mut status = inner.discovery_status();
     let mut resets = inner.disco.as_ref().and_then(|d| d.presence_resets());
     loop {
-        home.mark_unchanged();
+        // What the home relay looked like as this announcement started: a change while it
+        // is under way (the link coming up) is announced right after it.
+        let seen = home.borrow_and_update().clone();
         let wait = match announce_once(&inner).await {
             Ok(after) => {
                 if failures > 0 {
@@ -78,7 +80,7 @@ pub(super) async fn announce_loop(inner: Arc<Inner>) {
             }
             // The server answers again after an outage: do not wait out the backoff.
             _ = inner.discovery_back.notified(), if failures > 0 => failures = 0,
-            changed = relay_changed(&mut home) => {
+            changed = relay_changed(&mut home, &seen) => {
                 if !changed {
                     // The path layer is gone (shutting down): keep the timer only.
                     tokio::select! {
@@ -91,23 +93,27 @@ pub(super) async fn announce_loop(inner: Arc<Inner>) {
     }
 }
 
-/// Waits until what we announce of the home relay changes (the relay itself, or our
-/// address as it sees us), or the link to it comes back (the server may have restarted
-/// and forgotten our presence). `false` when the path layer is gone.
-async fn relay_changed(home: &mut tokio::sync::watch::Receiver<crate::net::HomeRelay>) -> bool {
-    let (before, mut connected) = {
-        let h = home.borrow_and_update();
-        ((h.relay, h.reflexive), h.connected)
-    };
+/// Waits until what we announce of the home relay differs from `seen` (the relay itself,
+/// or our address as it sees us), or the link to it comes back (the server may have
+/// restarted and forgotten our presence). Returns at once when it differs already: a
+/// change during the announcement is not lost. `false` when the path layer is gone.
+async fn relay_changed(
+    home: &mut tokio::sync::watch::Receiver<crate::net::HomeRelay>,
+    seen: &crate::net::HomeRelay,
+) -> bool {
+    let before = (seen.relay, seen.reflexive);
+    let mut connected = seen.connected;
     loop {
+        {
+            let h = home.borrow_and_update();
+            let reconnected = h.connected && !connected;
+            connected = h.connected;
+            if (h.relay, h.reflexive) != before || reconnected {
+                return true;
+            }
+        }
         if home.changed().await.is_err() {
             return false;
-        }
-        let h = home.borrow_and_update();
-        let reconnected = h.connected && !connected;
-        connected = h.connected;
-        if (h.relay, h.reflexive) != before || reconnected {
-            return true;
         }
     }
 }
@@ -325,5 +331,69 @@ fn apply_online(inner: &Inner, peers: Vec<PeerInfo>) {
     }
     for (name, pinned, announced) in key_changes {
         inner.key_changed(&name, pinned, announced);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use p2p_crypto::SecretKey;
+    use p2p_discovery::RelayRef;
+    use tokio::sync::watch;
+
+    use super::relay_changed;
+    use crate::net::HomeRelay;
+
+    fn linked() -> HomeRelay {
+        HomeRelay {
+            relay: Some(RelayRef {
+                node_id: SecretKey::from_bytes(&[9; 32]).public(),
+                addr: "127.0.0.1:7117".parse().expect("address"),
+            }),
+            connected: true,
+            reflexive: Some("203.0.113.5:4000".parse().expect("address")),
+        }
+    }
+
+    /// The relay link came up while an announcement without it was under way: the loop
+    /// announces again at once instead of waiting for the next refresh.
+    #[tokio::test]
+    async fn a_relay_link_that_came_up_during_an_announcement_is_announced_at_once() {
+        let seen = HomeRelay::default();
+        let (tx, mut rx) = watch::channel(seen.clone());
+        tx.send_replace(linked());
+        // The receiver has not been asked yet: as the loop's `select!` first polls it.
+        let changed = tokio::time::timeout(Duration::from_secs(5), relay_changed(&mut rx, &seen))
+            .await
+            .expect("returns at once");
+        assert!(changed);
+    }
+
+    /// Nothing announced differs: it waits for a change, and returns on the link coming
+    /// back after it went down.
+    #[tokio::test]
+    async fn an_unchanged_relay_waits_and_a_link_back_up_is_a_change() {
+        let seen = linked();
+        let (tx, mut rx) = watch::channel(seen.clone());
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(50), relay_changed(&mut rx, &seen)).await;
+        assert!(waiting.is_err(), "nothing changed: still waiting");
+        let down = HomeRelay {
+            connected: false,
+            ..linked()
+        };
+        // One thread: the task runs exactly where this test yields.
+        let task = tokio::spawn(async move { relay_changed(&mut rx, &seen).await });
+        tokio::task::yield_now().await;
+        tx.send_replace(down);
+        tokio::task::yield_now().await;
+        assert!(!task.is_finished(), "a link going down is not announced");
+        tx.send_replace(linked());
+        let changed = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("returns")
+            .expect("task");
+        assert!(changed);
     }
 }

@@ -431,6 +431,38 @@ fn a_sprayed_dial_pings_ahead_of_its_handshake_so_the_callee_labels_it() {
     assert_eq!(late.label_udp(from, false, caller.t0), None);
 }
 
+/// The callee of a sprayed dial pings the caller back once: the answer to the caller's
+/// handshake, sent right after, starts no second round (its pings would be signed and
+/// verified beside the handshake, on both sides).
+#[test]
+fn a_ping_back_is_the_first_wave_of_the_callees_round() {
+    let f = fixture(&[], false);
+    let mut callee = Paths::new(f.peer.public(), PathConfig::default(), false);
+    let caller_at = addr("192.168.1.9:5000");
+    // The callee knows the caller's published address too (from discovery).
+    callee.set_peer_info(
+        f.me.public(),
+        &[caller_at, addr("10.0.0.9:5000")],
+        None,
+        f.t0,
+    );
+    let ping = Probe {
+        from: f.me.public(),
+        to: f.peer.public(),
+        tx: [3; 12],
+        kind: ProbeKind::Ping,
+    };
+    let answers = callee.on_probe(ping, ProbeSource::Udp(caller_at), f.t0);
+    assert_eq!(pings(&answers), vec![(caller_at, pings(&answers)[0].1)]);
+    let label = callee.label_udp(caller_at, true, f.t0).expect("labelled");
+    let index = mapped::index(label).expect("mapped");
+    assert!(matches!(callee.route(index, f.t0), Route::Spray(_)));
+    assert!(pings(&callee.take_actions()).is_empty(), "no second round");
+    // The round's next wave pings every candidate, as any round does.
+    let later = callee.poll(f.t0 + Duration::from_millis(300));
+    assert_eq!(pings(&later).len(), 2);
+}
+
 #[test]
 fn relay_packets_are_labelled_with_their_sender() {
     let mut f = fixture(&[], true);
