@@ -900,6 +900,7 @@ impl Paths {
                                 failures: peer.punch.failures,
                                 next_round: None,
                             };
+                            self.stats.attempts = self.stats.attempts.saturating_add(1);
                         }
                     }
                     self.ping(key, addr, now, &mut out);

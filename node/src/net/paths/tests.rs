@@ -458,6 +458,8 @@ fn a_ping_back_is_the_first_wave_of_the_callees_round() {
     let index = mapped::index(label).expect("mapped");
     assert!(matches!(callee.route(index, f.t0), Route::Spray(_)));
     assert!(pings(&callee.take_actions()).is_empty(), "no second round");
+    // One round, counted once for the relay's punch report.
+    assert_eq!(callee.take_stats().attempts, 1);
     // The round's next wave pings every candidate, as any round does.
     let later = callee.poll(f.t0 + Duration::from_millis(300));
     assert_eq!(pings(&later).len(), 2);
