@@ -33,7 +33,8 @@
 //!
 //! # Encryption at rest
 //!
-//! A database is clear (schema 1) or encrypted (schema 2). In an encrypted one every
+//! A database is clear (schema 3) or encrypted (schema 4; schemas 1 and 2 are their
+//! older layouts, moved forward on open, see `tables`). In an encrypted one every
 //! message row's value (direction, the sender's timestamp, the body and the status) is
 //! sealed under a key derived from the identity (`cipher`, `p2p_crypto::history`), bound
 //! to its row key; the keys, the message-id index, the outbox bookkeeping and the

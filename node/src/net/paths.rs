@@ -246,6 +246,15 @@ struct Punch {
     next_round: Option<Instant>,
 }
 
+impl Punch {
+    /// Starts a round now, its first wave sent (the failures before it are kept).
+    fn start(&mut self, now: Instant) {
+        self.round_start = Some(now);
+        self.waves = 1;
+        self.next_round = None;
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Peer {
     node: NodeId,
@@ -894,12 +903,7 @@ impl Paths {
                     // peer next (the answer to its handshake) do not start another.
                     if let Some(peer) = self.peers.get_mut(&key) {
                         if peer.best.is_none() && peer.punch.round_start.is_none() {
-                            peer.punch = Punch {
-                                round_start: Some(now),
-                                waves: 1,
-                                failures: peer.punch.failures,
-                                next_round: None,
-                            };
+                            peer.punch.start(now);
                             self.stats.attempts = self.stats.attempts.saturating_add(1);
                         }
                     }
@@ -922,12 +926,7 @@ impl Paths {
                 peer.last_send = Some(now);
                 peer.punch_asked = Some(now);
                 if peer.best.is_none() {
-                    peer.punch = Punch {
-                        round_start: Some(now),
-                        waves: 1,
-                        failures: peer.punch.failures,
-                        next_round: None,
-                    };
+                    peer.punch.start(now);
                 }
                 let addrs: Vec<SocketAddr> = peer.candidates.iter().map(|c| c.addr).collect();
                 for a in addrs {
@@ -1117,9 +1116,7 @@ impl Paths {
                 if peer.punch.next_round.is_some_and(|t| now < t) || !waited {
                     return;
                 }
-                peer.punch.round_start = Some(now);
-                peer.punch.waves = 1;
-                peer.punch.next_round = None;
+                peer.punch.start(now);
                 self.stats.attempts = self.stats.attempts.saturating_add(1);
                 if let Some(relay) = relay {
                     out.push(Action::SendRelay {

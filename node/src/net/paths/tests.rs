@@ -399,7 +399,7 @@ fn without_a_relay_packets_spray_the_candidates_and_answers_are_labelled() {
 /// know the caller: its verified ping claims the address, so the handshake behind it is
 /// labelled as the caller's. A handshake that arrives first is passed unlabelled, and the
 /// address cannot be claimed for [`HANDSHAKE_GUARD`] (a dial back to it would fail
-/// meanwhile). Deferring these first pings (they cost 0.3 to 0.7 ms of a first message on
+/// meanwhile). Deferring these first pings (they cost up to 0.75 ms of a first message on
 /// loopback, BENCHMARKS.md) broke exactly that.
 #[test]
 fn a_sprayed_dial_pings_ahead_of_its_handshake_so_the_callee_labels_it() {
