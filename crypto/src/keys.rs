@@ -1,6 +1,7 @@
 //! Node identity keys and their text forms.
 
 use std::{
+    collections::HashSet,
     fmt,
     str::FromStr,
     sync::{LazyLock, Mutex},
@@ -52,53 +53,70 @@ fn decode_fixed<const N: usize>(s: &str) -> Result<[u8; N], ParseKeyError> {
     bytes.try_into().map_err(|_| ParseKeyError::Encoding)
 }
 
-/// Slots of a [`ValidKeys`].
-const VALID_KEY_SLOTS: usize = 4096;
+/// Keys a [`ValidKeys`] remembers per generation (two generations): every record of a
+/// discovery server at its default presence cap, with room to spare; 7/8 of a power of
+/// two, so a full generation's table has no empty half.
+const VALID_KEYS_PER_GENERATION: usize = 57_344;
 
 /// Keys that passed the point check before, so a key parsed again (the id of every
 /// lookup, of every record that names it) is not checked again: checking a point takes
-/// a field square root, about 15 µs here, comparing 32 bytes next to nothing. A hit
-/// needs the exact bytes that passed. Direct-mapped on the key's first two bytes (a
-/// slot holds the last key that passed there): 132 KiB, never more.
+/// a field square root, about 15 µs here, a hash lookup well under one. A hit needs the
+/// exact bytes that passed. Bounded: two generations; when the newer is full the older
+/// is dropped (at most about 4.5 MiB, used only as keys are seen: a node that talks to a
+/// few peers holds a few entries).
 struct ValidKeys {
-    slots: Mutex<[Option<[u8; 32]>; VALID_KEY_SLOTS]>,
+    per_generation: usize,
+    inner: Mutex<KeyGenerations>,
+}
+
+#[derive(Default)]
+struct KeyGenerations {
+    new: HashSet<[u8; 32]>,
+    old: HashSet<[u8; 32]>,
 }
 
 /// The process's [`ValidKeys`], used by [`PublicKey::from_bytes`].
-static VALID_KEYS: ValidKeys = ValidKeys::new();
+static VALID_KEYS: LazyLock<ValidKeys> =
+    LazyLock::new(|| ValidKeys::with_capacity(VALID_KEYS_PER_GENERATION));
 
 impl ValidKeys {
-    const fn new() -> Self {
+    fn with_capacity(per_generation: usize) -> Self {
         Self {
-            slots: Mutex::new([None; VALID_KEY_SLOTS]),
+            per_generation: per_generation.max(1),
+            inner: Mutex::default(),
         }
     }
 
-    fn slot(bytes: &[u8; 32]) -> usize {
-        usize::from(u16::from_le_bytes([bytes[0], bytes[1]])) % VALID_KEY_SLOTS
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, [Option<[u8; 32]>; VALID_KEY_SLOTS]> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeyGenerations> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Checks that `bytes` are a valid ed25519 point of large order.
     fn check(&self, bytes: &[u8; 32]) -> Result<(), ParseKeyError> {
-        let slot = Self::slot(bytes);
-        if self.lock()[slot] == Some(*bytes) {
+        if self.holds(bytes) {
             return Ok(());
         }
         let key = VerifyingKey::from_bytes(bytes).map_err(|_| ParseKeyError::InvalidKey)?;
         if key.is_weak() {
             return Err(ParseKeyError::InvalidKey);
         }
-        self.lock()[slot] = Some(*bytes);
+        let mut g = self.lock();
+        if g.new.len() >= self.per_generation {
+            g.old = std::mem::take(&mut g.new);
+        }
+        g.new.insert(*bytes);
         Ok(())
     }
 
-    #[cfg(test)]
     fn holds(&self, bytes: &[u8; 32]) -> bool {
-        self.lock()[Self::slot(bytes)] == Some(*bytes)
+        let g = self.lock();
+        g.new.contains(bytes) || g.old.contains(bytes)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        let g = self.lock();
+        g.new.len() + g.old.len()
     }
 }
 
@@ -410,31 +428,31 @@ mod tests {
 
     #[test]
     fn a_key_checked_before_passes_as_itself_only() {
-        let keys = ValidKeys::new();
+        let keys = ValidKeys::with_capacity(8);
         let bytes = *SecretKey::generate().public().as_bytes();
         assert_eq!(keys.check(&bytes), Ok(()));
         assert!(keys.holds(&bytes));
         assert_eq!(keys.check(&bytes), Ok(()));
-        // The identity (small order) fails, and so do bytes of its slot that are not a
-        // point; neither takes the slot.
+        // The identity (small order) fails, and so do bytes next to a valid key that are
+        // not a point; none is remembered.
         let mut identity = [0u8; 32];
         identity[0] = 1;
         assert_eq!(keys.check(&identity), Err(ParseKeyError::InvalidKey));
         assert!(!keys.holds(&identity));
-        let mut same_slot = bytes;
+        let mut near = bytes;
         let not_points: Vec<[u8; 32]> = (0..=255u8)
             .filter_map(|b| {
-                same_slot[31] = b;
-                VerifyingKey::from_bytes(&same_slot)
-                    .is_err()
-                    .then_some(same_slot)
+                near[31] = b;
+                VerifyingKey::from_bytes(&near).is_err().then_some(near)
             })
             .collect();
         assert!(!not_points.is_empty(), "some y has no x");
         for k in &not_points {
             assert_eq!(keys.check(k), Err(ParseKeyError::InvalidKey));
+            assert!(!keys.holds(k));
         }
         assert!(keys.holds(&bytes));
+        assert_eq!(keys.len(), 1);
         // Through the process's memo, the same answers.
         assert_eq!(
             PublicKey::from_bytes(&identity),
@@ -444,6 +462,39 @@ mod tests {
             PublicKey::from_bytes(&not_points[0]),
             Err(ParseKeyError::InvalidKey)
         );
+    }
+
+    #[test]
+    fn the_memo_of_valid_keys_keeps_two_generations_at_most() {
+        let keys = ValidKeys::with_capacity(4);
+        let all: Vec<[u8; 32]> = (0..11)
+            .map(|_| *SecretKey::generate().public().as_bytes())
+            .collect();
+        for k in &all {
+            assert_eq!(keys.check(k), Ok(()));
+        }
+        // 11 keys through generations of 4: the last 3 in the newer, the 4 before them
+        // in the older, the first 4 dropped (and checked again when they come back).
+        assert_eq!(keys.len(), 7);
+        assert!(all[4..].iter().all(|k| keys.holds(k)));
+        assert!(all[..4].iter().all(|k| !keys.holds(k)));
+        assert_eq!(keys.check(&all[0]), Ok(()));
+        assert!(keys.holds(&all[0]));
+    }
+
+    #[test]
+    fn the_memo_holds_the_ids_of_a_busy_discovery_server() {
+        // More ids than a few thousand slots could hold (a direct-mapped memo of 4096
+        // kept almost none of a server's 100 000): every one is remembered.
+        let keys = ValidKeys::with_capacity(VALID_KEYS_PER_GENERATION);
+        let ids: Vec<[u8; 32]> = (0..5000)
+            .map(|_| *SecretKey::generate().public().as_bytes())
+            .collect();
+        for k in &ids {
+            assert_eq!(keys.check(k), Ok(()));
+        }
+        assert!(ids.iter().all(|k| keys.holds(k)));
+        assert_eq!(keys.len(), ids.len());
     }
 
     #[test]

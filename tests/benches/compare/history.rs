@@ -129,8 +129,17 @@ fn stamp(batch: usize, i: usize) -> u64 {
 
 /// The same rows in the same tables, same batches, one commit each.
 fn raw_insert(db: &Database, msgs: &[(NodeId, ChatMessage)]) -> Result<Duration> {
+    raw_insert_batched(db, msgs, MAX_WRITE_BATCH)
+}
+
+/// [`raw_insert`] with `batch` rows per commit.
+fn raw_insert_batched(
+    db: &Database,
+    msgs: &[(NodeId, ChatMessage)],
+    batch: usize,
+) -> Result<Duration> {
     let start = Instant::now();
-    for (i, batch) in msgs.chunks(MAX_WRITE_BATCH).enumerate() {
+    for (i, batch) in msgs.chunks(batch.max(1)).enumerate() {
         let txn = db.begin_write()?;
         {
             let mut history = txn.open_table(HISTORY)?;
@@ -336,6 +345,9 @@ pub struct DiskLimits {
     pub insert_rate: f64,
     /// Median time of one durable commit of one small row.
     pub commit_p50: Duration,
+    /// Median time for two such commits started together on two files (as a sender and
+    /// its receiver on one disk each write a message), until the later one is done.
+    pub commit_pair_p50: Duration,
 }
 
 /// Measures [`DiskLimits`] with `msgs` rows and `commits` single-row commits.
@@ -345,27 +357,98 @@ pub fn disk_limits(msgs: usize, commits: usize) -> Result<DiskLimits> {
     let db = open_raw(&dir.path().join("limits.redb"))?;
     let insert_rate = msgs as f64 / raw_insert(&db, &rows)?.as_secs_f64();
     let one = messages(commits, &peers())?;
-    let mut times = Vec::with_capacity(commits);
-    for (i, row) in one.iter().enumerate() {
-        let t = Instant::now();
-        // A batch of one: the same rows and the same durable commit.
-        let (peer, msg) = row;
-        let txn = db.begin_write()?;
-        {
-            let mut history = txn.open_table(HISTORY)?;
-            let value = record(msg, Direction::Incoming, MessageStatus::Received)?;
-            let at = 2_000_000_000 + i as u64;
-            history.insert((at, &msg.id.0), (peer.as_bytes(), None, value.as_slice()))?;
-        }
-        txn.commit()?;
-        times.push(t.elapsed());
+    let mut times: Vec<Duration> = one
+        .iter()
+        .enumerate()
+        .map(|(i, row)| commit_one(&db, i, row))
+        .collect::<Result<_>>()?;
+    // The same commits on two files at once, each started as the other is.
+    let second = open_raw(&dir.path().join("limits-2.redb"))?;
+    let start = std::sync::Barrier::new(2);
+    let (pairs, other) = std::thread::scope(|s| {
+        let other = s.spawn(|| commits_after(&start, &second, &one));
+        (commits_after(&start, &db, &one), other.join())
+    });
+    let other = other.map_err(|_| anyhow::anyhow!("a commit thread panicked"))??;
+    let mut pairs = pairs?;
+    for (p, o) in pairs.iter_mut().zip(other) {
+        *p = (*p).max(o);
     }
-    times.sort();
-    let commit_p50 = times.get(times.len() / 2).copied().unwrap_or_default();
     Ok(DiskLimits {
         insert_rate,
-        commit_p50,
+        commit_p50: p50(&mut times),
+        commit_pair_p50: p50(&mut pairs),
     })
+}
+
+fn p50(times: &mut [Duration]) -> Duration {
+    times.sort();
+    times.get(times.len() / 2).copied().unwrap_or_default()
+}
+
+/// One durable commit of one row (a batch of one: the same rows, the same commit);
+/// returns how long it took.
+fn commit_one(db: &Database, i: usize, (peer, msg): &(NodeId, ChatMessage)) -> Result<Duration> {
+    let t = Instant::now();
+    let txn = db.begin_write()?;
+    {
+        let mut history = txn.open_table(HISTORY)?;
+        let value = record(msg, Direction::Incoming, MessageStatus::Received)?;
+        let at = 3_000_000_000 + i as u64;
+        history.insert((at, &msg.id.0), (peer.as_bytes(), None, value.as_slice()))?;
+    }
+    txn.commit()?;
+    Ok(t.elapsed())
+}
+
+/// [`commit_one`] for each row, each after `start` lets both threads go.
+fn commits_after(
+    start: &std::sync::Barrier,
+    db: &Database,
+    rows: &[(NodeId, ChatMessage)],
+) -> Result<Vec<Duration>> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, row)| {
+            start.wait();
+            commit_one(db, i, row)
+        })
+        .collect()
+}
+
+/// The disk's limit for figures 1 and 3: `count` messages of `text`, the node's rows
+/// for each, written by raw redb into two fresh files at once, as the sender and the
+/// receiver each write every message, `batch` rows per durable commit (all the messages
+/// a node can have in flight in one commit: the fewest fsyncs a node could do). Returns
+/// the rate in messages per second, until the later of the two writers is done
+/// (synchronous: run it on a blocking thread).
+pub fn two_files_limit(count: usize, text: &str, batch: usize) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let peer = SecretKey::generate().public();
+    let start = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let writers: Vec<_> = ["sender", "receiver"]
+            .into_iter()
+            .map(|side| {
+                let path = dir.path().join(format!("{side}.redb"));
+                s.spawn(move || -> Result<()> {
+                    // Each writer builds its own rows, as each node decodes its own copy.
+                    let rows = (0..count)
+                        .map(|_| Ok((peer, ChatMessage::text(text, 1)?)))
+                        .collect::<Result<Vec<_>>>()?;
+                    let db = open_raw(&path)?;
+                    raw_insert_batched(&db, &rows, batch)?;
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a disk-limit writer panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(count as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Figure 5 (synchronous: run it on a blocking thread).

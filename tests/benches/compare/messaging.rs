@@ -207,12 +207,19 @@ pub async fn throughput(cfg: &Config, fx: &Fixture, notes: &mut Vec<String>) -> 
         "msg/s",
         Target::None,
     );
+    let mut both_files = Row::new(
+        format!(
+            "1. small msgs/s, {k} in flight, durable (baseline: raw redb writing the same rows into two files at once, {k} per commit)"
+        ),
+        "msg/s",
+        Target::None,
+    );
     let mut saturation = Vec::new();
     let mut limits = Vec::new();
     for run in 0..cfg.runs {
         // Alternate the order so slow drift of the shared machine does not favour one side.
-        let mut rates = [0.0f64; 5];
-        for phase in order(run, 5) {
+        let mut rates = [0.0f64; 6];
+        for phase in order(run, 6) {
             rates[phase] = match phase {
                 0 => raw_load(fx, k, cfg.phase).await?.per_sec(),
                 1 => node_load(&fx.a, &fx.b, &fx.small, k, cfg.phase, usize::MAX)
@@ -222,10 +229,17 @@ pub async fn throughput(cfg: &Config, fx: &Fixture, notes: &mut Vec<String>) -> 
                     .await?
                     .per_sec(),
                 3 => raw_long_lived_load(fx, k, cfg.phase).await?.per_sec(),
-                _ => disk_limits(0).await?.insert_rate,
+                4 => disk_limits(0).await?.insert_rate,
+                _ => {
+                    let text = fx.small.clone();
+                    tokio::task::spawn_blocking(move || {
+                        history::two_files_limit(10 * MAX_WRITE_BATCH, &text, k)
+                    })
+                    .await??
+                }
             };
         }
-        let [raw_rate, node_rate, mem_rate, ll, disk] = rates;
+        let [raw_rate, node_rate, mem_rate, ll, disk, two_files] = rates;
         // Is the raw baseline saturated at k? Compare with a quarter of it.
         let quarter = raw_load(fx, (k / 4).max(1), cfg.phase).await?.per_sec();
         saturation.push(quarter / raw_rate.max(1e-9));
@@ -233,6 +247,7 @@ pub async fn throughput(cfg: &Config, fx: &Fixture, notes: &mut Vec<String>) -> 
         durable.push(node_rate, Some(ll.min(disk)));
         memory.push(mem_rate, Some(ll));
         vs_per_message.push(node_rate, Some(raw_rate));
+        both_files.push(node_rate, Some(two_files));
     }
     let sat = median(&saturation);
     notes.push(format!(
@@ -252,7 +267,7 @@ pub async fn throughput(cfg: &Config, fx: &Fixture, notes: &mut Vec<String>) -> 
          (msgs/s): {}.",
         limits.join(", ")
     ));
-    Ok(vec![durable, memory, vs_per_message])
+    Ok(vec![durable, memory, vs_per_message, both_files])
 }
 
 /// Figure 2: round-trip latency with one message outstanding. The durable target is
@@ -289,10 +304,16 @@ pub async fn latency(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
         "ms",
         Target::None,
     );
+    let mut both_ends = Row::new(
+        "2. round trip p50, durable (baseline: raw round trip + two one-row commits started together on two files of this disk)",
+        "ms",
+        Target::None,
+    );
     let dur = cfg.phase;
     for run in 0..cfg.runs {
         let mut results: [Option<Load>; 5] = [None, None, None, None, None];
         let mut fsync = Duration::ZERO;
+        let mut fsync_pair = Duration::ZERO;
         for phase in order(run, 6) {
             let load = match phase {
                 0 => {
@@ -331,7 +352,8 @@ pub async fn latency(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
                     .await?
                 }
                 _ => {
-                    fsync = disk_limits(200).await?.commit_p50;
+                    let limits = disk_limits(200).await?;
+                    (fsync, fsync_pair) = (limits.commit_p50, limits.commit_pair_p50);
                     continue;
                 }
             };
@@ -347,8 +369,17 @@ pub async fn latency(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
         one_stream.push(ms(node.p50()), Some(ms(raw_one.p50())));
         commit.push(ms(fsync), None);
         receiver_only.push(ms(to_durable.p50()), Some(ms(raw.p50() + fsync)));
+        both_ends.push(ms(node.p50()), Some(ms(raw.p50() + fsync_pair)));
     }
-    Ok(vec![p50, p99, mem, one_stream, commit, receiver_only])
+    Ok(vec![
+        p50,
+        p99,
+        mem,
+        one_stream,
+        commit,
+        receiver_only,
+        both_ends,
+    ])
 }
 
 /// Figure 3: bulk throughput as the largest messages.
@@ -368,11 +399,26 @@ pub async fn bulk(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
         "MiB/s",
         Target::None,
     );
+    let mut disk = Row::new(
+        format!(
+            "3. bulk, durable (baseline: the disk's limit, raw redb writing the same rows into two files at once, {k} per commit)"
+        ),
+        "MiB/s",
+        Target::None,
+    );
     for run in 0..cfg.runs {
-        let mut rates = [0.0f64; 3];
-        for phase in order(run, 3) {
+        let mut rates = [0.0f64; 4];
+        for phase in order(run, 4) {
             let secs = match phase {
                 0 => raw::bulk(&fx.sink_conn, bytes).await?.as_secs_f64(),
+                3 => {
+                    let text = big.clone();
+                    let rate = tokio::task::spawn_blocking(move || {
+                        history::two_files_limit(count, &text, k)
+                    })
+                    .await??;
+                    count as f64 / rate.max(1e-9)
+                }
                 1 => {
                     let l = node_load(&fx.a, &fx.b, &big, k, PHASE_CAP, count).await?;
                     ensure!(l.ops == count, "bulk phase ended after {} messages", l.ops);
@@ -388,8 +434,9 @@ pub async fn bulk(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
         }
         durable.push(rates[1], Some(rates[0]));
         memory.push(rates[2], Some(rates[0]));
+        disk.push(rates[1], Some(rates[3]));
     }
-    Ok(vec![durable, memory])
+    Ok(vec![durable, memory, disk])
 }
 
 /// One fresh sender node: bound, and its first presence poll has listed the receiver (so
