@@ -10,13 +10,14 @@
 //! - the peer's NodeId is that key. The dialer's verifier also checks it equals the NodeId
 //!   the dialer expects, and records the mismatch so the dialer can report both ids.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime},
     server::danger::{ClientCertVerified, ClientCertVerifier},
+    sign::{CertifiedKey, SingleCertAndKey},
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
 };
 
@@ -61,7 +62,9 @@ pub struct UnexpectedPeer {
 
 /// The ring crypto provider, shared by every configuration.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: LazyLock<Arc<CryptoProvider>> =
+        LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+    PROVIDER.clone()
 }
 
 /// The node's certificate and private key, ready for rustls.
@@ -69,6 +72,10 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 pub struct Certified {
     pub cert: CertificateDer<'static>,
     pub key: PrivatePkcs8KeyDer<'static>,
+    /// The certificate with its key loaded and checked against it, once: every
+    /// configuration presents this, so a dial does not parse the key and the certificate
+    /// again (tens of microseconds on a connection's critical path).
+    loaded: Arc<SingleCertAndKey>,
 }
 
 impl Clone for Certified {
@@ -76,6 +83,7 @@ impl Clone for Certified {
         Self {
             cert: self.cert.clone(),
             key: self.key.clone_key(),
+            loaded: self.loaded.clone(),
         }
     }
 }
@@ -95,9 +103,16 @@ pub fn certify(secret: &SecretKey) -> Result<Certified, TlsError> {
         .distinguished_name
         .push(rcgen::DnType::CommonName, secret.public().to_string());
     let cert = params.self_signed(&key_pair)?;
+    let cert = cert.der().clone();
+    let loaded = CertifiedKey::from_der(
+        vec![cert.clone()],
+        PrivateKeyDer::Pkcs8(key.clone_key()),
+        &crypto_provider(),
+    )?;
     Ok(Certified {
-        cert: cert.der().clone(),
+        cert,
         key,
+        loaded: Arc::new(SingleCertAndKey::from(loaded)),
     })
 }
 
@@ -301,10 +316,7 @@ pub fn server_config(certified: &Certified) -> Result<rustls::ServerConfig, TlsE
         rustls::ServerConfig::builder_with_provider(crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(ClientVerifier::new())
-            .with_single_cert(
-                vec![certified.cert.clone()],
-                PrivateKeyDer::Pkcs8(certified.key.clone_key()),
-            )?,
+            .with_cert_resolver(certified.loaded.clone()),
     )
 }
 
@@ -319,10 +331,7 @@ pub fn client_config(
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(
-                vec![certified.cert.clone()],
-                PrivateKeyDer::Pkcs8(certified.key.clone_key()),
-            )?,
+            .with_client_cert_resolver(certified.loaded.clone()),
     )
 }
 

@@ -29,9 +29,12 @@ mod relay;
 mod socket;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard, RwLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -41,7 +44,7 @@ use p2p_discovery::{ratelimit::TokenBucket, RelayRef};
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use paths::{Action, Paths};
+use paths::{Action, Paths, ProbeSource};
 pub use paths::{PathConfig, PathKind};
 pub(crate) use socket::PathSocket;
 
@@ -53,6 +56,10 @@ const INBOUND_QUEUE: usize = 1024;
 const LINK_QUEUE: usize = 1024;
 /// Probe signatures verified per second at most (a flood of fake probes costs no more).
 const PROBE_VERIFY_RATE: f64 = 2000.0;
+/// Probes waiting for the driver, at most (more are dropped, as a full socket would).
+const DEFERRED_PROBES: usize = 256;
+/// Probe answers waiting for the driver, at most.
+const DEFERRED_ANSWERS: usize = 1024;
 /// Relay links besides the home one, at most.
 const MAX_OTHER_RELAYS: usize = 8;
 /// How often hole-punching counts are reported to the home relay.
@@ -73,6 +80,16 @@ pub(crate) fn mapped_addr_for_test(index: u32) -> SocketAddr {
 /// Locks a std mutex, recovering from poisoning (the data is plain bookkeeping).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Probe work left to the driver, so that signing and verifying never hold up the QUIC
+/// packets read with a probe (see `Shared::on_probe_datagram`).
+#[derive(Debug, Default)]
+struct Deferred {
+    /// Probes to verify and handle, with where they came from.
+    probes: VecDeque<(Vec<u8>, ProbeSource)>,
+    /// Answers decided for probes handled at once, to sign and send.
+    answers: Vec<Action>,
 }
 
 /// A packet a relay delivered.
@@ -128,6 +145,9 @@ pub(crate) struct Shared {
     inbound_tx: mpsc::Sender<Inbound>,
     inbound_rx: Mutex<mpsc::Receiver<Inbound>>,
     probe_budget: Mutex<TokenBucket>,
+    deferred: Mutex<Deferred>,
+    /// Whether a driver runs (a node's endpoint; a bare one handles probes at once).
+    driven: AtomicBool,
     wake: Notify,
     events: broadcast::Sender<PathEvent>,
     home: watch::Sender<HomeRelay>,
@@ -173,6 +193,8 @@ impl Shared {
                 PROBE_VERIFY_RATE / 4.0,
                 Instant::now(),
             )),
+            deferred: Mutex::new(Deferred::default()),
+            driven: AtomicBool::new(false),
             wake: Notify::new(),
             events: broadcast::channel(256).0,
             home: watch::channel(HomeRelay::default()).0,
@@ -303,6 +325,7 @@ pub(crate) async fn drive(
 ) {
     let mut last_report = Instant::now();
     let mut current_home: Option<RelayRef> = None;
+    shared.driven.store(true, Ordering::Release);
     loop {
         let now = Instant::now();
         let active = shared.paths().any_active(now);
@@ -344,6 +367,7 @@ pub(crate) async fn drive(
             }
             current_home = wanted_home;
         }
+        shared.run_deferred();
         let now = Instant::now();
         let actions = shared.paths().poll(now);
         shared.execute(actions);
@@ -369,5 +393,151 @@ pub(crate) async fn drive(
                 }
             }
         }
+    }
+    // Whatever arrives from now on is handled at once again.
+    shared.driven.store(false, Ordering::Release);
+    shared.run_deferred();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+
+    use super::{
+        probe::{Probe, ProbeKind},
+        *,
+    };
+
+    fn loopback() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    }
+
+    fn ping(from: &SecretKey, to: NodeId, tx: u8) -> Vec<u8> {
+        Probe {
+            from: from.public(),
+            to,
+            tx: [tx; 12],
+            kind: ProbeKind::Ping,
+        }
+        .encode(from)
+    }
+
+    /// A node's path layer, its socket ready to send (tokio sends only once the reactor
+    /// has seen it writable).
+    async fn bound(key: &SecretKey) -> Arc<Shared> {
+        let shared = Shared::bind(loopback(), key, PathConfig::default()).expect("binds");
+        shared.io.writable().await.expect("writable");
+        shared
+    }
+
+    /// The next probe `socket` receives, within a bounded wait.
+    fn next_probe(socket: &UdpSocket) -> Probe {
+        let mut buf = [0u8; 2048];
+        let (n, _) = socket
+            .recv_from(&mut buf)
+            .expect("a probe within the timeout");
+        Probe::decode(&buf[..n]).expect("a valid probe")
+    }
+
+    #[tokio::test]
+    async fn a_probe_that_claims_an_address_is_verified_at_once_and_its_answers_wait_for_the_driver(
+    ) {
+        let node_key = SecretKey::generate();
+        let shared = bound(&node_key).await;
+        shared.driven.store(true, Ordering::Release);
+        let peer_key = SecretKey::generate();
+        let peer = peer_key.public();
+        let peer_socket = UdpSocket::bind(loopback()).expect("binds");
+        peer_socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let from = peer_socket.local_addr().expect("addr");
+        let now = Instant::now();
+        assert_eq!(shared.paths().claim_holder(from, now), None);
+
+        // The first ping from an unclaimed address: the handshake right behind it must
+        // arrive labelled as the peer, so the claim is made before the call returns.
+        shared.on_probe_datagram(
+            &ping(&peer_key, node_key.public(), 1),
+            ProbeSource::Udp(from),
+        );
+        let label = shared.paths().label_udp(from, true, Instant::now());
+        assert_eq!(label.and_then(|l| shared.node_of(l)), Some(peer));
+        {
+            let deferred = lock(&shared.deferred);
+            assert!(deferred.probes.is_empty(), "verified at once, not queued");
+            // Its answers (a pong, and a ping of our own) are left to the driver.
+            assert_eq!(deferred.answers.len(), 2, "{:?}", deferred.answers);
+        }
+
+        // A second ping from the same peer at its claimed address labels nothing new:
+        // it waits for the driver whole, unverified.
+        shared.on_probe_datagram(
+            &ping(&peer_key, node_key.public(), 2),
+            ProbeSource::Udp(from),
+        );
+        assert_eq!(lock(&shared.deferred).probes.len(), 1);
+
+        // The driver's turn: the answers go out, then the queued ping is answered.
+        shared.run_deferred();
+        let mut pongs = Vec::new();
+        for _ in 0..3 {
+            let p = next_probe(&peer_socket);
+            assert_eq!((p.from, p.to), (node_key.public(), peer));
+            if let ProbeKind::Pong { observed } = p.kind {
+                assert_eq!(observed, from);
+                pongs.push(p.tx[0]);
+            }
+        }
+        pongs.sort_unstable();
+        assert_eq!(pongs, vec![1, 2], "both pings answered");
+        let deferred = lock(&shared.deferred);
+        assert!(deferred.probes.is_empty() && deferred.answers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_probe_naming_another_sender_than_the_claim_holder_is_verified_at_once() {
+        let node_key = SecretKey::generate();
+        let shared = bound(&node_key).await;
+        shared.driven.store(true, Ordering::Release);
+        let from = SocketAddr::from(([127, 0, 0, 1], 40_000));
+        let (first, second) = (SecretKey::generate(), SecretKey::generate());
+        shared.on_probe_datagram(&ping(&first, node_key.public(), 1), ProbeSource::Udp(from));
+        // Another key at the same address (a NAT gave it to someone else): its claim
+        // changes the label, so it is not left for later.
+        shared.on_probe_datagram(&ping(&second, node_key.public(), 2), ProbeSource::Udp(from));
+        assert!(lock(&shared.deferred).probes.is_empty());
+        let label = shared.paths().label_udp(from, false, Instant::now());
+        assert_eq!(label.and_then(|l| shared.node_of(l)), Some(second.public()));
+        // A forged probe naming the claim holder is queued, and dropped when verified.
+        let mut forged = ping(&second, node_key.public(), 3);
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        shared.on_probe_datagram(&forged, ProbeSource::Udp(from));
+        assert_eq!(lock(&shared.deferred).probes.len(), 1);
+        shared.run_deferred();
+        let label = shared.paths().label_udp(from, false, Instant::now());
+        assert_eq!(label.and_then(|l| shared.node_of(l)), Some(second.public()));
+    }
+
+    #[tokio::test]
+    async fn without_a_driver_probes_are_answered_at_once() {
+        let node_key = SecretKey::generate();
+        let shared = bound(&node_key).await;
+        let peer_key = SecretKey::generate();
+        let peer_socket = UdpSocket::bind(loopback()).expect("binds");
+        peer_socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let from = peer_socket.local_addr().expect("addr");
+        shared.on_probe_datagram(
+            &ping(&peer_key, node_key.public(), 7),
+            ProbeSource::Udp(from),
+        );
+        let deferred = lock(&shared.deferred);
+        assert!(deferred.probes.is_empty() && deferred.answers.is_empty());
+        drop(deferred);
+        let p = next_probe(&peer_socket);
+        assert_eq!(p.from, node_key.public());
     }
 }

@@ -711,6 +711,12 @@ impl Paths {
         }
     }
 
+    /// The peer whose live claim on `addr` labels the datagrams from there, if any.
+    pub(crate) fn claim_holder(&self, addr: SocketAddr, now: Instant) -> Option<NodeId> {
+        let claim = self.claims.get(&addr).filter(|c| c.until > now)?;
+        self.peers.get(&claim.key).map(|p| p.node)
+    }
+
     /// The label of a UDP datagram from `addr`: the claiming peer's mapped address, or
     /// `None` to pass the real address. `long_header` says the datagram is a QUIC
     /// handshake-phase packet.

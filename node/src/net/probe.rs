@@ -96,6 +96,19 @@ pub fn is_probe(datagram: &[u8]) -> bool {
     datagram.starts_with(&MAGIC)
 }
 
+/// The sender a datagram names, read without checking its signature: a hint for where
+/// the probe is handled (see `Shared::on_probe_datagram`), never trusted.
+pub fn named_sender(datagram: &[u8]) -> Option<NodeId> {
+    let rest = datagram.strip_prefix(&MAGIC)?;
+    if datagram.len() > MAX_PROBE_LEN || rest.len() <= SIG_LEN {
+        return None;
+    }
+    let body = &rest[..rest.len() - SIG_LEN];
+    postcard::take_from_bytes::<Probe>(body)
+        .ok()
+        .map(|(probe, _)| probe.from)
+}
+
 impl Probe {
     /// Encodes and signs. `secret` must be the key of `self.from`.
     pub fn encode(&self, secret: &SecretKey) -> Vec<u8> {

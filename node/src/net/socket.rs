@@ -5,7 +5,7 @@ use std::{
     io::{self, IoSliceMut},
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{atomic::Ordering, Arc},
     task::{ready, Context, Poll},
     time::Instant,
 };
@@ -20,9 +20,9 @@ use tokio::io::Interest;
 
 use super::{
     lock, mapped,
-    paths::{ProbeSource, Route},
+    paths::{Action, ProbeSource, Route},
     probe::{self, Probe},
-    Outgoing, Shared,
+    Outgoing, Shared, DEFERRED_ANSWERS, DEFERRED_PROBES,
 };
 
 /// quinn's view of the node's socket. Cheap: all state is in [`Shared`].
@@ -91,25 +91,81 @@ impl Shared {
         }
     }
 
-    /// Handles a probe that arrived from `src`: verifies it (within the verification
-    /// budget) and carries out what the path table answers.
+    /// Handles a probe that arrived from `src`, keeping its signature work (an ed25519
+    /// verification, and signing each answer: tens of microseconds apiece) off the path
+    /// of the QUIC packets read with it, which wait for this call. A probe that can change
+    /// how the datagrams after it are labelled (one from an address its sender holds no
+    /// claim on: a dial's first ping goes just ahead of its handshake, which must arrive
+    /// labelled) is verified here, and only its answers wait for the driver. Any other (its
+    /// sender holds the claim already, or a relay delivered it) waits for the driver whole.
+    /// Without a driver (a bare endpoint), everything is done here.
     pub(super) fn on_probe_datagram(&self, datagram: &[u8], src: ProbeSource) {
+        if !self.driven.load(Ordering::Acquire) {
+            let answers = self.verify_probe(datagram, src);
+            self.execute(answers);
+            return;
+        }
+        let labels_nothing_new = match src {
+            ProbeSource::Relay(_) => true,
+            ProbeSource::Udp(addr) => probe::named_sender(datagram)
+                .is_some_and(|from| self.paths().claim_holder(addr, Instant::now()) == Some(from)),
+        };
+        {
+            let mut deferred = lock(&self.deferred);
+            if labels_nothing_new {
+                if deferred.probes.len() >= DEFERRED_PROBES {
+                    tracing::debug!(?src, "probe queue full; dropping a probe");
+                    return;
+                }
+                deferred.probes.push_back((datagram.to_vec(), src));
+            } else {
+                drop(deferred);
+                let answers = self.verify_probe(datagram, src);
+                let mut deferred = lock(&self.deferred);
+                let room = DEFERRED_ANSWERS.saturating_sub(deferred.answers.len());
+                if answers.len() > room {
+                    tracing::debug!(?src, "probe answer queue full; dropping answers");
+                }
+                deferred.answers.extend(answers.into_iter().take(room));
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Verifies a probe (within the verification budget) and returns what the path table
+    /// answers.
+    fn verify_probe(&self, datagram: &[u8], src: ProbeSource) -> Vec<Action> {
         let now = Instant::now();
         if !lock(&self.probe_budget).take(1.0, now) {
             tracing::debug!("probe verification budget exhausted; dropping a probe");
-            return;
+            return Vec::new();
         }
         let probe = match Probe::decode(datagram) {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(?src, error = %e, "invalid probe");
-                return;
+                return Vec::new();
             }
         };
         tracing::trace!(from = %probe.from, ?src, kind = ?probe.kind, "probe in");
-        let actions = self.paths().on_probe(probe, src, now);
-        self.execute(actions);
-        self.wake.notify_one();
+        self.paths().on_probe(probe, src, now)
+    }
+
+    /// Runs the probe work left to the driver (see [`Shared::on_probe_datagram`]): the
+    /// answers first, in the order they were decided, then the waiting probes.
+    pub(super) fn run_deferred(&self) {
+        let (probes, answers) = {
+            let mut deferred = lock(&self.deferred);
+            (
+                std::mem::take(&mut deferred.probes),
+                std::mem::take(&mut deferred.answers),
+            )
+        };
+        self.execute(answers);
+        for (datagram, src) in probes {
+            let actions = self.verify_probe(&datagram, src);
+            self.execute(actions);
+        }
     }
 }
 

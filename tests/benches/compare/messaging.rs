@@ -643,8 +643,9 @@ pub fn order(run: usize, n: usize) -> Vec<usize> {
 }
 
 /// Runs one side of one figure alone, for a profiler (`BENCH_PROFILE`): `send`,
-/// `send-mem`, `rtt`, `rtt-mem`, `bulk`, `bulk-mem`, `setup`, `setup-mem`, `raw-send`,
-/// `raw-rtt`. Returns a line saying what it did.
+/// `send-mem`, `rtt`, `rtt-mem`, `bulk`, `bulk-mem`, `setup`, `setup-mem`, `setup-raw`,
+/// `peers`, `peers-mem`, `raw-peers`, `raw-send`, `raw-rtt`. Returns a line saying what it
+/// did.
 pub async fn profile(cfg: &Config, fx: &Fixture, what: &str) -> Result<Option<String>> {
     let k = cfg.in_flight;
     let dur = cfg.phase;
@@ -673,6 +674,31 @@ pub async fn profile(cfg: &Config, fx: &Fixture, what: &str) -> Result<Option<St
                 lat.push(node_setup_once(fx, pair_b, what.ends_with("-mem")).await?);
             }
             Load::from_latencies(lat, start.elapsed())
+        }
+        "setup-raw" => {
+            let start = Instant::now();
+            let mut lat = Vec::new();
+            while start.elapsed() < dur {
+                lat.push(raw_setup_once(fx, fx.echo.addr, fx.echo.id).await?);
+            }
+            Load::from_latencies(lat, start.elapsed())
+        }
+        "peers" | "raw-peers" => {
+            let n = cfg.peers.iter().copied().max().unwrap_or(1);
+            let mut clients = Vec::with_capacity(n);
+            for _ in 0..n {
+                clients.push(raw::endpoint().await?);
+            }
+            let conns = if what == "raw-peers" {
+                connect_all(&clients, fx.echo.addr, fx.echo.id).await?
+            } else {
+                connect_all(&clients, pair_b.node.local_addr()?, pair_b.id).await?
+            };
+            let load = peers_load(conns, &fx.small, dur).await?;
+            for c in &clients {
+                c.close(0, b"done");
+            }
+            load
         }
         "raw-send" => raw_load(fx, k, dur).await?,
         "raw-rtt" => {
