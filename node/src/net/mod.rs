@@ -58,8 +58,9 @@ const LINK_QUEUE: usize = 1024;
 const PROBE_VERIFY_RATE: f64 = 2000.0;
 /// Probes waiting for the driver, at most (more are dropped, as a full socket would).
 const DEFERRED_PROBES: usize = 256;
-/// Probe answers waiting for the driver, at most.
-const DEFERRED_ANSWERS: usize = 1024;
+/// Actions decided for probes handled at once (their answers), waiting for the driver,
+/// at most.
+const DEFERRED_ACTIONS: usize = 1024;
 /// Relay links besides the home one, at most.
 const MAX_OTHER_RELAYS: usize = 8;
 /// How often hole-punching counts are reported to the home relay.
@@ -88,8 +89,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Deferred {
     /// Probes to verify and handle, with where they came from.
     probes: VecDeque<(Vec<u8>, ProbeSource)>,
-    /// Answers decided for probes handled at once, to sign and send.
-    answers: Vec<Action>,
+    /// What the path table decided for probes handled at once (their answers, to sign
+    /// and send), in order.
+    actions: Vec<Action>,
 }
 
 /// A packet a relay delivered.
@@ -467,7 +469,7 @@ mod tests {
             let deferred = lock(&shared.deferred);
             assert!(deferred.probes.is_empty(), "verified at once, not queued");
             // Its answers (a pong, and a ping of our own) are left to the driver.
-            assert_eq!(deferred.answers.len(), 2, "{:?}", deferred.answers);
+            assert_eq!(deferred.actions.len(), 2, "{:?}", deferred.actions);
         }
 
         // A second ping from the same peer at its claimed address labels nothing new:
@@ -492,7 +494,7 @@ mod tests {
         pongs.sort_unstable();
         assert_eq!(pongs, vec![1, 2], "both pings answered");
         let deferred = lock(&shared.deferred);
-        assert!(deferred.probes.is_empty() && deferred.answers.is_empty());
+        assert!(deferred.probes.is_empty() && deferred.actions.is_empty());
     }
 
     #[tokio::test]
@@ -535,7 +537,7 @@ mod tests {
             ProbeSource::Udp(from),
         );
         let deferred = lock(&shared.deferred);
-        assert!(deferred.probes.is_empty() && deferred.answers.is_empty());
+        assert!(deferred.probes.is_empty() && deferred.actions.is_empty());
         drop(deferred);
         let p = next_probe(&peer_socket);
         assert_eq!(p.from, node_key.public());

@@ -22,7 +22,7 @@ use super::{
     lock, mapped,
     paths::{Action, ProbeSource, Route},
     probe::{self, Probe},
-    Outgoing, Shared, DEFERRED_ANSWERS, DEFERRED_PROBES,
+    Outgoing, Shared, DEFERRED_ACTIONS, DEFERRED_PROBES,
 };
 
 /// quinn's view of the node's socket. Cheap: all state is in [`Shared`].
@@ -110,24 +110,21 @@ impl Shared {
             ProbeSource::Udp(addr) => probe::named_sender(datagram)
                 .is_some_and(|from| self.paths().claim_holder(addr, Instant::now()) == Some(from)),
         };
-        {
+        if labels_nothing_new {
             let mut deferred = lock(&self.deferred);
-            if labels_nothing_new {
-                if deferred.probes.len() >= DEFERRED_PROBES {
-                    tracing::debug!(?src, "probe queue full; dropping a probe");
-                    return;
-                }
-                deferred.probes.push_back((datagram.to_vec(), src));
-            } else {
-                drop(deferred);
-                let answers = self.verify_probe(datagram, src);
-                let mut deferred = lock(&self.deferred);
-                let room = DEFERRED_ANSWERS.saturating_sub(deferred.answers.len());
-                if answers.len() > room {
-                    tracing::debug!(?src, "probe answer queue full; dropping answers");
-                }
-                deferred.answers.extend(answers.into_iter().take(room));
+            if deferred.probes.len() >= DEFERRED_PROBES {
+                tracing::debug!(?src, "probe queue full; dropping a probe");
+                return;
             }
+            deferred.probes.push_back((datagram.to_vec(), src));
+        } else {
+            let actions = self.verify_probe(datagram, src);
+            let mut deferred = lock(&self.deferred);
+            let room = DEFERRED_ACTIONS.saturating_sub(deferred.actions.len());
+            if actions.len() > room {
+                tracing::debug!(?src, "probe answer queue full; dropping answers");
+            }
+            deferred.actions.extend(actions.into_iter().take(room));
         }
         self.wake.notify_one();
     }
@@ -151,17 +148,17 @@ impl Shared {
         self.paths().on_probe(probe, src, now)
     }
 
-    /// Runs the probe work left to the driver (see [`Shared::on_probe_datagram`]): the
-    /// answers first, in the order they were decided, then the waiting probes.
+    /// Runs the probe work left to the driver (see [`Shared::on_probe_datagram`]): what
+    /// was decided first, in order, then the waiting probes.
     pub(super) fn run_deferred(&self) {
-        let (probes, answers) = {
+        let (probes, actions) = {
             let mut deferred = lock(&self.deferred);
             (
                 std::mem::take(&mut deferred.probes),
-                std::mem::take(&mut deferred.answers),
+                std::mem::take(&mut deferred.actions),
             )
         };
-        self.execute(answers);
+        self.execute(actions);
         for (datagram, src) in probes {
             let actions = self.verify_probe(&datagram, src);
             self.execute(actions);
