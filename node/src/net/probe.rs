@@ -99,17 +99,27 @@ pub fn is_probe(datagram: &[u8]) -> bool {
 /// The sender a datagram names, read without checking its signature: a hint for where
 /// the probe is handled (see `Shared::on_probe_datagram`), never trusted.
 pub fn named_sender(datagram: &[u8]) -> Option<NodeId> {
-    let rest = datagram.strip_prefix(&MAGIC)?;
-    if datagram.len() > MAX_PROBE_LEN || rest.len() <= SIG_LEN {
-        return None;
-    }
-    let body = &rest[..rest.len() - SIG_LEN];
-    postcard::take_from_bytes::<Probe>(body)
-        .ok()
-        .map(|(probe, _)| probe.from)
+    let (probe, _, _) = Probe::parse(datagram).ok()?;
+    Some(probe.from)
 }
 
 impl Probe {
+    /// Splits a datagram into its decoded probe, the signed body and the signature,
+    /// checking sizes and encoding only: nothing is verified.
+    fn parse(datagram: &[u8]) -> Result<(Probe, &[u8], &[u8]), ProbeError> {
+        let rest = datagram.strip_prefix(&MAGIC).ok_or(ProbeError::NotProbe)?;
+        if datagram.len() > MAX_PROBE_LEN || rest.len() <= SIG_LEN {
+            return Err(ProbeError::Size(datagram.len()));
+        }
+        let (body, sig) = rest.split_at(rest.len() - SIG_LEN);
+        let (probe, trailing) =
+            postcard::take_from_bytes::<Probe>(body).map_err(|_| ProbeError::Decode)?;
+        if !trailing.is_empty() {
+            return Err(ProbeError::Decode);
+        }
+        Ok((probe, body, sig))
+    }
+
     /// Encodes and signs. `secret` must be the key of `self.from`.
     pub fn encode(&self, secret: &SecretKey) -> Vec<u8> {
         // A probe of bounded fields always encodes.
@@ -124,16 +134,7 @@ impl Probe {
 
     /// Decodes and verifies a datagram from anyone. Never panics.
     pub fn decode(datagram: &[u8]) -> Result<Probe, ProbeError> {
-        let rest = datagram.strip_prefix(&MAGIC).ok_or(ProbeError::NotProbe)?;
-        if datagram.len() > MAX_PROBE_LEN || rest.len() <= SIG_LEN {
-            return Err(ProbeError::Size(datagram.len()));
-        }
-        let (body, sig) = rest.split_at(rest.len() - SIG_LEN);
-        let (probe, trailing) =
-            postcard::take_from_bytes::<Probe>(body).map_err(|_| ProbeError::Decode)?;
-        if !trailing.is_empty() {
-            return Err(ProbeError::Decode);
-        }
+        let (probe, body, sig) = Self::parse(datagram)?;
         if let ProbeKind::CallMeMaybe { candidates } = &probe.kind {
             if candidates.len() > MAX_CANDIDATES {
                 return Err(ProbeError::TooManyCandidates(candidates.len()));

@@ -541,6 +541,15 @@ pub async fn setup(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
     Ok(vec![durable, memory, to_durable, to_memory])
 }
 
+/// `n` bare client endpoints.
+async fn client_endpoints(n: usize) -> Result<Vec<Endpoint>> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(raw::endpoint().await?);
+    }
+    Ok(clients)
+}
+
 /// Connects every client to the target (in parallel) and returns the connections.
 async fn connect_all(
     clients: &[Endpoint],
@@ -583,10 +592,7 @@ async fn peers_load(conns: Vec<quinn::Connection>, text: &Arc<str>, dur: Duratio
 /// same client endpoints.
 pub async fn scale(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
     let most = cfg.peers.iter().copied().max().unwrap_or(1);
-    let mut clients = Vec::with_capacity(most);
-    for _ in 0..most {
-        clients.push(raw::endpoint().await?);
-    }
+    let clients = client_endpoints(most).await?;
     let node_addr = fx.b.node.local_addr()?;
     let mut rows = Vec::new();
     for &n in &cfg.peers {
@@ -667,28 +673,20 @@ pub async fn profile(cfg: &Config, fx: &Fixture, what: &str) -> Result<Option<St
             .await?
         }
         "bulk" => node_load(pair_a, pair_b, &big, k, PHASE_CAP, bulk_count).await?,
-        "setup" => {
+        "setup" | "setup-raw" => {
             let start = Instant::now();
             let mut lat = Vec::new();
             while start.elapsed() < dur {
-                lat.push(node_setup_once(fx, pair_b, what.ends_with("-mem")).await?);
-            }
-            Load::from_latencies(lat, start.elapsed())
-        }
-        "setup-raw" => {
-            let start = Instant::now();
-            let mut lat = Vec::new();
-            while start.elapsed() < dur {
-                lat.push(raw_setup_once(fx, fx.echo.addr, fx.echo.id).await?);
+                lat.push(if what == "setup-raw" {
+                    raw_setup_once(fx, fx.echo.addr, fx.echo.id).await?
+                } else {
+                    node_setup_once(fx, pair_b, what.ends_with("-mem")).await?
+                });
             }
             Load::from_latencies(lat, start.elapsed())
         }
         "peers" | "raw-peers" => {
-            let n = cfg.peers.iter().copied().max().unwrap_or(1);
-            let mut clients = Vec::with_capacity(n);
-            for _ in 0..n {
-                clients.push(raw::endpoint().await?);
-            }
+            let clients = client_endpoints(cfg.peers.iter().copied().max().unwrap_or(1)).await?;
             let conns = if what == "raw-peers" {
                 connect_all(&clients, fx.echo.addr, fx.echo.id).await?
             } else {
