@@ -1237,9 +1237,9 @@ pub(crate) async fn server_changed(status: &mut Option<watch::Receiver<Discovery
 }
 
 /// Emits [`NodeEvent::DiscoveryChanged`] for every change of the discovery's status after
-/// the one the node started with.
+/// `status` was subscribed (a fresh receiver has seen the status of its moment). The task
+/// may first run after a change: marking the status seen here would swallow that change.
 async fn report_discovery_changes(inner: Arc<Inner>, mut status: watch::Receiver<DiscoveryStatus>) {
-    status.borrow_and_update();
     loop {
         tokio::select! {
             _ = inner.cancel.cancelled() => return,

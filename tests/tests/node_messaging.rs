@@ -884,6 +884,37 @@ async fn nodes_work_over_any_discovery_implementation() -> Result<()> {
     Ok(())
 }
 
+/// A discovery that moves to another server is reported, even when it moves before the
+/// node's own tasks first run (a LAN's server taken over while the node starts).
+#[tokio::test]
+async fn a_discovery_that_moves_right_after_bind_is_reported() -> Result<()> {
+    use p2p_node::discovery::MemoryDiscovery;
+    use std::sync::Arc;
+
+    let memory = MemoryDiscovery::new();
+    let alice = User::new()?;
+    let builder = Node::builder(alice.sk.clone())
+        .data_dir(alice.data_dir())
+        .discovery(memory.clone() as Arc<dyn p2p_node::discovery::Discovery>)
+        .listen(loopback())
+        .timings(fast());
+    let mut events = builder.subscribe();
+    let a = builder.bind().await?;
+    // No await between the bind and the move: on this single-threaded runtime the
+    // node's tasks have not run since the bind returned.
+    memory.move_to("memory:elsewhere");
+    let ev = next_event(&mut events, "the move reported", |e| {
+        matches!(e, NodeEvent::DiscoveryChanged(_))
+    })
+    .await?;
+    let NodeEvent::DiscoveryChanged(status) = ev else {
+        bail!("unexpected event");
+    };
+    assert_eq!(status.url.as_deref(), Some("memory:elsewhere"));
+    a.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_peer_connected_a_moment_ago_is_tried_once_while_discovery_calls_it_offline() -> Result<()>
 {

@@ -62,6 +62,15 @@ impl MemoryDiscovery {
         self.state().relay = relay;
     }
 
+    /// Makes it report that the server in use moved to `url`, as a LAN's discovery does
+    /// when another node takes over.
+    pub fn move_to(&self, url: &str) {
+        self.status.send_modify(|s| {
+            s.generation += 1;
+            s.url = Some(url.to_owned());
+        });
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
