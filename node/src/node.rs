@@ -127,8 +127,13 @@ pub use error::{
 /// A node found on discovery, its records verified by the client.
 pub use p2p_discovery::PeerInfo;
 
-/// Application close code: this node is shutting down.
+/// Application close code: this node is shutting down. Sent with the reason
+/// [`SHUTDOWN_REASON`], it tells the peer this node quit: the peer stops dialing it until
+/// it announces itself again.
 pub const CLOSE_SHUTDOWN: quinn::VarInt = quinn::VarInt::from_u32(0x00);
+/// The reason sent with [`CLOSE_SHUTDOWN`]. QUIC stacks close a connection that they
+/// drop with code 0 and no reason, which says nothing of the peer's process.
+pub const SHUTDOWN_REASON: &[u8] = b"shutdown";
 /// Application close code: the peer sent a frame that is oversized, truncated or does
 /// not decode. Nothing of it was stored.
 pub const CLOSE_BAD_FRAME: quinn::VarInt = quinn::VarInt::from_u32(0x20);
@@ -1138,7 +1143,7 @@ impl Node {
         inner.tracker.close();
         inner
             .endpoint
-            .close(CLOSE_SHUTDOWN.into_inner() as u32, b"shutdown");
+            .close(CLOSE_SHUTDOWN.into_inner() as u32, SHUTDOWN_REASON);
         let grace = inner.timings.dial_timeout.max(Duration::from_secs(1));
         if tokio::time::timeout(grace, inner.tracker.wait())
             .await

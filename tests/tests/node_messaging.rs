@@ -783,49 +783,63 @@ async fn a_senders_claimed_name_is_learned_and_pinned() -> Result<()> {
     Ok(())
 }
 
+/// A peer that quits says so as it closes its connections: a send to it right after is
+/// queued at once, although the sender's online list (polled once a minute here) still
+/// has it and discovery may list its old record for a moment. When it returns at a new
+/// address, what was queued arrives.
 #[tokio::test]
 async fn a_peer_that_left_gets_the_message_when_it_returns_at_a_new_address() -> Result<()> {
     let d = Discovery::start().await?;
     let (alice, bob) = (User::new()?, User::new()?);
-    // A dial timeout far beyond the deadline: the send below only returns in time if
-    // it does not dial addresses discovery says are gone.
-    let slow_dials = Timings {
-        dial_timeout: Duration::from_secs(120),
-        ..fast()
-    };
     let b = bob.start(&d.url).await?;
     b.register("bob").await?;
-    // Bob connects to Alice, so she has his connection and the address it came from.
-    let a = alice.builder(&d.url).timings(slow_dials).bind().await?;
+    // Dials (and the one quick try of a peer connected a moment ago) far beyond the
+    // deadline, and no presence poll within it: the sends below only return in time if
+    // they do not dial Bob.
+    let slow = Timings {
+        presence_poll: Duration::from_secs(60),
+        dial_timeout: Duration::from_secs(120),
+        quick_dial: Duration::from_secs(120),
+        ..fast()
+    };
+    let builder = alice.builder(&d.url).timings(slow);
+    let mut a_ev = builder.subscribe();
+    let a = builder.bind().await?;
     a.register("alice").await?;
-    let mut a_ev = a.subscribe();
-    assert_eq!(b.send("alice", "hi").await?.status, SendStatus::Delivered);
-    b.shutdown().await;
-    // Alice's own online list says so (discovery asked directly can say it a presence
-    // poll earlier, and until Alice's list agrees she still dials him there).
     next_event(
         &mut a_ev,
-        "bob is gone from alice's view",
-        |e| matches!(e, NodeEvent::PeerOffline { node_id, .. } if *node_id == bob.id()),
+        "bob online at alice",
+        |e| matches!(e, NodeEvent::PeerOnline { node_id, .. } if *node_id == bob.id()),
     )
     .await?;
+    // Bob connects to Alice, so she has his connection and the address it came from.
+    assert_eq!(b.send("alice", "hi").await?.status, SendStatus::Delivered);
+    b.shutdown().await;
 
-    let sent = tokio::time::timeout(DEADLINE, a.send("bob", "are you there?"))
-        .await
-        .context("a send to an offline peer must not wait for a dial timeout")??;
-    assert_eq!(sent.status, SendStatus::Queued);
+    let mut sent = Vec::new();
+    for text in ["are you there?", "hello?"] {
+        let out = tokio::time::timeout(DEADLINE, a.send("bob", text))
+            .await
+            .context("a send to a peer that quit must not dial it")??;
+        assert_eq!(out.status, SendStatus::Queued);
+        sent.push(out.id);
+    }
 
     // Bob returns on another port (his old connection and address are dead).
     let builder = bob.builder(&d.url);
     let mut b_ev = builder.subscribe();
     let b = builder.bind().await?;
-    next_event(&mut a_ev, "delivered", is_delivered(sent.id)).await?;
-    let ev = next_event(&mut b_ev, "message at bob", is_received).await?;
-    assert!(matches!(ev, NodeEvent::MessageReceived { from, .. } if from == alice.id()));
+    for id in sent {
+        next_event(&mut a_ev, "delivered", is_delivered(id)).await?;
+    }
+    for _ in 0..2 {
+        let ev = next_event(&mut b_ev, "message at bob", is_received).await?;
+        assert!(matches!(ev, NodeEvent::MessageReceived { from, .. } if from == alice.id()));
+    }
     let at_b = b.history("alice", 10).await?;
     assert_eq!(
         at_b.iter().map(text).collect::<Vec<_>>(),
-        ["hi", "are you there?"]
+        ["hi", "are you there?", "hello?"]
     );
     a.shutdown().await;
     b.shutdown().await;
@@ -920,30 +934,36 @@ async fn a_peer_connected_a_moment_ago_is_tried_once_while_discovery_calls_it_of
 {
     let d = Discovery::start().await?;
     let (alice, bob) = (User::new()?, User::new()?);
-    // The one quick try must not run out on a loaded machine.
+    // The one quick try must not run out on a loaded machine; a short idle timeout finds
+    // out soon that a connection is gone.
     let a = alice
         .builder(&d.url)
         .timings(Timings {
             quick_dial: Duration::from_secs(5),
             ..fast()
         })
+        .transport(TransportSettings {
+            idle_timeout: Duration::from_secs(2),
+            keep_alive: Duration::from_millis(200),
+            ..TransportSettings::default()
+        })
         .bind()
         .await?;
     // Bob claims a name but never announces presence: discovery knows him, offline.
     let b = bob.builder(&d.url).announce(false).bind().await?;
     b.register("bob").await?;
-    let bob_addr = b.local_addr()?;
-    // Bob dials Alice, so she has a connection from his address...
-    let hi = b.send_to(&alice.id(), "hi alice").await?;
-    assert_eq!(hi.status, SendStatus::Delivered);
-    // ... which closes when he restarts, on the same port, still without announcing.
-    let mut a_ev = a.subscribe();
     b.shutdown().await;
-    let b = bind_again(|| bob.builder(&d.url).announce(false).listen(bob_addr)).await?;
+    // Bob dials Alice, so she has a connection from his address, then dies without a
+    // word (a process killed; one that quits says so, and is not tried).
+    let mut a_ev = a.subscribe();
+    let bob_addr = die_after_saying_hi(&bob, &d.url, alice.id()).await?;
+    // Alice's connection to him times out; he restarts on the same port, still without
+    // announcing.
     eventually("alice saw the connection close", || async {
         Ok(a.connections().iter().all(|(peer, _)| *peer != bob.id()))
     })
     .await?;
+    let b = bind_again(|| bob.builder(&d.url).announce(false).listen(bob_addr)).await?;
     // Discovery says Bob is offline, but he was connected a moment ago: Alice tries his
     // last address once, and the message is delivered at once instead of queued.
     let out = a.send_to(&bob.id(), "still there?").await?;
@@ -957,6 +977,42 @@ async fn a_peer_connected_a_moment_ago_is_tried_once_while_discovery_calls_it_of
     a.shutdown().await;
     d.stop().await;
     Ok(())
+}
+
+/// Runs a node of `user` (not announced, its own data directory) on a runtime of its
+/// own, sends "hi" to `to`, then stops that runtime under the node: it ends as a killed
+/// process does, closing nothing. Returns the address it was bound to.
+async fn die_after_saying_hi(user: &User, url: &str, to: NodeId) -> Result<SocketAddr> {
+    let dir = tempfile::tempdir()?;
+    let builder = Node::builder(user.sk.clone())
+        .data_dir(dir.path().join("node"))
+        .discovery_url(url)
+        .listen(loopback())
+        .timings(fast())
+        .announce(false);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let said = (|| -> Result<(SocketAddr, Node, tokio::runtime::Runtime)> {
+            let rt = tokio::runtime::Runtime::new()?;
+            let node = rt.block_on(builder.bind())?;
+            let out = rt.block_on(node.send_to(&to, "hi"))?;
+            anyhow::ensure!(
+                out.status == SendStatus::Delivered,
+                "hi not delivered: {out:?}"
+            );
+            Ok((node.local_addr()?, node, rt))
+        })();
+        let said = said.map(|(addr, node, rt)| {
+            // Its tasks and connection drivers go first, then the node.
+            rt.shutdown_background();
+            drop(node);
+            addr
+        });
+        let _ = tx.send(said);
+    });
+    let addr = rx.await.context("the dying node's thread")??;
+    drop(dir);
+    Ok(addr)
 }
 
 /// Binds a node on an address a node of this process just left: polls (within

@@ -303,9 +303,17 @@ async fn exchange(
 /// a dial to a dead UDP port only ends at the dial timeout), so a send to an offline peer
 /// is queued at once. The exception is a peer whose connection with us closed within
 /// [`RECENT_CONNECTION`]: the server may have restarted and not heard from it yet, so
-/// its last paths are tried once, for at most [`Timings::quick_dial`](super::Timings::quick_dial). Otherwise returns the
-/// direct addresses the peer published and how long a dial may take.
+/// its last paths are tried once, for at most [`Timings::quick_dial`](super::Timings::quick_dial).
+/// A peer that quit (it closed its connection with us saying so) is not tried either,
+/// until it announces itself again: discovery may list its old record for a moment after
+/// it left. Otherwise returns the direct addresses the peer published and how long a
+/// dial may take.
 async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<(Vec<SocketAddr>, Duration)> {
+    // The close may have arrived before the connection's own task noted it.
+    let cached = inner.pool().cached(&peer);
+    if let Some(conn) = cached {
+        inner.note_if_quit(&conn);
+    }
     let online = inner.peers().online_paths(&peer);
     let last = inner.pool().last_addr(&peer);
     let mut timeout = inner.timings.dial_timeout;
@@ -313,13 +321,18 @@ async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<(Vec<SocketAddr
         (Some(paths), _) => paths,
         (None, Some(d)) => {
             match tokio::time::timeout(inner.timings.dial_timeout, d.lookup_id(&peer)).await {
-                Ok(Ok(Some(info))) if info.online => {
+                Ok(Ok(Some(info))) if info.online && inner.peers().announced_since_quit(&info) => {
                     inner.learn_peers(std::slice::from_ref(&info));
                     (info.addrs, info.relay)
                 }
+                // The record of a peer that quit, left behind: nothing to try.
+                Ok(Ok(Some(info))) if info.online => return None,
                 // Discovery knows the peer and says it is offline: nothing to try, unless
-                // we were connected to it a moment ago.
+                // we were connected to it a moment ago (and it did not quit).
                 Ok(Ok(Some(_))) => {
+                    if inner.peers().has_quit(&peer) {
+                        return None;
+                    }
                     let recent =
                         inner
                             .pool()

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{
-    Inner, NodeEvent, Via, CLOSE_BAD_FRAME, CLOSE_TOO_MANY_CONNECTIONS, CLOSE_UNEXPECTED_FRAME,
-    CONNECTION_FRAME_BUDGET, STREAM_NOT_STORED, STREAM_TIMEOUT,
+    Inner, NodeEvent, Via, CLOSE_BAD_FRAME, CLOSE_SHUTDOWN, CLOSE_TOO_MANY_CONNECTIONS,
+    CLOSE_UNEXPECTED_FRAME, CONNECTION_FRAME_BUDGET, SHUTDOWN_REASON, STREAM_NOT_STORED,
+    STREAM_TIMEOUT,
 };
 use crate::{
     endpoint::Connection,
@@ -74,6 +75,7 @@ impl Inner {
         let peer = conn.remote_node_id();
         let from = incoming.then(|| conn.real_addr()).flatten();
         self.pool().register(conn, from);
+        self.peers().note_back(&peer);
         if incoming {
             self.wake_outbox_for(peer);
         }
@@ -81,10 +83,31 @@ impl Inner {
 
     /// Forgets `conn` if it is the cached connection of its peer, remembering when it
     /// closed and where the peer was last reached directly: a peer that was connected a
-    /// moment ago is tried there once even while discovery calls it offline.
+    /// moment ago is tried there once even while discovery calls it offline. A peer
+    /// that closed it because it quit is not dialed until it announces itself again.
     pub(super) fn forget_connection(&self, conn: &Connection) {
+        self.note_if_quit(conn);
         self.pool().forget(conn, conn.real_addr());
     }
+
+    /// Notes that the peer of `conn` quit, if it closed `conn` saying so.
+    pub(super) fn note_if_quit(&self, conn: &Connection) {
+        if peer_quit(conn.quic()) {
+            let peer = conn.remote_node_id();
+            tracing::debug!(%peer, "the peer quit");
+            self.peers().note_quit(peer, p2p_discovery::now_ms());
+        }
+    }
+}
+
+/// Whether the peer closed `conn` because it shuts down: [`CLOSE_SHUTDOWN`] with
+/// [`SHUTDOWN_REASON`].
+fn peer_quit(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == CLOSE_SHUTDOWN && c.reason.as_ref() == SHUTDOWN_REASON
+    )
 }
 
 /// Accepts streams on `conn` (dialed or accepted, its peer slot taken) until it
@@ -99,7 +122,13 @@ pub(super) async fn serve_connection(
     let reports = report_received(&inner, conn.remote_node_id());
     loop {
         let stream = tokio::select! {
-            _ = inner.cancel.cancelled() => break,
+            _ = inner.cancel.cancelled() => {
+                // The node shuts down. Said here, before the last handle goes: a
+                // connection dropped unclosed closes with code 0 and no reason, and the
+                // endpoint's own close may reach its driver only after that.
+                conn.quic().close(CLOSE_SHUTDOWN, SHUTDOWN_REASON);
+                break;
+            }
             s = conn.quic().accept_bi() => s,
         };
         let (send, recv) = match stream {

@@ -34,6 +34,11 @@ pub(super) struct PeerDirectory {
     claimed_names: HashMap<NodeId, (Option<String>, Instant)>,
     /// When each pinned name was last checked against discovery.
     names_checked: HashMap<String, Instant>,
+    /// Peers that quit (closed their connection with us saying so), with the timestamp
+    /// (ms) of the announcement they were online with then: until an announcement newer
+    /// than that, their record is their old one, which discovery may list for a moment
+    /// after they left.
+    quit: HashMap<NodeId, u64>,
 }
 
 /// How the online list changed.
@@ -115,9 +120,40 @@ impl PeerDirectory {
         self.mailbox_keys.get(id).copied()
     }
 
-    /// The addresses and relay `id` announced, if it is in the online list.
+    /// The addresses and relay `id` announced, if it is in the online list (and did not
+    /// quit since).
     pub(super) fn online_paths(&self, id: &NodeId) -> Option<(Vec<SocketAddr>, Option<RelayRef>)> {
-        self.online.get(id).map(|p| (p.addrs.clone(), p.relay))
+        self.online
+            .get(id)
+            .filter(|p| self.announced_since_quit(p))
+            .map(|p| (p.addrs.clone(), p.relay))
+    }
+
+    /// Notes that `id` quit: it closed its connection with us saying it shuts down.
+    /// `now_ms` stands in for the time of its announcement when it is not in the online
+    /// list.
+    pub(super) fn note_quit(&mut self, id: NodeId, now_ms: u64) {
+        let stamp = self.online.get(&id).map_or(now_ms, |p| p.timestamp_ms);
+        let stamp = self.quit.get(&id).map_or(stamp, |s| stamp.max(*s));
+        bounded_insert(&mut self.quit, id, stamp);
+    }
+
+    /// Notes that `id` is back: it connected again.
+    pub(super) fn note_back(&mut self, id: &NodeId) {
+        self.quit.remove(id);
+    }
+
+    /// Whether `id` quit and has not connected or announced itself since.
+    pub(super) fn has_quit(&self, id: &NodeId) -> bool {
+        self.quit.contains_key(id)
+    }
+
+    /// Whether `p` was announced after its node last quit (or it never did): a record
+    /// that was not is the one its node left behind.
+    pub(super) fn announced_since_quit(&self, p: &PeerInfo) -> bool {
+        self.quit
+            .get(&p.node_id)
+            .is_none_or(|stamp| p.timestamp_ms > *stamp)
     }
 
     /// The addresses and relay `id` announced last: in the online list now, or before it
@@ -171,8 +207,15 @@ impl PeerDirectory {
         for p in &change.went {
             bounded_insert(&mut self.last_paths, p.node_id, (p.addrs.clone(), p.relay));
         }
-        for id in new.keys() {
+        for (id, p) in &new {
             self.last_paths.remove(id);
+            if self
+                .quit
+                .get(id)
+                .is_some_and(|stamp| p.timestamp_ms > *stamp)
+            {
+                self.quit.remove(id);
+            }
         }
         self.online = new;
         change
@@ -198,6 +241,49 @@ mod tests {
             relay: None,
             timestamp_ms: 1,
         }
+    }
+
+    #[test]
+    fn a_peer_that_quit_is_not_dialed_on_its_old_record_until_it_announces_again() {
+        let me = SecretKey::from_bytes(&[9; 32]).public();
+        let mut d = PeerDirectory::default();
+        let a = info(1, Some("alice"), 1);
+        d.replace_online(me, vec![a.clone()]);
+        assert!(d.online_paths(&a.node_id).is_some());
+        d.note_quit(a.node_id, 1000);
+        assert!(d.has_quit(&a.node_id));
+        assert_eq!(
+            d.online_paths(&a.node_id),
+            None,
+            "the old record is not dialed"
+        );
+        assert!(!d.announced_since_quit(&a));
+        // The next poll still lists the old record: nothing changes.
+        d.replace_online(me, vec![a.clone()]);
+        assert_eq!(d.online_paths(&a.node_id), None);
+        // A newer announcement: back.
+        let back = PeerInfo {
+            timestamp_ms: 2,
+            ..info(1, Some("alice"), 4)
+        };
+        assert!(d.announced_since_quit(&back));
+        d.replace_online(me, vec![back]);
+        assert!(!d.has_quit(&a.node_id));
+        assert!(d.online_paths(&a.node_id).is_some());
+        // Not in the online list when it quits: the time stands in for its record's.
+        d.replace_online(me, vec![]);
+        d.note_quit(a.node_id, 1000);
+        assert!(!d.announced_since_quit(&PeerInfo {
+            timestamp_ms: 999,
+            ..a.clone()
+        }));
+        assert!(d.announced_since_quit(&PeerInfo {
+            timestamp_ms: 1001,
+            ..a.clone()
+        }));
+        // Connecting again clears it.
+        d.note_back(&a.node_id);
+        assert!(!d.has_quit(&a.node_id));
     }
 
     #[test]
