@@ -783,9 +783,9 @@ async fn a_senders_claimed_name_is_learned_and_pinned() -> Result<()> {
     Ok(())
 }
 
-/// A peer that quits says so as it closes its connections: a send to it right after is
-/// queued at once, although the sender's online list (polled once a minute here) still
-/// has it and discovery may list its old record for a moment. When it returns at a new
+/// A peer that quits says so as it closes its connections: it is offline at once, and a
+/// send to it right after is queued at once, although the sender's next poll is a minute
+/// away and discovery may list its old record for a moment. When it returns at a new
 /// address, what was queued arrives.
 #[tokio::test]
 async fn a_peer_that_left_gets_the_message_when_it_returns_at_a_new_address() -> Result<()> {
@@ -824,6 +824,13 @@ async fn a_peer_that_left_gets_the_message_when_it_returns_at_a_new_address() ->
         assert_eq!(out.status, SendStatus::Queued);
         sent.push(out.id);
     }
+    // Alice shows him offline without waiting for her next poll.
+    next_event(
+        &mut a_ev,
+        "bob offline at alice",
+        |e| matches!(e, NodeEvent::PeerOffline { node_id, .. } if *node_id == bob.id()),
+    )
+    .await?;
 
     // Bob returns on another port (his old connection and address are dead).
     let builder = bob.builder(&d.url);

@@ -322,6 +322,7 @@ async fn learn_paths(inner: &Arc<Inner>, peer: NodeId) -> Option<(Vec<SocketAddr
         (None, Some(d)) => {
             match tokio::time::timeout(inner.timings.dial_timeout, d.lookup_id(&peer)).await {
                 Ok(Ok(Some(info))) if info.online && inner.peers().announced_since_quit(&info) => {
+                    inner.peers().note_back(&peer);
                     inner.learn_peers(std::slice::from_ref(&info));
                     (info.addrs, info.relay)
                 }

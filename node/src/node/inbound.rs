@@ -90,12 +90,20 @@ impl Inner {
         self.pool().forget(conn, conn.real_addr());
     }
 
-    /// Notes that the peer of `conn` quit, if it closed `conn` saying so.
+    /// Notes that the peer of `conn` quit, if it closed `conn` saying so: it goes
+    /// offline at once.
     pub(super) fn note_if_quit(&self, conn: &Connection) {
-        if peer_quit(conn.quic()) {
-            let peer = conn.remote_node_id();
-            tracing::debug!(%peer, "the peer quit");
-            self.peers().note_quit(peer, p2p_discovery::now_ms());
+        if !peer_quit(conn.quic()) {
+            return;
+        }
+        let peer = conn.remote_node_id();
+        let gone = self.peers().note_quit(peer, p2p_discovery::now_ms());
+        if let Some(p) = gone {
+            tracing::debug!(%peer, "peer offline (it quit)");
+            self.emit(NodeEvent::PeerOffline {
+                node_id: p.node_id,
+                name: p.name,
+            });
         }
     }
 }

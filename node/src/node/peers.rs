@@ -120,25 +120,29 @@ impl PeerDirectory {
         self.mailbox_keys.get(id).copied()
     }
 
-    /// The addresses and relay `id` announced, if it is in the online list (and did not
-    /// quit since).
+    /// The addresses and relay `id` announced, if it is in the online list.
     pub(super) fn online_paths(&self, id: &NodeId) -> Option<(Vec<SocketAddr>, Option<RelayRef>)> {
-        self.online
-            .get(id)
-            .filter(|p| self.announced_since_quit(p))
-            .map(|p| (p.addrs.clone(), p.relay))
+        self.online.get(id).map(|p| (p.addrs.clone(), p.relay))
     }
 
-    /// Notes that `id` quit: it closed its connection with us saying it shuts down.
-    /// `now_ms` stands in for the time of its announcement when it is not in the online
-    /// list.
-    pub(super) fn note_quit(&mut self, id: NodeId, now_ms: u64) {
-        let stamp = self.online.get(&id).map_or(now_ms, |p| p.timestamp_ms);
-        let stamp = self.quit.get(&id).map_or(stamp, |s| stamp.max(*s));
+    /// Notes that `id` quit: it closed its connection with us saying it shuts down. It
+    /// leaves the online list at once (returned, when it was there), and its record
+    /// stays out of it until it announces a newer one. `now_ms` stands in for the time of
+    /// its announcement when it is not in the online list.
+    pub(super) fn note_quit(&mut self, id: NodeId, now_ms: u64) -> Option<PeerInfo> {
+        if self.quit.contains_key(&id) {
+            return None;
+        }
+        let gone = self.online.remove(&id);
+        let stamp = gone.as_ref().map_or(now_ms, |p| p.timestamp_ms);
         bounded_insert(&mut self.quit, id, stamp);
+        if let Some(p) = &gone {
+            bounded_insert(&mut self.last_paths, id, (p.addrs.clone(), p.relay));
+        }
+        gone
     }
 
-    /// Notes that `id` is back: it connected again.
+    /// Notes that `id` is back: it connected again, or announced a newer record.
     pub(super) fn note_back(&mut self, id: &NodeId) {
         self.quit.remove(id);
     }
@@ -163,11 +167,12 @@ impl PeerDirectory {
             .or_else(|| self.last_paths.get(id).cloned())
     }
 
-    /// Replaces the online list (without ourselves) and says what changed.
+    /// Replaces the online list (without ourselves, and without the records peers that
+    /// quit left behind) and says what changed.
     pub(super) fn replace_online(&mut self, me: NodeId, peers: Vec<PeerInfo>) -> OnlineChange {
         let new: HashMap<NodeId, PeerInfo> = peers
             .into_iter()
-            .filter(|p| p.node_id != me)
+            .filter(|p| p.node_id != me && self.announced_since_quit(p))
             .map(|p| (p.node_id, p))
             .collect();
         let mut change = OnlineChange::default();
@@ -207,15 +212,9 @@ impl PeerDirectory {
         for p in &change.went {
             bounded_insert(&mut self.last_paths, p.node_id, (p.addrs.clone(), p.relay));
         }
-        for (id, p) in &new {
+        for id in new.keys() {
             self.last_paths.remove(id);
-            if self
-                .quit
-                .get(id)
-                .is_some_and(|stamp| p.timestamp_ms > *stamp)
-            {
-                self.quit.remove(id);
-            }
+            self.quit.remove(id);
         }
         self.online = new;
         change
@@ -244,22 +243,31 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_that_quit_is_not_dialed_on_its_old_record_until_it_announces_again() {
+    fn a_peer_that_quit_leaves_the_online_list_until_it_announces_again() {
         let me = SecretKey::from_bytes(&[9; 32]).public();
         let mut d = PeerDirectory::default();
         let a = info(1, Some("alice"), 1);
         d.replace_online(me, vec![a.clone()]);
-        assert!(d.online_paths(&a.node_id).is_some());
-        d.note_quit(a.node_id, 1000);
+        assert_eq!(
+            d.note_quit(a.node_id, 1000),
+            Some(a.clone()),
+            "she leaves at once"
+        );
+        assert_eq!(d.note_quit(a.node_id, 1000), None, "once");
         assert!(d.has_quit(&a.node_id));
         assert_eq!(
             d.online_paths(&a.node_id),
             None,
             "the old record is not dialed"
         );
+        assert_eq!(
+            d.last_paths(&a.node_id).map(|(addrs, _)| addrs),
+            Some(a.addrs.clone())
+        );
         assert!(!d.announced_since_quit(&a));
-        // The next poll still lists the old record: nothing changes.
-        d.replace_online(me, vec![a.clone()]);
+        // The next poll still lists the old record: it stays out.
+        let c = d.replace_online(me, vec![a.clone()]);
+        assert_eq!(c, OnlineChange::default());
         assert_eq!(d.online_paths(&a.node_id), None);
         // A newer announcement: back.
         let back = PeerInfo {
@@ -267,12 +275,13 @@ mod tests {
             ..info(1, Some("alice"), 4)
         };
         assert!(d.announced_since_quit(&back));
-        d.replace_online(me, vec![back]);
+        let c = d.replace_online(me, vec![back.clone()]);
+        assert_eq!(c.came, vec![back]);
         assert!(!d.has_quit(&a.node_id));
         assert!(d.online_paths(&a.node_id).is_some());
-        // Not in the online list when it quits: the time stands in for its record's.
+        // Not in the online list when she quits: the time stands in for her record's.
         d.replace_online(me, vec![]);
-        d.note_quit(a.node_id, 1000);
+        assert_eq!(d.note_quit(a.node_id, 1000), None);
         assert!(!d.announced_since_quit(&PeerInfo {
             timestamp_ms: 999,
             ..a.clone()
