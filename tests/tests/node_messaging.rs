@@ -963,7 +963,18 @@ async fn a_peer_connected_a_moment_ago_is_tried_once_while_discovery_calls_it_of
     // Bob dials Alice, so she has a connection from his address, then dies without a
     // word (a process killed; one that quits says so, and is not tried).
     let mut a_ev = a.subscribe();
-    let bob_addr = die_after_saying_hi(&bob, &d.url, alice.id()).await?;
+    let elsewhere = tempfile::tempdir()?;
+    let dying = bob
+        .builder(&d.url)
+        .data_dir(elsewhere.path().join("node"))
+        .announce(false);
+    let to = alice.id();
+    let bob_addr = run_then_die(dying, move |b| async move {
+        let hi = b.send_to(&to, "hi alice").await?;
+        anyhow::ensure!(hi.status == SendStatus::Delivered, "{hi:?}");
+        Ok(b)
+    })
+    .await?;
     // Alice's connection to him times out; he restarts on the same port, still without
     // announcing.
     eventually("alice saw the connection close", || async {
@@ -984,42 +995,6 @@ async fn a_peer_connected_a_moment_ago_is_tried_once_while_discovery_calls_it_of
     a.shutdown().await;
     d.stop().await;
     Ok(())
-}
-
-/// Runs a node of `user` (not announced, its own data directory) on a runtime of its
-/// own, sends "hi" to `to`, then stops that runtime under the node: it ends as a killed
-/// process does, closing nothing. Returns the address it was bound to.
-async fn die_after_saying_hi(user: &User, url: &str, to: NodeId) -> Result<SocketAddr> {
-    let dir = tempfile::tempdir()?;
-    let builder = Node::builder(user.sk.clone())
-        .data_dir(dir.path().join("node"))
-        .discovery_url(url)
-        .listen(loopback())
-        .timings(fast())
-        .announce(false);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let said = (|| -> Result<(SocketAddr, Node, tokio::runtime::Runtime)> {
-            let rt = tokio::runtime::Runtime::new()?;
-            let node = rt.block_on(builder.bind())?;
-            let out = rt.block_on(node.send_to(&to, "hi"))?;
-            anyhow::ensure!(
-                out.status == SendStatus::Delivered,
-                "hi not delivered: {out:?}"
-            );
-            Ok((node.local_addr()?, node, rt))
-        })();
-        let said = said.map(|(addr, node, rt)| {
-            // Its tasks and connection drivers go first, then the node.
-            rt.shutdown_background();
-            drop(node);
-            addr
-        });
-        let _ = tx.send(said);
-    });
-    let addr = rx.await.context("the dying node's thread")??;
-    drop(dir);
-    Ok(addr)
 }
 
 /// Binds a node on an address a node of this process just left: polls (within

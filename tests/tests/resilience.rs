@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use p2p_crypto::SecretKey;
 use p2p_node::{
     wire::{ChatMessage, Frame},
-    NodeEvent, SendStatus, Timings,
+    NodeEvent, SendStatus, Timings, TransportSettings,
 };
 
 use common::*;
@@ -89,23 +89,42 @@ async fn a_restarted_discovery_server_is_noticed_and_nodes_announce_again_at_onc
 async fn a_peer_discovery_calls_offline_but_connected_a_moment_ago_is_tried_once() -> Result<()> {
     let d = Discovery::start().await?;
     let (alice, bob) = (User::new()?, User::new()?);
-    let b = bob.start(&d.url).await?;
-    b.register("bob").await?;
-    let port = b.local_addr()?.port();
-    let a = alice.start(&d.url).await?;
+    // A short idle timeout: Alice finds out soon that a connection is gone.
+    let a = alice
+        .builder(&d.url)
+        .transport(TransportSettings {
+            idle_timeout: Duration::from_secs(2),
+            keep_alive: Duration::from_millis(200),
+            ..TransportSettings::default()
+        })
+        .bind()
+        .await?;
+
+    // Bob's node runs until Alice has dialed it, then dies without a word (a process
+    // killed: one that quits says so, and is not tried).
+    let elsewhere = tempfile::tempdir()?;
+    let dying = bob.builder(&d.url).data_dir(elsewhere.path().join("node"));
+    let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+    let (dialed_tx, dialed_rx) = tokio::sync::oneshot::channel::<()>();
+    let died = tokio::spawn(run_then_die(dying, move |b| async move {
+        b.register("bob").await?;
+        let _ = up_tx.send(());
+        let _ = dialed_rx.await;
+        Ok(b)
+    }));
+    up_rx.await.context("bob's first node did not start")?;
     let first = tokio::time::timeout(DEADLINE, a.send_to(&bob.id(), "first")).await??;
     assert_eq!(first.status, SendStatus::Delivered);
-    let mut a_ev = a.subscribe();
-
-    // Bob's node stops (closing the connection) and runs again on its port without
-    // announcing itself: discovery knows bob's name and says he is offline.
-    b.shutdown().await;
-    next_event(
-        &mut a_ev,
-        "bob offline",
-        |e| matches!(e, NodeEvent::PeerOffline { node_id, .. } if *node_id == bob.id()),
-    )
+    let _ = dialed_tx.send(());
+    let port = died.await??.port();
+    eventually("alice saw the connection close", || async {
+        Ok(a.connections().iter().all(|(peer, _)| *peer != bob.id()))
+    })
     .await?;
+
+    // Discovery forgets him (as a restarted server would), and he runs again on his port
+    // without announcing himself: discovery knows bob's name and says he is offline.
+    d.client()?.withdraw(&bob.sk).await?;
     let b = bob
         .builder(&d.url)
         .listen(std::net::SocketAddr::from(([127, 0, 0, 1], port)))

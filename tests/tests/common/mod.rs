@@ -293,3 +293,34 @@ pub async fn raw_exchange(conn: &p2p_node::Connection, frame: &Frame) -> Result<
 pub fn text(m: &p2p_node::store::StoredMessage) -> &str {
     m.body.as_text().unwrap_or("")
 }
+
+/// Binds `builder`'s node on a runtime of its own and runs `work` with it there; when
+/// `work` gives the node back, stops that runtime under it: the node ends as a killed
+/// process does, closing nothing and saying no goodbye to its peers. Returns the address
+/// it was bound to. Give the builder a data directory of its own: the dead node's
+/// database is let go only as its writer thread ends.
+#[allow(dead_code)]
+pub async fn run_then_die<W, Fut>(builder: NodeBuilder, work: W) -> Result<SocketAddr>
+where
+    W: FnOnce(Node) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Node>>,
+{
+    let (tx, rx) = oneshot::channel();
+    std::thread::spawn(move || {
+        let ran = (|| -> Result<(Node, tokio::runtime::Runtime)> {
+            let rt = tokio::runtime::Runtime::new()?;
+            let node = rt.block_on(builder.bind())?;
+            let node = rt.block_on(work(node))?;
+            Ok((node, rt))
+        })();
+        let died = ran.and_then(|(node, rt)| {
+            let addr = node.local_addr()?;
+            // Its tasks and connection drivers go first, then the node.
+            rt.shutdown_background();
+            drop(node);
+            Ok(addr)
+        });
+        let _ = tx.send(died);
+    });
+    rx.await.context("the dying node's thread")?
+}
