@@ -949,11 +949,7 @@ async fn a_peer_connected_a_moment_ago_is_tried_once_while_discovery_calls_it_of
             quick_dial: Duration::from_secs(5),
             ..fast()
         })
-        .transport(TransportSettings {
-            idle_timeout: Duration::from_secs(2),
-            keep_alive: Duration::from_millis(200),
-            ..TransportSettings::default()
-        })
+        .transport(notices_loss_soon())
         .bind()
         .await?;
     // Bob claims a name but never announces presence: discovery knows him, offline.

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use p2p_crypto::SecretKey;
 use p2p_node::{
     wire::{ChatMessage, Frame},
-    NodeEvent, SendStatus, Timings, TransportSettings,
+    NodeEvent, SendStatus, Timings,
 };
 
 use common::*;
@@ -92,11 +92,7 @@ async fn a_peer_discovery_calls_offline_but_connected_a_moment_ago_is_tried_once
     // A short idle timeout: Alice finds out soon that a connection is gone.
     let a = alice
         .builder(&d.url)
-        .transport(TransportSettings {
-            idle_timeout: Duration::from_secs(2),
-            keep_alive: Duration::from_millis(200),
-            ..TransportSettings::default()
-        })
+        .transport(notices_loss_soon())
         .bind()
         .await?;
 

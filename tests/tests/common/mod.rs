@@ -324,3 +324,14 @@ where
     });
     rx.await.context("the dying node's thread")?
 }
+
+/// Transport settings under which a connection whose peer died is found gone within
+/// about two seconds.
+#[allow(dead_code)]
+pub fn notices_loss_soon() -> p2p_node::TransportSettings {
+    p2p_node::TransportSettings {
+        idle_timeout: Duration::from_secs(2),
+        keep_alive: Duration::from_millis(200),
+        ..p2p_node::TransportSettings::default()
+    }
+}
