@@ -159,9 +159,29 @@ pub(crate) async fn outcome(
     }
 }
 
+/// How long the writer looks for the next request before it parks.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// The next request: one that comes within [`SPIN`] is taken without parking (a parked
+/// thread takes tens of microseconds to run again on a VM, and waking it costs its
+/// sender a system call); then waits for one.
+fn next_request(rx: &mut mpsc::Receiver<WriteReq>) -> Option<WriteReq> {
+    let until = std::time::Instant::now() + SPIN;
+    loop {
+        match rx.try_recv() {
+            Ok(r) => return Some(r),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) if std::time::Instant::now() < until => {
+                std::thread::yield_now();
+            }
+            Err(mpsc::error::TryRecvError::Empty) => return rx.blocking_recv(),
+        }
+    }
+}
+
 fn run(store: Arc<Store>, mut rx: mpsc::Receiver<WriteReq>, report: Report) {
     let mut batch: Vec<WriteReq> = Vec::with_capacity(MAX_WRITE_BATCH);
-    while let Some(first) = rx.blocking_recv() {
+    while let Some(first) = next_request(&mut rx) {
         batch.push(first);
         while batch.len() < MAX_WRITE_BATCH {
             match rx.try_recv() {
