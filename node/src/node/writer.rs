@@ -12,7 +12,10 @@
 //! [`super::storage`]); until the heal task opened the database again, every request
 //! is refused at once with that error, and nothing is acknowledged.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use p2p_crypto::NodeId;
 use tokio::sync::{mpsc, oneshot};
@@ -160,18 +163,18 @@ pub(crate) async fn outcome(
 }
 
 /// How long the writer looks for the next request before it parks.
-const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+const SPIN: Duration = Duration::from_micros(50);
 
 /// The next request: one that comes within [`SPIN`] is taken without parking (a parked
 /// thread takes tens of microseconds to run again on a VM, and waking it costs its
 /// sender a system call); then waits for one.
 fn next_request(rx: &mut mpsc::Receiver<WriteReq>) -> Option<WriteReq> {
-    let until = std::time::Instant::now() + SPIN;
+    let until = Instant::now() + SPIN;
     loop {
         match rx.try_recv() {
             Ok(r) => return Some(r),
             Err(mpsc::error::TryRecvError::Disconnected) => return None,
-            Err(mpsc::error::TryRecvError::Empty) if std::time::Instant::now() < until => {
+            Err(mpsc::error::TryRecvError::Empty) if Instant::now() < until => {
                 std::thread::yield_now();
             }
             Err(mpsc::error::TryRecvError::Empty) => return rx.blocking_recv(),

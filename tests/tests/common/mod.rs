@@ -299,7 +299,6 @@ pub fn text(m: &p2p_node::store::StoredMessage) -> &str {
 /// process does, closing nothing and saying no goodbye to its peers. Returns the address
 /// it was bound to. Give the builder a data directory of its own: the dead node's
 /// database is let go only as its writer thread ends.
-#[allow(dead_code)]
 pub async fn run_then_die<W, Fut>(builder: NodeBuilder, work: W) -> Result<SocketAddr>
 where
     W: FnOnce(Node) -> Fut + Send + 'static,
@@ -327,7 +326,6 @@ where
 
 /// Transport settings under which a connection whose peer died is found gone within
 /// about two seconds.
-#[allow(dead_code)]
 pub fn notices_loss_soon() -> p2p_node::TransportSettings {
     p2p_node::TransportSettings {
         idle_timeout: Duration::from_secs(2),
