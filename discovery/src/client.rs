@@ -8,15 +8,16 @@ use std::{
     time::Duration,
 };
 
-use p2p_crypto::{Domain, MailboxPublicKey, NodeId, SecretKey};
+use p2p_crypto::{Domain, MailboxPublicKey, NodeId, SecretKey, Signature};
 use reqwest::{header, Method, StatusCode, Url};
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{
     api::{
-        request_signing_bytes, AnnounceResponse, ClaimResponse, DeleteRequest, DeleteResponse,
-        DepositRequest, DepositResponse, ErrorBody, MailboxResponse, OnlineResponse, PeerEntry,
-        RelayResponse, WithdrawResponse, HEADER_PRESENCE_EPOCH, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+        request_signing_bytes, AnnounceResponse, ClaimEntry, ClaimResponse, DeleteRequest,
+        DeleteResponse, DepositRequest, DepositResponse, ErrorBody, MailboxResponse,
+        OnlineResponse, PeerEntry, PresenceEntry, RelayResponse, WithdrawResponse,
+        HEADER_PRESENCE_EPOCH, HEADER_SIGNATURE, HEADER_TIMESTAMP,
     },
     clock,
     record::{
@@ -24,6 +25,48 @@ use crate::{
         Signed, SignedWire, VerifiedSignatures, Withdrawal,
     },
 };
+
+/// A lookup's body as this client reads it: a [`PeerEntry`] without its `decoded`
+/// copies, the server's unverified convenience for other clients, which this one (it
+/// decodes the signed bytes) skips unparsed.
+#[derive(Deserialize)]
+struct LookupBody {
+    node_id: NodeId,
+    #[serde(default)]
+    claim: Option<SignedWire>,
+    #[serde(default)]
+    presence: Option<LookupPresence>,
+}
+
+#[derive(Deserialize)]
+struct LookupPresence {
+    record: String,
+    signature: Signature,
+    #[serde(default)]
+    observed_ip: Option<IpAddr>,
+    #[serde(default)]
+    expires_in_secs: u64,
+}
+
+impl From<LookupBody> for PeerEntry {
+    fn from(body: LookupBody) -> Self {
+        PeerEntry {
+            node_id: body.node_id,
+            claim: body.claim.map(|c| ClaimEntry {
+                record: c.record,
+                signature: c.signature,
+                decoded: None,
+            }),
+            presence: body.presence.map(|p| PresenceEntry {
+                record: p.record,
+                signature: p.signature,
+                observed_ip: p.observed_ip,
+                expires_in_secs: p.expires_in_secs,
+                decoded: None,
+            }),
+        }
+    }
+}
 
 /// Default timeout of one request.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -468,13 +511,20 @@ impl Client {
         self.base.as_str()
     }
 
-    fn url(&self, path: &str) -> Result<Url, ClientError> {
-        self.base
-            .join(path.trim_start_matches('/'))
-            .map_err(|e| ClientError::InvalidUrl {
-                url: path.to_owned(),
-                reason: e.to_string(),
-            })
+    /// The URL of `path` (an API path, optionally with a query) under the base URL.
+    /// Only the path and query are parsed: the base, checked once, is cloned.
+    fn url(&self, path: &str) -> Url {
+        let (path, query) = path
+            .split_once('?')
+            .map_or((path, None), |(p, q)| (p, Some(q)));
+        let mut url = self.base.clone();
+        url.set_path(&format!(
+            "{}{}",
+            self.base.path(),
+            path.trim_start_matches('/')
+        ));
+        url.set_query(query);
+        url
     }
 
     /// Sends a request and decodes a JSON success body, mapping error bodies to
@@ -536,13 +586,13 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        self.send(self.http.post(self.url(path)?).json(body)).await
+        self.send(self.http.post(self.url(path)).json(body)).await
     }
 
     /// The relay this server runs beside it, if any: its identity and UDP port (on the
     /// server's host).
     pub async fn relay(&self) -> Result<Option<RelayResponse>, ClientError> {
-        match self.send(self.http.get(self.url("/v1/relay")?)).await {
+        match self.send(self.http.get(self.url("/v1/relay"))).await {
             Ok(r) => Ok(Some(r)),
             Err(ClientError::NotFound) => Ok(None),
             Err(e) => Err(e),
@@ -596,7 +646,7 @@ impl Client {
 
     /// Checks that the server answers `/healthz`.
     pub async fn health(&self) -> Result<(), ClientError> {
-        let _: serde_json::Value = self.send(self.http.get(self.url("/healthz")?)).await?;
+        let _: serde_json::Value = self.send(self.http.get(self.url("/healthz"))).await?;
         Ok(())
     }
 
@@ -702,7 +752,7 @@ impl Client {
         let mut peers = Vec::new();
         let mut cursor: Option<String> = None;
         for _ in 0..MAX_PAGES {
-            let mut url = self.url("/v1/presence")?;
+            let mut url = self.url("/v1/presence");
             if let Some(c) = &cursor {
                 url.query_pairs_mut().append_pair("cursor", c);
             }
@@ -740,10 +790,10 @@ impl Client {
     /// answer does not verify (e.g. a claim for another name, or signed by another key).
     pub async fn lookup_name(&self, name: &str) -> Result<Option<PeerInfo>, ClientError> {
         validate_name(name).map_err(ClientError::InvalidRequest)?;
-        let url = self.url(&format!("/v1/names/{name}"))?;
-        match self.send::<PeerEntry>(self.http.get(url)).await {
-            Ok(entry) => self
-                .verify(&entry, None, Some(name))
+        let url = self.url(&format!("/v1/names/{name}"));
+        match self.send::<LookupBody>(self.http.get(url)).await {
+            Ok(body) => self
+                .verify(&body.into(), None, Some(name))
                 .map(Some)
                 .map_err(|e| {
                     tracing::warn!(name, error = %e, "discovery returned an invalid record");
@@ -756,10 +806,10 @@ impl Client {
 
     /// Looks a node up by id. `Ok(None)` if the server knows nothing of it.
     pub async fn lookup_id(&self, node: &NodeId) -> Result<Option<PeerInfo>, ClientError> {
-        let url = self.url(&format!("/v1/peers/{node}"))?;
-        match self.send::<PeerEntry>(self.http.get(url)).await {
-            Ok(entry) => self
-                .verify(&entry, Some(node), None)
+        let url = self.url(&format!("/v1/peers/{node}"));
+        match self.send::<LookupBody>(self.http.get(url)).await {
+            Ok(body) => self
+                .verify(&body.into(), Some(node), None)
                 .map(Some)
                 .map_err(|e| {
                     tracing::warn!(%node, error = %e, "discovery returned an invalid record");
@@ -788,7 +838,7 @@ impl Client {
         path: &str,
         body: Vec<u8>,
     ) -> Result<reqwest::RequestBuilder, ClientError> {
-        let url = self.url(path)?;
+        let url = self.url(path);
         let path_and_query = match url.query() {
             Some(q) => format!("{}?{q}", url.path()),
             None => url.path().to_owned(),
@@ -888,9 +938,27 @@ mod tests {
         }
         let c = Client::new("http://host/prefix").expect("client");
         assert_eq!(
-            c.url("/v1/presence").expect("url").as_str(),
+            c.url("/v1/presence").as_str(),
             "http://host/prefix/v1/presence"
         );
+        // The same URL as parsing the path against the base whole.
+        for base in [
+            "http://127.0.0.1:7117",
+            "http://host/prefix/",
+            "http://[::1]:9/a/b",
+        ] {
+            let c = Client::new(base).expect("client");
+            for path in [
+                "/v1/peers/abc",
+                "/v1/names/bob-2",
+                "/v1/presence?cursor=x&limit=5",
+                "/v1/mailbox/k/delete",
+                "/healthz",
+            ] {
+                let whole = c.base.join(path.trim_start_matches('/')).expect("join");
+                assert_eq!(c.url(path), whole, "{base} {path}");
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,11 @@
 //! base64url) beside the signature, so a verifier checks the signature over what it
 //! received and only then decodes it. Nothing outside the signed bytes is trusted.
 
-use std::net::SocketAddr;
+use std::{
+    fmt,
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+};
 
 use p2p_crypto::{Domain, MailboxPublicKey, NodeId, SecretKey, Signature};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -182,12 +186,44 @@ impl Record for Withdrawal {
 }
 
 /// A record together with the exact bytes that were signed and the signature.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Signed<R> {
     record: R,
     bytes: Vec<u8>,
     signature: Signature,
+    /// Its JSON, made the first time it is asked for and shared by every clone: a
+    /// discovery server answers each lookup of a record with the same text.
+    json: Arc<OnceLock<Option<SignedJson>>>,
 }
+
+/// A signed record as JSON, in the two parts every entry that carries it is made of.
+#[derive(Debug)]
+pub(crate) struct SignedJson {
+    /// `"record":"…","signature":"…"`: the wire form's fields, without its braces.
+    pub(crate) wire_fields: Box<str>,
+    /// The decoded record, a JSON object.
+    pub(crate) decoded: Box<str>,
+}
+
+impl<R: fmt::Debug> fmt::Debug for Signed<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Signed")
+            .field("record", &self.record)
+            .field("bytes", &self.bytes)
+            .field("signature", &self.signature)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: PartialEq> PartialEq for Signed<R> {
+    fn eq(&self, other: &Self) -> bool {
+        self.record == other.record
+            && self.bytes == other.bytes
+            && self.signature == other.signature
+    }
+}
+
+impl<R: Eq> Eq for Signed<R> {}
 
 impl<R: Record> Signed<R> {
     /// Validates, encodes and signs `record` with `secret`, which must be the key of
@@ -276,7 +312,10 @@ impl<R: Record> Signed<R> {
         record.validate()?;
         // One record, one byte string: postcard also accepts over-long varints, which
         // would let a signer publish the same record under different bytes.
-        if postcard::to_stdvec(&record).map_or(true, |canonical| canonical != bytes) {
+        // (Encoded into a buffer of the largest size allowed: a longer encoding cannot
+        // equal the bytes.)
+        let mut canonical = [0u8; MAX_RECORD_BYTES];
+        if postcard::to_slice(&record, &mut canonical).map_or(true, |c| *c != *bytes) {
             return Err(RecordError::NonCanonical);
         }
         let node_id = record.signer();
@@ -292,6 +331,7 @@ impl<R: Record> Signed<R> {
             record,
             bytes,
             signature,
+            json: Arc::default(),
         })
     }
 
@@ -321,6 +361,21 @@ impl<R: Record> Signed<R> {
     /// The signature.
     pub fn signature(&self) -> &Signature {
         &self.signature
+    }
+
+    /// Its JSON, made once per record (`None` if it cannot be serialized, which the
+    /// types here cannot fail at; callers then serialize the entry whole).
+    pub(crate) fn json(&self) -> Option<&SignedJson> {
+        self.json
+            .get_or_init(|| {
+                let wire = serde_json::to_string(&self.to_wire()).ok()?;
+                let wire_fields = wire.strip_prefix('{')?.strip_suffix('}')?;
+                Some(SignedJson {
+                    wire_fields: wire_fields.into(),
+                    decoded: serde_json::to_string(&self.record).ok()?.into(),
+                })
+            })
+            .as_ref()
     }
 }
 

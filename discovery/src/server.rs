@@ -17,7 +17,7 @@ use axum::{
         ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query,
         Request, State,
     },
-    http::{header, request::Parts, HeaderMap, Method, StatusCode},
+    http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -27,8 +27,7 @@ use p2p_crypto::{Domain, NodeId, Signature};
 use rand::Rng;
 use serde::{de::DeserializeOwned, Deserialize};
 use tokio_util::sync::CancellationToken;
-use tower::limit::GlobalConcurrencyLimitLayer;
-use tower_http::{timeout::TimeoutLayer, trace::TraceLayer};
+use tracing::Instrument as _;
 
 use crate::{
     api::{
@@ -185,6 +184,9 @@ struct Inner {
     clock: Arc<dyn Clock>,
     limiter: Mutex<RateLimiter>,
     metrics: Metrics,
+    /// Requests handled at once ([`ServerConfig::max_concurrent_requests`]); a request
+    /// over it waits for a permit.
+    requests: tokio::sync::Semaphore,
     relay: std::sync::OnceLock<RelayAdvert>,
     /// The value of [`HEADER_PRESENCE_EPOCH`] on every response, when presence lives in
     /// this process only.
@@ -234,6 +236,7 @@ impl AppState {
                 config.max_rate_clients,
             )),
             metrics: Metrics::default(),
+            requests: tokio::sync::Semaphore::new(config.max_concurrent_requests.max(1)),
             relay: std::sync::OnceLock::new(),
             presence_epoch: (!store.keeps_presence())
                 .then(|| header::HeaderValue::from(rand::thread_rng().gen::<u64>())),
@@ -352,15 +355,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            config.request_timeout,
-        ))
         .layer(middleware::from_fn_with_state(state.clone(), front))
-        .layer(GlobalConcurrencyLimitLayer::new(
-            config.max_concurrent_requests,
-        ))
-        .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
 
@@ -537,7 +532,7 @@ fn method_label(method: &Method) -> &'static str {
         .map_or("other", Method::as_str)
 }
 
-/// The JSON error for a bodiless refusal made by a layer (the request timeout's 408).
+/// The JSON error for a refusal made around the handlers (the request timeout's 408).
 fn layer_refusal(status: StatusCode) -> AppError {
     match status {
         StatusCode::REQUEST_TIMEOUT => AppError::new(
@@ -554,15 +549,23 @@ fn layer_refusal(status: StatusCode) -> AppError {
     }
 }
 
-/// The server's own work around every request, in one layer (a `from_fn` layer clones
-/// the services inside it on every request, so one is cheaper than three):
+/// The server's own work around every request, in one layer (axum clones a route's
+/// layers for every request, so one layer costs less than several):
+/// - waits for one of the [`ServerConfig::max_concurrent_requests`] permits;
 /// - refuses a body declared over the limit ([`oversize_body`]), then a write over the
 ///   client's rate ([`over_rate`]), before anything inside runs;
-/// - gives a layer's bodiless refusal (the timeout's 408) the JSON error body;
+/// - answers `408 request_timeout` when the handler (reading the body included) takes
+///   longer than [`ServerConfig::request_timeout`];
+/// - gives a bodiless refusal from inside the JSON error body;
 /// - adds the presence epoch header;
 /// - counts requests by method, route and status (labels from fixed sets: known methods
-///   and routes, anything else `other` / `unmatched`), and rejections by code.
+///   and routes, anything else `other` / `unmatched`), and rejections by code;
+/// - at debug level, runs the request in a span and logs its status and time.
 async fn front(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Ok(_permit) = state.inner.requests.acquire().await else {
+        return layer_refusal(StatusCode::SERVICE_UNAVAILABLE).into_response();
+    };
+    let started = tracing::enabled!(tracing::Level::DEBUG).then(std::time::Instant::now);
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -577,7 +580,14 @@ async fn front(State(state): State<AppState>, req: Request, next: Next) -> Respo
     let refused = oversize_body(&state, &req).or_else(|| over_rate(&state, &req));
     let mut resp = match refused {
         Some(e) => e.into_response(),
-        None => next.run(req).await,
+        None => {
+            let span = tracing::debug_span!("request", method = %req.method(), uri = %req.uri());
+            let deadline = state.inner.config.request_timeout;
+            match tokio::time::timeout(deadline, next.run(req).instrument(span)).await {
+                Ok(resp) => resp,
+                Err(_) => layer_refusal(StatusCode::REQUEST_TIMEOUT).into_response(),
+            }
+        }
     };
     let status = resp.status();
     if (status.is_client_error() || status.is_server_error())
@@ -594,6 +604,15 @@ async fn front(State(state): State<AppState>, req: Request, next: Next) -> Respo
         .inner
         .metrics
         .record(method, route, resp.status().as_u16(), code);
+    if let Some(started) = started {
+        tracing::debug!(
+            method,
+            route,
+            status = resp.status().as_u16(),
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request served"
+        );
+    }
     resp
 }
 
@@ -646,16 +665,28 @@ fn claim_entry(c: &Signed<NameClaim>) -> ClaimEntry {
     }
 }
 
+/// Whether a presence entry carries the observed IP: only for a record that announces
+/// an unspecified address.
+fn needs_observed_ip(live: &LivePresence) -> bool {
+    live.signed
+        .record()
+        .addrs
+        .iter()
+        .any(|a| a.ip().is_unspecified())
+}
+
+fn expires_in_secs(live: &LivePresence, now: u64) -> u64 {
+    live.expires_at_ms.saturating_sub(now) / 1000
+}
+
 fn presence_entry(live: &LivePresence, now: u64) -> PresenceEntry {
     let wire = live.signed.to_wire();
-    let rec = live.signed.record();
-    let needs_ip = rec.addrs.iter().any(|a| a.ip().is_unspecified());
     PresenceEntry {
         record: wire.record,
         signature: wire.signature,
-        observed_ip: needs_ip.then_some(live.observed_ip),
-        expires_in_secs: live.expires_at_ms.saturating_sub(now) / 1000,
-        decoded: Some(rec.clone()),
+        observed_ip: needs_observed_ip(live).then_some(live.observed_ip),
+        expires_in_secs: expires_in_secs(live, now),
+        decoded: Some(live.signed.record().clone()),
     }
 }
 
@@ -696,20 +727,83 @@ fn peer_entry(node: NodeId, state: &PeerState, now: u64) -> Option<PeerEntry> {
     })
 }
 
+/// [`peer_entry`] as the JSON body of a response, put together from each record's JSON
+/// (made once per record, see [`Signed`]), so a lookup serializes nothing but the node
+/// id, the observed IP and the seconds left. `None` if it knows nothing.
+fn peer_entry_body(node: NodeId, state: &PeerState, now: u64) -> Option<Response> {
+    if state.claim.is_none() && state.presence.is_none() {
+        return None;
+    }
+    let assembled = (|| {
+        let claim = match &state.claim {
+            Some(c) => Some(c.json()?),
+            None => None,
+        };
+        let presence = match &state.presence {
+            Some(live) => Some((live, live.signed.json()?)),
+            None => None,
+        };
+        let mut out = String::with_capacity(1024);
+        out.push_str("{\"node_id\":\"");
+        out.push_str(&node.to_string());
+        out.push_str("\",\"claim\":");
+        match claim {
+            Some(c) => {
+                out.push('{');
+                out.push_str(&c.wire_fields);
+                out.push_str(",\"decoded\":");
+                out.push_str(&c.decoded);
+                out.push('}');
+            }
+            None => out.push_str("null"),
+        }
+        out.push_str(",\"presence\":");
+        match presence {
+            Some((live, p)) => {
+                out.push('{');
+                out.push_str(&p.wire_fields);
+                if needs_observed_ip(live) {
+                    out.push_str(",\"observed_ip\":\"");
+                    out.push_str(&live.observed_ip.to_string());
+                    out.push('"');
+                }
+                out.push_str(",\"expires_in_secs\":");
+                out.push_str(&expires_in_secs(live, now).to_string());
+                out.push_str(",\"decoded\":");
+                out.push_str(&p.decoded);
+                out.push('}');
+            }
+            None => out.push_str("null"),
+        }
+        out.push('}');
+        Some(out)
+    })();
+    Some(match assembled {
+        Some(body) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        None => Json(peer_entry(node, state, now)?).into_response(),
+    })
+}
+
 /// `GET /v1/names/{name}`.
 async fn lookup_name(
     State(state): State<AppState>,
     PathParam(name): PathParam,
-) -> Result<Json<PeerEntry>, AppError> {
+) -> Result<Response, AppError> {
     validate_name(&name)?;
     let now = state.now();
     let found = state.store().lookup_name(&name, now).await?;
     found
         .and_then(|s| {
             let node = s.claim.as_ref()?.record().node_id;
-            peer_entry(node, &s, now)
+            peer_entry_body(node, &s, now)
         })
-        .map(Json)
         .ok_or_else(|| AppError::new(ErrorCode::NotFound, format!("no claim on {name:?}")))
 }
 
@@ -717,12 +811,11 @@ async fn lookup_name(
 async fn lookup_peer(
     State(state): State<AppState>,
     param: PathParam,
-) -> Result<Json<PeerEntry>, AppError> {
+) -> Result<Response, AppError> {
     let node = param.node_id()?;
     let now = state.now();
     let found = state.store().peer(&node, now).await?;
-    peer_entry(node, &found, now)
-        .map(Json)
+    peer_entry_body(node, &found, now)
         .ok_or_else(|| AppError::new(ErrorCode::NotFound, format!("unknown node {node}")))
 }
 
@@ -1158,4 +1251,93 @@ async fn metrics(State(state): State<AppState>) -> Response {
         out,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{NameClaim, PresenceRecord, RelayRef};
+    use p2p_crypto::SecretKey;
+
+    fn presence(sk: &SecretKey, addr: &str, relay: Option<RelayRef>) -> Signed<PresenceRecord> {
+        let record = PresenceRecord {
+            node_id: sk.public(),
+            name: Some("alice".into()),
+            addrs: vec![
+                addr.parse().expect("addr"),
+                "[::1]:9".parse().expect("addr"),
+            ],
+            mailbox_key: sk.mailbox_secret().public(),
+            timestamp_ms: 1_700_000_000_000,
+            ttl_secs: 60,
+            relay,
+        };
+        Signed::sign(sk, record).expect("sign")
+    }
+
+    async fn body_of(resp: Response) -> serde_json::Value {
+        assert_eq!(
+            resp.headers()
+                .get(header::CONTENT_TYPE)
+                .map(|v| v.as_bytes()),
+            Some(&b"application/json"[..])
+        );
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        serde_json::from_slice(&bytes).expect("the body is JSON")
+    }
+
+    #[tokio::test]
+    async fn a_lookups_assembled_body_is_the_entry_serialized_whole() {
+        let sk = SecretKey::generate();
+        let relay = Some(RelayRef {
+            node_id: SecretKey::generate().public(),
+            addr: "192.0.2.7:443".parse().expect("addr"),
+        });
+        let claim = Signed::sign(
+            &sk,
+            NameClaim {
+                name: "alice".into(),
+                node_id: sk.public(),
+                mailbox_key: sk.mailbox_secret().public(),
+                timestamp_ms: 5,
+            },
+        )
+        .expect("sign");
+        let now = 1_700_000_000_000;
+        let live = |addr: &str, relay| LivePresence {
+            signed: presence(&sk, addr, relay),
+            observed_ip: "203.0.113.9".parse().expect("ip"),
+            expires_at_ms: now + 42_500,
+        };
+        let states = [
+            PeerState {
+                claim: Some(claim.clone()),
+                presence: None,
+            },
+            PeerState {
+                claim: None,
+                presence: Some(live("0.0.0.0:4000", None)),
+            },
+            PeerState {
+                claim: Some(claim.clone()),
+                presence: Some(live("198.51.100.1:4000", relay)),
+            },
+            PeerState {
+                claim: Some(claim),
+                presence: Some(live("0.0.0.0:4000", relay)),
+            },
+        ];
+        for state in &states {
+            let whole = serde_json::to_value(peer_entry(sk.public(), state, now).expect("entry"))
+                .expect("serialize");
+            // Twice: the second answer comes from the records' JSON made by the first.
+            for _ in 0..2 {
+                let body = peer_entry_body(sk.public(), state, now).expect("body");
+                assert_eq!(body_of(body).await, whole);
+            }
+        }
+        assert!(peer_entry_body(sk.public(), &PeerState::default(), now).is_none());
+    }
 }

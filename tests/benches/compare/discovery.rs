@@ -365,6 +365,65 @@ async fn wrk(base: &str, paths: &[String], conc: usize, secs: u64, dir: &Path) -
     Ok(Wrk { per_sec, bad })
 }
 
+/// `BENCH_PROFILE=lookups`: figure 6's raw HTTP lookups on our server alone, wrk for
+/// four phases; `lookups-client`: the same through the verifying client; `None` for
+/// another workload.
+pub async fn profile(cfg: &Config, what: &str) -> Result<Option<String>> {
+    if what != "lookups" && what != "lookups-client" {
+        return Ok(None);
+    }
+    if what == "lookups" && !wrk_installed() {
+        bail!("BENCH_PROFILE=lookups needs wrk");
+    }
+    let tmp = tempfile::tempdir()?;
+    let own = OwnServer::start()?;
+    let client = Client::new(&own.url)?;
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    wait_http(
+        &http,
+        &format!("{}/healthz", own.url),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let keys: Vec<SecretKey> = (0..POPULATION).map(|_| SecretKey::generate()).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let addr = format!("192.0.2.{}:4433", 1 + i % 250).parse()?;
+        client.announce(key, None, &[addr], TTL).await?;
+    }
+    let paths: Vec<String> = keys
+        .iter()
+        .map(|k| format!("/v1/peers/{}", k.public()))
+        .collect();
+    let secs = (cfg.phase.as_secs_f64() * 4.0).ceil().max(1.0) as u64;
+    eprintln!("profile: measuring");
+    let (per_sec, bad, by) = if what == "lookups" {
+        let w = wrk(&own.url, &paths, cfg.disc_conc, secs, tmp.path()).await?;
+        (w.per_sec, w.bad, "wrk -t1")
+    } else {
+        let ids: Arc<Vec<p2p_crypto::NodeId>> = Arc::new(keys.iter().map(|k| k.public()).collect());
+        let lookups = client.clone();
+        let (r, f) = rate(cfg.disc_conc, Duration::from_secs(secs), move |i| {
+            let (client, ids) = (lookups.clone(), ids.clone());
+            async move {
+                match client.lookup_id(&ids[i % ids.len()]).await? {
+                    Some(_) => Ok(()),
+                    None => bail!("lookup found nothing"),
+                }
+            }
+        })
+        .await?;
+        (r, f, "the verifying client")
+    };
+    eprintln!("profile: done");
+    crate::profile_hold();
+    drop((client, http));
+    tokio::task::spawn_blocking(move || drop(own)).await?;
+    Ok(Some(format!(
+        "{what}: {per_sec:.0} req/s over {secs} s with {by}, {} at once, {bad} failed",
+        cfg.disc_conc
+    )))
+}
+
 /// Figure 6.
 pub async fn run(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
     let conc = cfg.disc_conc;

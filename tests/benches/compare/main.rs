@@ -29,7 +29,7 @@
 //! | `BENCH_SCALE_RECORDS` | 100000 (5000) | presences and names in figure 11's discovery server |
 //! | (figure 10) | | PostgreSQL (started by the bench when installed) 1 vs 2 instances vs redb; DHT times on a local testnet |
 //! | `BENCH_ONLY` | all | figures to run, e.g. `1,2` or `msgs,latency` |
-//! | `BENCH_PROFILE` | unset | run one side of one figure alone (for a profiler) and print what it did: `send`, `send-mem`, `rtt`, `rtt-mem`, `bulk`, `bulk-mem`, `setup`, `setup-mem`, `setup-raw` (figure 4's bare endpoint), `peers`, `peers-mem`, `raw-peers` (figure 8's most peers, node or raw echo), `raw-send`, `raw-rtt`, `history-insert`, `history-sender`, `history-read`; the workload is framed by `profile: measuring` and `profile: done` on stderr |
+//! | `BENCH_PROFILE` | unset | run one side of one figure alone (for a profiler) and print what it did: `send`, `send-mem`, `rtt`, `rtt-mem`, `bulk`, `bulk-mem`, `setup`, `setup-mem`, `setup-raw` (figure 4's bare endpoint), `peers`, `peers-mem`, `raw-peers` (figure 8's most peers, node or raw echo), `raw-send`, `raw-rtt`, `history-insert`, `history-sender`, `history-read`, `lookups` (figure 6's wrk on our server), `lookups-client` (its verifying client); the workload is framed by `profile: measuring` and `profile: done` on stderr |
 //! | `RUST_LOG` | unset | the nodes' logs on stderr at that filter (e.g. `p2p_node=debug`), for a look inside one `BENCH_PROFILE` workload |
 //! | `BENCH_PROFILE_HOLD` | unset | `1`: after `profile: done`, wait for a line on stdin before tearing down |
 
@@ -145,7 +145,9 @@ pub fn profile_hold() {
 
 /// `BENCH_PROFILE=<workload>`: one side of one figure alone, for a profiler.
 async fn profile(cfg: &Config, what: &str) -> Result<()> {
-    let line = if what.starts_with("history") {
+    let line = if what.starts_with("lookups") {
+        discovery::profile(cfg, what).await?
+    } else if what.starts_with("history") {
         let (c, w) = (cfg.clone(), what.to_owned());
         tokio::task::spawn_blocking(move || history::profile(&c, &w)).await??
     } else {
@@ -160,7 +162,7 @@ async fn profile(cfg: &Config, what: &str) -> Result<()> {
         None => anyhow::bail!(
             "unknown BENCH_PROFILE {what:?}: send, send-mem, rtt, rtt-mem, bulk, bulk-mem, \
              setup, setup-mem, setup-raw, peers, peers-mem, raw-peers, raw-send, raw-rtt, \
-             history-insert, history-sender, history-read"
+             history-insert, history-sender, history-read, lookups, lookups-client"
         ),
     }
     Ok(())
