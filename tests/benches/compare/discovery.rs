@@ -299,6 +299,26 @@ where
     Ok((ok as f64 / load.elapsed.as_secs_f64(), failed))
 }
 
+/// Lookups of `ids` in turn through the verifying client: (per second, failed).
+async fn lookup_rate(
+    client: &Client,
+    ids: Arc<Vec<p2p_crypto::NodeId>>,
+    conc: usize,
+    dur: Duration,
+) -> Result<(f64, u64)> {
+    let client = client.clone();
+    rate(conc, dur, move |i| {
+        let (client, ids) = (client.clone(), ids.clone());
+        async move {
+            match client.lookup_id(&ids[i % ids.len()]).await? {
+                Some(_) => Ok(()),
+                None => bail!("lookup found nothing"),
+            }
+        }
+    })
+    .await
+}
+
 /// What one wrk run measured.
 struct Wrk {
     per_sec: f64,
@@ -400,18 +420,9 @@ pub async fn profile(cfg: &Config, what: &str) -> Result<Option<String>> {
         let w = wrk(&own.url, &paths, cfg.disc_conc, secs, tmp.path()).await?;
         (w.per_sec, w.bad, "wrk -t1")
     } else {
-        let ids: Arc<Vec<p2p_crypto::NodeId>> = Arc::new(keys.iter().map(|k| k.public()).collect());
-        let lookups = client.clone();
-        let (r, f) = rate(cfg.disc_conc, Duration::from_secs(secs), move |i| {
-            let (client, ids) = (lookups.clone(), ids.clone());
-            async move {
-                match client.lookup_id(&ids[i % ids.len()]).await? {
-                    Some(_) => Ok(()),
-                    None => bail!("lookup found nothing"),
-                }
-            }
-        })
-        .await?;
+        let ids = Arc::new(keys.iter().map(|k| k.public()).collect());
+        let secs = Duration::from_secs(secs);
+        let (r, f) = lookup_rate(&client, ids, cfg.disc_conc, secs).await?;
         (r, f, "the verifying client")
     };
     eprintln!("profile: done");
@@ -534,17 +545,7 @@ pub async fn run(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
         for phase in order(run, 6) {
             match phase {
                 0 => {
-                    let (client, ids) = (client.clone(), ids.clone());
-                    let (r, f) = rate(conc, dur, move |i| {
-                        let (client, ids) = (client.clone(), ids.clone());
-                        async move {
-                            match client.lookup_id(&ids[i % ids.len()]).await? {
-                                Some(_) => Ok(()),
-                                None => bail!("lookup found nothing"),
-                            }
-                        }
-                    })
-                    .await?;
+                    let (r, f) = lookup_rate(&client, ids.clone(), conc, dur).await?;
                     v[0] = Some(r);
                     failures[0] += f;
                 }
