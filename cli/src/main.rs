@@ -17,6 +17,14 @@ use std::{io::IsTerminal, net::SocketAddr, path::PathBuf};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
+/// mimalloc, without transparent huge pages. glibc's malloc degrades as a discovery
+/// server's heap grows (at 100 000 records a lookup cost 21.6 us of CPU instead of 11.3,
+/// a quarter of it in malloc and its arena locks); mimalloc holds it at 13.6 us. With
+/// huge pages the idle process took 29 MiB instead of 14 and lookups were slower.
+/// BENCHMARKS.md, item 15.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Address a node serves discovery on for the LAN when no discovery option is given
 /// (another port if this one is taken).
 pub const DEFAULT_EMBEDDED_DISCOVERY: &str = "0.0.0.0:7117";

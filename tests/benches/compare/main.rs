@@ -49,6 +49,12 @@ use std::{str::FromStr, time::Duration};
 
 use anyhow::{Context, Result};
 
+/// The allocator of the `p2p-node` binary (mimalloc without transparent huge pages), so
+/// the in-process nodes, the raw baselines and the child servers allocate as the program
+/// does (BENCHMARKS.md, item 15).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// What to run, and how much.
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -168,6 +168,36 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS in /proc/PID/status")
 }
 
+/// CPU time (ns) and context switches so far of all threads of process `pid`, from
+/// `/proc/PID/task/*/schedstat` and `status` (threads that ended are not counted).
+pub fn cpu_and_switches(pid: u32) -> Result<(u64, u64)> {
+    let (mut ns, mut switches) = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        // A thread may end between the listing and the reads.
+        let (Ok(sched), Ok(status)) = (
+            std::fs::read_to_string(dir.join("schedstat")),
+            std::fs::read_to_string(dir.join("status")),
+        ) else {
+            continue;
+        };
+        ns += sched
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .context("unreadable schedstat")?;
+        switches += status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok((ns, switches))
+}
+
 /// The soft limit on open files of this process.
 pub fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;

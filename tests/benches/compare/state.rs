@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 
 use crate::{
     discovery::rate,
-    memory::{rss_kib, ChildProc},
+    memory::{cpu_and_switches, rss_kib, ChildProc},
     report::{quantile, Row, Target},
     Config,
 };
@@ -256,8 +256,15 @@ fn spread(i: usize, len: usize) -> usize {
 
 /// Lookups per second of the server alone: `GET /v1/peers/{id}` of random ids among
 /// `ids`, each answer read whole and not verified (a client's own work is the same
-/// whatever the server holds).
-async fn server_lookups(url: &str, ids: Arc<Vec<NodeId>>, cfg: &Config) -> Result<f64> {
+/// whatever the server holds); with the server's CPU time per lookup.
+async fn server_lookups(
+    url: &str,
+    ids: Arc<Vec<NodeId>>,
+    cfg: &Config,
+    server: &ChildProc,
+) -> Result<(f64, Duration)> {
+    let n = ids.len();
+    let before = cpu_and_switches(server.pid())?;
     let http = reqwest::Client::builder().build()?;
     let base = Arc::new(url.to_owned());
     let (per_sec, failed) = rate(cfg.disc_conc, cfg.phase, move |i| {
@@ -278,7 +285,15 @@ async fn server_lookups(url: &str, ids: Arc<Vec<NodeId>>, cfg: &Config) -> Resul
     })
     .await?;
     ensure!(failed == 0, "{failed} lookups failed");
-    Ok(per_sec)
+    let after = cpu_and_switches(server.pid())?;
+    let served = (per_sec * cfg.phase.as_secs_f64()).max(1.0);
+    let cpu = Duration::from_secs_f64((after.0 - before.0) as f64 / 1e9 / served);
+    eprintln!(
+        "figure 11: {n} ids, {per_sec:.0} req/s, server {:.2} us CPU and {:.2} context switches per lookup",
+        cpu.as_secs_f64() * 1e6,
+        (after.1 - before.1) as f64 / served,
+    );
+    Ok((per_sec, cpu))
 }
 
 /// Lookups per second through the verifying client, of random ids among `ids`.
@@ -328,14 +343,18 @@ async fn discovery(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
         populate(&client, &keys, 0..SMALL_POPULATION, cfg.disc_conc).await?;
         let small_rss = rss_bytes(&server)?;
         let small_ids = Arc::new(ids[..SMALL_POPULATION].to_vec());
-        let small_http = server_lookups(&url, small_ids.clone(), cfg).await?;
+        let (small_http, small_cpu) = server_lookups(&url, small_ids.clone(), cfg, &server).await?;
         let small = lookups(&client, small_ids, cfg).await?;
         let fill = Instant::now();
         populate(&client, &keys, SMALL_POPULATION..big, cfg.disc_conc).await?;
         let fill = fill.elapsed();
+        eprintln!(
+            "figure 11: {big} records in the server (pid {})",
+            server.pid()
+        );
         let big_rss = rss_bytes(&server)?;
         let all_ids = Arc::new(ids.clone());
-        let large_http = server_lookups(&url, all_ids.clone(), cfg).await?;
+        let (large_http, large_cpu) = server_lookups(&url, all_ids.clone(), cfg, &server).await?;
         let large = lookups(&client, all_ids, cfg).await?;
         lookup.push(large_http, Some(small_http));
         verified.push(large, Some(small));
@@ -356,7 +375,9 @@ async fn discovery(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
              live presences: filled {} in {:.1} s ({:.0} claims + announces/s); RSS empty {:.1} MiB, \
              at {SMALL_POPULATION} records {:.1} MiB, at {big} {:.1} MiB ({:.0} bytes per record \
              beyond the first {SMALL_POPULATION}); discovery.redb {:.1} MiB ({:.0} bytes per name); \
-             restart to serving {:.0} ms (RSS after restart, names only: {:.1} MiB)",
+             restart to serving {:.0} ms (RSS after restart, names only: {:.1} MiB); the \
+             server's CPU per lookup (all its threads, /proc) {:.1} us at {SMALL_POPULATION} \
+             records, {:.1} us at {big}",
             run + 1,
             big - SMALL_POPULATION,
             fill.as_secs_f64(),
@@ -369,6 +390,8 @@ async fn discovery(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
             db_bytes as f64 / big as f64,
             up.as_secs_f64() * 1e3,
             rss_restarted as f64 / 1048576.0,
+            small_cpu.as_secs_f64() * 1e6,
+            large_cpu.as_secs_f64() * 1e6,
         ));
     }
     Ok(vec![lookup, verified])
