@@ -168,24 +168,36 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS in /proc/PID/status")
 }
 
-/// CPU time (ns) and context switches so far of all threads of process `pid`, from
-/// `/proc/PID/task/*/schedstat` and `status` (threads that ended are not counted).
-pub fn cpu_and_switches(pid: u32) -> Result<(u64, u64)> {
-    let (mut ns, mut switches) = (0, 0);
+/// CPU time (ns, user and system) of process `pid` so far, ended threads included, from
+/// `/proc/PID/stat` (in clock ticks: 100 a second, the kernel's `USER_HZ` on Linux).
+pub fn cpu_ns(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name, in parentheses, may hold spaces: fields count from after it.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("unreadable /proc/PID/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .context("unreadable /proc/PID/stat")
+    };
+    Ok((ticks(11)? + ticks(12)?) * 10_000_000)
+}
+
+/// Context switches so far of the live threads of process `pid` (ended threads are not
+/// counted), from `/proc/PID/task/*/status`.
+pub fn context_switches(pid: u32) -> Result<u64> {
+    let mut switches = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let dir = task?.path();
-        // A thread may end between the listing and the reads.
-        let (Ok(sched), Ok(status)) = (
-            std::fs::read_to_string(dir.join("schedstat")),
-            std::fs::read_to_string(dir.join("status")),
-        ) else {
+        // A thread may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
             continue;
         };
-        ns += sched
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .context("unreadable schedstat")?;
         switches += status
             .lines()
             .filter_map(|l| {
@@ -195,7 +207,7 @@ pub fn cpu_and_switches(pid: u32) -> Result<(u64, u64)> {
             .filter_map(|v| v.trim().parse::<u64>().ok())
             .sum::<u64>();
     }
-    Ok((ns, switches))
+    Ok(switches)
 }
 
 /// The soft limit on open files of this process.

@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 
 use crate::{
     discovery::rate,
-    memory::{cpu_and_switches, rss_kib, ChildProc},
+    memory::{context_switches, cpu_ns, rss_kib, ChildProc},
     report::{quantile, Row, Target},
     Config,
 };
@@ -264,7 +264,7 @@ async fn server_lookups(
     server: &ChildProc,
 ) -> Result<(f64, Duration)> {
     let n = ids.len();
-    let before = cpu_and_switches(server.pid())?;
+    let before = (cpu_ns(server.pid())?, context_switches(server.pid())?);
     let http = reqwest::Client::builder().build()?;
     let base = Arc::new(url.to_owned());
     let (per_sec, failed) = rate(cfg.disc_conc, cfg.phase, move |i| {
@@ -285,13 +285,13 @@ async fn server_lookups(
     })
     .await?;
     ensure!(failed == 0, "{failed} lookups failed");
-    let after = cpu_and_switches(server.pid())?;
+    let after = (cpu_ns(server.pid())?, context_switches(server.pid())?);
     let served = (per_sec * cfg.phase.as_secs_f64()).max(1.0);
-    let cpu = Duration::from_secs_f64((after.0 - before.0) as f64 / 1e9 / served);
+    let cpu = Duration::from_secs_f64(after.0.saturating_sub(before.0) as f64 / 1e9 / served);
     eprintln!(
         "figure 11: {n} ids, {per_sec:.0} req/s, server {:.2} us CPU and {:.2} context switches per lookup",
         cpu.as_secs_f64() * 1e6,
-        (after.1 - before.1) as f64 / served,
+        after.1.saturating_sub(before.1) as f64 / served,
     );
     Ok((per_sec, cpu))
 }
@@ -376,7 +376,7 @@ async fn discovery(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
              at {SMALL_POPULATION} records {:.1} MiB, at {big} {:.1} MiB ({:.0} bytes per record \
              beyond the first {SMALL_POPULATION}); discovery.redb {:.1} MiB ({:.0} bytes per name); \
              restart to serving {:.0} ms (RSS after restart, names only: {:.1} MiB); the \
-             server's CPU per lookup (all its threads, /proc) {:.1} us at {SMALL_POPULATION} \
+             server's CPU per lookup (whole process, /proc/PID/stat) {:.1} us at {SMALL_POPULATION} \
              records, {:.1} us at {big}",
             run + 1,
             big - SMALL_POPULATION,
