@@ -1,7 +1,6 @@
 //! Node identity keys and their text forms.
 
 use std::{
-    collections::HashSet,
     fmt,
     str::FromStr,
     sync::{LazyLock, Mutex},
@@ -14,6 +13,8 @@ use rand::rngs::OsRng;
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use sha2::Sha256;
 use zeroize::Zeroizing;
+
+use crate::memo::Memo;
 
 /// Lowercase RFC 4648 base32 without padding: the one text form of keys and ids.
 static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
@@ -54,25 +55,18 @@ fn decode_fixed<const N: usize>(s: &str) -> Result<[u8; N], ParseKeyError> {
 }
 
 /// Keys a [`ValidKeys`] remembers per generation (two generations): every record of a
-/// discovery server at its default presence cap, with room to spare; 7/8 of a power of
-/// two, so a full generation's table has no empty half.
+/// discovery server at its default presence cap, with room to spare; the two together
+/// are 7/8 of a power of two, so the full table has no empty half.
 const VALID_KEYS_PER_GENERATION: usize = 57_344;
 
 /// Keys that passed the point check before, so a key parsed again (the id of every
 /// lookup, of every record that names it) is not checked again: checking a point takes
 /// a field square root, about 15 µs here, a hash lookup well under one. A hit needs the
-/// exact bytes that passed. Bounded: two generations; when the newer is full the older
-/// is dropped (at most about 4.5 MiB, used only as keys are seen: a node that talks to a
-/// few peers holds a few entries).
+/// exact bytes that passed. Bounded: a [`Memo`] of two generations; when the newer is
+/// full the older is dropped (at most about 5.5 MiB, used only as keys are seen: a node
+/// that talks to a few peers holds a few entries).
 struct ValidKeys {
-    per_generation: usize,
-    inner: Mutex<KeyGenerations>,
-}
-
-#[derive(Default)]
-struct KeyGenerations {
-    new: HashSet<[u8; 32]>,
-    old: HashSet<[u8; 32]>,
+    inner: Mutex<Memo<[u8; 32], ()>>,
 }
 
 /// The process's [`ValidKeys`], used by [`PublicKey::from_bytes`].
@@ -82,12 +76,11 @@ static VALID_KEYS: LazyLock<ValidKeys> =
 impl ValidKeys {
     fn with_capacity(per_generation: usize) -> Self {
         Self {
-            per_generation: per_generation.max(1),
-            inner: Mutex::default(),
+            inner: Mutex::new(Memo::with_capacity(per_generation)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, KeyGenerations> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Memo<[u8; 32], ()>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -100,23 +93,17 @@ impl ValidKeys {
         if key.is_weak() {
             return Err(ParseKeyError::InvalidKey);
         }
-        let mut g = self.lock();
-        if g.new.len() >= self.per_generation {
-            g.old = std::mem::take(&mut g.new);
-        }
-        g.new.insert(*bytes);
+        self.lock().insert(*bytes, ());
         Ok(())
     }
 
     fn holds(&self, bytes: &[u8; 32]) -> bool {
-        let g = self.lock();
-        g.new.contains(bytes) || g.old.contains(bytes)
+        self.lock().contains(bytes)
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        let g = self.lock();
-        g.new.len() + g.old.len()
+        self.lock().len()
     }
 }
 

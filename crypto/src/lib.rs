@@ -9,10 +9,12 @@
 //!   that bind a QUIC/TLS peer to exactly that key.
 //! - [`Domain`]: domain-separated signatures for records.
 //! - [`seal`]: x25519 sealed envelopes for the offline mailbox.
+//! - [`memo`]: the bounded memo behind the caches of checked keys and verified records.
 
 pub mod history;
 pub mod keyfile;
 mod keys;
+pub mod memo;
 pub mod owner_only;
 pub mod seal;
 mod sign;

@@ -11,7 +11,7 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use p2p_crypto::{Domain, MailboxPublicKey, NodeId, SecretKey, Signature};
+use p2p_crypto::{memo::Memo, Domain, MailboxPublicKey, NodeId, SecretKey, Signature};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -186,14 +186,25 @@ impl Record for Withdrawal {
 }
 
 /// A record together with the exact bytes that were signed and the signature.
-#[derive(Clone)]
-pub struct Signed<R> {
+///
+/// Immutable once verified, and shared by its clones: a clone is a reference count, so
+/// a discovery server hands the same record to every lookup without copying (or even
+/// reading) its fields.
+pub struct Signed<R>(Arc<SignedParts<R>>);
+
+struct SignedParts<R> {
     record: R,
     bytes: Vec<u8>,
     signature: Signature,
     /// Its JSON, made the first time it is asked for and shared by every clone: a
     /// discovery server answers each lookup of a record with the same text.
-    json: Arc<OnceLock<Option<SignedJson>>>,
+    json: OnceLock<Option<SignedJson>>,
+}
+
+impl<R> Clone for Signed<R> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
 }
 
 /// A signed record as JSON, in the two parts every entry that carries it is made of.
@@ -208,18 +219,17 @@ pub(crate) struct SignedJson {
 impl<R: fmt::Debug> fmt::Debug for Signed<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Signed")
-            .field("record", &self.record)
-            .field("bytes", &self.bytes)
-            .field("signature", &self.signature)
+            .field("record", &self.0.record)
+            .field("bytes", &self.0.bytes)
+            .field("signature", &self.0.signature)
             .finish_non_exhaustive()
     }
 }
 
 impl<R: PartialEq> PartialEq for Signed<R> {
     fn eq(&self, other: &Self) -> bool {
-        self.record == other.record
-            && self.bytes == other.bytes
-            && self.signature == other.signature
+        let (a, b) = (&self.0, &other.0);
+        a.record == b.record && a.bytes == b.bytes && a.signature == b.signature
     }
 }
 
@@ -327,12 +337,12 @@ impl<R: Record> Signed<R> {
                 s.insert(R::DOMAIN, &bytes, signature);
             }
         }
-        Ok(Self {
+        Ok(Self(Arc::new(SignedParts {
             record,
             bytes,
             signature,
-            json: Arc::default(),
-        })
+            json: OnceLock::new(),
+        })))
     }
 
     /// Verifies the JSON wire form.
@@ -343,36 +353,37 @@ impl<R: Record> Signed<R> {
     /// The JSON wire form.
     pub fn to_wire(&self) -> SignedWire {
         SignedWire {
-            record: b64_encode(&self.bytes),
-            signature: self.signature,
+            record: b64_encode(&self.0.bytes),
+            signature: self.0.signature,
         }
     }
 
     /// The verified record.
     pub fn record(&self) -> &R {
-        &self.record
+        &self.0.record
     }
 
     /// The signed bytes.
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+        &self.0.bytes
     }
 
     /// The signature.
     pub fn signature(&self) -> &Signature {
-        &self.signature
+        &self.0.signature
     }
 
     /// Its JSON, made once per record (`None` if it cannot be serialized, which the
     /// types here cannot fail at; callers then serialize the entry whole).
     pub(crate) fn json(&self) -> Option<&SignedJson> {
-        self.json
+        self.0
+            .json
             .get_or_init(|| {
                 let wire = serde_json::to_string(&self.to_wire()).ok()?;
                 let wire_fields = wire.strip_prefix('{')?.strip_suffix('}')?;
                 Some(SignedJson {
                     wire_fields: wire_fields.into(),
-                    decoded: serde_json::to_string(&self.record).ok()?.into(),
+                    decoded: serde_json::to_string(&self.0.record).ok()?.into(),
                 })
             })
             .as_ref()
@@ -387,21 +398,12 @@ pub const VERIFIED_SIGNATURES: usize = 4096;
 /// read back) is not verified again: an ed25519 verification costs tens of microseconds,
 /// a SHA-256 of a record about one. An entry is the SHA-256 of the domain, the signature
 /// and the bytes, so a hit needs the same signature over the same bytes in the same
-/// domain, which is exactly what verified before, and proves as much. Bounded: two
-/// generations of the capacity given (32 bytes an entry); when the newer is full the
-/// older is dropped.
+/// domain, which is exactly what verified before, and proves as much. Bounded: a
+/// [`Memo`] of two generations of the capacity given (40 bytes an entry); when the
+/// newer is full the older is dropped.
 #[derive(Debug)]
 pub struct VerifiedSignatures {
-    per_generation: usize,
-    inner: std::sync::Mutex<VerifiedGenerations>,
-}
-
-type VerifiedSet = std::collections::HashSet<[u8; 32]>;
-
-#[derive(Debug, Default)]
-struct VerifiedGenerations {
-    new: VerifiedSet,
-    old: VerifiedSet,
+    inner: std::sync::Mutex<Memo<[u8; 32], ()>>,
 }
 
 impl Default for VerifiedSignatures {
@@ -414,12 +416,11 @@ impl VerifiedSignatures {
     /// Remembers up to `per_generation` signatures per generation (two generations).
     pub fn with_capacity(per_generation: usize) -> Self {
         Self {
-            per_generation: per_generation.max(1),
-            inner: std::sync::Mutex::default(),
+            inner: std::sync::Mutex::new(Memo::with_capacity(per_generation)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VerifiedGenerations> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Memo<[u8; 32], ()>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -438,30 +439,24 @@ impl VerifiedSignatures {
     /// Whether `signature` over `bytes` in `domain` verified before.
     pub fn contains(&self, domain: Domain, bytes: &[u8], signature: &Signature) -> bool {
         let entry = Self::entry(domain, bytes, signature);
-        let g = self.lock();
-        g.new.contains(&entry) || g.old.contains(&entry)
+        self.lock().contains(&entry)
     }
 
     /// Records a verified record (one that came in and was checked on its way to be
     /// stored), so reading it back does not verify it again.
     pub fn remember<R: Record>(&self, signed: &Signed<R>) {
-        self.insert(R::DOMAIN, &signed.bytes, signed.signature);
+        self.insert(R::DOMAIN, signed.bytes(), *signed.signature());
     }
 
     /// Records that `signature` over `bytes` in `domain` verified.
     pub(crate) fn insert(&self, domain: Domain, bytes: &[u8], signature: Signature) {
         let entry = Self::entry(domain, bytes, &signature);
-        let mut g = self.lock();
-        if g.new.len() >= self.per_generation {
-            g.old = std::mem::take(&mut g.new);
-        }
-        g.new.insert(entry);
+        self.lock().insert(entry, ());
     }
 
     /// How many signatures are remembered.
     pub fn len(&self) -> usize {
-        let g = self.lock();
-        g.new.len() + g.old.len()
+        self.lock().len()
     }
 
     /// Whether none is.

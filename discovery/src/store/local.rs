@@ -10,11 +10,14 @@ use std::{
     net::IpAddr,
     ops::Bound,
     path::Path,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, RwLock,
+    },
 };
 
 use async_trait::async_trait;
-use p2p_crypto::{NodeId, Signature};
+use p2p_crypto::{memo::Memo, NodeId, Signature};
 use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::{
@@ -351,11 +354,84 @@ fn mailbox_id(key: &[u8]) -> Result<u64, StoreError> {
         .ok_or_else(|| StoreError::Corrupt("mailbox key".into()))
 }
 
+/// Entries a [`ClaimCache`] keeps per generation: the two hold every claim of a server
+/// at its default presence cap (100 000), in about 90 MiB at most once each record's
+/// JSON is made.
+const CLAIM_CACHE: usize = 65_536;
+
+/// Claims by node as a [`RedbTables`] last read (decoded and verified) or stored them,
+/// and nodes known to have none: a lookup of a node seen before is one hash probe, with
+/// no redb read, no decoding, no signature memo and the record's JSON made before.
+/// (At 100 000 claims the redb read walks a tree three pages deep, each page a probe of
+/// redb's page cache, and with the memo's probe costs a few microseconds of cache
+/// misses a lookup: BENCHMARKS.md, item 16.) Two generations of [`CLAIM_CACHE`]
+/// entries, the older dropped when the newer fills; a miss costs the redb read it
+/// replaces. Only this process writes the file (redb locks it), so the cache can only
+/// miss what it stored itself, which [`ClaimCache::stored`] puts in.
+struct ClaimCache {
+    claims: RwLock<Memo<NodeId, Option<Signed<NameClaim>>>>,
+    /// Claims stored so far: a read that began before a claim was stored does not fill
+    /// the cache, which may already hold the newer claim.
+    stored: AtomicU64,
+}
+
+impl Default for ClaimCache {
+    fn default() -> Self {
+        Self {
+            claims: RwLock::new(Memo::with_capacity(CLAIM_CACHE)),
+            stored: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ClaimCache {
+    /// What the cache knows of `node`'s claim: `None` if it must be read.
+    fn get(&self, node: &NodeId) -> Option<Option<Signed<NameClaim>>> {
+        let claims = self.claims.read().unwrap_or_else(|e| e.into_inner());
+        claims.get(node).cloned()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Memo<NodeId, Option<Signed<NameClaim>>>> {
+        // Every update under this lock is a single step, so a poisoned lock is consistent.
+        self.claims.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The count to pass to [`ClaimCache::fill`], taken before the read begins.
+    fn before_read(&self) -> u64 {
+        self.stored.load(Ordering::Acquire)
+    }
+
+    /// Keeps what a read found, unless a claim was stored since it began.
+    fn fill(&self, node: NodeId, claim: Option<Signed<NameClaim>>, before: u64) {
+        let mut claims = self.write();
+        if self.stored.load(Ordering::Acquire) == before {
+            claims.insert(node, claim);
+        }
+    }
+
+    /// After `claim` was committed: it replaces what the cache holds for its node, unless
+    /// that is newer (two claims of one node committed in turn, noted in the other order).
+    fn stored(&self, claim: &Signed<NameClaim>) {
+        let mut claims = self.write();
+        self.stored.fetch_add(1, Ordering::AcqRel);
+        let node = claim.record().node_id;
+        let newer_held = matches!(
+            claims.get(&node),
+            Some(Some(held)) if held.record().timestamp_ms >= claim.record().timestamp_ms
+        );
+        if !newer_held {
+            claims.insert(node, Some(claim.clone()));
+        }
+    }
+}
+
 /// The redb tables of a [`RedbStore`].
 pub struct RedbTables {
     db: redb::Database,
     /// The claims read back and verified (see [`decode_signed`]).
     verified: VerifiedSignatures,
+    /// The claims by node, decoded (see [`ClaimCache`]).
+    cache: ClaimCache,
 }
 
 impl fmt::Debug for RedbTables {
@@ -381,6 +457,7 @@ impl RedbTables {
         Ok(Self {
             db,
             verified: stored_verified(),
+            cache: ClaimCache::default(),
         })
     }
 }
@@ -428,6 +505,7 @@ impl Durable for RedbTables {
         };
         if outcome == ClaimOutcome::Stored {
             tx.commit().map_err(dberr)?;
+            self.cache.stored(claim);
         } else {
             tx.abort().map_err(dberr)?;
         }
@@ -440,8 +518,17 @@ impl Durable for RedbTables {
         let Some(owner) = names.get(name).map_err(dberr)? else {
             return Ok(None);
         };
+        // The owner's claim from the cache if it still names `name` (the owner may have
+        // renamed since this read began; then the claim is read in this transaction).
+        let owner = NodeId::try_from_slice(owner.value())
+            .map_err(|e| StoreError::Corrupt(format!("name owner: {e}")))?;
+        if let Some(Some(known)) = self.cache.get(&owner) {
+            if known.record().name == name {
+                return Ok(Some(known));
+            }
+        }
         let claims = tx.open_table(tables::CLAIMS).map_err(dberr)?;
-        let claim = match claims.get(owner.value()).map_err(dberr)? {
+        let claim = match claims.get(owner.as_bytes().as_slice()).map_err(dberr)? {
             Some(g) => Some(decode_signed(g.value(), &self.verified)?),
             None => None,
         };
@@ -449,12 +536,17 @@ impl Durable for RedbTables {
     }
 
     fn claim_by_node(&self, node: &NodeId) -> Result<Option<Signed<NameClaim>>, StoreError> {
+        if let Some(known) = self.cache.get(node) {
+            return Ok(known);
+        }
+        let before = self.cache.before_read();
         let tx = self.db.begin_read().map_err(dberr)?;
         let claims = tx.open_table(tables::CLAIMS).map_err(dberr)?;
         let claim = match claims.get(node.as_bytes().as_slice()).map_err(dberr)? {
             Some(g) => Some(decode_signed(g.value(), &self.verified)?),
             None => None,
         };
+        self.cache.fill(*node, claim.clone(), before);
         Ok(claim)
     }
 
@@ -770,7 +862,8 @@ mod tests {
         Signed::sign(sk, record).expect("sign")
     }
 
-    /// Overwrites the stored claim of `node` behind the store's back.
+    /// Overwrites the stored claim of `node` behind the store's back, and empties its
+    /// cache of decoded claims, as a restart on the changed file would.
     fn put_claim(t: &RedbTables, node: &NodeId, blob: &[u8]) {
         let tx = t.db.begin_write().expect("write");
         tx.open_table(tables::CLAIMS)
@@ -778,6 +871,65 @@ mod tests {
             .insert(node.as_bytes().as_slice(), blob)
             .expect("insert");
         tx.commit().expect("commit");
+        t.cache.write().clear();
+    }
+
+    #[test]
+    fn the_claim_cache_serves_what_was_stored_last_and_reads_only_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = RedbTables::open(&dir.path().join("d.redb")).expect("open");
+        let sk = p2p_crypto::SecretKey::generate();
+        let node = sk.public();
+        // Unknown, then claimed: the remembered absence gives way to the claim.
+        assert!(t.claim_by_node(&node).expect("read").is_none());
+        assert!(matches!(t.cache.get(&node), Some(None)));
+        let first = claim(&sk, "alice", 1);
+        assert_eq!(t.claim(&first).expect("claim"), ClaimOutcome::Stored);
+        let read = t.claim_by_node(&node).expect("read").expect("found");
+        assert_eq!(read.record(), first.record());
+        // A newer claim replaces it; an older one, noted late, does not.
+        let second = claim(&sk, "alice2", 2);
+        assert_eq!(t.claim(&second).expect("claim"), ClaimOutcome::Stored);
+        t.cache.stored(&first);
+        let read = t.claim_by_node(&node).expect("read").expect("found");
+        assert_eq!(read.record(), second.record());
+        // A read that began before a claim was stored does not fill the cache.
+        let other = p2p_crypto::SecretKey::generate().public();
+        let before = t.cache.before_read();
+        t.cache
+            .stored(&claim(&p2p_crypto::SecretKey::generate(), "carol", 1));
+        t.cache.fill(other, None, before);
+        assert!(t.cache.get(&other).is_none());
+        // Served from the cache: the table is not read again (here, a garbage row put
+        // behind the store's back without emptying the cache still reads as the claim).
+        let tx = t.db.begin_write().expect("write");
+        tx.open_table(tables::CLAIMS)
+            .expect("claims")
+            .insert(node.as_bytes().as_slice(), &[0u8; 80][..])
+            .expect("insert");
+        tx.commit().expect("commit");
+        let read = t.claim_by_node(&node).expect("read").expect("found");
+        assert_eq!(read.record(), second.record());
+    }
+
+    #[test]
+    fn a_name_lookup_never_answers_with_a_claim_that_names_another_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = RedbTables::open(&dir.path().join("d.redb")).expect("open");
+        let sk = p2p_crypto::SecretKey::generate();
+        let first = claim(&sk, "alice", 1);
+        assert_eq!(t.claim(&first).expect("claim"), ClaimOutcome::Stored);
+        let read = t.claim_by_name("alice").expect("read").expect("found");
+        assert_eq!(read.record(), first.record());
+        // The owner renames; the cache still holds (as a read racing the commit would
+        // leave it) the claim on the old name. The new name is answered from the table,
+        // the old one no longer at all.
+        let second = claim(&sk, "alice2", 2);
+        assert_eq!(t.claim(&second).expect("claim"), ClaimOutcome::Stored);
+        t.cache.write().insert(sk.public(), Some(first.clone()));
+        let read = t.claim_by_name("alice2").expect("read").expect("found");
+        assert_eq!(read.record(), second.record());
+        assert!(t.claim_by_name("alice").expect("read").is_none());
     }
 
     #[test]

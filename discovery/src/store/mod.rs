@@ -305,7 +305,7 @@ fn encode_signed<R: Record>(c: &Signed<R>) -> Vec<u8> {
 
 /// How many signatures of stored records a store remembers per generation (see
 /// [`decode_signed`]): enough for every record of a server at its default presence cap,
-/// in at most about 8 MiB (32 bytes an entry, two generations).
+/// in at most about 11 MiB (41 bytes an entry in a table of 2^18, two generations).
 const STORED_VERIFIED: usize = 65_536;
 
 /// The memo of a store's verified records.

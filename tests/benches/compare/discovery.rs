@@ -320,12 +320,12 @@ async fn lookup_rate(
 }
 
 /// What one wrk run measured.
-struct Wrk {
-    per_sec: f64,
-    bad: u64,
+pub struct Wrk {
+    pub per_sec: f64,
+    pub bad: u64,
 }
 
-fn wrk_installed() -> bool {
+pub fn wrk_installed() -> bool {
     Command::new("wrk")
         .arg("--version")
         .stdout(Stdio::null())
@@ -335,7 +335,7 @@ fn wrk_installed() -> bool {
 }
 
 /// `wrk -t1 -c{conc}` for `secs` seconds, GET on each of `paths` in turn.
-async fn wrk(base: &str, paths: &[String], conc: usize, secs: u64, dir: &Path) -> Result<Wrk> {
+pub async fn wrk(base: &str, paths: &[String], conc: usize, secs: u64, dir: &Path) -> Result<Wrk> {
     let script = dir.join(format!("paths-{}.lua", free_port()?));
     let mut lua = String::from("local paths = {\n");
     for p in paths {

@@ -21,7 +21,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio::task::JoinSet;
 
 use crate::{
-    discovery::rate,
+    discovery::{rate, wrk, wrk_installed},
     memory::{context_switches, cpu_ns, rss_kib, ChildProc},
     report::{quantile, Row, Target},
     Config,
@@ -296,6 +296,30 @@ async fn server_lookups(
     Ok((per_sec, cpu))
 }
 
+/// Lookups per second by wrk (a client far cheaper than reqwest, so more of the two
+/// cores is the server's), of each of `ids` in turn; `None` without wrk. wrk's script
+/// walks `cfg.scale_records` paths whatever the number of ids (the ids repeat), so its
+/// own work per request is the same in both phases and only the server's differs.
+async fn wrk_lookups(
+    have_wrk: bool,
+    url: &str,
+    ids: &[NodeId],
+    cfg: &Config,
+    dir: &std::path::Path,
+) -> Result<Option<f64>> {
+    if !have_wrk || ids.is_empty() {
+        return Ok(None);
+    }
+    let paths: Vec<String> = (0..cfg.scale_records.max(ids.len()))
+        .map(|i| format!("/v1/peers/{}", ids[i % ids.len()]))
+        .collect();
+    let secs = cfg.phase.as_secs_f64().ceil().max(1.0) as u64;
+    let w = wrk(url, &paths, cfg.disc_conc, secs, dir).await?;
+    ensure!(w.bad == 0, "{} wrk lookups failed", w.bad);
+    eprintln!("figure 11: {} ids, wrk {:.0} req/s", ids.len(), w.per_sec);
+    Ok(Some(w.per_sec))
+}
+
 /// Lookups per second through the verifying client, of random ids among `ids`.
 async fn lookups(client: &Client, ids: Arc<Vec<NodeId>>, cfg: &Config) -> Result<f64> {
     let client = client.clone();
@@ -323,6 +347,18 @@ async fn discovery(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
         "req/s",
         Target::AtLeast(0.8),
     );
+    let mut with_wrk = Row::new(
+        format!(
+            "11. the same lookups with wrk -t1 -c{} (each id in turn, from a list of {big} paths; baseline: the same at {SMALL_POPULATION})",
+            cfg.disc_conc
+        ),
+        "req/s",
+        Target::AtLeast(0.8),
+    );
+    let have_wrk = wrk_installed();
+    if !have_wrk {
+        with_wrk.missing = Some("wrk not installed".into());
+    }
     let mut verified = Row::new(
         format!("11. the same through the verifying client (its memo of verified signatures holds the {SMALL_POPULATION}, not the {big})"),
         "req/s",
@@ -342,8 +378,13 @@ async fn discovery(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
         let empty_rss = rss_bytes(&server)?;
         populate(&client, &keys, 0..SMALL_POPULATION, cfg.disc_conc).await?;
         let small_rss = rss_bytes(&server)?;
+        eprintln!(
+            "figure 11: {SMALL_POPULATION} records in the server (pid {})",
+            server.pid()
+        );
         let small_ids = Arc::new(ids[..SMALL_POPULATION].to_vec());
         let (small_http, small_cpu) = server_lookups(&url, small_ids.clone(), cfg, &server).await?;
+        let small_wrk = wrk_lookups(have_wrk, &url, &small_ids, cfg, dir.path()).await?;
         let small = lookups(&client, small_ids, cfg).await?;
         let fill = Instant::now();
         populate(&client, &keys, SMALL_POPULATION..big, cfg.disc_conc).await?;
@@ -355,8 +396,12 @@ async fn discovery(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
         let big_rss = rss_bytes(&server)?;
         let all_ids = Arc::new(ids.clone());
         let (large_http, large_cpu) = server_lookups(&url, all_ids.clone(), cfg, &server).await?;
+        let large_wrk = wrk_lookups(have_wrk, &url, &all_ids, cfg, dir.path()).await?;
         let large = lookups(&client, all_ids, cfg).await?;
         lookup.push(large_http, Some(small_http));
+        if let (Some(large), Some(small)) = (large_wrk, small_wrk) {
+            with_wrk.push(large, Some(small));
+        }
         verified.push(large, Some(small));
         // Restart on the same file: names are durable, presence is announced again.
         stop_server(server).await?;
@@ -394,5 +439,5 @@ async fn discovery(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
             large_cpu.as_secs_f64() * 1e6,
         ));
     }
-    Ok(vec![lookup, verified])
+    Ok(vec![lookup, with_wrk, verified])
 }
