@@ -60,13 +60,10 @@ impl<K: Hash + Eq, V> Memo<K, V> {
     /// Remembers `value` for `key` in the newer generation (moving it there if the older
     /// held it), first starting a new generation if the newer is full.
     pub fn insert(&mut self, key: K, value: V) {
-        let in_newer = |m: &Self, k: &K| {
-            m.entries
-                .get(k)
-                .is_some_and(|e| e.generation == m.generation)
-        };
-        if self.newer >= self.per_generation && !in_newer(self, &key) {
-            let keep = self.generation;
+        let keep = self.generation;
+        if self.newer >= self.per_generation
+            && self.entries.get(&key).is_none_or(|e| e.generation != keep)
+        {
             self.entries.retain(|_, e| e.generation == keep);
             self.generation += 1;
             self.newer = 0;

@@ -354,6 +354,11 @@ fn mailbox_id(key: &[u8]) -> Result<u64, StoreError> {
         .ok_or_else(|| StoreError::Corrupt("mailbox key".into()))
 }
 
+/// The node a stored name belongs to (the names table's value).
+fn name_owner(bytes: &[u8]) -> Result<NodeId, StoreError> {
+    NodeId::try_from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("name owner: {e}")))
+}
+
 /// Entries a [`ClaimCache`] keeps per generation: the two hold every claim of a server
 /// at its default presence cap (100 000), in about 90 MiB at most once each record's
 /// JSON is made.
@@ -472,10 +477,7 @@ impl Durable for RedbTables {
             let mut names = tx.open_table(tables::NAMES).map_err(dberr)?;
             let mut claims = tx.open_table(tables::CLAIMS).map_err(dberr)?;
             let owner = match names.get(new.name.as_str()).map_err(dberr)? {
-                Some(g) => Some(
-                    NodeId::try_from_slice(g.value())
-                        .map_err(|e| StoreError::Corrupt(format!("name owner: {e}")))?,
-                ),
+                Some(g) => Some(name_owner(g.value())?),
                 None => None,
             };
             let old = match claims
@@ -520,8 +522,7 @@ impl Durable for RedbTables {
         };
         // The owner's claim from the cache if it still names `name` (the owner may have
         // renamed since this read began; then the claim is read in this transaction).
-        let owner = NodeId::try_from_slice(owner.value())
-            .map_err(|e| StoreError::Corrupt(format!("name owner: {e}")))?;
+        let owner = name_owner(owner.value())?;
         if let Some(Some(known)) = self.cache.get(&owner) {
             if known.record().name == name {
                 return Ok(Some(known));
