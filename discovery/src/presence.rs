@@ -87,8 +87,7 @@ impl PresenceTable {
             }
         }
         self.tombstones.remove(&node);
-        self.order.insert(node);
-        self.live.insert(
+        self.insert_live(
             node,
             Live {
                 signed,
@@ -148,6 +147,14 @@ impl PresenceTable {
             None
         };
         (page, next)
+    }
+
+    /// Sets `node`'s live record; its id joins the ordered set only if it is new there
+    /// (a renewal does not walk the set).
+    fn insert_live(&mut self, node: NodeId, live: Live) {
+        if self.live.insert(node, live).is_none() {
+            self.order.insert(node);
+        }
     }
 
     /// Drops `node`'s live record; whether there was one.
