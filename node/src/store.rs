@@ -21,15 +21,24 @@
 //!
 //! # Durability and transactions
 //!
-//! Every mutating call is one short write transaction committed with redb's default
-//! [`redb::Durability::Immediate`]: when it returns `Ok`, the change is on disk, so a
-//! message may be acknowledged right after [`Store::insert_incoming`] returns. For
-//! throughput, [`Store::write_batch`] applies many writes with one commit (one fsync);
-//! a batch of delivery marks only is committed without waiting for the disk (see there).
+//! Message writes ([`Store::write_batch`], and the calls built on it:
+//! [`Store::insert_incoming`], [`Store::insert_outgoing`], the delivery marks) are
+//! durable when the call returns, so a message may be acknowledged right after. They
+//! join one redb write transaction that stays open across calls and are appended to the
+//! write log beside the database (`node.redb-log`, see `store/log.rs`), which is synced:
+//! one small in-place write and one `fdatasync`, where a commit would write every page a
+//! batch touched. The open transaction *folds* (one durable commit) after
+//! [`FOLD_WRITES`] writes, when the log is full, on [`Store::flush`] and when the store
+//! is dropped; a batch too large for the log is folded at once. A store opened after a
+//! crash applies the log's records again, in order (every write is idempotent), and
+//! folds. Every other call first commits the open transaction without waiting for the
+//! disk, so reads see every acknowledged write; the other writes (contacts, outbox
+//! bookkeeping) are short transactions committed durably.
 //!
 //! All methods are synchronous and may block on disk I/O (and on another thread's write
-//! transaction); call them from `spawn_blocking` or a dedicated thread. No transaction
-//! outlives a call, so none is ever held across an `.await`.
+//! transaction); call them from `spawn_blocking` or a dedicated thread. The open
+//! transaction of message writes lives inside the store, behind a mutex that no call
+//! holds when it returns, so none is ever held across an `.await`.
 //!
 //! # Encryption at rest
 //!
@@ -37,7 +46,8 @@
 //! older layouts, moved forward on open, see `tables`). In an encrypted one every
 //! message row's value (direction, the sender's timestamp, the body and the status) is
 //! sealed under a key derived from the identity (`cipher`, `p2p_crypto::history`), bound
-//! to its row key; the keys, the message-id index, the outbox bookkeeping and the
+//! to its row key (and every write-log record is sealed under the same key, bound to its
+//! epoch and offset); the keys, the message-id index, the outbox bookkeeping and the
 //! contacts stay clear, so range scans and lookups work unchanged. [`Store::open_with_key`]
 //! with `encrypt` turns a clear database into an encrypted one by writing a sealed copy
 //! beside it and renaming it over the original, so a crash at any point leaves either the
@@ -46,8 +56,10 @@
 //!
 //! # Files
 //!
-//! The database file is created with mode 0600 in the call that creates it; an existing
-//! one that group or others may access is refused ([`StoreError::Access`]).
+//! The database file and its write log are created with mode 0600 in the call that
+//! creates them; an existing one that group or others may access is refused
+//! ([`StoreError::Access`]). The log is emptied when the database opens and removed when
+//! it closes cleanly.
 //!
 //! # Robustness
 //!
@@ -57,13 +69,14 @@
 //! [`StoreError::NewerSchema`]; both name the path.
 
 mod cipher;
+mod log;
 mod opened;
 pub mod tables;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use p2p_crypto::{
     history::{HistoryKey, OpenError},
@@ -80,9 +93,9 @@ use cipher::RowCipher;
 use opened::OpenedRows;
 use tables::{
     row_key, MessageKey, OutboxKeyRef, RowKeyRef, RowValueRef, CONTACTS, CONVERSATIONS, HISTORY,
-    HISTORY_KEY_CHECK_KEY, MESSAGES_BY_CONVERSATION, MESSAGE_IDS, META, MIN_SCHEMA_VERSION, OUTBOX,
-    SCHEMA_CLEAR, SCHEMA_CLEAR_BY_CONVERSATION, SCHEMA_SEALED, SCHEMA_SEALED_BY_CONVERSATION,
-    SCHEMA_VERSION, SCHEMA_VERSION_KEY, WRITE_CHECK_KEY,
+    HISTORY_KEY_CHECK_KEY, LOG_EPOCH_KEY, MESSAGES_BY_CONVERSATION, MESSAGE_IDS, META,
+    MIN_SCHEMA_VERSION, OUTBOX, SCHEMA_CLEAR, SCHEMA_CLEAR_BY_CONVERSATION, SCHEMA_SEALED,
+    SCHEMA_SEALED_BY_CONVERSATION, SCHEMA_VERSION, SCHEMA_VERSION_KEY, WRITE_CHECK_KEY,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -201,8 +214,9 @@ impl Inserted {
     }
 }
 
-/// One write of a batch; see [`Store::write_batch`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One write of a batch; see [`Store::write_batch`]. Also the content of the write log's
+/// records (`store/log.rs`): its serialized form is part of the log's format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WriteOp {
     /// A message received from `peer`, the authenticated sender
     /// ([`Store::insert_incoming`]).
@@ -445,6 +459,31 @@ pub enum StoreError {
         /// The database file.
         path: PathBuf,
     },
+    /// Writing or reading the write log failed (see `store/log.rs`).
+    #[error("write log {}: {source}", path.display())]
+    Log {
+        /// The log file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A record of the write log passed its checksum but does not open or decode: the
+    /// log was damaged or written by something else. Nothing was applied from it.
+    #[error(
+        "write log {}: the record at byte {offset} is damaged ({reason}); move the file \
+         away to open the database without the writes it holds",
+        path.display()
+    )]
+    CorruptLog {
+        /// The log file.
+        path: PathBuf,
+        /// Where the record starts.
+        offset: u64,
+        /// What is wrong with it.
+        #[source]
+        reason: RecordError,
+    },
     /// A bug: the store broke one of its own invariants.
     #[error("internal store error: {0}")]
     Internal(&'static str),
@@ -458,7 +497,7 @@ impl StoreError {
     pub fn is_io(&self) -> bool {
         use redb::{DatabaseError, StorageError};
         match self {
-            StoreError::Closed { .. } | StoreError::Rewrite { .. } => true,
+            StoreError::Closed { .. } | StoreError::Rewrite { .. } | StoreError::Log { .. } => true,
             StoreError::Db { source, .. } => {
                 matches!(**source, redb::Error::Io(_) | redb::Error::PreviousIo)
             }
@@ -625,6 +664,46 @@ pub struct Store {
     opened: OpenedRows<MessageKey, MessageRecord>,
     /// Whether the database is a file that [`Store::reopen`] can open again.
     reopenable: bool,
+    /// Message writes applied but not committed yet, and the log that holds them.
+    pending: Mutex<Pending>,
+}
+
+/// The open transaction of message writes ([`Store::write_batch`]) and the write log
+/// ([`log`]). Taken after the database's read lock, never before it.
+#[derive(Default)]
+struct Pending {
+    /// Message writes applied and acknowledged, not committed yet; each of them is in
+    /// the log. Readers commit it without waiting for the disk before they read.
+    txn: Option<WriteTransaction>,
+    /// Writes since the last fold.
+    writes: usize,
+    /// `None` in memory.
+    log: Option<log::Log>,
+    /// An open transaction was lost (a database error): the log holds writes the
+    /// database does not; they are applied again before anything else.
+    stale: bool,
+}
+
+impl Pending {
+    /// Whether writes wait for a fold: in the open transaction or in the log.
+    fn unfolded(&self) -> bool {
+        self.txn.is_some() || self.log.as_ref().is_some_and(|l| !l.is_empty())
+    }
+
+    /// The open transaction was dropped (so aborted) without a commit.
+    fn lost(&mut self) {
+        self.txn = None;
+        self.stale = self.log.as_ref().is_some_and(|l| !l.is_empty());
+    }
+}
+
+/// Writes after which the open transaction folds (commits durably and starts a new log
+/// epoch): 4096 messages' rows cost about a third of the CPU a message that 48 of them
+/// share a commit (BENCHMARKS.md, item 17).
+pub const FOLD_WRITES: usize = 4096;
+
+fn lock_pending(m: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The open database, held for the length of one store operation (so
@@ -639,6 +718,28 @@ impl std::ops::Deref for DbRef<'_> {
             Some(db) => db,
             // `Store::db` hands out a `DbRef` only for an open database.
             None => unreachable!("DbRef of a closed database"),
+        }
+    }
+}
+
+impl Drop for Store {
+    /// Folds, and removes the write log: a log on disk means an unclean stop.
+    fn drop(&mut self) {
+        if lock_pending(&self.pending).log.is_none() {
+            return;
+        }
+        match self.flush() {
+            Ok(()) => {
+                if let Some(log) = lock_pending(&self.pending).log.take() {
+                    let path = log.path().to_owned();
+                    drop(log);
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the write log was not folded into the database; it is applied when the database opens again"
+            ),
         }
     }
 }
@@ -697,7 +798,9 @@ impl Store {
         let db = redb::Builder::new()
             .create_file(file)
             .map_err(|e| classify_open_error(path, e))?;
-        Self::init(db, path.to_owned(), key, encrypt)
+        let store = Self::init(db, path.to_owned(), key, encrypt)?;
+        store.attach_log()?;
+        Ok(store)
     }
 
     /// Whether message rows are stored encrypted.
@@ -913,12 +1016,33 @@ impl Store {
             path,
             cipher,
             opened: OpenedRows::new(),
+            pending: Mutex::new(Pending::default()),
         })
     }
 
-    /// The open database, or [`StoreError::Closed`] while [`Store::reopen`] could not
-    /// open it again.
+    /// The open database for a read or a write outside [`Store::write_batch`], with
+    /// every acknowledged message write committed (without waiting for the disk: the
+    /// log holds them), so what was acknowledged is seen. Or [`StoreError::Closed`]
+    /// while [`Store::reopen`] could not open it again.
     fn db(&self) -> Result<DbRef<'_>, StoreError> {
+        let db = self.db_as_is()?;
+        let mut p = lock_pending(&self.pending);
+        self.restore_if_stale(&db, &mut p)?;
+        if let Some(mut txn) = p.txn.take() {
+            if p.log.is_some() {
+                txn.set_durability(redb::Durability::None);
+            }
+            if let Err(e) = txn.commit().ctx(&self.path) {
+                p.lost();
+                return Err(e);
+            }
+        }
+        drop(p);
+        Ok(db)
+    }
+
+    /// The open database as it is (the open transaction not committed).
+    fn db_as_is(&self) -> Result<DbRef<'_>, StoreError> {
         let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
             return Err(StoreError::Closed {
@@ -941,15 +1065,21 @@ impl Store {
             return Ok(());
         }
         let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
-        // The old handle must be gone (its file lock released) before the file opens
-        // again.
+        // The open transaction is dropped (aborted): every write in it is in the log,
+        // which the open below applies again. The old handles must be gone (the file
+        // lock released) before the files open again.
+        *lock_pending(&self.pending) = Pending::default();
         drop(db.take());
         let key = match &self.cipher {
             RowCipher::Sealed(key) => Some(key.clone()),
             RowCipher::Clear => None,
         };
         let fresh = Self::open_file(&self.path, key, self.cipher.is_sealed())?;
-        *db = fresh.db.into_inner().unwrap_or_else(|e| e.into_inner());
+        *db = fresh.db.write().unwrap_or_else(|e| e.into_inner()).take();
+        std::mem::swap(
+            &mut *lock_pending(&self.pending),
+            &mut *lock_pending(&fresh.pending),
+        );
         Ok(())
     }
 
@@ -1367,66 +1497,265 @@ impl Store {
         Ok(MarkOutcome::Updated)
     }
 
-    /// Applies many writes in one transaction and one commit (group commit), in order.
+    /// Applies many writes, in order, and makes them durable together (group commit).
     ///
     /// Each write gets its own outcome: a message that breaks the protocol's limits or
     /// a damaged row fails only its own write. A database error fails the whole batch
-    /// and writes nothing. When the batch holds an insert, the commit is durable (on disk
-    /// when this returns, so the messages may be acknowledged); a batch of status marks
-    /// only is committed without waiting for the disk: if it is lost in a crash, the
-    /// message is still in the outbox, is sent again, and the recipient acknowledges it
-    /// as a duplicate, which marks it again.
+    /// and writes nothing.
+    ///
+    /// The writes join the open transaction, and those that changed something are
+    /// appended to the write log as one record ([`log`]). When the batch stored a
+    /// message, the log is synced before this returns: the messages are on disk and may
+    /// be acknowledged. A batch of status marks only is not synced: if it is lost in a
+    /// crash, the message is still in the outbox, is sent again, and the recipient
+    /// acknowledges it as a duplicate, which marks it again. The open transaction folds
+    /// (one durable commit, and the log starts a new epoch) after [`FOLD_WRITES`]
+    /// writes, when the log is full, when a batch is too large for it (bulk messages are
+    /// then written once, by the commit), on [`Store::flush`], and when the store is
+    /// dropped. A read commits it without waiting for the disk first, so what was
+    /// acknowledged is read back.
     pub fn write_batch(
         &self,
         ops: &[WriteOp],
     ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
-        let db = self.db()?;
-        let mut txn = db.begin_write().ctx(&self.path)?;
-        if ops.iter().all(|op| matches!(op, WriteOp::Finish { .. })) {
-            txn.set_durability(redb::Durability::None);
-        }
-        let mut out = Vec::with_capacity(ops.len());
-        let mut changed = false;
-        {
-            let mut t = self.message_tables(&txn)?;
-            for op in ops {
-                let res = match op {
-                    WriteOp::Incoming { peer, msg, now_ms } => self
-                        .insert_message_in(&mut t, peer, msg, Direction::Incoming, *now_ms)
-                        .map(WriteOutcome::Inserted),
-                    WriteOp::Outgoing { to, msg, now_ms } => self
-                        .insert_message_in(&mut t, to, msg, Direction::Outgoing, *now_ms)
-                        .map(WriteOutcome::Inserted),
-                    WriteOp::Finish { peer, id, status } => self
-                        .finish_in(&mut t, peer, id, *status)
-                        .map(WriteOutcome::Marked),
-                };
-                match res {
-                    Err(e @ StoreError::Db { .. }) => return Err(e),
-                    Ok(o) => {
-                        changed |= o.changed();
-                        out.push(Ok(o));
+        let db = self.db_as_is()?;
+        let mut guard = lock_pending(&self.pending);
+        let p = &mut *guard;
+        self.restore_if_stale(&db, p)?;
+        let txn = match p.txn.take() {
+            Some(txn) => txn,
+            None => db.begin_write().ctx(&self.path)?,
+        };
+        let out = match self.apply(&txn, ops) {
+            Ok(out) => out,
+            Err(e) => {
+                drop(txn);
+                p.lost();
+                return Err(e);
+            }
+        };
+        let changed: Vec<&WriteOp> = ops
+            .iter()
+            .zip(&out)
+            .filter(|(_, o)| o.as_ref().is_ok_and(|o| o.changed()))
+            .map(|(op, _)| op)
+            .collect();
+        p.writes += changed.len();
+        let fold = match &mut p.log {
+            Some(log) if !changed.is_empty() => {
+                let stored = out
+                    .iter()
+                    .any(|o| matches!(o, Ok(WriteOutcome::Inserted(Inserted::New))));
+                let payload = match self.log_payload(log, &changed) {
+                    Ok(payload) => Some(payload).filter(|p| log.fits(p.len())),
+                    Err(e) => {
+                        drop(txn);
+                        p.lost();
+                        return Err(e);
                     }
-                    Err(e) => out.push(Err(e)),
+                };
+                match payload {
+                    Some(payload) if p.writes < FOLD_WRITES => {
+                        if let Err(source) = log.append(&payload, stored) {
+                            let path = log.path().to_owned();
+                            drop(txn);
+                            p.lost();
+                            return Err(StoreError::Log { path, source });
+                        }
+                        false
+                    }
+                    // Too large for the log, or time to fold: the commit makes it durable.
+                    _ => true,
                 }
             }
-            self.save_heads(&mut t)?;
-        }
-        if changed {
-            txn.commit().ctx(&self.path)?;
+            _ => p.writes >= FOLD_WRITES,
+        };
+        if fold {
+            self.fold(&db, p, Some(txn))?;
+        } else {
+            p.txn = Some(txn);
         }
         Ok(out)
     }
 
-    /// Makes every earlier commit durable (status marks are committed without waiting
-    /// for the disk; see [`Store::write_batch`]).
-    pub fn flush(&self) -> Result<(), StoreError> {
-        let db = self.db()?;
-        let txn = db.begin_write().ctx(&self.path)?;
-        txn.commit().ctx(&self.path)
+    /// Applies `ops` in `txn`, each with its outcome; a database error fails them all.
+    fn apply(
+        &self,
+        txn: &WriteTransaction,
+        ops: &[WriteOp],
+    ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
+        let mut out = Vec::with_capacity(ops.len());
+        let mut t = self.message_tables(txn)?;
+        for op in ops {
+            let res = match op {
+                WriteOp::Incoming { peer, msg, now_ms } => self
+                    .insert_message_in(&mut t, peer, msg, Direction::Incoming, *now_ms)
+                    .map(WriteOutcome::Inserted),
+                WriteOp::Outgoing { to, msg, now_ms } => self
+                    .insert_message_in(&mut t, to, msg, Direction::Outgoing, *now_ms)
+                    .map(WriteOutcome::Inserted),
+                WriteOp::Finish { peer, id, status } => self
+                    .finish_in(&mut t, peer, id, *status)
+                    .map(WriteOutcome::Marked),
+            };
+            match res {
+                Err(e @ StoreError::Db { .. }) => return Err(e),
+                res => out.push(res),
+            }
+        }
+        self.save_heads(&mut t)?;
+        Ok(out)
     }
 
-    /// One write, in a transaction of its own.
+    /// The payload of the log record of `ops`, at the log's end.
+    fn log_payload(&self, log: &log::Log, ops: &[&WriteOp]) -> Result<Vec<u8>, StoreError> {
+        let plain = to_bytes("write log", &ops)?;
+        Ok(self.cipher.seal_log(log.epoch(), log.end(), plain))
+    }
+
+    /// Commits the open transaction (or, without one, an empty one) durably, with the
+    /// log's next epoch: every write so far is in the database, the log starts again.
+    fn fold(
+        &self,
+        db: &Database,
+        p: &mut Pending,
+        txn: Option<WriteTransaction>,
+    ) -> Result<(), StoreError> {
+        let mut txn = match txn {
+            Some(txn) => txn,
+            None => db.begin_write().ctx(&self.path)?,
+        };
+        txn.set_durability(redb::Durability::Immediate);
+        let next = p.log.as_ref().map(|l| l.epoch().wrapping_add(1));
+        let committed = (|| {
+            if let Some(next) = next {
+                let mut meta = txn.open_table(META).ctx(&self.path)?;
+                meta.insert(LOG_EPOCH_KEY, next).ctx(&self.path)?;
+            }
+            txn.commit().ctx(&self.path)
+        })();
+        if let Err(e) = committed {
+            p.lost();
+            return Err(e);
+        }
+        if let (Some(log), Some(next)) = (&mut p.log, next) {
+            log.next_epoch(next);
+        }
+        p.writes = 0;
+        Ok(())
+    }
+
+    /// Applies the log's records of its epoch (written but perhaps not in the database)
+    /// to the open transaction, in order. Returns how many writes they held.
+    fn replay(&self, db: &Database, p: &mut Pending) -> Result<usize, StoreError> {
+        let Some(log) = &p.log else {
+            return Ok(0);
+        };
+        let bytes = log.read_all().map_err(|source| StoreError::Log {
+            path: log.path().to_owned(),
+            source,
+        })?;
+        let mut batches = Vec::new();
+        for record in log::records(&bytes, log.epoch()) {
+            let corrupt = |reason| StoreError::CorruptLog {
+                path: log.path().to_owned(),
+                offset: record.offset,
+                reason,
+            };
+            let plain = self
+                .cipher
+                .open_log(log.epoch(), record.offset, record.payload)
+                .map_err(corrupt)?;
+            batches.push(from_bytes::<Vec<WriteOp>>(&plain).map_err(corrupt)?);
+        }
+        if batches.is_empty() {
+            return Ok(0);
+        }
+        let txn = match p.txn.take() {
+            Some(txn) => txn,
+            None => db.begin_write().ctx(&self.path)?,
+        };
+        let mut writes = 0;
+        for ops in &batches {
+            writes += ops.len();
+            if let Err(e) = self.apply(&txn, ops) {
+                drop(txn);
+                p.lost();
+                return Err(e);
+            }
+        }
+        p.txn = Some(txn);
+        Ok(writes)
+    }
+
+    /// After a lost transaction, applies the log again and folds.
+    fn restore_if_stale(&self, db: &Database, p: &mut Pending) -> Result<(), StoreError> {
+        if !p.stale {
+            return Ok(());
+        }
+        let writes = self.replay(db, p)?;
+        let txn = p.txn.take();
+        self.fold(db, p, txn)?;
+        p.stale = false;
+        tracing::info!(writes, path = %self.path.display(), "applied the write log again after a failed write");
+        Ok(())
+    }
+
+    /// Opens the write log beside the database file, applies what an unclean stop left
+    /// in it, folds, and empties it.
+    fn attach_log(&self) -> Result<(), StoreError> {
+        let db = self.db_as_is()?;
+        let found = {
+            let txn = db.begin_read().ctx(&self.path)?;
+            let meta = txn.open_table(META).ctx(&self.path)?;
+            let epoch = meta.get(LOG_EPOCH_KEY).ctx(&self.path)?.map(|g| g.value());
+            epoch
+        };
+        let path = log::path_of(&self.path);
+        let log =
+            log::Log::open(&path, found.unwrap_or_else(rand::random)).map_err(|e| match e {
+                log::OpenLogError::Access(e) => StoreError::Access(e),
+                log::OpenLogError::Io(source) => StoreError::Log {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
+        let mut p = lock_pending(&self.pending);
+        p.log = Some(log);
+        let writes = self.replay(&db, &mut p)?;
+        if writes > 0 || found.is_none() {
+            let txn = p.txn.take();
+            self.fold(&db, &mut p, txn)?;
+        }
+        if writes > 0 {
+            tracing::info!(writes, path = %path.display(), "applied the write log left by an unclean stop");
+        }
+        if let Some(log) = &mut p.log {
+            log.truncate()
+                .map_err(|source| StoreError::Log { path, source })?;
+        }
+        Ok(())
+    }
+
+    /// Makes every acknowledged write part of the database, durably (a fold), so the
+    /// write log is empty.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let db = self.db_as_is()?;
+        let mut p = lock_pending(&self.pending);
+        self.restore_if_stale(&db, &mut p)?;
+        if p.unfolded() {
+            let txn = p.txn.take();
+            self.fold(&db, &mut p, txn)?;
+        }
+        Ok(())
+    }
+
+    /// Whether acknowledged writes wait for a fold ([`Store::flush`]).
+    pub fn unfolded(&self) -> bool {
+        lock_pending(&self.pending).unfolded()
+    }
+
+    /// One write, as a batch of its own.
     fn write_one(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
         self.write_batch(std::slice::from_ref(&op))?
             .pop()
@@ -1436,8 +1765,8 @@ impl Store {
     /// Durably stores a message received from `peer` (the authenticated sender), unless a
     /// message with the same id is already stored.
     ///
-    /// Returns after the commit reached the disk, so the caller may acknowledge with
-    /// [`Inserted::ack_status`]. `now_ms` (the local clock) orders it in the history.
+    /// Returns once the write is on disk (in the write log, see [`Store::write_batch`]),
+    /// so the caller may acknowledge with [`Inserted::ack_status`]. `now_ms` (the local clock) orders it in the history.
     pub fn insert_incoming(
         &self,
         peer: &NodeId,
@@ -1798,8 +2127,14 @@ pub(crate) fn rewrite_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Removes what an interrupted rewrite left: the database itself is still whole.
+/// Removes what an interrupted rewrite left (the copy and its write log): the database
+/// itself is still whole.
 fn remove_leftover(tmp: &Path) -> Result<(), StoreError> {
+    remove_file_if_there(&log::path_of(tmp))?;
+    remove_file_if_there(tmp)
+}
+
+fn remove_file_if_there(tmp: &Path) -> Result<(), StoreError> {
     match std::fs::remove_file(tmp) {
         Ok(()) => {
             tracing::info!(path = %tmp.display(), "removed an interrupted rewrite");

@@ -381,7 +381,10 @@ fn a_passphrase_change_stopped_at_any_step_leaves_a_store_that_opens() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains("already encrypted, unchanged"));
-        assert_eq!(fs::read(dir.join("node.redb")).expect("read"), db);
+        assert!(
+            fs::read(dir.join("node.redb")).expect("read") == db,
+            "{step:?}: the database changed"
+        );
         let shown = ok(&dir, Some(PASS), &["history", &peer, "--limit", "100"]);
         assert_eq!(shown.matches(text).count(), 50);
     }

@@ -2,10 +2,11 @@
 //! outgoing, and of their delivery marks.
 //!
 //! It takes the first queued request, drains whatever else is queued (up to
-//! [`MAX_WRITE_BATCH`]), applies all of them with one [`Store::write_batch`] transaction
-//! (one fsync), and only then answers each request. A receiver sends its acknowledgement
-//! after that answer, so every ack follows a durable write, and under load many messages
-//! share one fsync. Each write is stamped when the writer takes it, with a strictly
+//! [`MAX_WRITE_BATCH`]), applies all of them with one [`Store::write_batch`] (one append
+//! to the write log and one fsync), and only then answers each request. A receiver sends
+//! its acknowledgement after that answer, so every ack follows a durable write, and
+//! under load many messages share one fsync. After [`FOLD_IDLE`] without a request it
+//! folds the acknowledged writes into the database ([`Store::flush`]). Each write is stamped when the writer takes it, with a strictly
 //! increasing clock, so messages keep the order in which they were written.
 //!
 //! A batch that fails with an I/O error (a full disk) marks the storage failing (see
@@ -165,26 +166,71 @@ pub(crate) async fn outcome(
 /// How long the writer looks for the next request before it parks.
 const SPIN: Duration = Duration::from_micros(50);
 
+/// How long the writer waits without a request before it folds the acknowledged writes
+/// into the database ([`Store::flush`]): under load they fold every
+/// [`crate::store::FOLD_WRITES`] writes instead.
+const FOLD_IDLE: Duration = Duration::from_millis(100);
+
+/// What the writer waits for next.
+enum Next {
+    Request(WriteReq),
+    /// No request came for [`FOLD_IDLE`].
+    Idle,
+    /// Every sender is gone.
+    Closed,
+}
+
 /// The next request: one that comes within [`SPIN`] is taken without parking (a parked
 /// thread takes tens of microseconds to run again on a VM, and waking it costs its
-/// sender a system call); then waits for one.
-fn next_request(rx: &mut mpsc::Receiver<WriteReq>) -> Option<WriteReq> {
+/// sender a system call); then waits for one, for [`FOLD_IDLE`] when `idle` is given.
+fn next_request(rx: &mut mpsc::Receiver<WriteReq>, idle: Option<&tokio::runtime::Runtime>) -> Next {
     let until = Instant::now() + SPIN;
-    loop {
+    let next = loop {
         match rx.try_recv() {
-            Ok(r) => return Some(r),
-            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Ok(r) => return Next::Request(r),
+            Err(mpsc::error::TryRecvError::Disconnected) => return Next::Closed,
             Err(mpsc::error::TryRecvError::Empty) if Instant::now() < until => {
                 std::thread::yield_now();
             }
-            Err(mpsc::error::TryRecvError::Empty) => return rx.blocking_recv(),
+            Err(mpsc::error::TryRecvError::Empty) => match idle {
+                Some(rt) => {
+                    break rt.block_on(async { tokio::time::timeout(FOLD_IDLE, rx.recv()).await })
+                }
+                None => break Ok(rx.blocking_recv()),
+            },
         }
+    };
+    match next {
+        Ok(Some(r)) => Next::Request(r),
+        Ok(None) => Next::Closed,
+        Err(_) => Next::Idle,
     }
 }
 
 fn run(store: Arc<Store>, mut rx: mpsc::Receiver<WriteReq>, report: Report) {
+    // A clock for the idle wait; without one, writes fold only under load and at the end.
+    let clock = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "the writer has no timer; idle writes fold at shutdown"),
+        )
+        .ok();
     let mut batch: Vec<WriteReq> = Vec::with_capacity(MAX_WRITE_BATCH);
-    while let Some(first) = next_request(&mut rx) {
+    loop {
+        let idle = clock.as_ref().filter(|_| store.unfolded());
+        let first = match next_request(&mut rx, idle) {
+            Next::Request(r) => r,
+            Next::Closed => break,
+            Next::Idle => {
+                if report.health.failing().is_none() {
+                    if let Err(e) = store.flush() {
+                        failed(&report, &Arc::new(e));
+                    }
+                }
+                continue;
+            }
+        };
         batch.push(first);
         while batch.len() < MAX_WRITE_BATCH {
             match rx.try_recv() {
@@ -200,18 +246,23 @@ fn run(store: Arc<Store>, mut rx: mpsc::Receiver<WriteReq>, report: Report) {
             continue;
         }
         if let Some(e) = write_batch(&store, &mut batch) {
-            if e.is_io() && report.health.fail(e.clone()) {
-                tracing::error!(error = %e, "the database cannot be written; refusing messages until it can");
-                let _ = report.events.send(NodeEvent::StorageFailing {
-                    error: e.to_string(),
-                });
-            }
+            failed(&report, &e);
         }
     }
-    // Status marks may have been committed without waiting for the disk: make them
-    // durable before the node stops.
+    // Fold what was acknowledged into the database before the node stops (the write
+    // log would keep it otherwise, until the next open).
     if let Err(e) = store.flush() {
         tracing::warn!(error = %e, "cannot flush the database at shutdown");
+    }
+}
+
+/// Marks the storage failing after an I/O error (a full disk), once.
+fn failed(report: &Report, e: &Arc<StoreError>) {
+    if e.is_io() && report.health.fail(e.clone()) {
+        tracing::error!(error = %e, "the database cannot be written; refusing messages until it can");
+        let _ = report.events.send(NodeEvent::StorageFailing {
+            error: e.to_string(),
+        });
     }
 }
 

@@ -25,6 +25,8 @@ use super::{opened::SealId, tables::MessageKey, RecordError};
 const SEALED_V1: u8 = 1;
 const AAD_TAG: &[u8] = b"p2p-node/v1/message";
 const AAD_LEN: usize = AAD_TAG.len() + 32 + 8 + 16;
+const LOG_AAD_TAG: &[u8] = b"p2p-node/v1/log";
+const LOG_AAD_LEN: usize = LOG_AAD_TAG.len() + 8 + 8;
 
 /// How the message rows of one database are stored.
 #[derive(Debug, Clone)]
@@ -62,6 +64,16 @@ fn aad(key: &MessageKey) -> [u8; AAD_LEN] {
     a
 }
 
+/// The associated data of a write-log record: its epoch and offset (see `store/log.rs`).
+fn log_aad(epoch: u64, offset: u64) -> [u8; LOG_AAD_LEN] {
+    let mut a = [0u8; LOG_AAD_LEN];
+    let (tag, rest) = a.split_at_mut(LOG_AAD_TAG.len());
+    tag.copy_from_slice(LOG_AAD_TAG);
+    rest[..8].copy_from_slice(&epoch.to_be_bytes());
+    rest[8..].copy_from_slice(&offset.to_be_bytes());
+    a
+}
+
 /// The nonce and tag of a sealed row's stored value (see [`super::opened`]); `None` for a
 /// value that is not a sealed row.
 pub(crate) fn seal_id(stored: &[u8]) -> Option<SealId> {
@@ -86,16 +98,7 @@ impl RowCipher {
     /// The stored value of the row `key` whose plain value is `plain` (zeroized once
     /// sealed).
     pub(crate) fn seal(&self, key: &MessageKey, plain: Vec<u8>) -> Vec<u8> {
-        match self {
-            RowCipher::Clear => plain,
-            RowCipher::Sealed(k) => {
-                let plain = Zeroizing::new(plain);
-                let mut out = Vec::with_capacity(1 + p2p_crypto::history::OVERHEAD + plain.len());
-                out.push(SEALED_V1);
-                k.seal_into(&aad(key), &plain, &mut out);
-                out
-            }
-        }
+        self.seal_with(&aad(key), plain)
     }
 
     /// The plain value of the row `key` stored as `stored`. Never panics.
@@ -104,11 +107,44 @@ impl RowCipher {
         key: &MessageKey,
         stored: &'a [u8],
     ) -> Result<Plain<'a>, RecordError> {
+        self.open_with(&aad(key), stored)
+    }
+
+    /// The payload of the write-log record at `offset` of `epoch` whose plain content is
+    /// `plain` (zeroized once sealed).
+    pub(crate) fn seal_log(&self, epoch: u64, offset: u64, plain: Vec<u8>) -> Vec<u8> {
+        self.seal_with(&log_aad(epoch, offset), plain)
+    }
+
+    /// The plain content of the write-log record at `offset` of `epoch`. Never panics.
+    pub(crate) fn open_log<'a>(
+        &self,
+        epoch: u64,
+        offset: u64,
+        stored: &'a [u8],
+    ) -> Result<Plain<'a>, RecordError> {
+        self.open_with(&log_aad(epoch, offset), stored)
+    }
+
+    fn seal_with(&self, aad: &[u8], plain: Vec<u8>) -> Vec<u8> {
+        match self {
+            RowCipher::Clear => plain,
+            RowCipher::Sealed(k) => {
+                let plain = Zeroizing::new(plain);
+                let mut out = Vec::with_capacity(1 + p2p_crypto::history::OVERHEAD + plain.len());
+                out.push(SEALED_V1);
+                k.seal_into(aad, &plain, &mut out);
+                out
+            }
+        }
+    }
+
+    fn open_with<'a>(&self, aad: &[u8], stored: &'a [u8]) -> Result<Plain<'a>, RecordError> {
         match self {
             RowCipher::Clear => Ok(Plain::Borrowed(stored)),
             RowCipher::Sealed(k) => match stored.split_first() {
                 Some((&SEALED_V1, sealed)) => k
-                    .open(&aad(key), sealed)
+                    .open(aad, sealed)
                     .map(Plain::Owned)
                     .map_err(RecordError::Decrypt),
                 Some((&format, _)) => Err(RecordError::UnknownFormat(format)),
@@ -153,6 +189,24 @@ mod tests {
         assert_eq!(
             &*RowCipher::Clear.open(&key, b"clear").expect("clear"),
             b"clear"
+        );
+    }
+
+    #[test]
+    fn a_log_record_opens_only_at_its_own_epoch_and_offset() {
+        let c = RowCipher::Sealed(SecretKey::generate().history_key());
+        let stored = c.seal_log(3, 40, b"batch".to_vec());
+        assert!(!stored.windows(5).any(|w| w == b"batch"));
+        assert_eq!(&*c.open_log(3, 40, &stored).expect("opens"), b"batch");
+        assert!(c.open_log(4, 40, &stored).is_err());
+        assert!(c.open_log(3, 41, &stored).is_err());
+        assert!(
+            c.open(&([0; 32], 3, [0; 16]), &stored).is_err(),
+            "not a row"
+        );
+        assert_eq!(
+            &*RowCipher::Clear.seal_log(3, 40, b"batch".to_vec()),
+            b"batch"
         );
     }
 

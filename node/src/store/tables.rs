@@ -48,8 +48,14 @@ pub const HISTORY_KEY_CHECK_KEY: &str = "history_key_check";
 /// opened again following an I/O error (`Store::check_writable`).
 pub const WRITE_CHECK_KEY: &str = "write_check_ms";
 
+/// Key in [`META`] of the write log's epoch: the log's records of this epoch are not
+/// folded into the database yet (see `store/log.rs`). Absent before the first open by a
+/// build with the log.
+pub const LOG_EPOCH_KEY: &str = "log_epoch";
+
 /// Database-wide settings: `name -> u64`. Holds [`SCHEMA_VERSION_KEY`] and, when
-/// encrypted, [`HISTORY_KEY_CHECK_KEY`]; [`WRITE_CHECK_KEY`] once a write was checked.
+/// encrypted, [`HISTORY_KEY_CHECK_KEY`]; [`WRITE_CHECK_KEY`] once a write was checked;
+/// [`LOG_EPOCH_KEY`].
 pub const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 
 /// The logical key of a message: `(peer NodeId bytes, stored_at_ms, message id)`. Within

@@ -1386,3 +1386,246 @@ fn a_link_to_a_row_that_is_not_older_is_a_typed_error_not_a_loop() {
         "{err:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// The write log
+// ---------------------------------------------------------------------------------------
+
+/// What a kill -9 leaves of the store at `from` (the files as the kernel has them), copied
+/// to a new directory: the database and, with `with_log`, its write log.
+fn crash_copy(from: &Path, with_log: bool) -> (TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("node.redb");
+    std::fs::copy(from, &to).unwrap();
+    if with_log {
+        std::fs::copy(log::path_of(from), log::path_of(&to)).unwrap();
+    }
+    (dir, to)
+}
+
+fn outgoing(to: NodeId, msg: &ChatMessage, now_ms: u64) -> WriteOp {
+    WriteOp::Outgoing {
+        to,
+        msg: msg.clone(),
+        now_ms,
+    }
+}
+
+fn log_len(db: &Path) -> u64 {
+    std::fs::metadata(log::path_of(db)).unwrap().len()
+}
+
+#[test]
+fn acknowledged_writes_survive_a_crash_before_they_fold() {
+    let (_d, path, store) = setup();
+    let (alice, bob) = (peer(), peer());
+    let sent = msg("to bob", 1);
+    store
+        .write_batch(&[
+            incoming(alice, &msg("one", 1), 10),
+            outgoing(bob, &sent, 11),
+        ])
+        .unwrap();
+    store
+        .write_batch(&[incoming(alice, &msg("two", 2), 12)])
+        .unwrap();
+    // A batch of marks only: written to the log, not synced; kept by the next sync.
+    store
+        .write_batch(&[WriteOp::Finish {
+            peer: bob,
+            id: sent.id,
+            status: MessageStatus::Delivered,
+        }])
+        .unwrap();
+    store
+        .write_batch(&[incoming(alice, &msg("three", 3), 13)])
+        .unwrap();
+    assert!(store.unfolded());
+
+    // The database file alone does not have them: the log does.
+    let (_c, bare) = crash_copy(&path, false);
+    let opened = Store::open(&bare).unwrap();
+    assert!(opened.history(&alice, 10, None).unwrap().is_empty());
+    drop(opened);
+
+    let (_c, copy) = crash_copy(&path, true);
+    let opened = Store::open(&copy).unwrap();
+    assert_eq!(
+        texts(&opened.history(&alice, 10, None).unwrap()),
+        ["one", "two", "three"]
+    );
+    let to_bob = opened.history(&bob, 10, None).unwrap();
+    assert_eq!(to_bob[0].status, MessageStatus::Delivered);
+    assert!(opened.outbox().unwrap().is_empty());
+    // Applied and folded: the log is empty, and the rows keep the times they had.
+    assert_eq!(log_len(&copy), 0);
+    assert!(!opened.unfolded());
+    assert_eq!(
+        opened.history(&alice, 10, None).unwrap(),
+        store.history(&alice, 10, None).unwrap()
+    );
+    // A clean close removes the log; the history stays.
+    drop(opened);
+    assert!(!log::path_of(&copy).exists());
+    let opened = Store::open(&copy).unwrap();
+    assert_eq!(opened.message_count().unwrap(), 4);
+}
+
+#[test]
+fn reads_see_acknowledged_writes_and_a_crash_after_them_loses_nothing() {
+    let (_d, path, store) = setup();
+    let alice = peer();
+    for i in 0..5u64 {
+        store
+            .write_batch(&[incoming(alice, &msg(&format!("m{i}"), i), 100 + i)])
+            .unwrap();
+        // The read commits the open transaction without waiting for the disk.
+        assert_eq!(store.history(&alice, 10, None).unwrap().len() as u64, i + 1);
+    }
+    assert!(store.unfolded(), "read commits do not fold");
+    let (_c, copy) = crash_copy(&path, true);
+    let opened = Store::open(&copy).unwrap();
+    assert_eq!(
+        texts(&opened.history(&alice, 10, None).unwrap()),
+        ["m0", "m1", "m2", "m3", "m4"]
+    );
+    // A crash right after that open (before any write) applies nothing twice.
+    let (_c2, again) = crash_copy(&copy, true);
+    drop(opened);
+    let opened = Store::open(&again).unwrap();
+    assert_eq!(opened.message_count().unwrap(), 5);
+}
+
+#[test]
+fn a_record_cut_short_by_a_crash_is_not_applied() {
+    let (_d, path, store) = setup();
+    let alice = peer();
+    store
+        .write_batch(&[incoming(alice, &msg("whole", 1), 10)])
+        .unwrap();
+    let before = store.pending.lock().unwrap().log.as_ref().unwrap().end();
+    store
+        .write_batch(&[incoming(alice, &msg("cut", 2), 11)])
+        .unwrap();
+    let (_c, copy) = crash_copy(&path, true);
+    let log_file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(log::path_of(&copy))
+        .unwrap();
+    log_file.set_len(before + 20).unwrap();
+    let opened = Store::open(&copy).unwrap();
+    assert_eq!(texts(&opened.history(&alice, 10, None).unwrap()), ["whole"]);
+}
+
+#[test]
+fn the_log_of_another_database_is_never_applied() {
+    let (_d, path, store) = setup();
+    let (_d2, other_path, other) = setup();
+    let alice = peer();
+    other
+        .write_batch(&[incoming(alice, &msg("elsewhere", 1), 10)])
+        .unwrap();
+    store
+        .write_batch(&[incoming(alice, &msg("here", 1), 10)])
+        .unwrap();
+    let (_c, copy) = crash_copy(&path, false);
+    std::fs::copy(log::path_of(&other_path), log::path_of(&copy)).unwrap();
+    let opened = Store::open(&copy).unwrap();
+    assert_eq!(opened.message_count().unwrap(), 0);
+    assert_eq!(log_len(&copy), 0, "emptied on open");
+}
+
+#[test]
+fn a_damaged_record_that_passes_its_checksum_is_a_typed_error_naming_the_log() {
+    let (_d, path, store) = setup();
+    store
+        .write_batch(&[incoming(peer(), &msg("hi", 1), 10)])
+        .unwrap();
+    let (_c, copy) = crash_copy(&path, true);
+    // A record of the database's epoch, with a good checksum, that is not a batch.
+    let epoch = store.pending.lock().unwrap().log.as_ref().unwrap().epoch();
+    {
+        let mut forged = log::Log::open(&log::path_of(&copy), epoch).unwrap();
+        forged.append(&[0xff; 40], true).unwrap();
+    }
+    let err = Store::open(&copy).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::CorruptLog { offset: 0, .. }),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("node.redb-log") && text.contains("move the file"),
+        "{text}"
+    );
+}
+
+#[test]
+fn writes_fold_after_a_bound_and_bulk_batches_commit_directly() {
+    let (_d, path, store) = setup();
+    let alice = peer();
+    let mut n = 0u64;
+    let mut batch = |count: usize, text_len: usize| -> Vec<WriteOp> {
+        (0..count)
+            .map(|_| {
+                n += 1;
+                incoming(alice, &msg(&"x".repeat(text_len), n), n)
+            })
+            .collect()
+    };
+    // Small batches stay in the log until FOLD_WRITES writes.
+    for _ in 0..4 {
+        store.write_batch(&batch(FOLD_WRITES / 4 - 1, 10)).unwrap();
+        assert!(store.unfolded());
+    }
+    store.write_batch(&batch(4, 10)).unwrap();
+    assert!(!store.unfolded(), "folded at {FOLD_WRITES} writes");
+    // A batch larger than a log record is committed at once, not logged.
+    let bulk = batch(80, 16 * 1024);
+    store.write_batch(&bulk).unwrap();
+    assert!(!store.unfolded());
+    let (_c, bare) = crash_copy(&path, false);
+    assert_eq!(
+        Store::open(&bare).unwrap().message_count().unwrap(),
+        FOLD_WRITES as u64 + 80
+    );
+}
+
+#[test]
+fn an_encrypted_store_logs_sealed_writes_and_applies_them_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    let key = SecretKey::generate().history_key();
+    let store = Store::open_with_key(&path, key.clone(), true).unwrap();
+    let alice = peer();
+    store
+        .write_batch(&[incoming(alice, &msg("a secret in the log", 1), 10)])
+        .unwrap();
+    let (_c, copy) = crash_copy(&path, true);
+    let logged = std::fs::read(log::path_of(&copy)).unwrap();
+    assert!(!logged.windows(6).any(|w| w == b"secret"), "sealed");
+    assert!(matches!(
+        Store::open(&copy),
+        Err(StoreError::KeyRequired { .. })
+    ));
+    let opened = Store::open_with_key(&copy, key, false).unwrap();
+    assert_eq!(
+        texts(&opened.history(&alice, 10, None).unwrap()),
+        ["a secret in the log"]
+    );
+}
+
+#[test]
+fn opening_and_reading_a_database_writes_nothing_to_it() {
+    let (_d, path, store) = setup();
+    store.insert_incoming(&peer(), &msg("x", 1), 1).unwrap();
+    drop(store);
+    let before = std::fs::read(&path).unwrap();
+    for _ in 0..2 {
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.message_count().unwrap(), 1);
+        assert!(!store.unfolded());
+    }
+    assert!(std::fs::read(&path).unwrap() == before, "the file changed");
+    assert!(!log::path_of(&path).exists());
+}
