@@ -1027,7 +1027,11 @@ impl Store {
     fn db(&self) -> Result<DbRef<'_>, StoreError> {
         let db = self.db_as_is()?;
         let mut p = lock_pending(&self.pending);
-        self.restore_if_stale(&db, &mut p)?;
+        if let Err(e) = self.restore_if_stale(&db, &mut p) {
+            // Reads go on meanwhile (without the writes the log holds); the next write
+            // tries again, and `Store::reopen` applies the log when it opens the file.
+            tracing::warn!(error = %e, "cannot apply the write log again yet");
+        }
         if let Some(mut txn) = p.txn.take() {
             if p.log.is_some() {
                 txn.set_durability(redb::Durability::None);
@@ -1722,11 +1726,22 @@ impl Store {
             })?;
         let mut p = lock_pending(&self.pending);
         p.log = Some(log);
-        let writes = self.replay(&db, &mut p)?;
-        if writes > 0 || found.is_none() {
-            let txn = p.txn.take();
-            self.fold(&db, &mut p, txn)?;
-        }
+        let applied = (|| {
+            let writes = self.replay(&db, &mut p)?;
+            if writes > 0 || found.is_none() {
+                let txn = p.txn.take();
+                self.fold(&db, &mut p, txn)?;
+            }
+            Ok(writes)
+        })();
+        let writes = match applied {
+            Ok(writes) => writes,
+            Err(e) => {
+                // The log stays on disk as it is (dropping the store must not remove it).
+                *p = Pending::default();
+                return Err(e);
+            }
+        };
         if writes > 0 {
             tracing::info!(writes, path = %path.display(), "applied the write log left by an unclean stop");
         }

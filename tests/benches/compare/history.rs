@@ -97,7 +97,9 @@ fn open_store(path: &Path, key: Option<&HistoryKey>) -> Result<Store> {
 }
 
 /// Group commit as the node's writer thread does it: batches of `MAX_WRITE_BATCH`, one
-/// `write_batch` transaction each, every message with its own stamp.
+/// `write_batch` each (a synced write-log record, and a fold every
+/// `p2p_node::store::FOLD_WRITES` writes), every message with its own stamp, and a fold
+/// at the end.
 fn node_insert(
     path: &Path,
     key: Option<&HistoryKey>,
@@ -119,6 +121,8 @@ fn node_insert(
             r?;
         }
     }
+    // Every row in the database itself, not only in its write log.
+    store.flush()?;
     Ok(start.elapsed())
 }
 
