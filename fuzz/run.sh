@@ -4,7 +4,7 @@
 #
 # Environment:
 #   FUZZ_SECONDS    seconds per target (default 30)
-#   FUZZ_TARGETS    targets to run (default: all six)
+#   FUZZ_TARGETS    targets to run (default: all seven)
 #   FUZZ_SANITIZER  cargo-fuzz sanitizer (default none: the crates forbid unsafe code, and
 #                   it keeps the build and the runs fast; use `address` for long runs)
 #   FUZZ_WORK       directory for the corpus each run grows (default: a temporary one);
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 FUZZ_SECONDS="${FUZZ_SECONDS:-30}"
-FUZZ_TARGETS="${FUZZ_TARGETS:-frame_decode discovery_record seal_open keyfile_decode relay_frame path_probe}"
+FUZZ_TARGETS="${FUZZ_TARGETS:-frame_decode discovery_record seal_open keyfile_decode relay_frame path_probe write_log}"
 FUZZ_SANITIZER="${FUZZ_SANITIZER:-none}"
 export RUSTC_BOOTSTRAP=1
 

@@ -32,6 +32,7 @@ fn main() -> Result<()> {
         ("keyfile_decode", keyfile_seeds()?),
         ("relay_frame", relay_seeds()?),
         ("path_probe", probe_seeds()?),
+        ("write_log", write_log_seeds()),
     ] {
         let dir = root.join(target);
         fs::create_dir_all(&dir)?;
@@ -59,6 +60,21 @@ fn with_mode(mode: u8, bytes: &[u8]) -> Vec<u8> {
 }
 
 /// Three seeds of deterministic filler bytes for a structured mode.
+/// Arbitrary payloads framed as records (mode 1) and arbitrary batches of message writes
+/// (mode 2): the target builds the log from them.
+fn write_log_seeds() -> Seeds {
+    let mut seeds = Seeds::new();
+    for (mode, kind) in [(1u8, "payloads"), (2, "writes")] {
+        for (i, len) in [64usize, 160, 400].into_iter().enumerate() {
+            seeds.push((
+                format!("{kind}-{i}"),
+                with_mode(mode, &filler(91 + u32::from(mode) * 7 + i as u32, len)),
+            ));
+        }
+    }
+    seeds
+}
+
 fn structured_seeds(seeds: &mut Seeds, mode: u8, salt: u32, first: usize, step: usize) {
     for i in 0..3u32 {
         let len = first + step * i as usize;
