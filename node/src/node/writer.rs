@@ -6,8 +6,9 @@
 //! to the write log and one fsync), and only then answers each request. A receiver sends
 //! its acknowledgement after that answer, so every ack follows a durable write, and
 //! under load many messages share one fsync. After [`FOLD_IDLE`] without a request it
-//! folds the acknowledged writes into the database ([`Store::flush`]). Each write is stamped when the writer takes it, with a strictly
-//! increasing clock, so messages keep the order in which they were written.
+//! folds the acknowledged writes into the database ([`Store::flush`]). Each write is
+//! stamped when the writer takes it, with a strictly increasing clock, so messages keep
+//! the order in which they were written.
 //!
 //! A batch that fails with an I/O error (a full disk) marks the storage failing (see
 //! [`super::storage`]); until the heal task opened the database again, every request

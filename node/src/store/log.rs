@@ -22,8 +22,9 @@
 //!
 //! Records follow each other from offset 0. Reading takes them in order while each is
 //! whole, of the database's epoch, and checks out; the first that does not ends the log
-//! (a record cut short by a crash was never synced, so never acknowledged). What was
-//! read is applied again, in order, to the database as it was last committed durably:
+//! (a record cut short by a crash was never synced, so never acknowledged); one that
+//! checks out but does not open or decode refuses the open (`StoreError::CorruptLog`,
+//! nothing applied). What was read is applied again, in order, to the database as it was last committed durably:
 //! every write is idempotent (an insert finds its id taken, a mark finds its status
 //! set). A database without an epoch is given a random one, so the log of another
 //! database (one renamed over this file) is never applied to it.
