@@ -1530,49 +1530,16 @@ impl Store {
             Some(txn) => txn,
             None => db.begin_write().ctx(&self.path)?,
         };
-        let out = match self.apply(&txn, ops) {
-            Ok(out) => out,
+        let applied = self
+            .apply(&txn, ops)
+            .and_then(|out| Ok((self.log_batch(p, ops, &out)?, out)));
+        let (fold, out) = match applied {
+            Ok(done) => done,
             Err(e) => {
                 drop(txn);
                 p.lost();
                 return Err(e);
             }
-        };
-        let changed: Vec<&WriteOp> = ops
-            .iter()
-            .zip(&out)
-            .filter(|(_, o)| o.as_ref().is_ok_and(|o| o.changed()))
-            .map(|(op, _)| op)
-            .collect();
-        p.writes += changed.len();
-        let fold = match &mut p.log {
-            Some(log) if !changed.is_empty() => {
-                let stored = out
-                    .iter()
-                    .any(|o| matches!(o, Ok(WriteOutcome::Inserted(Inserted::New))));
-                let payload = match self.log_payload(log, &changed) {
-                    Ok(payload) => Some(payload).filter(|p| log.fits(p.len())),
-                    Err(e) => {
-                        drop(txn);
-                        p.lost();
-                        return Err(e);
-                    }
-                };
-                match payload {
-                    Some(payload) if p.writes < FOLD_WRITES => {
-                        if let Err(source) = log.append(&payload, stored) {
-                            let path = log.path().to_owned();
-                            drop(txn);
-                            p.lost();
-                            return Err(StoreError::Log { path, source });
-                        }
-                        false
-                    }
-                    // Too large for the log, or time to fold: the commit makes it durable.
-                    _ => true,
-                }
-            }
-            _ => p.writes >= FOLD_WRITES,
         };
         if fold {
             self.fold(&db, p, Some(txn))?;
@@ -1580,6 +1547,42 @@ impl Store {
             p.txn = Some(txn);
         }
         Ok(out)
+    }
+
+    /// Appends the writes of `ops` that changed something (`out`) to the log, synced when
+    /// the batch stored a message; returns whether the open transaction must fold
+    /// instead (the batch too large for the log, the log full, or [`FOLD_WRITES`]
+    /// reached; in memory only the last).
+    fn log_batch(
+        &self,
+        p: &mut Pending,
+        ops: &[WriteOp],
+        out: &[Result<WriteOutcome, StoreError>],
+    ) -> Result<bool, StoreError> {
+        let changed: Vec<&WriteOp> = ops
+            .iter()
+            .zip(out)
+            .filter(|(_, o)| o.as_ref().is_ok_and(|o| o.changed()))
+            .map(|(op, _)| op)
+            .collect();
+        p.writes += changed.len();
+        let Some(log) = p.log.as_mut().filter(|_| !changed.is_empty()) else {
+            return Ok(p.writes >= FOLD_WRITES);
+        };
+        let payload = self.log_payload(log, &changed)?;
+        if !log.fits(payload.len()) || p.writes >= FOLD_WRITES {
+            // The fold's commit makes the batch durable.
+            return Ok(true);
+        }
+        let stored = out
+            .iter()
+            .any(|o| matches!(o, Ok(WriteOutcome::Inserted(Inserted::New))));
+        log.append(&payload, stored)
+            .map_err(|source| StoreError::Log {
+                path: log.path().to_owned(),
+                source,
+            })?;
+        Ok(false)
     }
 
     /// Applies `ops` in `txn`, each with its outcome; a database error fails them all.
@@ -1716,14 +1719,7 @@ impl Store {
             epoch
         };
         let path = log::path_of(&self.path);
-        let log =
-            log::Log::open(&path, found.unwrap_or_else(rand::random)).map_err(|e| match e {
-                log::OpenLogError::Access(e) => StoreError::Access(e),
-                log::OpenLogError::Io(source) => StoreError::Log {
-                    path: path.clone(),
-                    source,
-                },
-            })?;
+        let log = log::Log::open(&path, found.unwrap_or_else(rand::random))?;
         let mut p = lock_pending(&self.pending);
         p.log = Some(log);
         let applied = (|| {

@@ -40,7 +40,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use p2p_crypto::owner_only::{self, OwnerOnlyError};
+use p2p_crypto::owner_only;
+
+use super::StoreError;
 
 /// Bytes before a record's payload.
 const HEADER: usize = 16;
@@ -74,19 +76,18 @@ pub(super) struct Log {
     buf: Vec<u8>,
 }
 
-/// Opening the log failed.
-#[derive(Debug)]
-pub(super) enum OpenLogError {
-    Access(OwnerOnlyError),
-    Io(io::Error),
-}
-
 impl Log {
     /// Opens the log at `path` (created with mode 0600; an existing one must be
     /// owner-only) for records of `epoch`.
-    pub(super) fn open(path: &Path, epoch: u64) -> Result<Log, OpenLogError> {
-        let file = owner_only::open_file(path).map_err(OpenLogError::Access)?;
-        let allocated = file.metadata().map_err(OpenLogError::Io)?.len();
+    pub(super) fn open(path: &Path, epoch: u64) -> Result<Log, StoreError> {
+        let file = owner_only::open_file(path).map_err(StoreError::Access)?;
+        let allocated = file
+            .metadata()
+            .map_err(|source| StoreError::Log {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
         Ok(Log {
             file,
             path: path.to_owned(),

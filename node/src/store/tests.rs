@@ -1426,9 +1426,7 @@ fn acknowledged_writes_survive_a_crash_before_they_fold() {
             outgoing(bob, &sent, 11),
         ])
         .unwrap();
-    store
-        .write_batch(&[incoming(alice, &msg("two", 2), 12)])
-        .unwrap();
+    store.insert_incoming(&alice, &msg("two", 2), 12).unwrap();
     // A batch of marks only: written to the log, not synced; kept by the next sync.
     store
         .write_batch(&[WriteOp::Finish {
@@ -1437,9 +1435,7 @@ fn acknowledged_writes_survive_a_crash_before_they_fold() {
             status: MessageStatus::Delivered,
         }])
         .unwrap();
-    store
-        .write_batch(&[incoming(alice, &msg("three", 3), 13)])
-        .unwrap();
+    store.insert_incoming(&alice, &msg("three", 3), 13).unwrap();
     assert!(store.unfolded());
 
     // The database file alone does not have them: the log does.
@@ -1477,7 +1473,7 @@ fn reads_see_acknowledged_writes_and_a_crash_after_them_loses_nothing() {
     let alice = peer();
     for i in 0..5u64 {
         store
-            .write_batch(&[incoming(alice, &msg(&format!("m{i}"), i), 100 + i)])
+            .insert_incoming(&alice, &msg(&format!("m{i}"), i), 100 + i)
             .unwrap();
         // The read commits the open transaction without waiting for the disk.
         assert_eq!(store.history(&alice, 10, None).unwrap().len() as u64, i + 1);
@@ -1500,13 +1496,9 @@ fn reads_see_acknowledged_writes_and_a_crash_after_them_loses_nothing() {
 fn a_record_cut_short_by_a_crash_is_not_applied() {
     let (_d, path, store) = setup();
     let alice = peer();
-    store
-        .write_batch(&[incoming(alice, &msg("whole", 1), 10)])
-        .unwrap();
+    store.insert_incoming(&alice, &msg("whole", 1), 10).unwrap();
     let before = store.pending.lock().unwrap().log.as_ref().unwrap().end();
-    store
-        .write_batch(&[incoming(alice, &msg("cut", 2), 11)])
-        .unwrap();
+    store.insert_incoming(&alice, &msg("cut", 2), 11).unwrap();
     let (_c, copy) = crash_copy(&path, true);
     let log_file = std::fs::OpenOptions::new()
         .write(true)
@@ -1523,11 +1515,9 @@ fn the_log_of_another_database_is_never_applied() {
     let (_d2, other_path, other) = setup();
     let alice = peer();
     other
-        .write_batch(&[incoming(alice, &msg("elsewhere", 1), 10)])
+        .insert_incoming(&alice, &msg("elsewhere", 1), 10)
         .unwrap();
-    store
-        .write_batch(&[incoming(alice, &msg("here", 1), 10)])
-        .unwrap();
+    store.insert_incoming(&alice, &msg("here", 1), 10).unwrap();
     let (_c, copy) = crash_copy(&path, false);
     std::fs::copy(log::path_of(&other_path), log::path_of(&copy)).unwrap();
     let opened = Store::open(&copy).unwrap();
@@ -1538,9 +1528,7 @@ fn the_log_of_another_database_is_never_applied() {
 #[test]
 fn a_damaged_record_that_passes_its_checksum_is_a_typed_error_naming_the_log() {
     let (_d, path, store) = setup();
-    store
-        .write_batch(&[incoming(peer(), &msg("hi", 1), 10)])
-        .unwrap();
+    store.insert_incoming(&peer(), &msg("hi", 1), 10).unwrap();
     let (_c, copy) = crash_copy(&path, true);
     // A record of the database's epoch, with a good checksum, that is not a batch.
     let epoch = store.pending.lock().unwrap().log.as_ref().unwrap().epoch();
@@ -1600,7 +1588,7 @@ fn an_encrypted_store_logs_sealed_writes_and_applies_them_with_its_key() {
     let store = Store::open_with_key(&path, key.clone(), true).unwrap();
     let alice = peer();
     store
-        .write_batch(&[incoming(alice, &msg("a secret in the log", 1), 10)])
+        .insert_incoming(&alice, &msg("a secret in the log", 1), 10)
         .unwrap();
     let (_c, copy) = crash_copy(&path, true);
     let logged = std::fs::read(log::path_of(&copy)).unwrap();
