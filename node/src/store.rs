@@ -1906,6 +1906,18 @@ impl Store {
         Ok(out)
     }
 
+    /// Whether the message `id` to `peer` is still in the outbox (not yet delivered or
+    /// rejected).
+    pub fn in_outbox(&self, peer: &NodeId, id: &MessageId) -> Result<bool, StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_read().ctx(&self.path)?;
+        let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
+        Ok(outbox
+            .get((peer.as_bytes(), &id.0))
+            .ctx(&self.path)?
+            .is_some())
+    }
+
     /// The message with this id, if stored.
     pub fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
         let db = self.db()?;

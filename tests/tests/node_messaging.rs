@@ -1114,6 +1114,60 @@ async fn consecutive_messages_to_a_peer_share_one_stream_and_a_receiver_that_end
 }
 
 #[tokio::test]
+async fn an_outbox_round_beside_sends_never_sends_a_delivered_message_again() -> Result<()> {
+    // Outbox rounds run back to back while messages are sent and acknowledged: a round
+    // reads the outbox, and a message it read may be delivered and settled by its send
+    // before the round gets to it. The round must not send it again.
+    let d = Discovery::start().await?;
+    let alice = User::new()?;
+    let bob = SecretKey::generate();
+    let (_, mut got, task) = bare_receiver(&d, &bob, false, 64).await?;
+    let a = alice.builder(&d.url).bind().await?;
+    let flushing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flusher = {
+        let (a, flushing) = (a.clone(), flushing.clone());
+        tokio::spawn(async move {
+            let mut rounds = 0u32;
+            while flushing.load(std::sync::atomic::Ordering::SeqCst) && rounds < 100_000 {
+                let _ = a.flush_outbox(Duration::from_secs(5)).await;
+                rounds += 1;
+                tokio::task::yield_now().await;
+            }
+            rounds
+        })
+    };
+    let mut sent = Vec::new();
+    for i in 0..1000 {
+        let out =
+            tokio::time::timeout(DEADLINE, a.send_to(&bob.public(), &format!("m{i}"))).await??;
+        assert_eq!(out.status, SendStatus::Delivered, "message {i}");
+        sent.push(out.id);
+    }
+    flushing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let rounds = flusher.await?;
+    assert!(rounds > 0);
+    let mut received = Vec::new();
+    while let Ok(id) = got.try_recv() {
+        received.push(id);
+    }
+    let mut twice: Vec<_> = received.clone();
+    twice.sort();
+    twice.dedup();
+    let again = received.len() - twice.len();
+    assert_eq!(
+        again,
+        0,
+        "{again} of {} sent again ({rounds} rounds beside)",
+        sent.len()
+    );
+    assert!(received == sent, "each message once, in order");
+    a.shutdown().await;
+    task.abort();
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn more_concurrent_sends_than_the_peer_allows_streams_wait_for_a_kept_one_and_all_arrive(
 ) -> Result<()> {
     // The peer allows 4 streams at once; 40 sends at once. Every stream ends up kept

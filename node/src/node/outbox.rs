@@ -139,6 +139,16 @@ async fn work_peer(inner: Arc<Inner>, peer: NodeId, queue: Vec<OutboxEntry>) -> 
         if !inner.delivery().try_start(id) {
             continue;
         }
+        // The round read the outbox before this attempt: the message's own send may have
+        // been acknowledged and settled since. Only what is still queued goes again.
+        let still_queued = inner.blocking(move |s| s.in_outbox(&peer, &id)).await;
+        if !matches!(still_queued, Ok(true)) {
+            if let Err(e) = still_queued {
+                tracing::warn!(%peer, message = %id, error = %e, "cannot read the outbox");
+            }
+            inner.delivery().finish(&id);
+            continue;
+        }
         let outcome = if unreachable {
             None
         } else {
