@@ -698,9 +698,10 @@ impl Pending {
 }
 
 /// Writes after which the open transaction folds (commits durably and starts a new log
-/// epoch): 4096 messages' rows cost about a third of the CPU a message that 48 of them
-/// share a commit (BENCHMARKS.md, item 17).
-pub const FOLD_WRITES: usize = 4096;
+/// epoch). A fold stalls the writer for one commit: about 1.1 ms at 1024 writes against
+/// 3.4 ms at 4096, for the same CPU per message, so figure 8's p99 no longer carries a
+/// long stall every 90 ms (BENCHMARKS.md, item 19).
+pub const FOLD_WRITES: usize = 1024;
 
 fn lock_pending(m: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
     m.lock().unwrap_or_else(|e| e.into_inner())
