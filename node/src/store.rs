@@ -70,6 +70,7 @@
 
 mod cipher;
 mod log;
+mod memory;
 mod opened;
 pub mod tables;
 
@@ -914,7 +915,7 @@ impl Store {
     pub fn open_in_memory() -> Result<Store, StoreError> {
         let path = PathBuf::from(MEMORY_PATH);
         let db = redb::Builder::new()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .create_with_backend(memory::ChunkedMemory::default())
             .ctx(&path)?;
         Self::init(db, path, None, false)
     }
