@@ -14,7 +14,8 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::StorageBackend;
 
-/// Bytes per chunk: a multiple of redb's page size, so a page never straddles two.
+/// Bytes per chunk: a multiple of redb's page size, so a small page never straddles two
+/// chunks (a larger one may: reads and writes are split at chunk boundaries).
 const CHUNK: usize = 1 << 20;
 
 /// An in-memory [`StorageBackend`] that grows without copying what it holds.
