@@ -3,8 +3,8 @@
 //! redb's own memory backend keeps the whole database in one `Vec`: every time the
 //! database grows, the vector is reallocated (the database copied whole) and its new
 //! tail zeroed a byte at a time. Under a steady stream of messages that growth took a
-//! tenth to a fifth of an in-memory node's writer time (BENCHMARKS.md, item 20). Here the database
-//! grows by whole chunks, allocated zeroed; nothing already written moves.
+//! tenth to a fifth of an in-memory node's writer time (BENCHMARKS.md, item 20). Here
+//! the database grows by whole chunks, allocated zeroed; nothing already written moves.
 //!
 //! Invariant: the bytes of the last chunk past the length are zero, so growing within
 //! that chunk exposes zeros, as [`StorageBackend::set_len`] requires.
