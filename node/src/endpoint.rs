@@ -32,6 +32,10 @@ use crate::{
     wire::ALPN,
 };
 
+pub mod lanes;
+
+pub use lanes::{Lane, LaneError, Sent, LANE_DEPTH, MAX_LANES};
+
 /// Transport settings applied to every connection, both directions.
 #[derive(Debug, Clone)]
 pub struct TransportSettings {
@@ -40,10 +44,11 @@ pub struct TransportSettings {
     /// Keep-alive pings so idle but wanted connections (and NAT bindings) stay up.
     /// Must be below `idle_timeout`. Default 10 s.
     pub keep_alive: Duration,
-    /// Bidirectional streams a peer may have open at once. Default 256. A stream carries
-    /// one message at a time, so this bounds the messages a peer has in flight to us, and
-    /// with them its rate (in flight / round trip with a durable commit). The bytes these
-    /// streams hold are bounded per connection apart from it (`node::CONNECTION_FRAME_BUDGET`).
+    /// Bidirectional streams a peer may have open at once. Default 256. A node pipelines
+    /// its messages on a few of them ([`lanes`]); a peer that sends one message per
+    /// stream at a time is bounded by it in the messages it has in flight to us. The bytes
+    /// these streams hold are bounded per connection apart from it
+    /// (`node::CONNECTION_FRAME_BUDGET`).
     pub max_concurrent_bidi_streams: u32,
     /// Unidirectional streams a peer may have open at once. Default 0 (unused).
     pub max_concurrent_uni_streams: u32,
@@ -444,29 +449,8 @@ pub struct Connection {
     inner: quinn::Connection,
     remote: NodeId,
     net: Arc<net::Shared>,
-    /// Streams this side opened that are kept open for its next exchange.
-    idle: Arc<IdleStreams>,
-}
-
-/// At most this many idle streams are kept per connection: as many as a peer with the
-/// default [`TransportSettings`] lets us open at once. A send that finds none idle waits
-/// for whichever comes first, a new stream or one put back, so idle streams never hold
-/// up a send even when they are all the peer allows.
-pub const MAX_IDLE_STREAMS: usize = DEFAULT_BIDI_STREAMS as usize;
-
-/// The streams kept between exchanges, and a wake-up for a send waiting on one.
-#[derive(Debug, Default)]
-struct IdleStreams {
-    streams: std::sync::Mutex<Vec<IdleStream>>,
-    put_back: tokio::sync::Notify,
-}
-
-/// A bidirectional stream kept open between two exchanges, with when it was put back.
-#[derive(Debug)]
-struct IdleStream {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    since: std::time::Instant,
+    /// The streams this side sends its messages on ([`lanes`]).
+    lanes: Arc<lanes::Lanes>,
 }
 
 impl Connection {
@@ -475,70 +459,19 @@ impl Connection {
             inner,
             remote,
             net,
-            idle: Arc::default(),
+            lanes: Arc::default(),
         }
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<IdleStream>> {
-        self.idle.streams.lock().unwrap_or_else(|e| e.into_inner())
+    /// A lane to send a message on ([`lanes`]): the least busy of this connection's,
+    /// or a new one. Lanes idle for `fresh` or longer are finished first.
+    pub async fn lane(&self, fresh: Duration) -> Result<Arc<Lane>, quinn::ConnectionError> {
+        self.lanes.lane(&self.inner, fresh, MAX_LANES).await
     }
 
-    /// A stream this side opened and kept ([`Connection::keep_stream`]) that was put
-    /// back less than `fresh` ago, newest first. Older ones are dropped (which finishes
-    /// them): the peer may be about to give up waiting on them.
-    fn take_stream(&self, fresh: Duration) -> Option<(quinn::SendStream, quinn::RecvStream)> {
-        let mut idle = self.idle();
-        let now = std::time::Instant::now();
-        idle.retain(|s| now.duration_since(s.since) < fresh);
-        idle.pop().map(|s| (s.send, s.recv))
-    }
-
-    /// A stream for one exchange: a kept one (idle for less than `fresh`), else
-    /// whichever comes first, a new stream (once the peer allows one more) or one
-    /// another exchange puts back. The flag says whether the stream was kept.
-    pub async fn stream(
-        &self,
-        fresh: Duration,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream, bool), quinn::ConnectionError> {
-        loop {
-            let put_back = self.idle.put_back.notified();
-            tokio::pin!(put_back);
-            put_back.as_mut().enable();
-            if let Some((send, recv)) = self.take_stream(fresh) {
-                return Ok((send, recv, true));
-            }
-            tokio::select! {
-                biased;
-                () = &mut put_back => {}
-                opened = self.inner.open_bi() => {
-                    let (send, recv) = opened?;
-                    return Ok((send, recv, false));
-                }
-            }
-        }
-    }
-
-    /// Drops (and so finishes) every kept stream, giving their places back to the peer.
-    pub fn drop_kept_streams(&self) {
-        self.idle().clear();
-    }
-
-    /// Keeps a stream whose exchange is complete for the next one, unless
-    /// [`MAX_IDLE_STREAMS`] are kept already (then it is dropped, which finishes it),
-    /// and wakes a send waiting for a stream.
-    pub fn keep_stream(&self, send: quinn::SendStream, recv: quinn::RecvStream) {
-        {
-            let mut idle = self.idle();
-            if idle.len() >= MAX_IDLE_STREAMS {
-                return;
-            }
-            idle.push(IdleStream {
-                send,
-                recv,
-                since: std::time::Instant::now(),
-            });
-        }
-        self.idle.put_back.notify_one();
+    /// Closes every lane; the messages waiting on them fail.
+    pub fn close_lanes(&self) {
+        self.lanes.close_all();
     }
 
     /// The authenticated NodeId of the peer. The sender of everything read from this

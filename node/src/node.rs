@@ -39,21 +39,19 @@
 //! # Streams
 //!
 //! A message travels as a `Message` frame on a bidirectional QUIC stream, and its `Ack`
-//! comes back on the same stream. A stream carries one exchange at a time; once its ack
-//! is in, the sender keeps the stream open for its next message to that peer (at most
-//! [`MAX_IDLE_STREAMS`](crate::endpoint::MAX_IDLE_STREAMS) per connection, each reused
-//! only within 2 s of its last ack, far inside the receiver's read timeout). So a busy
-//! peer is sent to without opening and ending a stream per message, while:
-//! - the ack is still tied to its message by the stream: one exchange at a time means
-//!   no matching, and no head-of-line blocking behind a slow message (concurrent sends
-//!   use different streams);
+//! comes back on the same stream. The sender pipelines: it writes each message on one of
+//! the connection's lanes (`endpoint::lanes`, a few streams it keeps) without waiting for
+//! the acks of the messages ahead of it, and the acks, which the receiver sends in
+//! order, are handed back in order. So a busy peer is sent to on a few streams, while:
 //! - the receiver needs nothing new: it has always served frame after frame on a stream,
-//!   each acknowledged in order, and it bounds streams per connection (quinn's
-//!   [`TransportSettings::max_concurrent_bidi_streams`]), the frame bytes it holds, and
-//!   the wait for each frame (a stall or trickle is reset after the read timeout);
-//! - a kept stream the receiver ended or reset meanwhile (a receiver that serves one
-//!   message per stream, or a timeout) fails before its ack, and the message goes once
-//!   more on a new stream: the receiver deduplicates by id.
+//!   each acknowledged in order; it now takes the frames that have arrived together,
+//!   stores them in one writer batch and acknowledges them in one write, within its
+//!   limits on streams per connection ([`TransportSettings::max_concurrent_bidi_streams`]),
+//!   on the frame bytes it holds, and on the wait for each frame (a stall or trickle is
+//!   reset after the read timeout);
+//! - a lane the receiver ended or reset fails every message waiting on it, and each that
+//!   was not the lane's first goes once more on another lane: the receiver deduplicates
+//!   by id. A receiver that ends each stream after one ack gets one message per stream.
 //!
 //! The receiver reports each message after its ack, from a task of the stream, in
 //! order: a name lookup delays neither the ack nor the next message.

@@ -1008,14 +1008,27 @@ async fn bind_again(builder: impl Fn() -> p2p_node::NodeBuilder) -> Result<Node>
     }
 }
 
-/// A bare receiver for `bob`'s key: acknowledges every message as stored and counts the
-/// streams it was sent on. With `one_per_stream` it ends each stream after its first ack
-/// (a minimal receiver that serves one message per stream). It lets a sender open
-/// `streams_allowed` streams at once.
+/// How a [`bare_receiver`] serves a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Serve {
+    /// Acknowledges each message as it comes, frame after frame.
+    Each,
+    /// Ends the stream after its first ack (a minimal receiver that serves one message
+    /// per stream).
+    OnePerStream,
+    /// Reads this many messages before it acknowledges them (all at once, in order):
+    /// only a sender that puts several messages on a stream without waiting for their
+    /// acks gets any.
+    InBatchesOf(usize),
+}
+
+/// A bare receiver for `bob`'s key: acknowledges every message as stored, as `serve`
+/// says, and counts the streams it was sent on. It lets a sender open `streams_allowed`
+/// streams at once.
 async fn bare_receiver(
     d: &Discovery,
     bob: &SecretKey,
-    one_per_stream: bool,
+    serve: Serve,
     streams_allowed: u32,
 ) -> Result<(
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -1047,18 +1060,29 @@ async fn bare_receiver(
                     let got_tx = got_tx.clone();
                     tokio::spawn(async move {
                         let mut buf = Vec::new();
+                        let batch = match serve {
+                            Serve::InBatchesOf(n) => n,
+                            Serve::Each | Serve::OnePerStream => 1,
+                        };
+                        let mut unacked = Vec::new();
                         while let Ok(Some(Frame::Message(m))) =
                             wire::read_frame(&mut recv, &mut buf).await
                         {
                             let _ = got_tx.send(m.id);
-                            let ack = Frame::Ack(Ack {
-                                id: m.id,
-                                status: AckStatus::Stored,
-                            });
-                            if wire::write_frame(&mut send, &ack).await.is_err() {
-                                return;
+                            unacked.push(m.id);
+                            if unacked.len() < batch {
+                                continue;
                             }
-                            if one_per_stream {
+                            for id in unacked.drain(..) {
+                                let ack = Frame::Ack(Ack {
+                                    id,
+                                    status: AckStatus::Stored,
+                                });
+                                if wire::write_frame(&mut send, &ack).await.is_err() {
+                                    return;
+                                }
+                            }
+                            if serve == Serve::OnePerStream {
                                 let _ = recv.stop(0u32.into());
                                 break;
                             }
@@ -1083,7 +1107,12 @@ async fn consecutive_messages_to_a_peer_share_one_stream_and_a_receiver_that_end
     let alice = User::new()?;
     for one_per_stream in [false, true] {
         let bob = SecretKey::generate();
-        let (streams, mut got, task) = bare_receiver(&d, &bob, one_per_stream, 64).await?;
+        let serve = if one_per_stream {
+            Serve::OnePerStream
+        } else {
+            Serve::Each
+        };
+        let (streams, mut got, task) = bare_receiver(&d, &bob, serve, 64).await?;
         let a = alice.builder(&d.url).bind().await?;
         let mut sent = Vec::new();
         for i in 0..5 {
@@ -1121,7 +1150,7 @@ async fn an_outbox_round_beside_sends_never_sends_a_delivered_message_again() ->
     let d = Discovery::start().await?;
     let alice = User::new()?;
     let bob = SecretKey::generate();
-    let (_, mut got, task) = bare_receiver(&d, &bob, false, 64).await?;
+    let (_, mut got, task) = bare_receiver(&d, &bob, Serve::Each, 64).await?;
     let a = alice.builder(&d.url).bind().await?;
     let flushing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let flusher = {
@@ -1167,6 +1196,58 @@ async fn an_outbox_round_beside_sends_never_sends_a_delivered_message_again() ->
     Ok(())
 }
 
+/// Sends `count` messages from `a` to `to` at once; returns their ids once every one is
+/// delivered (`case` names the run in a failure).
+async fn send_at_once(a: &Node, to: NodeId, count: usize, case: &str) -> Result<Vec<MessageId>> {
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let a = a.clone();
+        sends.spawn(async move { a.send_to(&to, &format!("m{i}")).await });
+    }
+    let mut sent = Vec::new();
+    while let Some(out) = tokio::time::timeout(DEADLINE, sends.join_next())
+        .await
+        .with_context(|| format!("{case}: sends still waiting for their acks"))?
+    {
+        let out = out??;
+        assert_eq!(out.status, SendStatus::Delivered, "{case}");
+        sent.push(out.id);
+    }
+    Ok(sent)
+}
+
+#[tokio::test]
+async fn concurrent_sends_are_pipelined_on_a_stream_without_waiting_for_each_ack() -> Result<()> {
+    // The receiver acknowledges a stream's messages only once it has read 8 of them: a
+    // sender that waited for each ack before the next message on a stream would get none
+    // (the sends would time out). 32 sends at once fit on one stream (a connection opens
+    // another only when one has `LANE_DEPTH` waiting), ahead of their acks, and every
+    // one is delivered.
+    const SENDS: usize = 32;
+    const _: () = assert!(SENDS <= p2p_node::endpoint::LANE_DEPTH && SENDS.is_multiple_of(8));
+    let d = Discovery::start().await?;
+    let alice = User::new()?;
+    let bob = SecretKey::generate();
+    let (streams, mut got, task) = bare_receiver(&d, &bob, Serve::InBatchesOf(8), 64).await?;
+    let a = alice.builder(&d.url).bind().await?;
+    let sent = send_at_once(&a, bob.public(), SENDS, "pipelined").await?;
+    let mut received = Vec::new();
+    while let Ok(id) = got.try_recv() {
+        received.push(id);
+    }
+    received.sort();
+    received.dedup();
+    for id in &sent {
+        assert!(received.contains(id), "{id} was delivered, so received");
+    }
+    let streams = streams.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(streams, 1, "{SENDS} messages pipelined on one stream");
+    a.shutdown().await;
+    task.abort();
+    d.stop().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn more_concurrent_sends_than_the_peer_allows_streams_wait_for_a_kept_one_and_all_arrive(
 ) -> Result<()> {
@@ -1180,26 +1261,14 @@ async fn more_concurrent_sends_than_the_peer_allows_streams_wait_for_a_kept_one_
     let alice = User::new()?;
     for one_per_stream in [false, true] {
         let bob = SecretKey::generate();
-        let (streams, mut got, task) = bare_receiver(&d, &bob, one_per_stream, ALLOWED).await?;
+        let serve = if one_per_stream {
+            Serve::OnePerStream
+        } else {
+            Serve::Each
+        };
+        let (streams, mut got, task) = bare_receiver(&d, &bob, serve, ALLOWED).await?;
         let a = alice.builder(&d.url).bind().await?;
-        let mut sends = tokio::task::JoinSet::new();
-        for i in 0..SENDS {
-            let (a, to) = (a.clone(), bob.public());
-            sends.spawn(async move { a.send_to(&to, &format!("m{i}")).await });
-        }
-        let mut sent = Vec::new();
-        while let Some(out) = tokio::time::timeout(DEADLINE, sends.join_next())
-            .await
-            .context("sends still waiting for a stream")?
-        {
-            let out = out??;
-            assert_eq!(
-                out.status,
-                SendStatus::Delivered,
-                "one per stream: {one_per_stream}"
-            );
-            sent.push(out.id);
-        }
+        let mut sent = send_at_once(&a, bob.public(), SENDS, &format!("{serve:?}")).await?;
         let mut received = Vec::new();
         while let Ok(id) = got.try_recv() {
             received.push(id);

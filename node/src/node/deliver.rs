@@ -19,13 +19,10 @@ use p2p_discovery::RelayRef;
 
 use super::{inbound, Inner, NodeEvent, StorageError};
 use crate::{
-    endpoint::{ConnectError, Connection},
+    endpoint::{ConnectError, Connection, LaneError},
     net::PathKind,
     store::{MarkOutcome, MessageStatus, WriteOutcome},
-    wire::{
-        read_frame, write_frame, AckStatus, ChatMessage, Frame, MessageId, ReadFrameError,
-        WriteFrameError,
-    },
+    wire::{AckStatus, ChatMessage, EncodeError, Frame, MessageId},
 };
 
 /// Longest a dial waits for the home relay link (a node that just started).
@@ -72,12 +69,10 @@ pub(crate) enum DeliverError {
 pub(crate) enum StreamError {
     #[error("cannot open a stream: {0}")]
     Open(#[source] quinn::ConnectionError),
-    #[error("cannot send the message: {0}")]
-    Write(#[source] WriteFrameError),
-    #[error("cannot read the acknowledgement: {0}")]
-    Read(#[source] ReadFrameError),
-    #[error("the stream ended without an acknowledgement")]
-    NoAck,
+    #[error("cannot encode the message: {0}")]
+    Encode(#[source] EncodeError),
+    #[error(transparent)]
+    Lane(LaneError),
 }
 
 /// Why a message was queued instead of delivered at once.
@@ -229,35 +224,45 @@ pub(crate) async fn deliver(
 /// read timeout after which a receiver resets a stream it waits on (10 s by default).
 const STREAM_REUSE: Duration = Duration::from_secs(2);
 
-/// Sends one message on `conn` and waits for its ack: on a stream kept from an earlier
-/// exchange when there is one, else on a new stream. A stream whose exchange completed
-/// is kept for the next message (the receiver serves frame after frame on a stream, each
-/// acknowledged in order), so a busy peer is sent to without opening and ending a stream
-/// per message. A kept stream that fails before its ack (the peer ended or reset it
-/// meanwhile) is dropped with the others kept, and the message goes once more (on a new
-/// stream, or one kept since); the receiver deduplicates by id, so a message stored
-/// twice is acknowledged `Duplicate`.
+/// Sends one message on `conn` and waits for its ack, on one of the connection's lanes
+/// (`endpoint::lanes`): behind the messages already waiting there, without waiting for
+/// their acks. A lane that had carried messages before and fails before this one's ack
+/// (the peer ended or reset the stream meanwhile, or ends every stream after one ack)
+/// makes the message go once more on another lane; the receiver deduplicates by id, so a
+/// message stored twice is acknowledged `Duplicate`. The ack timeout bounds the tries.
 async fn send_on(
     inner: &Arc<Inner>,
     conn: &Connection,
     msg: &ChatMessage,
 ) -> Result<Acked, DeliverError> {
     let fresh = STREAM_REUSE.min(inner.timings.read_timeout / 4);
+    let frame = crate::wire::encode(&Frame::Message(msg.clone()))
+        .map_err(|e| DeliverError::Stream(StreamError::Encode(e)))?;
     let exchange = async {
         loop {
-            let (send, recv, kept) = conn
-                .stream(fresh)
+            let lane = conn
+                .lane(fresh)
                 .await
                 .map_err(|e| DeliverError::Stream(StreamError::Open(e)))?;
-            match exchange(conn, (send, recv), msg).await {
-                // The peer ends streams (or ended this one): the others kept beside it
-                // likely went the same way, and they hold places a new stream needs.
-                // Each try costs a round trip at least; the ack timeout bounds them all.
-                Err(DeliverError::Stream(e)) if kept => {
-                    tracing::debug!(peer = %conn.remote_node_id(), error = %e, "kept stream failed; sending once more");
-                    conn.drop_kept_streams();
+            // `None`: the lane closed before the frame went out; take another.
+            let Some(sent) = lane.send(msg.id, &frame).await else {
+                continue;
+            };
+            let answer = sent.ack.await.unwrap_or(Err(LaneError::NoAck));
+            match answer {
+                Ok(ack) => {
+                    // The path our packets to the peer take as the ack arrives: the one
+                    // the message went on (unless it changed during this very exchange).
+                    return Ok(Acked {
+                        status: ack.status,
+                        path: conn.path(),
+                    });
                 }
-                done => return done,
+                Err(LaneError::BadAck) => return Err(DeliverError::BadAck),
+                Err(e) if sent.reused && conn.quic().close_reason().is_none() => {
+                    tracing::debug!(peer = %conn.remote_node_id(), error = %e, "lane failed; sending once more");
+                }
+                Err(e) => return Err(DeliverError::Stream(StreamError::Lane(e))),
             }
         }
     };
@@ -266,32 +271,6 @@ async fn send_on(
         r = tokio::time::timeout(inner.timings.ack_timeout, exchange) => {
             r.unwrap_or(Err(DeliverError::AckTimeout))
         }
-    }
-}
-
-/// One message and its ack on `stream`, which is kept on `conn` afterwards.
-async fn exchange(
-    conn: &Connection,
-    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
-    msg: &ChatMessage,
-) -> Result<Acked, DeliverError> {
-    write_frame(&mut send, &Frame::Message(msg.clone()))
-        .await
-        .map_err(|e| DeliverError::Stream(StreamError::Write(e)))?;
-    let mut buf = Vec::new();
-    match read_frame(&mut recv, &mut buf).await {
-        // The path our packets to the peer take as the ack arrives: the one the
-        // message went on (unless it changed during this very exchange).
-        Ok(Some(Frame::Ack(ack))) if ack.id == msg.id => {
-            conn.keep_stream(send, recv);
-            Ok(Acked {
-                status: ack.status,
-                path: conn.path(),
-            })
-        }
-        Ok(Some(_)) => Err(DeliverError::BadAck),
-        Ok(None) => Err(DeliverError::Stream(StreamError::NoAck)),
-        Err(e) => Err(DeliverError::Stream(StreamError::Read(e))),
     }
 }
 

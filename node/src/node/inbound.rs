@@ -10,15 +10,19 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{
-    Inner, NodeEvent, Via, CLOSE_BAD_FRAME, CLOSE_SHUTDOWN, CLOSE_TOO_MANY_CONNECTIONS,
+    writer, Inner, NodeEvent, Via, CLOSE_BAD_FRAME, CLOSE_SHUTDOWN, CLOSE_TOO_MANY_CONNECTIONS,
     CLOSE_UNEXPECTED_FRAME, CONNECTION_FRAME_BUDGET, SHUTDOWN_REASON, STREAM_NOT_STORED,
     STREAM_TIMEOUT,
 };
 use crate::{
     endpoint::Connection,
     store::{Direction, Inserted, MessageStatus, StoredMessage},
-    wire::{read_frame_body, read_frame_header, write_frame, Ack, Frame, ReadFrameError},
+    wire::{self, Ack, ChatMessage, Frame, ReadFrameError},
 };
+
+mod frames;
+
+use frames::{FrameReader, Next};
 
 /// Accepts connections until the node stops.
 pub(super) async fn accept_loop(inner: Arc<Inner>) {
@@ -157,132 +161,182 @@ pub(super) async fn serve_connection(
     inner.pool().release_slot(&conn.remote_node_id());
 }
 
-/// Reads the next frame of a stream, holding `len` bytes of the connection's frame
-/// budget from its header until the returned permit is dropped (after the ack).
-async fn read_budgeted<R: tokio::io::AsyncRead + Unpin>(
-    recv: &mut R,
-    budget: &Arc<Semaphore>,
-    buf: &mut Vec<u8>,
-) -> Result<Option<(Frame, OwnedSemaphorePermit)>, ReadFrameError> {
-    let Some(len) = read_frame_header(recv).await? else {
-        return Ok(None);
-    };
-    // `len` is at most MAX_FRAME_LEN, far below u32::MAX and the budget.
-    let permits = u32::try_from(len).unwrap_or(u32::MAX);
-    let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
-        // Never closed; treat it like a stream that ended.
-        return Ok(None);
-    };
-    let frame = read_frame_body(recv, len, buf).await?;
-    Ok(Some((frame, permit)))
+/// Frames stored and acknowledged together, at most.
+const BATCH: usize = 64;
+
+/// Handles a frame that could not be read: a failed or timed-out stream ends it, a bad
+/// frame closes the connection.
+fn read_failed(inner: &Inner, conn: &Connection, e: ReadFrameError) {
+    let peer = conn.remote_node_id();
+    match e {
+        ReadFrameError::Io(e) => tracing::debug!(%peer, error = %e, "stream failed"),
+        e => {
+            tracing::warn!(%peer, error = %e, "bad frame; closing the connection");
+            conn.quic().close(CLOSE_BAD_FRAME, b"bad frame");
+            inner.forget_connection(conn);
+        }
+    }
 }
 
-/// The read buffer a stream keeps between frames, at most (a larger one is freed).
-const IDLE_READ_BUFFER: usize = 4096;
-
-/// Reads message frames from one stream and acknowledges each after storing it; then
-/// hands each new message to the connection's `reports`.
+/// Reads message frames from one stream and acknowledges each after storing it, in
+/// order; then hands each new message to the connection's `reports`. The frames a
+/// pipelining sender has sent already (whole as they arrived) are taken with the first:
+/// queued to the writer together, so they share its commit, and acknowledged in one
+/// write.
 async fn serve_stream(
     inner: Arc<Inner>,
     conn: Connection,
     budget: Arc<Semaphore>,
     reports: Reports,
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
 ) {
     // The sender is whoever authenticated this connection; nothing in the frame says so.
     let peer = conn.remote_node_id();
-    let mut buf = Vec::new();
+    let mut frames = FrameReader::new(recv, budget);
+    let mut batch = Vec::new();
+    let mut acks = Vec::new();
     loop {
         let read = tokio::select! {
             _ = inner.cancel.cancelled() => return,
-            r = tokio::time::timeout(inner.timings.read_timeout, read_budgeted(&mut recv, &budget, &mut buf)) => r,
+            r = tokio::time::timeout(inner.timings.read_timeout, frames.next(true)) => r,
         };
-        let frame = match read {
+        let mut next = match read {
             Err(_) => {
                 tracing::debug!(%peer, "stream read timed out");
-                let _ = recv.stop(STREAM_TIMEOUT);
+                let _ = frames.get_mut().stop(STREAM_TIMEOUT);
                 let _ = send.reset(STREAM_TIMEOUT);
                 return;
             }
-            Ok(Ok(None)) => break,
-            Ok(Ok(Some(read))) => read,
-            Ok(Err(ReadFrameError::Io(e))) => {
-                tracing::debug!(%peer, error = %e, "stream failed");
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(%peer, error = %e, "bad frame; closing the connection");
-                conn.quic().close(CLOSE_BAD_FRAME, b"bad frame");
-                inner.forget_connection(&conn);
-                return;
-            }
+            Ok(next) => next,
         };
-        let (frame, _budget) = frame;
-        // A stream may wait idle for the sender's next message: it keeps no more than a
-        // small buffer meanwhile, so the bytes held stay within the frame budget.
-        if buf.capacity() > IDLE_READ_BUFFER {
-            buf = Vec::new();
-        }
-        let msg = match frame {
-            Frame::Message(msg) => msg,
-            Frame::Ack(_) => {
-                tracing::warn!(%peer, "unexpected ack on an incoming stream; closing the connection");
-                conn.quic()
-                    .close(CLOSE_UNEXPECTED_FRAME, b"unexpected frame");
-                inner.forget_connection(&conn);
-                return;
-            }
-        };
-        let id = msg.id;
-        let (inserted, stored_at_ms) = match inner.writer.persist(peer, msg.clone()).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(%peer, message = %id, error = %e, "cannot store message; not acknowledging");
-                let _ = send.reset(STREAM_NOT_STORED);
-                return;
-            }
-        };
-        let received = (inserted == Inserted::New).then_some(StoredMessage {
-            id,
-            peer,
-            direction: Direction::Incoming,
-            sent_at_ms: msg.sent_at_ms,
-            stored_at_ms,
-            body: msg.body,
-            status: MessageStatus::Received,
-        });
-        let acked = if inner.drop_acks {
-            tracing::debug!(%peer, message = %id, "fault injection: dropping the ack");
-            let _ = send.reset(STREAM_NOT_STORED);
-            false
-        } else {
-            let ack = Frame::Ack(Ack {
-                id,
-                status: inserted.ack_status(),
-            });
-            let written = write_frame(&mut send, &ack).await;
-            if let Err(e) = &written {
-                tracing::debug!(%peer, message = %id, error = %e, "cannot send ack");
-            }
-            written.is_ok()
-        };
-        // Reported after the ack, by the connection's task, so a name lookup delays
-        // neither this ack nor the next message on the stream; in order.
-        if let Some(message) = received {
-            let via = match conn.recv_path() {
-                Some(crate::net::PathKind::Relay) => Via::Relay,
-                _ => Via::Direct,
+        // The first frame waited for, then every frame whole already.
+        loop {
+            let (frame, permit) = match next {
+                Ok(Next::Frame(frame, permit)) => (frame, permit),
+                Ok(Next::NotYet) => break,
+                Ok(Next::End) if batch.is_empty() => {
+                    let _ = send.finish();
+                    return;
+                }
+                // The batch is acknowledged first; the next read finds the end again.
+                Ok(Next::End) => break,
+                Err(e) => {
+                    read_failed(&inner, &conn, e);
+                    return;
+                }
             };
-            if reports.send((message, via)).await.is_err() {
-                return;
+            let msg = match frame {
+                Frame::Message(msg) => msg,
+                Frame::Ack(_) => {
+                    tracing::warn!(%peer, "unexpected ack on an incoming stream; closing the connection");
+                    conn.quic()
+                        .close(CLOSE_UNEXPECTED_FRAME, b"unexpected frame");
+                    inner.forget_connection(&conn);
+                    return;
+                }
+            };
+            batch.push((msg, permit));
+            if batch.len() >= BATCH {
+                break;
             }
+            next = frames.next(false).await;
         }
-        if !acked {
+        if !store_and_ack(&inner, &conn, &mut send, &reports, &mut batch, &mut acks).await {
             return;
         }
     }
-    let _ = send.finish();
+}
+
+/// Stores `batch` (each message with its budget permit) and acknowledges what was
+/// stored, in order and in one write; then reports the new messages. Returns whether
+/// the stream goes on (`false`: it was reset, or the node stops reporting).
+async fn store_and_ack(
+    inner: &Arc<Inner>,
+    conn: &Connection,
+    send: &mut quinn::SendStream,
+    reports: &Reports,
+    batch: &mut Vec<(ChatMessage, OwnedSemaphorePermit)>,
+    acks: &mut Vec<u8>,
+) -> bool {
+    let peer = conn.remote_node_id();
+    let mut queued = Vec::with_capacity(batch.len());
+    let mut stored_all = true;
+    for (msg, _) in batch.iter() {
+        match inner.writer.submit(peer, msg.clone()).await {
+            Ok(rx) => queued.push(rx),
+            Err(e) => {
+                tracing::warn!(%peer, message = %msg.id, error = %e, "cannot store message; not acknowledging");
+                stored_all = false;
+                break;
+            }
+        }
+    }
+    acks.clear();
+    let mut received = Vec::new();
+    // Held until the acks are written, as a frame's bytes count until its ack.
+    let mut held = Vec::with_capacity(batch.len());
+    for ((msg, permit), rx) in batch.drain(..).zip(queued) {
+        held.push(permit);
+        let id = msg.id;
+        let (inserted, stored_at_ms) = match writer::outcome(rx).await {
+            Ok((written, at)) => (written.inserted(), at),
+            Err(e) => {
+                tracing::warn!(%peer, message = %id, error = %e, "cannot store message; not acknowledging");
+                stored_all = false;
+                break;
+            }
+        };
+        let ack = Frame::Ack(Ack {
+            id,
+            status: inserted.ack_status(),
+        });
+        if let Err(e) = wire::encode_into(&ack, acks) {
+            tracing::warn!(%peer, message = %id, error = %e, "cannot encode the ack");
+            stored_all = false;
+            break;
+        }
+        if inserted == Inserted::New {
+            received.push(StoredMessage {
+                id,
+                peer,
+                direction: Direction::Incoming,
+                sent_at_ms: msg.sent_at_ms,
+                stored_at_ms,
+                body: msg.body,
+                status: MessageStatus::Received,
+            });
+        }
+    }
+    batch.clear();
+    let acked = if inner.drop_acks {
+        tracing::debug!(%peer, "fault injection: dropping the acks");
+        false
+    } else {
+        let written = send.write_all(acks).await;
+        if let Err(e) = &written {
+            tracing::debug!(%peer, error = %e, "cannot send acks");
+        }
+        written.is_ok()
+    };
+    drop(held);
+    if !acked || !stored_all {
+        let _ = send.reset(STREAM_NOT_STORED);
+    }
+    // Reported after the ack, by the connection's task, so a name lookup delays
+    // neither this ack nor the next message on the stream; in order.
+    if !received.is_empty() {
+        let via = match conn.recv_path() {
+            Some(crate::net::PathKind::Relay) => Via::Relay,
+            _ => Via::Direct,
+        };
+        for message in received {
+            if reports.send((message, via)).await.is_err() {
+                return false;
+            }
+        }
+    }
+    acked && stored_all
 }
 
 /// Messages of one connection waiting to be reported, at most this many.
@@ -309,44 +363,4 @@ fn report_received(inner: &Arc<Inner>, peer: p2p_crypto::NodeId) -> Reports {
         }
     });
     tx
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::wire::{self, ChatMessage};
-
-    #[tokio::test]
-    async fn frames_wait_for_the_connection_budget() {
-        let frame = Frame::Message(ChatMessage::text("x".repeat(100), 1).expect("valid"));
-        let bytes = wire::encode(&frame).expect("encodes");
-        let len = bytes.len() - wire::HEADER_LEN;
-        // Room for one frame, not two.
-        let budget = Arc::new(Semaphore::new(len + len / 2));
-        let mut buf = Vec::new();
-        let (got, held) = read_budgeted(&mut bytes.as_slice(), &budget, &mut buf)
-            .await
-            .expect("reads")
-            .expect("a frame");
-        assert_eq!(got, frame);
-        assert_eq!(budget.available_permits(), len / 2);
-        // A second frame must wait while the first is held...
-        let budget2 = budget.clone();
-        let second = tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let mut input = bytes.as_slice();
-            read_budgeted(&mut input, &budget2, &mut buf)
-                .await
-                .map(|r| r.map(|(f, _)| f))
-        });
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        assert!(!second.is_finished(), "waits for the budget");
-        // ... and goes on once the first one is acknowledged (its permit dropped).
-        drop(held);
-        let second = second.await.expect("joins").expect("reads");
-        assert_eq!(second, Some(frame));
-        assert_eq!(budget.available_permits(), len + len / 2);
-    }
 }

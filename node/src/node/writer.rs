@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{lock, stamp_ms, storage::Health, NodeEvent, StorageError, MAX_WRITE_BATCH};
 use crate::{
-    store::{Inserted, MarkOutcome, MessageStatus, Store, StoreError, WriteOp, WriteOutcome},
+    store::{MarkOutcome, MessageStatus, Store, StoreError, WriteOp, WriteOutcome},
     wire::{ChatMessage, MessageId},
 };
 
@@ -87,17 +87,6 @@ pub(crate) fn spawn(
 }
 
 impl Writer {
-    /// Durably stores a message from `peer` (deduplicating by id). Returns after the
-    /// commit, with the outcome and the `stored_at_ms` used.
-    pub(crate) async fn persist(
-        &self,
-        peer: NodeId,
-        msg: ChatMessage,
-    ) -> Result<(Inserted, u64), StorageError> {
-        let (written, at) = outcome(self.submit(peer, msg).await?).await?;
-        Ok((written.inserted(), at))
-    }
-
     /// Queues an incoming message and returns the receiver of its outcome, so a caller
     /// with many messages can queue them all before waiting (they then share commits).
     pub(crate) async fn submit(
