@@ -469,11 +469,6 @@ impl Connection {
         self.lanes.lane(&self.inner, fresh, MAX_LANES).await
     }
 
-    /// Closes every lane; the messages waiting on them fail.
-    pub fn close_lanes(&self) {
-        self.lanes.close_all();
-    }
-
     /// The authenticated NodeId of the peer. The sender of everything read from this
     /// connection is this node, whatever the bytes say.
     pub fn remote_node_id(&self) -> NodeId {

@@ -246,14 +246,6 @@ impl Lanes {
         tokio::spawn(read_acks(self.clone(), lane.clone(), recv));
         Ok(lane)
     }
-
-    /// Closes every lane; the messages waiting on them fail with [`LaneError::NoAck`].
-    pub(super) fn close_all(&self) {
-        let lanes: Vec<Arc<Lane>> = self.lanes().drain(..).collect();
-        for lane in lanes {
-            lane.fail(LaneError::NoAck);
-        }
-    }
 }
 
 /// Reads the acks of `lane` and answers its messages in order, until the stream ends,
