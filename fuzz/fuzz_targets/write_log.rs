@@ -21,6 +21,7 @@ use std::{path::PathBuf, sync::LazyLock};
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
+use redb::ReadableDatabase;
 use p2p_crypto::SecretKey;
 use p2p_node::{
     store::{

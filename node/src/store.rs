@@ -69,6 +69,7 @@
 //! [`StoreError::NewerSchema`]; both name the path.
 
 mod cipher;
+mod format;
 mod log;
 mod memory;
 mod opened;
@@ -84,7 +85,7 @@ use p2p_crypto::{
     owner_only::{self, OwnerOnlyError},
     NodeId,
 };
-use redb::{Database, ReadableTable, TableHandle, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, TableHandle, WriteTransaction};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::wire::{
@@ -419,6 +420,20 @@ pub enum StoreError {
         /// What redb reported.
         #[source]
         source: redb::DatabaseError,
+    },
+    /// A database written by an earlier version (redb 2) could not be read to move it to
+    /// the current storage format; it is unchanged.
+    #[error(
+        "database {} is in the storage format of an earlier version and could not be \
+         moved to the current one (it is unchanged): {source}",
+        path.display()
+    )]
+    OldFormat {
+        /// The database file.
+        path: PathBuf,
+        /// What redb 2 reported.
+        #[source]
+        source: Box<redb2::Error>,
     },
     /// A transaction, table access or commit failed.
     #[error("database {}: {source}", path.display())]
@@ -791,18 +806,30 @@ impl Store {
     }
 
     fn open_file(path: &Path, key: Option<HistoryKey>, encrypt: bool) -> Result<Store, StoreError> {
+        let db = match Self::open_db(path)? {
+            Err(redb::DatabaseError::UpgradeRequired(_)) => {
+                format::upgrade(path)?;
+                Self::open_db(path)?
+            }
+            db => db,
+        }
+        .map_err(|e| classify_open_error(path, e))?;
+        let store = Self::init(db, path.to_owned(), key, encrypt)?;
+        store.attach_log()?;
+        Ok(store)
+    }
+
+    /// The database file at `path` (created if missing) as redb opens it: the inner
+    /// error is redb's verdict on the file.
+    fn open_db(path: &Path) -> Result<Result<Database, redb::DatabaseError>, StoreError> {
         let file = owner_only::open_file(path).map_err(|e| match e {
             OwnerOnlyError::Create { source, .. } | OwnerOnlyError::Stat { source, .. } => {
                 classify_open_error(path, source.into())
             }
             e => StoreError::Access(e),
         })?;
-        let db = redb::Builder::new()
-            .create_file(file)
-            .map_err(|e| classify_open_error(path, e))?;
-        let store = Self::init(db, path.to_owned(), key, encrypt)?;
-        store.attach_log()?;
-        Ok(store)
+        Ok(redb::backends::FileBackend::new(file)
+            .and_then(|backend| redb::Builder::new().create_with_backend(backend)))
     }
 
     /// Whether message rows are stored encrypted.
@@ -865,7 +892,9 @@ impl Store {
         key: &HistoryKey,
     ) -> Result<u64, StoreError> {
         let out = redb::Builder::new()
-            .create_file(file)
+            .create_with_backend(
+                redb::backends::FileBackend::new(file).map_err(|e| classify_open_error(dest, e))?,
+            )
             .map_err(|e| classify_open_error(dest, e))?;
         let to = RowCipher::Sealed(key.clone());
         let db = self.db()?;
@@ -1036,7 +1065,7 @@ impl Store {
         }
         if let Some(mut txn) = p.txn.take() {
             if p.log.is_some() {
-                txn.set_durability(redb::Durability::None);
+                txn.set_durability(redb::Durability::None).ctx(&self.path)?;
             }
             if let Err(e) = txn.commit().ctx(&self.path) {
                 p.lost();
@@ -1093,7 +1122,8 @@ impl Store {
     pub fn check_writable(&self) -> Result<(), StoreError> {
         let db = self.db()?;
         let mut txn = db.begin_write().ctx(&self.path)?;
-        txn.set_durability(redb::Durability::Immediate);
+        txn.set_durability(redb::Durability::Immediate)
+            .ctx(&self.path)?;
         {
             let mut meta = txn.open_table(META).ctx(&self.path)?;
             meta.insert(WRITE_CHECK_KEY, crate::node::now_ms())
@@ -1634,7 +1664,8 @@ impl Store {
             Some(txn) => txn,
             None => db.begin_write().ctx(&self.path)?,
         };
-        txn.set_durability(redb::Durability::Immediate);
+        txn.set_durability(redb::Durability::Immediate)
+            .ctx(&self.path)?;
         let next = p.log.as_ref().map(|l| l.epoch().wrapping_add(1));
         let committed = (|| {
             if let Some(next) = next {

@@ -10,7 +10,7 @@ pub use users::{discovery_server, json_lines, message_event, User, T};
 pub mod netns;
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -63,6 +63,26 @@ pub fn p2p_node() -> Command {
     clean_env(&mut cmd);
     cmd.stdin(Stdio::null());
     cmd
+}
+
+/// `p2p-node --data-dir DIR [args]` with `pass` as P2P_PASSPHRASE, and a discovery server
+/// of its own on a free loopback port (kept in DIR/discovery.redb), so that nothing
+/// outside the test is involved.
+pub fn p2p_node_alone(dir: &Path, pass: Option<&str>, args: &[&str]) -> Command {
+    let mut c = p2p_node();
+    c.arg("--data-dir")
+        .arg(dir)
+        .args([
+            "--embedded-discovery",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(args);
+    if let Some(p) = pass {
+        c.env("P2P_PASSPHRASE", p);
+    }
+    c
 }
 
 /// Removes the node settings the test's own environment may hold from `cmd`'s, and keeps

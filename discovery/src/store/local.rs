@@ -18,7 +18,7 @@ use std::{
 
 use async_trait::async_trait;
 use p2p_crypto::{memo::Memo, NodeId, Signature};
-use redb::{ReadableTable, ReadableTableMetadata};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::{
     decide, decode_signed, encode_signed, stored_verified, Announced, ClaimOutcome, DepositOutcome,
@@ -32,6 +32,10 @@ use crate::{
 
 fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(Box::new(e.into()))
+}
+
+fn old_format<E: Into<redb2::Error>>(e: E) -> StoreError {
+    StoreError::OldFormat(Box::new(e.into()))
 }
 
 /// The persistent part of a single-instance store: names and mailboxes. Synchronous;
@@ -448,9 +452,22 @@ impl fmt::Debug for RedbTables {
 impl RedbTables {
     /// Opens (or creates) the database file and its tables. A new file is created with
     /// mode 0600; an existing one that group or others may access is refused.
+    ///
+    /// A file written by an earlier version (redb 2, file format 2) is moved to the
+    /// current format first, in place, by redb 2's own upgrade: these tables hold strings,
+    /// byte strings and integers, which both versions encode alike.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let file = p2p_crypto::owner_only::open_file(path)?;
-        let db = redb::Builder::new().create_file(file).map_err(dberr)?;
+        let db = match Self::open_db(path)? {
+            Err(redb::DatabaseError::UpgradeRequired(_)) => {
+                tracing::info!(path = %path.display(), "moving the database to the current storage format, once");
+                let mut old = redb2::Database::open(path).map_err(old_format)?;
+                old.upgrade().map_err(old_format)?;
+                drop(old);
+                Self::open_db(path)?
+            }
+            db => db,
+        }
+        .map_err(dberr)?;
         let tx = db.begin_write().map_err(dberr)?;
         {
             tx.open_table(tables::NAMES).map_err(dberr)?;
@@ -464,6 +481,16 @@ impl RedbTables {
             verified: stored_verified(),
             cache: ClaimCache::default(),
         })
+    }
+}
+
+impl RedbTables {
+    /// The file at `path` (created if missing) as redb opens it: the inner error is
+    /// redb's verdict on the file.
+    fn open_db(path: &Path) -> Result<Result<redb::Database, redb::DatabaseError>, StoreError> {
+        let file = p2p_crypto::owner_only::open_file(path)?;
+        Ok(redb::backends::FileBackend::new(file)
+            .and_then(|backend| redb::Builder::new().create_with_backend(backend)))
     }
 }
 

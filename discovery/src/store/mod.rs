@@ -50,6 +50,13 @@ pub enum StoreError {
     /// The redb database failed.
     #[error("database error: {0}")]
     Db(#[source] Box<redb::Error>),
+    /// A database file written by an earlier version (redb 2) could not be moved to the
+    /// current storage format.
+    #[error(
+        "the database file is in the storage format of an earlier version and could not be \
+         moved to the current one: {0}"
+    )]
+    OldFormat(#[source] Box<redb2::Error>),
     /// PostgreSQL refused a statement (not a lost connection: see `Unavailable`).
     #[error("PostgreSQL error: {0}")]
     Postgres(#[source] Box<tokio_postgres::Error>),

@@ -19,7 +19,7 @@ use p2p_node::{
     },
     wire::{Body, ChatMessage},
 };
-use redb::{Database, Durability, ReadableTable, Table};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -258,7 +258,7 @@ fn raw_sender(db: &Database, msgs: &[(NodeId, ChatMessage)], dur: Duration) -> R
         }
         txn.commit()?;
         let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::None);
+        txn.set_durability(Durability::None)?;
         {
             // Delivered is the entry leaving the outbox, as in the node.
             let mut outbox = txn.open_table(OUTBOX)?;
