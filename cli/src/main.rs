@@ -376,6 +376,13 @@ where
             _ => "trace",
         }
     };
+    // A data directory's one-time move to the current storage format is announced
+    // unless --quiet: on a large history it takes seconds.
+    let default = if g.quiet || g.verbose > 0 {
+        default.to_owned()
+    } else {
+        format!("{default},{}=info", p2p_node::store::FORMAT_LOG_TARGET)
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()

@@ -75,6 +75,8 @@ mod memory;
 mod opened;
 pub mod tables;
 
+pub use format::LOG_TARGET as FORMAT_LOG_TARGET;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -67,12 +67,11 @@ fn line_of<'a>(shown: &'a str, text: &str) -> &'a str {
     line
 }
 
-/// Alice's history with bob, as this version shows it.
-fn alice_history(alice: &Path) -> String {
-    ok(
-        run_with_deadline(cmd(alice, None, &["history", "bob", "--limit", "100"]), T),
-        "history of alice",
-    )
+/// Alice's history with bob as this version shows it, and what it said on stderr.
+fn alice_history(alice: &Path) -> (String, String) {
+    let out = run_with_deadline(cmd(alice, None, &["history", "bob", "--limit", "100"]), T);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    (ok(out, "history of alice"), said)
 }
 
 /// Alice's history shows every message of the fixture with its status, and her outbox
@@ -107,12 +106,20 @@ fn data_written_by_the_earlier_version_opens_with_everything_it_held() {
         "the fixture is old"
     );
 
-    let shown = alice_history(&alice);
+    // The first open moves the file, and says so.
+    let (shown, said) = alice_history(&alice);
+    assert!(
+        said.contains("moving the database to the current storage format")
+            && said.contains("database moved to the current storage format"),
+        "the move is not announced: {said}"
+    );
     assert_alice_whole(&shown);
     assert!(current_format(&alice.join("node.redb")));
     assert!(!rewrite_of(&alice.join("node.redb")).exists());
-    // Opening it again moves nothing and shows the same.
-    assert_eq!(alice_history(&alice), shown);
+    // Opening it again moves nothing, says nothing of it, and shows the same.
+    let (again, said) = alice_history(&alice);
+    assert!(!said.contains("storage format"), "{said}");
+    assert_eq!(again, shown);
 
     // Bob's encrypted history, with the old discovery server (its names, and alice's
     // second message in bob's mailbox) embedded in his node: going online for `history`
@@ -172,7 +179,7 @@ fn moving_the_format_stopped_at_any_step_leaves_a_history_that_opens() {
             !current_format(&db),
             "{step}: the old file stays until the whole copy replaces it"
         );
-        assert_alice_whole(&alice_history(&alice));
+        assert_alice_whole(&alice_history(&alice).0);
         assert!(current_format(&db), "{step}");
         assert!(
             !rewrite_of(&db).exists(),

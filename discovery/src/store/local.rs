@@ -459,7 +459,9 @@ impl RedbTables {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = match Self::open_db(path)? {
             Err(redb::DatabaseError::UpgradeRequired(_)) => {
-                tracing::info!(path = %path.display(), "moving the database to the current storage format, once");
+                // The node's target for these lines (`p2p_node::store::FORMAT_LOG_TARGET`),
+                // which its program shows by default.
+                tracing::info!(target: "p2p_node::format", path = %path.display(), "moving the database to the current storage format, once");
                 let mut old = redb2::Database::open(path).map_err(old_format)?;
                 old.upgrade().map_err(old_format)?;
                 drop(old);

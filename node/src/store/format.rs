@@ -25,6 +25,10 @@ use super::tables::{
 };
 use super::{remove_leftover, rewrite_path, Ctx, StoreError};
 
+/// The target of the log lines that announce a move, which a program may show by
+/// default (it takes seconds for a large history, once).
+pub const LOG_TARGET: &str = "p2p_node::format";
+
 /// Rows written per transaction of the copy, so that memory stays bounded on a large
 /// history.
 const ROWS_PER_COMMIT: u64 = 50_000;
@@ -37,7 +41,7 @@ const COPY_CACHE_BYTES: usize = 64 << 20;
 /// it. Returns the number of rows copied.
 pub(super) fn upgrade(path: &Path) -> Result<u64, StoreError> {
     let start = std::time::Instant::now();
-    tracing::info!(path = %path.display(), "moving the database to the current storage format, once");
+    tracing::info!(target: LOG_TARGET, path = %path.display(), "moving the database to the current storage format, once");
     let tmp = rewrite_path(path);
     remove_leftover(&tmp)?;
     let old = redb2::Builder::new()
@@ -68,7 +72,7 @@ pub(super) fn upgrade(path: &Path) -> Result<u64, StoreError> {
         source,
     })?;
     owner_only::sync_dir(&owner_only::parent_dir(path));
-    tracing::info!(rows, took = ?start.elapsed(), "database moved to the current storage format");
+    tracing::info!(target: LOG_TARGET, rows, took = ?start.elapsed(), "database moved to the current storage format");
     Ok(rows)
 }
 
