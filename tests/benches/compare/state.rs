@@ -299,24 +299,35 @@ async fn server_lookups(
 /// Lookups per second by wrk (a client far cheaper than reqwest, so more of the two
 /// cores is the server's), of each of `ids` in turn; `None` without wrk. wrk's script
 /// walks `cfg.scale_records` paths whatever the number of ids (the ids repeat), so its
-/// own work per request is the same in both phases and only the server's differs.
+/// own work per request is the same in both phases and only the server's differs. Prints
+/// the server's CPU time and context switches per lookup beside the rate.
 async fn wrk_lookups(
     have_wrk: bool,
     url: &str,
     ids: &[NodeId],
     cfg: &Config,
+    server: &ChildProc,
     dir: &std::path::Path,
 ) -> Result<Option<f64>> {
     if !have_wrk || ids.is_empty() {
         return Ok(None);
     }
+    let before = (cpu_ns(server.pid())?, context_switches(server.pid())?);
     let paths: Vec<String> = (0..cfg.scale_records.max(ids.len()))
         .map(|i| format!("/v1/peers/{}", ids[i % ids.len()]))
         .collect();
     let secs = cfg.phase.as_secs_f64().ceil().max(1.0) as u64;
     let w = wrk(url, &paths, cfg.disc_conc, secs, dir).await?;
     ensure!(w.bad == 0, "{} wrk lookups failed", w.bad);
-    eprintln!("figure 11: {} ids, wrk {:.0} req/s", ids.len(), w.per_sec);
+    let after = (cpu_ns(server.pid())?, context_switches(server.pid())?);
+    let served = (w.per_sec * secs as f64).max(1.0);
+    eprintln!(
+        "figure 11: {} ids, wrk {:.0} req/s, server {:.2} us CPU and {:.2} context switches per lookup",
+        ids.len(),
+        w.per_sec,
+        after.0.saturating_sub(before.0) as f64 / 1e3 / served,
+        after.1.saturating_sub(before.1) as f64 / served,
+    );
     Ok(Some(w.per_sec))
 }
 
@@ -384,7 +395,7 @@ async fn discovery(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
         );
         let small_ids = Arc::new(ids[..SMALL_POPULATION].to_vec());
         let (small_http, small_cpu) = server_lookups(&url, small_ids.clone(), cfg, &server).await?;
-        let small_wrk = wrk_lookups(have_wrk, &url, &small_ids, cfg, dir.path()).await?;
+        let small_wrk = wrk_lookups(have_wrk, &url, &small_ids, cfg, &server, dir.path()).await?;
         let small = lookups(&client, small_ids, cfg).await?;
         let fill = Instant::now();
         populate(&client, &keys, SMALL_POPULATION..big, cfg.disc_conc).await?;
@@ -396,7 +407,7 @@ async fn discovery(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
         let big_rss = rss_bytes(&server)?;
         let all_ids = Arc::new(ids.clone());
         let (large_http, large_cpu) = server_lookups(&url, all_ids.clone(), cfg, &server).await?;
-        let large_wrk = wrk_lookups(have_wrk, &url, &all_ids, cfg, dir.path()).await?;
+        let large_wrk = wrk_lookups(have_wrk, &url, &all_ids, cfg, &server, dir.path()).await?;
         let large = lookups(&client, all_ids, cfg).await?;
         lookup.push(large_http, Some(small_http));
         if let (Some(large), Some(small)) = (large_wrk, small_wrk) {
