@@ -1783,6 +1783,19 @@ impl Store {
         Ok(())
     }
 
+    /// Readies the write log for the first write after the open ([`log::Log::reserve`]),
+    /// so that write costs what every other does. The writer does this when it starts,
+    /// before any message waits for it.
+    pub(crate) fn prepare_log(&self) -> Result<(), StoreError> {
+        let mut p = lock_pending(&self.pending);
+        if let Some(log) = &mut p.log {
+            let path = log.path().to_owned();
+            log.reserve()
+                .map_err(|source| StoreError::Log { path, source })?;
+        }
+        Ok(())
+    }
+
     /// Makes every acknowledged write part of the database, durably (a fold), so the
     /// write log is empty.
     pub fn flush(&self) -> Result<(), StoreError> {

@@ -198,6 +198,10 @@ fn next_request(rx: &mut mpsc::Receiver<WriteReq>, idle: Option<&tokio::runtime:
 }
 
 fn run(store: Arc<Store>, mut rx: mpsc::Receiver<WriteReq>, report: Report) {
+    if let Err(e) = store.prepare_log() {
+        // The first write grows the log instead (and reports what fails then).
+        tracing::debug!(error = %e, "cannot ready the write log");
+    }
     // A clock for the idle wait; without one, writes fold only under load and at the end.
     let clock = tokio::runtime::Builder::new_current_thread()
         .enable_time()

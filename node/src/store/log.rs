@@ -169,6 +169,16 @@ impl Log {
         Ok(())
     }
 
+    /// Writes the first step of zeros now, if the file has less: the first append after
+    /// an open then changes no size. (A synced append that grows the file also waits for
+    /// its new size to be written, and the zeros of a whole step with it.)
+    pub(super) fn reserve(&mut self) -> io::Result<()> {
+        if self.allocated < STEP {
+            self.grow(self.end.max(1))?;
+        }
+        Ok(())
+    }
+
     /// Writes zeros up to the step that holds `end`, and syncs the new size.
     fn grow(&mut self, end: u64) -> io::Result<()> {
         let to = end

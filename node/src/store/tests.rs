@@ -1649,3 +1649,23 @@ fn contents(path: &Path) -> Vec<String> {
     rows(&txn, CONTACTS, &mut out);
     out
 }
+
+#[test]
+fn a_prepared_log_takes_the_first_write_without_growing() {
+    let (_d, path, store) = setup();
+    // Emptied by the open.
+    assert_eq!(log_len(&path), 0);
+    store.prepare_log().unwrap();
+    let ready = log_len(&path);
+    assert!(ready > 0, "the first step of the log is written ahead");
+    store
+        .insert_incoming(&peer(), &msg("first", 1), 10)
+        .unwrap();
+    assert_eq!(log_len(&path), ready, "the first write grew the log");
+    // Preparing again changes nothing, and nothing written is lost.
+    store.prepare_log().unwrap();
+    assert_eq!(log_len(&path), ready);
+    drop(store);
+    let opened = Store::open(&path).unwrap();
+    assert_eq!(opened.message_count().unwrap(), 1);
+}
