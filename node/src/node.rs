@@ -1569,6 +1569,7 @@ impl Inner {
         // The write is queued first, so every later write of this message (its delivery
         // mark) commits after it; the message goes out while the write commits, and the
         // outcome waits for both: the ack costs the receiver's fsync, not ours as well.
+        // The first message to a peer known by name also pins that name meanwhile.
         let stored = match self.writer.submit_outgoing(peer, msg.clone()).await {
             Ok(rx) => rx,
             Err(e) => {
@@ -1576,8 +1577,11 @@ impl Inner {
                 return Err(e.into());
             }
         };
-        let (stored, attempt) =
-            tokio::join!(writer::outcome(stored), deliver::deliver(self, peer, &msg));
+        let (stored, attempt, ()) = tokio::join!(
+            writer::outcome(stored),
+            deliver::deliver(self, peer, &msg),
+            self.pin_online_name(&peer)
+        );
         if let Err(e) = stored {
             self.delivery().finish(&id);
             if attempt.is_ok() {
@@ -1585,7 +1589,6 @@ impl Inner {
             }
             return Err(e.into());
         }
-        self.pin_online_name(&peer).await;
         let result = self.send_outcome(peer, &msg, attempt).await;
         self.delivery().finish(&id);
         if matches!(&result, Ok(o) if o.status == SendStatus::Queued) {
