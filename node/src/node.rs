@@ -111,7 +111,7 @@ use crate::{
     },
     endpoint::{Endpoint, TransportSettings},
     net::{PathConfig, PathKind},
-    store::{Contact, OutboxEntry, PinOutcome, Store, StoreError, StoredMessage},
+    store::{Contact, OutboxEntry, OutboxSlot, PinOutcome, Store, StoreError, StoredMessage},
     wire::{ChatMessage, MessageId, RejectCode},
 };
 
@@ -1077,6 +1077,18 @@ impl Node {
         self.inner.blocking(|s| s.outbox()).await
     }
 
+    /// The outbox's bookkeeping, without the messages.
+    async fn outbox_slots(&self) -> Result<Vec<OutboxSlot>, StorageError> {
+        self.inner.writer.sync().await?;
+        self.inner
+            .blocking(|s| {
+                let mut slots = Vec::new();
+                s.outbox_schedule(|_, mut queue| slots.append(&mut queue))?;
+                Ok(slots)
+            })
+            .await
+    }
+
     /// Tries every message of the outbox that is not yet in its recipient's mailbox
     /// once, now, whatever its schedule (direct delivery, else a deposit in the mailbox),
     /// for up to `within`; says what is left. For short-lived nodes (one-shot commands), whose outbox task would
@@ -1089,18 +1101,18 @@ impl Node {
         }
         // The round leaves alone what another task (the outbox's own round, a send) is
         // sending right now: wait for those attempts too, within the same time.
-        let mut left = self.outbox().await?;
+        let mut left = self.outbox_slots().await?;
         let busy: Vec<MessageId> = left
             .iter()
             .filter(|e| !e.mailbox_deposited)
-            .map(|e| e.message.id)
+            .map(|e| e.id)
             .collect();
         let any_busy = || busy.iter().any(|id| self.inner.delivery().is_busy(id));
         if any_busy() {
             while tokio::time::Instant::now() < deadline && any_busy() {
                 tokio::time::sleep(FLUSH_POLL).await;
             }
-            left = self.outbox().await?;
+            left = self.outbox_slots().await?;
         }
         Ok(OutboxReport {
             queued: left.len(),

@@ -183,6 +183,24 @@ pub struct OutboxEntry {
     pub mailbox_deposited: bool,
 }
 
+/// The delivery bookkeeping of an outbox entry, without its message: what a retry
+/// round needs to decide which queues are due (see [`Store::outbox_schedule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxSlot {
+    /// The recipient.
+    pub to: NodeId,
+    /// The message's id.
+    pub id: MessageId,
+    /// Direct delivery attempts so far.
+    pub attempts: u32,
+    /// Do not try direct delivery again before this local time (ms since the epoch).
+    pub next_attempt_ms: u64,
+    /// When the message was queued (local ms since the epoch).
+    pub created_ms: u64,
+    /// Whether a sealed copy was deposited in the recipient's mailbox.
+    pub mailbox_deposited: bool,
+}
+
 /// A known name and the NodeId pinned for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Contact {
@@ -1117,6 +1135,12 @@ impl Store {
             &mut *lock_pending(&self.pending),
             &mut *lock_pending(&fresh.pending),
         );
+        drop(db);
+        // The open emptied the log: ready it as the writer does when it starts, so the
+        // first write after the heal costs what every other does.
+        if let Err(e) = self.prepare_log() {
+            tracing::debug!(error = %e, "cannot ready the write log; the first write grows it");
+        }
         Ok(())
     }
 
@@ -1954,16 +1978,64 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether the message `id` to `peer` is still in the outbox (not yet delivered or
-    /// rejected).
-    pub fn in_outbox(&self, peer: &NodeId, id: &MessageId) -> Result<bool, StoreError> {
+    /// Visits the outbox one recipient at a time, each with its entries' bookkeeping
+    /// and not their messages: only the outbox table is read, so a retry round costs one
+    /// small row per queued message however large the messages are. A round keeps what
+    /// is due and reads each message as it sends it ([`Store::outbox_entry`]).
+    pub fn outbox_schedule(
+        &self,
+        mut visit: impl FnMut(NodeId, Vec<OutboxSlot>),
+    ) -> Result<(), StoreError> {
         let db = self.db()?;
         let txn = db.begin_read().ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
-        Ok(outbox
-            .get((peer.as_bytes(), &id.0))
-            .ctx(&self.path)?
-            .is_some())
+        let mut group: Vec<OutboxSlot> = Vec::new();
+        for row in outbox.iter().ctx(&self.path)? {
+            let (k, v) = row.ctx(&self.path)?;
+            let (peer, id) = k.value();
+            // Rows are sorted by recipient: a new one closes the group before it.
+            let same = group
+                .first()
+                .map(|s| s.to)
+                .filter(|to| to.as_bytes() == peer);
+            if same.is_none() && !group.is_empty() {
+                let done = std::mem::take(&mut group);
+                visit(done[0].to, done);
+            }
+            let rec: OutboxRecord = self.decode("outbox", v.value())?;
+            group.push(OutboxSlot {
+                to: self.key_node_id("outbox", peer, same.as_ref())?,
+                id: MessageId(*id),
+                attempts: rec.attempts,
+                next_attempt_ms: rec.next_attempt_ms,
+                created_ms: rec.created_ms,
+                mailbox_deposited: rec.mailbox_deposited,
+            });
+        }
+        if let Some(first) = group.first() {
+            let to = first.to;
+            visit(to, group);
+        }
+        Ok(())
+    }
+
+    /// The outbox entry of message `id` to `peer`, with its message; `None` once it has
+    /// left the outbox (delivered or rejected).
+    pub fn outbox_entry(
+        &self,
+        peer: &NodeId,
+        id: &MessageId,
+    ) -> Result<Option<OutboxEntry>, StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_read().ctx(&self.path)?;
+        let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
+        let key = (peer.as_bytes(), &id.0);
+        let Some(row) = outbox.get(key).ctx(&self.path)? else {
+            return Ok(None);
+        };
+        let history = txn.open_table(HISTORY).ctx(&self.path)?;
+        self.outbox_from_row(key, row.value(), Some(peer), &history)
+            .map(Some)
     }
 
     /// The message with this id, if stored.

@@ -9,17 +9,16 @@
 //! recipient's mailbox if none was deposited yet. Between rounds the task sleeps until
 //! the earliest due entry or until it is woken.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use p2p_crypto::NodeId;
 use tokio::task::JoinSet;
 
 use super::{deliver, duration_ms, mailbox, now_ms, Inner};
-use crate::store::OutboxEntry;
+use crate::{
+    store::{OutboxEntry, OutboxSlot},
+    wire::MessageId,
+};
 
 /// Peers whose queues are worked on at once.
 const PARALLEL_PEERS: usize = 8;
@@ -61,54 +60,36 @@ pub(super) async fn flush(inner: Arc<Inner>) -> Result<Option<u64>, super::Stora
 
 /// One pass over the entries that are due (all of them with `all`).
 async fn round_of(inner: &Arc<Inner>, all: bool) -> Result<Option<u64>, super::StorageError> {
-    let entries = inner.blocking(|s| s.outbox()).await?;
-    if entries.is_empty() {
+    let now = now_ms();
+    let (woken, in_flight) = inner.delivery().take_round();
+    let kept = woken.clone();
+    let plan = inner
+        .blocking(move |s| {
+            let mut plan = Plan::default();
+            s.outbox_schedule(|peer, slots| {
+                plan.add(peer, slots, now, all, &woken, &in_flight);
+            })?;
+            Ok(plan)
+        })
+        .await;
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(e) => {
+            // Nothing was tried: the peers woken for this round wait for the next.
+            inner.delivery().rewake(kept);
+            return Err(e);
+        }
+    };
+    if !plan.queued {
         inner.delivery().clear_wakes();
         return Ok(None);
     }
-    let now = now_ms();
-    let (woken, in_flight) = inner.delivery().take_round();
-    let mut by_peer: BTreeMap<NodeId, (bool, Vec<OutboxEntry>)> = BTreeMap::new();
-    let mut due: BTreeMap<NodeId, Vec<OutboxEntry>> = BTreeMap::new();
-    let mut next_due: Option<u64> = None;
-    let mut busy_woken = HashSet::new();
-    for e in entries {
-        if in_flight.contains(&e.message.id) {
-            // Being sent right now. If its peer was just woken (came online, or
-            // connected to us), keep the wake-up for when that attempt is over: it may
-            // have failed against the peer's old address.
-            if woken.contains(&e.to) {
-                busy_woken.insert(e.to);
-            }
-            continue;
-        }
-        if all && e.mailbox_deposited {
-            // In the mailbox already: it arrives without us; leave the rest to the
-            // schedule.
-            continue;
-        }
-        // A peer's queue is tried as a whole, in order, once any of it is due: its
-        // entries have schedules of their own (each counts its own attempts), and
-        // trying only the due ones would let a later message overtake an earlier one.
-        let peer_due = all || e.next_attempt_ms <= now || woken.contains(&e.to);
-        let queue = by_peer.entry(e.to).or_insert((false, Vec::new()));
-        queue.0 |= peer_due;
-        queue.1.push(e);
+    if !plan.busy_woken.is_empty() {
+        inner.delivery().rewake(plan.busy_woken);
     }
-    for (peer, (peer_due, queue)) in by_peer {
-        if peer_due {
-            due.insert(peer, queue);
-        } else if let Some(at) = queue.iter().map(|e| e.next_attempt_ms).min() {
-            next_due = Some(next_due.map_or(at, |n| n.min(at)));
-        }
-    }
-    if !busy_woken.is_empty() {
-        inner.delivery().rewake(busy_woken);
-    }
+    let mut next_due = plan.next_due;
     let mut tasks = JoinSet::new();
-    for (peer, mut queue) in due {
-        // In the order they were sent (`created_ms` is a strictly increasing stamp).
-        queue.sort_by_key(|e| (e.created_ms, e.message.sent_at_ms));
+    for (peer, queue) in plan.due {
         while tasks.len() >= PARALLEL_PEERS {
             collect(&mut tasks, &mut next_due).await;
         }
@@ -120,6 +101,65 @@ async fn round_of(inner: &Arc<Inner>, all: bool) -> Result<Option<u64>, super::S
     Ok(next_due)
 }
 
+/// What one round does, decided from the outbox's bookkeeping alone.
+#[derive(Debug, Default)]
+struct Plan {
+    /// Whether the outbox holds anything.
+    queued: bool,
+    /// The queues to try now, each in the order its messages were sent.
+    due: Vec<(NodeId, Vec<OutboxSlot>)>,
+    /// When the earliest queue not tried now is due.
+    next_due: Option<u64>,
+    /// Woken peers with a message being sent right now (see [`Plan::add`]).
+    busy_woken: HashSet<NodeId>,
+}
+
+impl Plan {
+    /// Takes the queue of one recipient: due as a whole or not at all.
+    fn add(
+        &mut self,
+        peer: NodeId,
+        slots: Vec<OutboxSlot>,
+        now: u64,
+        all: bool,
+        woken: &HashSet<NodeId>,
+        in_flight: &HashSet<MessageId>,
+    ) {
+        self.queued = true;
+        let was_woken = woken.contains(&peer);
+        let mut peer_due = false;
+        let mut queue = Vec::with_capacity(slots.len());
+        for slot in slots {
+            if in_flight.contains(&slot.id) {
+                // Being sent right now. If its peer was just woken (came online, or
+                // connected to us), keep the wake-up for when that attempt is over: it
+                // may have failed against the peer's old address.
+                if was_woken {
+                    self.busy_woken.insert(peer);
+                }
+                continue;
+            }
+            if all && slot.mailbox_deposited {
+                // In the mailbox already: it arrives without us; leave the rest to the
+                // schedule.
+                continue;
+            }
+            // A peer's queue is tried as a whole, in order, once any of it is due: its
+            // entries have schedules of their own (each counts its own attempts), and
+            // trying only the due ones would let a later message overtake an earlier one.
+            peer_due |= all || slot.next_attempt_ms <= now || was_woken;
+            queue.push(slot);
+        }
+        if peer_due {
+            // In the order they were sent (`created_ms` is a strictly increasing stamp).
+            queue.sort_by_key(|s| (s.created_ms, s.id.0));
+            self.due.push((peer, queue));
+        } else if let Some(at) = queue.iter().map(|s| s.next_attempt_ms).min() {
+            self.next_due = Some(self.next_due.map_or(at, |n| n.min(at)));
+        }
+    }
+}
+
 async fn collect(tasks: &mut JoinSet<Option<u64>>, next_due: &mut Option<u64>) {
     if let Some(Ok(Some(at))) = tasks.join_next().await {
         *next_due = Some(next_due.map_or(at, |n| n.min(at)));
@@ -128,27 +168,32 @@ async fn collect(tasks: &mut JoinSet<Option<u64>>, next_due: &mut Option<u64>) {
 
 /// Tries the queue of one peer in order; after a failure to reach the peer, the rest
 /// only gets rescheduled (and deposited). Returns the earliest next attempt.
-async fn work_peer(inner: Arc<Inner>, peer: NodeId, queue: Vec<OutboxEntry>) -> Option<u64> {
+async fn work_peer(inner: Arc<Inner>, peer: NodeId, queue: Vec<OutboxSlot>) -> Option<u64> {
     let mut next_due: Option<u64> = None;
     let mut unreachable = false;
-    for entry in queue {
+    for slot in queue {
         if inner.cancel.is_cancelled() {
             break;
         }
-        let id = entry.message.id;
+        let id = slot.id;
         if !inner.delivery().try_start(id) {
             continue;
         }
         // The round read the outbox before this attempt: the message's own send may have
-        // been acknowledged and settled since. Only what is still queued goes again.
-        let still_queued = inner.blocking(move |s| s.in_outbox(&peer, &id)).await;
-        if !matches!(still_queued, Ok(true)) {
-            if let Err(e) = still_queued {
-                tracing::warn!(%peer, message = %id, error = %e, "cannot read the outbox");
+        // been acknowledged and settled since. Only what is still queued goes again, and
+        // its message is read now, one at a time.
+        let entry = match inner.blocking(move |s| s.outbox_entry(&peer, &id)).await {
+            Ok(Some(entry)) => entry,
+            Ok(None) => {
+                inner.delivery().finish(&id);
+                continue;
             }
-            inner.delivery().finish(&id);
-            continue;
-        }
+            Err(e) => {
+                tracing::warn!(%peer, message = %id, error = %e, "cannot read the outbox");
+                inner.delivery().finish(&id);
+                continue;
+            }
+        };
         let outcome = if unreachable {
             None
         } else {

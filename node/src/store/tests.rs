@@ -373,6 +373,98 @@ fn outgoing_writes_history_and_outbox_atomically() {
 }
 
 #[test]
+fn the_outbox_schedule_reads_no_message_and_entries_load_one_at_a_time() {
+    let (_d, path, store) = setup();
+    let (bob, carol) = (peer(), peer());
+    let to_bob: Vec<ChatMessage> = (0..3).map(|i| msg("to bob", 10 + i)).collect();
+    let to_carol = msg("to carol", 20);
+    for (i, m) in to_bob.iter().enumerate() {
+        store.insert_outgoing(&bob, m, 100 + i as u64).unwrap();
+    }
+    store.insert_outgoing(&carol, &to_carol, 200).unwrap();
+    let mut later = store.outbox_for(&bob).unwrap().remove(1);
+    later.attempts = 2;
+    later.next_attempt_ms = 5000;
+    later.mailbox_deposited = true;
+    assert!(store.update_outbox(&later).unwrap());
+    store.mark_delivered(&bob, &to_bob[2].id).unwrap();
+
+    let schedule = |store: &Store| {
+        let mut groups: Vec<(NodeId, Vec<OutboxSlot>)> = Vec::new();
+        store
+            .outbox_schedule(|peer, slots| groups.push((peer, slots)))
+            .unwrap();
+        groups
+    };
+    // One visit per recipient, in the table's order, each with all its entries.
+    let groups = schedule(&store);
+    let mut peers = vec![bob, carol];
+    peers.sort_by_key(|p| *p.as_bytes());
+    assert_eq!(groups.iter().map(|g| g.0).collect::<Vec<_>>(), peers);
+    let bobs = &groups.iter().find(|g| g.0 == bob).unwrap().1;
+    let mut ids: Vec<MessageId> = bobs.iter().map(|s| s.id).collect();
+    ids.sort_by_key(|id| id.0);
+    let mut want = vec![to_bob[0].id, to_bob[1].id];
+    want.sort_by_key(|id| id.0);
+    assert_eq!(ids, want);
+    let slot = bobs.iter().find(|s| s.id == to_bob[1].id).unwrap();
+    assert_eq!(
+        *slot,
+        OutboxSlot {
+            to: bob,
+            id: to_bob[1].id,
+            attempts: 2,
+            next_attempt_ms: 5000,
+            created_ms: 101,
+            mailbox_deposited: true,
+        }
+    );
+    // An entry with its message, as the whole outbox has it; none once delivered.
+    let whole = store.outbox().unwrap();
+    for e in &whole {
+        assert_eq!(
+            store.outbox_entry(&e.to, &e.message.id).unwrap().as_ref(),
+            Some(e)
+        );
+    }
+    assert_eq!(store.outbox_entry(&bob, &to_bob[2].id).unwrap(), None);
+    assert_eq!(store.outbox_entry(&carol, &to_bob[0].id).unwrap(), None);
+    drop(store);
+
+    // A message whose row no longer decodes: the schedule is read all the same, and only
+    // that entry's load fails.
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(HISTORY).unwrap();
+            let key = (100u64, &to_bob[0].id.0);
+            let link = t.get(key).unwrap().unwrap().value().1.map(owned_row_key);
+            let link = link.as_ref().map(|(at, id)| (*at, id));
+            t.insert(key, (bob.as_bytes(), link, &[0xffu8, 0xff, 0xff][..]))
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(schedule(&store), groups);
+    let err = store.outbox_entry(&bob, &to_bob[0].id).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            StoreError::CorruptRecord {
+                table: "history",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(store.outbox().is_err());
+    assert!(store.outbox_entry(&bob, &to_bob[1].id).unwrap().is_some());
+    assert!(store.outbox_entry(&carol, &to_carol.id).unwrap().is_some());
+}
+
+#[test]
 fn mark_delivered_is_idempotent_and_checks_the_peer() {
     let (_d, _p, store) = setup();
     let bob = peer();
@@ -1665,7 +1757,19 @@ fn a_prepared_log_takes_the_first_write_without_growing() {
     // Preparing again changes nothing, and nothing written is lost.
     store.prepare_log().unwrap();
     assert_eq!(log_len(&path), ready);
+    // A reopen (the heal after an I/O error) readies the new log the same way.
+    store.reopen().unwrap();
+    let ready = log_len(&path);
+    assert!(ready > 0, "the reopened log is readied");
+    store
+        .insert_incoming(&peer(), &msg("after the reopen", 2), 20)
+        .unwrap();
+    assert_eq!(
+        log_len(&path),
+        ready,
+        "the first write after a reopen grew the log"
+    );
     drop(store);
     let opened = Store::open(&path).unwrap();
-    assert_eq!(opened.message_count().unwrap(), 1);
+    assert_eq!(opened.message_count().unwrap(), 2);
 }

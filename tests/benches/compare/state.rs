@@ -41,6 +41,12 @@ const PAGE: usize = 50;
 /// Records (presence and name each) of the small and the big discovery server.
 const SMALL_POPULATION: usize = 1000;
 const TTL: Duration = Duration::from_secs(600);
+/// Messages queued for offline peers in the outbox measurement, their size, and peers.
+const QUEUED: usize = 20 * 1024;
+const QUEUED_BODY: usize = 1000;
+const QUEUED_PEERS: usize = 10;
+/// Reads timed of each kind in the outbox measurement (the median is reported).
+const OUTBOX_READS: usize = 5;
 
 /// Figure 11 (history part synchronous: run on a blocking thread).
 pub async fn run(cfg: &Config, notes: &mut Vec<String>) -> Result<Vec<Row>> {
@@ -102,8 +108,17 @@ fn history(cfg: &Config) -> Result<(Vec<Row>, Vec<String>)> {
         "ms",
         Target::None,
     );
+    let mut outbox = Row::new(
+        format!("11. an outbox round's read, {QUEUED} msgs of {QUEUED_BODY} bytes queued (baseline: every entry with its message)"),
+        "ms",
+        Target::None,
+    );
     let mut notes = Vec::new();
     let body = "h".repeat(BODY);
+    for _ in 0..cfg.runs {
+        let (schedule, whole) = outbox_reads()?;
+        outbox.push(schedule, Some(whole));
+    }
     for run in 0..cfg.runs {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("node.redb");
@@ -157,7 +172,53 @@ fn history(cfg: &Config) -> Result<(Vec<Row>, Vec<String>)> {
             ms(quantile(&lat, 1.0)),
         ));
     }
-    Ok((vec![insert, p99, p99_small], notes))
+    Ok((vec![insert, p99, p99_small, outbox], notes))
+}
+
+/// An outbox holding [`QUEUED`] messages for offline peers: the median time, in ms, of
+/// the read a retry round makes (the entries' bookkeeping, [`Store::outbox_schedule`])
+/// and of reading every entry with its message ([`Store::outbox`], what a round read
+/// before).
+fn outbox_reads() -> Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path().join("node.redb"))?;
+    let peers: Vec<NodeId> = (0..QUEUED_PEERS)
+        .map(|_| SecretKey::generate().public())
+        .collect();
+    let body = "q".repeat(QUEUED_BODY);
+    for first in (0..QUEUED).step_by(MAX_WRITE_BATCH) {
+        let ops = (first..(first + MAX_WRITE_BATCH).min(QUEUED))
+            .map(|i| {
+                Ok(WriteOp::Outgoing {
+                    to: peers[i % QUEUED_PEERS],
+                    msg: ChatMessage::text(&body, i as u64)?,
+                    now_ms: 1_000_000 + i as u64,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for r in store.write_batch(&ops)? {
+            r?;
+        }
+    }
+    store.flush()?;
+    let (mut schedule, mut whole) = (Vec::new(), Vec::new());
+    for _ in 0..OUTBOX_READS {
+        let t = Instant::now();
+        let mut slots = 0;
+        store.outbox_schedule(|_, queue| slots += queue.len())?;
+        schedule.push(t.elapsed());
+        let t = Instant::now();
+        let entries = store.outbox()?.len();
+        whole.push(t.elapsed());
+        ensure!(
+            slots == QUEUED && entries == QUEUED,
+            "outbox holds {slots} / {entries} entries, not {QUEUED}"
+        );
+    }
+    schedule.sort();
+    whole.sort();
+    let ms = |d: &[Duration]| d[d.len() / 2].as_secs_f64() * 1e3;
+    Ok((ms(&schedule), ms(&whole)))
 }
 
 /// The discovery child: `p2p_discovery` on a redb file, per-IP write and connection
