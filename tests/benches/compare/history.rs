@@ -407,6 +407,37 @@ fn commit_one(db: &Database, i: usize, (peer, msg): &(NodeId, ChatMessage)) -> R
     Ok(t.elapsed())
 }
 
+/// A raw redb file for single durable commits made one at a time, whenever the caller
+/// likes: figure 4 makes one in each round of its fresh connections, so the commit comes
+/// after the same idle time as the receiving node's write there (on a VM the first sync
+/// after an idle disk costs several times one made right after another).
+pub struct LoneCommits {
+    _dir: tempfile::TempDir,
+    db: Database,
+    rows: Vec<(NodeId, ChatMessage)>,
+    next: usize,
+}
+
+impl LoneCommits {
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let db = open_raw(&dir.path().join("lone.redb"))?;
+        Ok(Self {
+            _dir: dir,
+            db,
+            rows: messages(64, &peers())?,
+            next: 0,
+        })
+    }
+
+    /// One durable commit of one new row (blocking); how long it took.
+    pub fn commit(&mut self) -> Result<Duration> {
+        let i = self.next;
+        self.next += 1;
+        commit_one(&self.db, i, &self.rows[i % self.rows.len()])
+    }
+}
+
 /// [`commit_one`] for each row (numbered from `first`), each after `start` lets both
 /// threads go. Goes through every row even after a failed commit, so the other thread
 /// never waits at `start` for nobody.

@@ -517,12 +517,22 @@ pub async fn setup(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
         "ms",
         Target::None,
     );
+    // The durable row's own limit: the raw exchange plus the one durable write the
+    // receiver must make before it acknowledges, a lone commit made in the same round
+    // (after the same idle as the receiver's write, not right after another commit).
+    let mut durable_limit = Row::new(
+        format!("4. fresh connection to 1st ack (median of {n}), durable (baseline: raw + one lone durable redb commit, made in the same rounds)"),
+        "ms",
+        Target::None,
+    );
+    let mut lone = history::LoneCommits::new()?;
     let (b_addr, mb_addr) = (fx.b.node.local_addr()?, fx.mb.node.local_addr()?);
     for run in 0..cfg.runs {
-        let mut times: [Vec<f64>; 5] = Default::default();
+        let mut times: [Vec<f64>; 6] = Default::default();
         for i in 0..n {
-            for phase in order(run + i, 5) {
+            for phase in order(run + i, 6) {
                 let d = match phase {
+                    5 => tokio::task::block_in_place(|| lone.commit())?,
                     0 => raw_setup_once(fx, fx.echo.addr, fx.echo.id).await?,
                     1 => node_setup_once(fx, &fx.b, false).await?,
                     2 => node_setup_once(fx, &fx.mb, true).await?,
@@ -534,11 +544,12 @@ pub async fn setup(cfg: &Config, fx: &Fixture) -> Result<Vec<Row>> {
         }
         let raw = median(&times[0]);
         durable.push(median(&times[1]), Some(raw));
+        durable_limit.push(median(&times[1]), Some(raw + median(&times[5])));
         memory.push(median(&times[2]), Some(raw));
         to_durable.push(median(&times[3]), Some(raw));
         to_memory.push(median(&times[4]), Some(raw));
     }
-    Ok(vec![durable, memory, to_durable, to_memory])
+    Ok(vec![durable, durable_limit, memory, to_durable, to_memory])
 }
 
 /// `n` bare client endpoints.
