@@ -1745,30 +1745,24 @@ fn contents(path: &Path) -> Vec<String> {
 #[test]
 fn a_prepared_log_takes_the_first_write_without_growing() {
     let (_d, path, store) = setup();
+    // The log is readied (its first step written ahead), and one write then fits in it.
+    let first_write_fits = |text: &str, at: u64, when: &str| {
+        let ready = log_len(&path);
+        assert!(ready > 0, "the log is not readied {when}");
+        store.insert_incoming(&peer(), &msg(text, at), at).unwrap();
+        assert_eq!(log_len(&path), ready, "the first write {when} grew the log");
+    };
     // Emptied by the open.
     assert_eq!(log_len(&path), 0);
     store.prepare_log().unwrap();
-    let ready = log_len(&path);
-    assert!(ready > 0, "the first step of the log is written ahead");
-    store
-        .insert_incoming(&peer(), &msg("first", 1), 10)
-        .unwrap();
-    assert_eq!(log_len(&path), ready, "the first write grew the log");
+    first_write_fits("first", 10, "after the open");
     // Preparing again changes nothing, and nothing written is lost.
+    let ready = log_len(&path);
     store.prepare_log().unwrap();
     assert_eq!(log_len(&path), ready);
     // A reopen (the heal after an I/O error) readies the new log the same way.
     store.reopen().unwrap();
-    let ready = log_len(&path);
-    assert!(ready > 0, "the reopened log is readied");
-    store
-        .insert_incoming(&peer(), &msg("after the reopen", 2), 20)
-        .unwrap();
-    assert_eq!(
-        log_len(&path),
-        ready,
-        "the first write after a reopen grew the log"
-    );
+    first_write_fits("after the reopen", 20, "after a reopen");
     drop(store);
     let opened = Store::open(&path).unwrap();
     assert_eq!(opened.message_count().unwrap(), 2);
