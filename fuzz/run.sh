@@ -64,7 +64,9 @@ for t in $FUZZ_TARGETS; do
   rate="$(sed -n 's/^stat::average_exec_per_sec:[[:space:]]*//p' "$log" | tail -n 1)"
   summary+=("$t: ${execs:-?} execs, ${rate:-?} exec/s, exit $status")
   if [ "$status" -ne 0 ]; then
-    echo "!! $t failed (exit $status); the end of its log:"
+    echo "!! $t failed (exit $status); what panicked:"
+    grep -m 3 -A 4 "panicked at" "$log" || echo "   (no panic message in the log)"
+    echo "!! the end of its log:"
     tail -n 60 "$log"
     ls -1 "artifacts/$t" 2>/dev/null | sed "s|^|   artifact: fuzz/artifacts/$t/|" || true
     failed+=("$t")
