@@ -469,6 +469,13 @@ impl Connection {
         self.lanes.lane(&self.inner, fresh, MAX_LANES).await
     }
 
+    /// Whether the peer ends each stream after its first ack (one message per stream):
+    /// every message then goes on a stream of its own, so messages sent one after the
+    /// other may overtake each other.
+    pub fn one_message_per_stream(&self) -> bool {
+        self.lanes.single()
+    }
+
     /// The authenticated NodeId of the peer. The sender of everything read from this
     /// connection is this node, whatever the bytes say.
     pub fn remote_node_id(&self) -> NodeId {

@@ -2026,16 +2026,34 @@ impl Store {
         peer: &NodeId,
         id: &MessageId,
     ) -> Result<Option<OutboxEntry>, StoreError> {
+        self.outbox_entries(peer, std::slice::from_ref(id))?
+            .pop()
+            .unwrap_or(Ok(None))
+    }
+
+    /// [`Store::outbox_entry`] of each of `ids`, in one read: the answers in the order
+    /// of `ids`, each entry's own error apart (a row that no longer reads fails only its
+    /// own entry).
+    pub fn outbox_entries(
+        &self,
+        peer: &NodeId,
+        ids: &[MessageId],
+    ) -> Result<Vec<Result<Option<OutboxEntry>, StoreError>>, StoreError> {
         let db = self.db()?;
         let txn = db.begin_read().ctx(&self.path)?;
         let outbox = txn.open_table(OUTBOX).ctx(&self.path)?;
-        let key = (peer.as_bytes(), &id.0);
-        let Some(row) = outbox.get(key).ctx(&self.path)? else {
-            return Ok(None);
-        };
         let history = txn.open_table(HISTORY).ctx(&self.path)?;
-        self.outbox_from_row(key, row.value(), Some(peer), &history)
-            .map(Some)
+        Ok(ids
+            .iter()
+            .map(|id| {
+                let key = (peer.as_bytes(), &id.0);
+                let Some(row) = outbox.get(key).ctx(&self.path)? else {
+                    return Ok(None);
+                };
+                self.outbox_from_row(key, row.value(), Some(peer), &history)
+                    .map(Some)
+            })
+            .collect())
     }
 
     /// The message with this id, if stored.

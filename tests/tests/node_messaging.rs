@@ -1249,6 +1249,51 @@ async fn concurrent_sends_are_pipelined_on_a_stream_without_waiting_for_each_ack
 }
 
 #[tokio::test]
+async fn a_queue_drains_pipelined_on_one_stream_in_order_and_one_at_a_time_to_a_receiver_that_ends_streams(
+) -> Result<()> {
+    // Messages queued for a peer nobody knew go out when it appears. The receiver
+    // acknowledges a stream's messages only once it has read 8 of them: an outbox that
+    // waited for each ack before the next message would get none (each attempt would
+    // end at the ack timeout, ten seconds, and the queue would not drain in time). They arrive in the order they were sent, on one stream. A receiver that
+    // ends each stream after one message gets them all, in order, one a stream.
+    const QUEUED: usize = 24;
+    let d = Discovery::start().await?;
+    let alice = User::new()?;
+    for serve in [Serve::InBatchesOf(8), Serve::OnePerStream] {
+        let bob = SecretKey::generate();
+        let a = alice.builder(&d.url).bind().await?;
+        let mut sent = Vec::new();
+        for i in 0..QUEUED {
+            let out = a.send_to(&bob.public(), &format!("m{i}")).await?;
+            assert_eq!(out.status, SendStatus::Queued, "{serve:?}: bob is unknown");
+            sent.push(out.id);
+        }
+        let (streams, mut got, task) = bare_receiver(&d, &bob, serve, 64).await?;
+        // Alice's outbox tries the queue once she sees bob online.
+        eventually(&format!("{serve:?}: the queue drained"), || async {
+            Ok(a.outbox().await?.is_empty())
+        })
+        .await?;
+        let mut received = Vec::new();
+        while let Ok(id) = got.try_recv() {
+            received.push(id);
+        }
+        received.dedup();
+        assert_eq!(received, sent, "{serve:?}: each message once, in order");
+        let streams = streams.load(std::sync::atomic::Ordering::SeqCst);
+        if serve == Serve::OnePerStream {
+            assert!(streams >= QUEUED, "{serve:?}: a stream each: {streams}");
+        } else {
+            assert_eq!(streams, 1, "{serve:?}: the queue pipelined on one stream");
+        }
+        a.shutdown().await;
+        task.abort();
+    }
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn more_concurrent_sends_than_the_peer_allows_streams_wait_for_a_kept_one_and_all_arrive(
 ) -> Result<()> {
     // The peer allows 4 streams at once; 40 sends at once. Every stream ends up kept

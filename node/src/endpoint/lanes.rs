@@ -178,7 +178,7 @@ impl Lanes {
         self.lanes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn single(&self) -> bool {
+    pub(super) fn single(&self) -> bool {
         self.one_per_stream
             .load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -19,7 +19,7 @@ use p2p_discovery::RelayRef;
 
 use super::{inbound, Inner, NodeEvent, StorageError};
 use crate::{
-    endpoint::{ConnectError, Connection, LaneError},
+    endpoint::{ConnectError, Connection, Lane, LaneError, Sent},
     net::PathKind,
     store::{MarkOutcome, MessageStatus, WriteOutcome},
     wire::{AckStatus, ChatMessage, EncodeError, Frame, MessageId},
@@ -235,9 +235,8 @@ async fn send_on(
     conn: &Connection,
     msg: &ChatMessage,
 ) -> Result<Acked, DeliverError> {
-    let fresh = STREAM_REUSE.min(inner.timings.read_timeout / 4);
-    let frame = crate::wire::encode(&Frame::Message(msg.clone()))
-        .map_err(|e| DeliverError::Stream(StreamError::Encode(e)))?;
+    let fresh = fresh_lane(inner);
+    let frame = message_frame(msg)?;
     let exchange = async {
         loop {
             let lane = conn
@@ -272,6 +271,47 @@ async fn send_on(
             r.unwrap_or(Err(DeliverError::AckTimeout))
         }
     }
+}
+
+/// How long a lane may have been idle and still carry a message.
+fn fresh_lane(inner: &Inner) -> Duration {
+    STREAM_REUSE.min(inner.timings.read_timeout / 4)
+}
+
+fn message_frame(msg: &ChatMessage) -> Result<Vec<u8>, DeliverError> {
+    crate::wire::encode(&Frame::Message(msg.clone()))
+        .map_err(|e| DeliverError::Stream(StreamError::Encode(e)))
+}
+
+/// A lane to `peer` for messages that must arrive in the order they are written (an
+/// outbox queue, see [`send_ordered`]): on the live connection, else a new dial.
+/// `Ok(None)` when the peer serves one message per stream, where each message must go
+/// on its own ([`deliver`]).
+pub(crate) async fn ordered_lane(
+    inner: &Arc<Inner>,
+    peer: NodeId,
+) -> Result<Option<(Connection, Arc<Lane>)>, DeliverError> {
+    let conn = connect(inner, peer).await?;
+    if conn.one_message_per_stream() {
+        return Ok(None);
+    }
+    let lane = conn
+        .lane(fresh_lane(inner))
+        .await
+        .map_err(|e| DeliverError::Stream(StreamError::Open(e)))?;
+    Ok(Some((conn, lane)))
+}
+
+/// Writes `msg` on `lane` (from [`ordered_lane`]) behind the messages written there
+/// before it, without waiting for their acks; the receiver stores and acknowledges a
+/// stream's messages in order. `Ok(None)` when the lane closed before the message went
+/// out.
+pub(crate) async fn send_ordered(
+    lane: &Lane,
+    msg: &ChatMessage,
+) -> Result<Option<Sent>, DeliverError> {
+    let frame = message_frame(msg)?;
+    Ok(lane.send(msg.id, &frame).await)
 }
 
 /// Tells the path layer how to reach `peer`: the addresses and relay it announced, and

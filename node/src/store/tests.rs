@@ -462,6 +462,23 @@ fn the_outbox_schedule_reads_no_message_and_entries_load_one_at_a_time() {
     assert!(store.outbox().is_err());
     assert!(store.outbox_entry(&bob, &to_bob[1].id).unwrap().is_some());
     assert!(store.outbox_entry(&carol, &to_carol.id).unwrap().is_some());
+    // Read together, in the order asked: the bad row fails its own entry only.
+    let ids = [to_bob[1].id, to_bob[0].id, to_bob[2].id, to_carol.id];
+    let together = store.outbox_entries(&bob, &ids).unwrap();
+    assert_eq!(together.len(), ids.len());
+    assert_eq!(
+        together[0].as_ref().unwrap().as_ref().map(|e| e.message.id),
+        Some(to_bob[1].id)
+    );
+    assert!(matches!(
+        &together[1],
+        Err(StoreError::CorruptRecord {
+            table: "history",
+            ..
+        })
+    ));
+    assert!(matches!(together[2], Ok(None)), "delivered");
+    assert!(matches!(together[3], Ok(None)), "queued for carol, not bob");
 }
 
 #[test]

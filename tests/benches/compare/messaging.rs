@@ -6,7 +6,11 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use p2p_node::{node::MAX_WRITE_BATCH, wire::MAX_TEXT_LEN, Endpoint, NodeEvent, TransportSettings};
+use p2p_node::{
+    node::{SendStatus, MAX_WRITE_BATCH},
+    wire::MAX_TEXT_LEN,
+    Endpoint, NodeEvent, TransportSettings,
+};
 use tokio::task::JoinSet;
 
 use crate::{
@@ -214,6 +218,13 @@ pub async fn throughput(cfg: &Config, fx: &Fixture, notes: &mut Vec<String>) -> 
         "msg/s",
         Target::None,
     );
+    let mut backlog = Row::new(
+        format!(
+            "1. an outbox of {BACKLOG} small msgs drained when their durable recipient comes online (baseline: the same sent to it live, {k} in flight)"
+        ),
+        "msg/s",
+        Target::None,
+    );
     let mut saturation = Vec::new();
     let mut limits = Vec::new();
     for run in 0..cfg.runs {
@@ -248,6 +259,8 @@ pub async fn throughput(cfg: &Config, fx: &Fixture, notes: &mut Vec<String>) -> 
         memory.push(mem_rate, Some(ll));
         vs_per_message.push(node_rate, Some(raw_rate));
         both_files.push(node_rate, Some(two_files));
+        let (drained, live) = drain_backlog(fx, k).await?;
+        backlog.push(drained, Some(live));
     }
     let sat = median(&saturation);
     notes.push(format!(
@@ -267,7 +280,80 @@ pub async fn throughput(cfg: &Config, fx: &Fixture, notes: &mut Vec<String>) -> 
          (msgs/s): {}.",
         limits.join(", ")
     ));
-    Ok(vec![durable, memory, vs_per_message, both_files])
+    Ok(vec![durable, memory, vs_per_message, both_files, backlog])
+}
+
+/// Messages in the outbox of [`drain_backlog`].
+const BACKLOG: usize = 1000;
+
+/// A durable node queues [`BACKLOG`] small messages for a durable peer that is offline
+/// (on a discovery server that keeps no mailbox, so only the outbox delivers them); the
+/// peer comes online. Returns the messages per second from the sender seeing it online
+/// to the last one delivered, and then the same number sent to it live, `k` in flight.
+async fn drain_backlog(fx: &Fixture, k: usize) -> Result<(f64, f64)> {
+    let disco = Discovery::start_without_mailbox().await?;
+    let opts = Opts {
+        discovery: Some(&disco.url),
+        ..Opts::default()
+    };
+    // The sender reads the online list often, so it sees the peer come online soon.
+    let sender_dir = p2p_tests::private_tempdir();
+    let sender = nodes::builder(opts, &sender_dir)
+        .timings(p2p_node::Timings {
+            presence_poll: Duration::from_millis(100),
+            ..p2p_node::Timings::default()
+        })
+        .bind()
+        .await?;
+    let key = p2p_crypto::SecretKey::generate();
+    let to = key.public();
+    let text = fx.small.clone();
+    // A few sends at a time: each asks discovery for the unknown peer, and the server
+    // allows one address 64 connections.
+    let queued = closed_loop(8, PHASE_CAP, BACKLOG, {
+        let (node, text) = (sender.clone(), text.clone());
+        move |_| {
+            let (node, text) = (node.clone(), text.clone());
+            async move {
+                let out = node.send_to(&to, &text).await?;
+                ensure!(out.status == SendStatus::Queued, "sent to an offline peer");
+                Ok(())
+            }
+        }
+    })
+    .await?;
+    ensure!(queued.ops == BACKLOG, "queued {} of {BACKLOG}", queued.ops);
+    let mut events = sender.subscribe();
+    let dir = p2p_tests::private_tempdir();
+    let recipient = nodes::keyed_builder(key, opts, &dir).bind().await?;
+    nodes::wait_event(
+        &mut events,
+        Duration::from_secs(10),
+        |ev| matches!(ev, NodeEvent::PeerOnline { node_id, .. } if *node_id == to),
+    )
+    .await?;
+    let start = Instant::now();
+    let mut delivered = 0;
+    while delivered < BACKLOG {
+        let left = PHASE_CAP.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, events.recv()).await {
+            Ok(Ok(NodeEvent::MessageDelivered { to: peer, .. })) if peer == to => delivered += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => anyhow::bail!("the sender's events: {e}"),
+            Err(_) => anyhow::bail!("{delivered} of {BACKLOG} queued messages delivered"),
+        }
+    }
+    let drained = BACKLOG as f64 / start.elapsed().as_secs_f64();
+    let node = sender.clone();
+    let live = closed_loop(k, PHASE_CAP, BACKLOG, move |_| {
+        let (node, text) = (node.clone(), text.clone());
+        async move { send_delivered(&node, &to, &text).await }
+    })
+    .await?
+    .per_sec();
+    recipient.shutdown().await;
+    sender.shutdown().await;
+    Ok((drained, live))
 }
 
 /// Figure 2: round-trip latency with one message outstanding. The durable target is

@@ -24,19 +24,29 @@ pub struct Discovery {
 
 impl Discovery {
     pub async fn start() -> Result<Discovery> {
-        Self::start_with(false).await
+        Self::start_with(false, ServerConfig::default()).await
     }
 
     /// With a relay beside it (its rate limits lifted: one machine drives it).
     pub async fn start_with_relay() -> Result<Discovery> {
-        Self::start_with(true).await
+        Self::start_with(true, ServerConfig::default()).await
     }
 
-    async fn start_with(relay: bool) -> Result<Discovery> {
+    /// One that keeps no mailbox (every deposit refused): a queued message reaches its
+    /// recipient only from its sender's outbox.
+    pub async fn start_without_mailbox() -> Result<Discovery> {
+        let config = ServerConfig {
+            max_mailbox_count: 0,
+            ..ServerConfig::default()
+        };
+        Self::start_with(false, config).await
+    }
+
+    async fn start_with(relay: bool, config: ServerConfig) -> Result<Discovery> {
         let state = AppState::open(ServerConfig {
             write_rate_per_sec: 1e9,
             write_burst: u32::MAX,
-            ..ServerConfig::default()
+            ..config
         })?;
         let listener = tokio::net::TcpListener::bind(loopback()).await?;
         let addr = listener.local_addr()?;
@@ -101,7 +111,12 @@ pub struct Opts<'a> {
 }
 
 pub fn builder(opts: Opts<'_>, dir: &tempfile::TempDir) -> NodeBuilder {
-    let mut b = Node::builder(SecretKey::generate())
+    keyed_builder(SecretKey::generate(), opts, dir)
+}
+
+/// [`builder`] for the node of `key`.
+pub fn keyed_builder(key: SecretKey, opts: Opts<'_>, dir: &tempfile::TempDir) -> NodeBuilder {
+    let mut b = Node::builder(key)
         .data_dir(dir.path().to_owned())
         .listen(loopback())
         .in_memory_store(opts.in_memory);
