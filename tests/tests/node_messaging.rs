@@ -14,8 +14,8 @@ use p2p_node::{
     node::{CLOSE_BAD_FRAME, CLOSE_UNEXPECTED_FRAME},
     store::{Direction, MessageStatus},
     wire::{self, Ack, AckStatus, ChatMessage, Frame, MessageId},
-    BindError, Endpoint, Node, NodeEvent, RegisterError, ResolveError, SendError, SendStatus,
-    Timings, TransportSettings, Via,
+    BindError, Endpoint, Node, NodeEvent, Queued, RegisterError, ResolveError, SendError,
+    SendStatus, Timings, TransportSettings, Via,
 };
 use sha2::Sha256;
 
@@ -134,6 +134,46 @@ async fn offline_send_goes_through_the_mailbox_and_the_receipt_marks_it_delivere
     assert_eq!(hist.len(), 1);
     assert_eq!(hist[0].status, MessageStatus::Delivered);
     assert!(a.outbox().await?.is_empty());
+    a.shutdown().await;
+    d.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_burst_of_sends_to_an_offline_peer_is_all_deposited_in_its_mailbox() -> Result<()> {
+    // 200 sends at once to a peer that is offline: each deposits a sealed copy in its
+    // mailbox. A server takes only so many connections from one address (64 by
+    // default; 24 here, every test node being on 127.0.0.1) and answers more with `503
+    // too_many_connections`: a node that made every deposit at once would get some
+    // refused, and those messages would wait in its outbox only.
+    const SENDS: usize = 200;
+    let d = Discovery::start_with_config(p2p_discovery::ServerConfig {
+        max_connections_per_ip: 24,
+        ..Default::default()
+    })
+    .await?;
+    let (alice, bob) = (User::new()?, User::new()?);
+    let b = bob.start(&d.url).await?;
+    b.register("bob").await?;
+    b.shutdown().await;
+    let a = alice.start(&d.url).await?;
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..SENDS {
+        let (a, to) = (a.clone(), bob.id());
+        sends.spawn(async move { a.send_to(&to, &format!("m{i}")).await });
+    }
+    let mut in_mailbox = 0;
+    while let Some(out) = tokio::time::timeout(DEADLINE, sends.join_next())
+        .await
+        .context("sends still running")?
+    {
+        let out = out??;
+        assert_eq!(out.status, SendStatus::Queued);
+        if out.queued == Some(Queued::Mailbox) {
+            in_mailbox += 1;
+        }
+    }
+    assert_eq!(in_mailbox, SENDS, "every message sealed in bob's mailbox");
     a.shutdown().await;
     d.stop().await;
     Ok(())

@@ -6,12 +6,20 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use p2p_crypto::{NodeId, SecretKey};
 use p2p_discovery::{Announcement, Client, ClientError, MailboxBatch, PeerInfo, RelayRef};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore, SemaphorePermit};
 
 use super::{
     Discovery, DiscoveryContext, DiscoveryError, DiscoveryStartError, DiscoveryStatus,
     IntoDiscovery, Source,
 };
+
+/// Lookups and mailbox requests a node has in flight to its discovery server at once;
+/// more wait for one of them to finish. A burst of sends to offline peers makes a lookup
+/// and a deposit each, and on as many connections the server would refuse those past its
+/// limit per address (64 by default) with `503 too_many_connections`, this node's own
+/// announce and online list among them. Announcing, withdrawing, claiming a name and the
+/// online list do not wait here.
+pub(crate) const MAX_REQUESTS: usize = 16;
 
 /// A discovery server at a URL; errors name the server.
 #[derive(Debug)]
@@ -19,6 +27,8 @@ pub struct HttpDiscovery {
     client: Client,
     url: String,
     status: watch::Sender<DiscoveryStatus>,
+    /// Permits for lookups and mailbox requests ([`MAX_REQUESTS`]).
+    requests: Semaphore,
 }
 
 impl HttpDiscovery {
@@ -45,7 +55,14 @@ impl HttpDiscovery {
             client,
             url: url.to_owned(),
             status: watch::channel(status).0,
+            requests: Semaphore::new(MAX_REQUESTS),
         })
+    }
+
+    /// Waits for a turn to make a lookup or mailbox request (see [`MAX_REQUESTS`]).
+    async fn turn(&self) -> Option<SemaphorePermit<'_>> {
+        // `None` only for a closed semaphore, and this one is never closed.
+        self.requests.acquire().await.ok()
     }
 
     /// The verifying client.
@@ -117,14 +134,17 @@ impl Discovery for HttpDiscovery {
     }
 
     async fn lookup_name(&self, name: &str) -> Result<Option<PeerInfo>, DiscoveryError> {
+        let _turn = self.turn().await;
         self.client.lookup_name(name).await.map_err(|e| self.err(e))
     }
 
     async fn lookup_id(&self, id: &NodeId) -> Result<Option<PeerInfo>, DiscoveryError> {
+        let _turn = self.turn().await;
         self.client.lookup_id(id).await.map_err(|e| self.err(e))
     }
 
     async fn deposit(&self, to: &NodeId, envelope: Vec<u8>) -> Result<(), DiscoveryError> {
+        let _turn = self.turn().await;
         self.client
             .deposit(to, envelope)
             .await
@@ -133,6 +153,7 @@ impl Discovery for HttpDiscovery {
     }
 
     async fn fetch_mailbox(&self, secret: &SecretKey) -> Result<MailboxBatch, DiscoveryError> {
+        let _turn = self.turn().await;
         self.client
             .fetch_mailbox(secret)
             .await
@@ -140,6 +161,7 @@ impl Discovery for HttpDiscovery {
     }
 
     async fn delete_mailbox(&self, secret: &SecretKey, ids: &[u64]) -> Result<(), DiscoveryError> {
+        let _turn = self.turn().await;
         self.client
             .delete_mailbox(secret, ids)
             .await

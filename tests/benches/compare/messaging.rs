@@ -308,9 +308,7 @@ async fn drain_backlog(fx: &Fixture, k: usize) -> Result<(f64, f64)> {
     let key = p2p_crypto::SecretKey::generate();
     let to = key.public();
     let text = fx.small.clone();
-    // A few sends at a time: each asks discovery for the unknown peer, and the server
-    // allows one address 64 connections.
-    let queued = closed_loop(8, PHASE_CAP, BACKLOG, {
+    let queued = closed_loop(k, PHASE_CAP, BACKLOG, {
         let (node, text) = (sender.clone(), text.clone());
         move |_| {
             let (node, text) = (node.clone(), text.clone());

@@ -72,17 +72,31 @@ impl Discovery {
         Self::start_on(http, relay_key, Arc::new(MemoryStore::new())).await
     }
 
+    /// A server without a relay, with `config` (its per-IP write rate limit lifted).
+    pub async fn start_with_config(config: ServerConfig) -> Result<Discovery> {
+        Self::start_configured(loopback(), None, Arc::new(MemoryStore::new()), config).await
+    }
+
     async fn start_on(
         http: SocketAddr,
         relay_key: Option<SecretKey>,
         store: Arc<dyn Store>,
+    ) -> Result<Discovery> {
+        Self::start_configured(http, relay_key, store, ServerConfig::default()).await
+    }
+
+    async fn start_configured(
+        http: SocketAddr,
+        relay_key: Option<SecretKey>,
+        store: Arc<dyn Store>,
+        config: ServerConfig,
     ) -> Result<Discovery> {
         init_tracing();
         // Every test node shares 127.0.0.1: lift the per-IP write rate limit.
         let config = ServerConfig {
             write_rate_per_sec: 100_000.0,
             write_burst: 100_000,
-            ..Default::default()
+            ..config
         };
         let state = AppState::new(config, store, Arc::new(SystemClock));
         let served = state.clone();
