@@ -345,8 +345,8 @@ impl Drain {
     }
 
     /// Stops pipelining for the rest of the round: `first` (whose ack did not come) and
-    /// the messages waiting on the lane go again one at a time, in order (the receiver acknowledges one it stored already
-    /// as a duplicate).
+    /// the messages waiting on the lane go again one at a time, in order (the receiver
+    /// acknowledges one it stored already as a duplicate).
     async fn break_lane(&mut self, first: Option<OutboxEntry>) {
         tracing::debug!(peer = %self.peer, waiting = self.waiting.len(), "outbox lane failed; sending one at a time");
         self.pipelined = false;
@@ -359,8 +359,14 @@ impl Drain {
         }
     }
 
-    /// Sends `entry` on its own and waits for its ack (or reschedules it).
+    /// Sends `entry` on its own and waits for its ack (or reschedules it); once the node
+    /// stops, only lets it go.
     async fn one(&mut self, entry: OutboxEntry) {
+        if self.inner.cancel.is_cancelled() {
+            // The node stops: the entry stays queued as it is, for the next start.
+            self.inner.delivery().finish(&entry.message.id);
+            return;
+        }
         if self.unreachable {
             self.failed(entry).await;
             return;
