@@ -294,11 +294,17 @@ impl Drain {
         let Some((_, lane)) = &self.lane else {
             return Err(entry);
         };
-        let sent = match deliver::send_ordered(lane, &entry.message).await {
-            Ok(Some(sent)) => sent,
-            // The lane closed (or the message does not encode): the ones waiting on it
-            // get their errors, and go again one at a time, as this one does.
-            Ok(None) | Err(_) => {
+        // A peer that stops reading holds the write back: bounded as an ack is.
+        let write = tokio::time::timeout(
+            self.inner.timings.ack_timeout,
+            deliver::send_ordered(lane, &entry.message),
+        );
+        let sent = match write.await {
+            Ok(Ok(Some(sent))) => sent,
+            // The lane closed, the peer took nothing in time (or the message does not
+            // encode): the ones waiting on the lane go again one at a time, as this one
+            // does.
+            Ok(Ok(None) | Err(_)) | Err(_) => {
                 self.break_lane(None).await;
                 return Err(entry);
             }
