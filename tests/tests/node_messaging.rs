@@ -1334,6 +1334,74 @@ async fn a_queue_drains_pipelined_on_one_stream_in_order_and_one_at_a_time_to_a_
 }
 
 #[tokio::test]
+async fn a_send_given_up_in_the_middle_of_its_write_closes_its_lane() -> Result<()> {
+    // A peer that reads nothing: past the stream's window of bytes, a write waits. A send
+    // given up there (its caller's timeout) may have left part of a frame on the stream,
+    // so the lane must close: the message waiting on it gets `Abandoned` (its sender sends
+    // it again elsewhere), nothing more goes on it, and the next send takes a new stream.
+    use p2p_node::endpoint::LaneError;
+    let bob = SecretKey::generate();
+    let ep = Endpoint::builder(bob.clone())
+        .bind_addr(loopback())
+        .transport(TransportSettings {
+            stream_receive_window: 16 * 1024,
+            ..TransportSettings::default()
+        })
+        .bind()
+        .await?;
+    let at = SocketAddr::from(([127, 0, 0, 1], ep.local_addr()?.port()));
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let Ok(conn) = incoming.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                // Streams accepted and held, never read.
+                let mut held = Vec::new();
+                while let Ok(stream) = conn.quic().accept_bi().await {
+                    held.push(stream);
+                }
+            });
+        }
+    });
+    let alice = Endpoint::builder(SecretKey::generate())
+        .bind_addr(loopback())
+        .bind()
+        .await?;
+    let conn = alice.connect(at, bob.public()).await?;
+    let frame = |i: u64| -> Result<(MessageId, Vec<u8>)> {
+        let m = ChatMessage::text(format!("m{i}"), i)?;
+        Ok((m.id, wire::encode(&Frame::Message(m))?))
+    };
+    let lane = conn.lane(Duration::from_secs(60)).await?;
+    let (id, bytes) = frame(1)?;
+    let first = lane.send(id, &bytes).await.context("a new lane is open")?;
+    let (id, _) = frame(2)?;
+    let cut = tokio::time::timeout(
+        Duration::from_millis(200),
+        lane.send(id, &vec![0u8; 64 * 1024]),
+    )
+    .await;
+    assert!(cut.is_err(), "the write waits for the peer to read");
+    let answer = tokio::time::timeout(DEADLINE, first.ack)
+        .await
+        .context("the message waiting on the lane is told")?;
+    assert!(
+        matches!(answer, Ok(Err(LaneError::Abandoned))),
+        "{answer:?}"
+    );
+    let (id, bytes) = frame(3)?;
+    let again = tokio::time::timeout(DEADLINE, lane.send(id, &bytes))
+        .await
+        .context("a closed lane answers at once")?;
+    assert!(again.is_none(), "nothing more goes on the lane");
+    let next = conn.lane(Duration::from_secs(60)).await?;
+    assert!(!std::sync::Arc::ptr_eq(&lane, &next), "a new lane");
+    task.abort();
+    Ok(())
+}
+
+#[tokio::test]
 async fn more_concurrent_sends_than_the_peer_allows_streams_wait_for_a_kept_one_and_all_arrive(
 ) -> Result<()> {
     // The peer allows 4 streams at once; 40 sends at once. Every stream ends up kept

@@ -45,6 +45,25 @@ pub enum LaneError {
     /// The next ack on the stream named another message, or another frame came.
     #[error("the peer answered with an unexpected frame")]
     BadAck,
+    /// A send on the stream was given up in the middle of its write (its caller's
+    /// timeout): part of a frame may be on the stream, so nothing more goes on it.
+    #[error("a send on the stream was given up in the middle of its write")]
+    Abandoned,
+}
+
+/// Closes its lane when dropped still armed, that is when a send is dropped in the
+/// middle of its write.
+struct Writing<'a> {
+    lane: &'a Lane,
+    armed: bool,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.lane.fail(LaneError::Abandoned);
+        }
+    }
 }
 
 /// The answer a message waits for.
@@ -111,7 +130,9 @@ impl Lane {
     }
 
     /// Writes `frame`, the encoded `Message` frame of message `id`. `None` when the lane
-    /// closed before the frame went out (the caller takes another lane).
+    /// closed before the frame went out (the caller takes another lane). Dropped before
+    /// the frame is written whole (a caller's timeout), it closes the lane: every message
+    /// waiting there gets [`LaneError::Abandoned`].
     pub async fn send(&self, id: MessageId, frame: &[u8]) -> Option<Sent> {
         let (reply, ack) = oneshot::channel();
         let mut send = self.send.lock().await;
@@ -125,7 +146,13 @@ impl Lane {
             state.last_used = Instant::now();
             reused
         };
-        if let Err(e) = send.write_all(frame).await {
+        let mut writing = Writing {
+            lane: self,
+            armed: true,
+        };
+        let written = send.write_all(frame).await;
+        writing.armed = false;
+        if let Err(e) = written {
             drop(send);
             self.fail(LaneError::Write(Arc::new(e)));
         }
