@@ -21,8 +21,9 @@ use tokio::{sync::oneshot, task::JoinSet};
 use super::{deliver, duration_ms, mailbox, now_ms, Inner};
 use crate::{
     endpoint::{lanes::AckResult, Connection, Lane},
+    net::PathKind,
     store::{OutboxEntry, OutboxSlot},
-    wire::MessageId,
+    wire::{AckStatus, MessageId},
 };
 
 /// Peers whose queues are worked on at once.
@@ -274,9 +275,13 @@ impl Drain {
     /// waiting message once [`DRAIN_WINDOW`] wait. Gives the entry back when it must go
     /// on its own instead (no lane).
     async fn pipeline(&mut self, entry: OutboxEntry) -> Result<(), OutboxEntry> {
-        if self.lane.is_none() {
-            match deliver::ordered_lane(&self.inner, self.peer).await {
-                Ok(Some(lane)) => self.lane = Some(lane),
+        let lane = match &self.lane {
+            Some((_, lane)) => lane.clone(),
+            None => match deliver::ordered_lane(&self.inner, self.peer).await {
+                Ok(Some((conn, lane))) => {
+                    self.lane = Some((conn, lane.clone()));
+                    lane
+                }
                 // One message per stream, or the connection went as the lane opened:
                 // one at a time (which dials again).
                 Ok(None) | Err(deliver::DeliverError::Stream(_)) => {
@@ -289,15 +294,12 @@ impl Drain {
                     self.failed(entry).await;
                     return Ok(());
                 }
-            }
-        }
-        let Some((_, lane)) = &self.lane else {
-            return Err(entry);
+            },
         };
         // A peer that stops reading holds the write back: bounded as an ack is.
         let write = tokio::time::timeout(
             self.inner.timings.ack_timeout,
-            deliver::send_ordered(lane, &entry.message),
+            deliver::send_ordered(&lane, &entry.message),
         );
         let sent = match write.await {
             Ok(Ok(Some(sent))) => sent,
@@ -342,9 +344,13 @@ impl Drain {
             self.break_lane(Some(entry)).await;
             return;
         };
-        let id = entry.message.id;
         let path = self.lane.as_ref().and_then(|(conn, _)| conn.path());
-        if let Err(e) = deliver::settle(&self.inner, self.peer, id, ack.status, path).await {
+        self.delivered(entry.message.id, ack.status, path).await;
+    }
+
+    /// Records the peer's answer to message `id`, no longer in flight.
+    async fn delivered(&self, id: MessageId, status: AckStatus, path: Option<PathKind>) {
+        if let Err(e) = deliver::settle(&self.inner, self.peer, id, status, path).await {
             tracing::warn!(peer = %self.peer, message = %id, error = %e, "cannot record delivery");
         }
         self.inner.delivery().finish(&id);
@@ -379,14 +385,7 @@ impl Drain {
         }
         let id = entry.message.id;
         match deliver::deliver(&self.inner, self.peer, &entry.message).await {
-            Ok(acked) => {
-                if let Err(e) =
-                    deliver::settle(&self.inner, self.peer, id, acked.status, acked.path).await
-                {
-                    tracing::warn!(peer = %self.peer, message = %id, error = %e, "cannot record delivery");
-                }
-                self.inner.delivery().finish(&id);
-            }
+            Ok(acked) => self.delivered(id, acked.status, acked.path).await,
             Err(e) => {
                 tracing::debug!(peer = %self.peer, message = %id, error = %e, "retry failed");
                 self.unreachable = !matches!(
